@@ -1,0 +1,120 @@
+"""AnimateDiff backbone (spec ivmixed.md §5): VDM = UNetMotionModel(base SD1.5-family UNet + motion
+adapter), IDM = an SD1.5-family UNet2DConditionModel on frames folded into the batch, shared VAE.
+
+Every model comes from `from_pretrained` with a hub id or a local folder; nothing here names one.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Sequence
+
+import torch
+
+from ..config import ModelSpec
+from ..sampling import CFGDenoiser, Denoiser
+from ..schedule import AlphaTable
+from .common import BackboneBase, encode_prompts, load_lora_into_unet, place, resolve_placement
+
+logger = logging.getLogger(__name__)
+
+
+def _unet_source(path: str) -> tuple[str, str | None]:
+    """An IDM given as a pipeline (has unet/) or as a bare UNet folder; hub ids are pipelines."""
+    if os.path.isdir(path) and not os.path.isdir(os.path.join(path, "unet")):
+        return path, None
+    return path, "unet"
+
+
+def _optional(loader, path: str, subfolder: str):
+    """Load a pipeline sub-component if the source has it (local folder check; hub: try)."""
+    if os.path.isdir(path):
+        if not os.path.isdir(os.path.join(path, subfolder)):
+            return None
+        return loader(path, subfolder=subfolder)
+    try:
+        return loader(path, subfolder=subfolder)
+    except (OSError, ValueError):
+        return None
+
+
+class AnimateDiff(BackboneBase):
+    name = "animatediff"
+
+    def __init__(self, *, tokenizer, text_encoder, vae, unet, scheduler_config, image_unet,
+                 image_tokenizer=None, image_text_encoder=None, image_scheduler_config=None,
+                 device: torch.device, dtype: torch.dtype):
+        self.tokenizer, self.text_encoder, self.vae, self.unet = tokenizer, text_encoder, vae, unet
+        self.image_unet, self.image_tokenizer, self.image_text_encoder = image_unet, image_tokenizer, image_text_encoder
+        self.scheduler_config = dict(scheduler_config)
+        self.image_scheduler_config = dict(image_scheduler_config or scheduler_config)
+        self.device, self.dtype = device, dtype
+        self.latent_channels = int(unet.config.in_channels)
+        self.spatial_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.max_frames = int(getattr(unet.config, "motion_max_seq_length", 32) or 32)
+
+    # -- loading ---------------------------------------------------------------------------------
+    @classmethod
+    def from_spec(cls, spec: ModelSpec) -> "AnimateDiff":
+        from diffusers import AutoencoderKL, DDIMScheduler, MotionAdapter, UNet2DConditionModel, UNetMotionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        device, dtype = resolve_placement(spec.device, spec.dtype)
+        logger.info("loading AnimateDiff: base=%s motion_adapter=%s image_model=%s on %s/%s",
+                    spec.base, spec.motion_adapter, spec.image_model, device, dtype)
+        tokenizer = CLIPTokenizer.from_pretrained(spec.base, subfolder="tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(spec.base, subfolder="text_encoder")
+        vae = AutoencoderKL.from_pretrained(spec.vae or spec.base, subfolder="vae")
+        base_unet = UNet2DConditionModel.from_pretrained(spec.base, subfolder="unet")
+        adapter = MotionAdapter.from_pretrained(spec.motion_adapter)
+        unet = UNetMotionModel.from_unet2d(base_unet, adapter)
+        scheduler_config = DDIMScheduler.load_config(spec.base, subfolder="scheduler")
+        src, sub = _unet_source(spec.image_model)
+        image_unet = UNet2DConditionModel.from_pretrained(src, subfolder=sub)
+        image_tokenizer = _optional(CLIPTokenizer.from_pretrained, spec.image_model, "tokenizer") if sub else None
+        image_text_encoder = _optional(CLIPTextModel.from_pretrained, spec.image_model, "text_encoder") if sub else None
+        image_scheduler_config = _optional(DDIMScheduler.load_config, spec.image_model, "scheduler") if sub else None
+        if spec.lora:
+            load_lora_into_unet(image_unet, spec.lora, spec.lora_scale)
+        for m in (text_encoder, unet, image_unet, image_text_encoder):
+            if m is not None:
+                place(m, device, dtype)
+        place(vae, device, torch.float32)  # fp32 decode (spec §9.2 item 7)
+        return cls(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet,
+                   scheduler_config=scheduler_config, image_unet=image_unet, image_tokenizer=image_tokenizer,
+                   image_text_encoder=image_text_encoder, image_scheduler_config=image_scheduler_config,
+                   device=device, dtype=dtype)
+
+    # -- conditioning and denoisers -------------------------------------------------------------
+    def check_frames(self, frames: int) -> None:
+        if frames > self.max_frames:
+            raise ValueError(f"frames: the motion adapter handles at most {self.max_frames} frames, got {frames}")
+
+    def image_table(self) -> AlphaTable:
+        return AlphaTable.from_scheduler_config(self.image_scheduler_config)
+
+    def denoisers(self, prompts: Sequence[str], negatives: Sequence[str], *, frames: int, idm_text: str) -> dict[str, Denoiser]:
+        """Bind the batch's text conditioning into one CFG denoiser per model ("V" and "I")."""
+        # (2B, L, D): negatives first, then prompts, as the CFG halves of spec §1
+        emb_v = encode_prompts(self.tokenizer, self.text_encoder, [*negatives, *prompts], self.device)
+        if idm_text == "vdm" or self.image_text_encoder is None:
+            if idm_text == "own":
+                logger.warning("image model has no text encoder; the IDM uses the VDM's text embeddings")
+            emb_i = emb_v
+        else:
+            tok = self.image_tokenizer or self.tokenizer
+            emb_i = encode_prompts(tok, self.image_text_encoder, [*negatives, *prompts], self.device)
+        emb_v = emb_v.to(self.dtype).repeat_interleave(frames, dim=0)  # (2B*F, L, D), as AnimateDiffPipeline
+        emb_i = emb_i.to(self.dtype).repeat_interleave(frames, dim=0)
+        unet, image_unet, dtype = self.unet, self.image_unet, self.dtype
+
+        def vdm_eps(x2: torch.Tensor, t: int) -> torch.Tensor:  # x2: (2B, C, F, h, w)
+            return unet(x2.to(dtype), t, encoder_hidden_states=emb_v).sample
+
+        def idm_eps(x2: torch.Tensor, t: int) -> torch.Tensor:
+            b, c, f, h, w = x2.shape
+            flat = x2.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)  # frames folded into the batch
+            out = image_unet(flat.to(dtype), t, encoder_hidden_states=emb_i).sample
+            return out.reshape(b, f, c, h, w).permute(0, 2, 1, 3, 4)
+
+        return {"V": CFGDenoiser(vdm_eps), "I": CFGDenoiser(idm_eps)}

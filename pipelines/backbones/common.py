@@ -1,0 +1,120 @@
+"""Pieces every backbone adapter shares: device/dtype placement, prompt encoding, VAE decode,
+noise tables, LoRA loading."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Sequence
+
+import torch
+
+from ..presets import Preset
+from ..schedule import AlphaTable
+
+logger = logging.getLogger(__name__)
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_placement(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    """"auto" device = cuda if available else cpu; "auto" dtype = float16 on cuda, float32 elsewhere."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device: {err}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} requested but CUDA is not available on this machine")
+    if dtype == "auto":
+        dtype = "float16" if dev.type == "cuda" else "float32"
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype: must be one of {sorted(_DTYPES)} or auto, got {dtype!r}")
+    if dev.type == "cpu" and dtype == "float16":
+        raise ValueError("dtype: float16 convolutions are not supported on cpu; use float32 or bfloat16")
+    return dev, _DTYPES[dtype]
+
+
+def place(module, device: torch.device, dtype: torch.dtype):
+    """Move to device; cast only when the dtype differs (diffusers warns on no-op dtype casts)."""
+    module.to(device)
+    if next(module.parameters()).dtype != dtype:
+        module.to(dtype)
+    return module.eval().requires_grad_(False)
+
+
+def encode_prompts(tokenizer, text_encoder, texts: Sequence[str], device: torch.device) -> torch.Tensor:
+    """CLIP last hidden state for each text, padded/truncated to the tokenizer's max length (as diffusers)."""
+    max_len = tokenizer.model_max_length
+    tokens = tokenizer(list(texts), padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
+    full = tokenizer(list(texts), padding="longest", return_tensors="pt").input_ids
+    if full.shape[-1] > max_len:
+        logger.warning("%d prompt(s) longer than %d CLIP tokens were truncated", int((full != tokenizer.pad_token_id).sum(-1).gt(max_len).sum()), max_len)
+    mask = None
+    if getattr(text_encoder.config, "use_attention_mask", False):
+        mask = tokens.attention_mask.to(device)
+    with torch.inference_mode():
+        return text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
+
+
+def load_lora_into_unet(unet, source: str, scale: float) -> None:
+    """Load a LoRA (diffusers or kohya format) into a UNet through diffusers' loader, then fuse it at
+    `scale`; per-layer alpha/rank scaling is the loader's (unlike the official merge, spec §9.1 item 10)."""
+    from diffusers import StableDiffusionPipeline
+
+    kwargs = {}
+    if os.path.isfile(source):
+        source, kwargs["weight_name"] = os.path.dirname(source) or ".", os.path.basename(source)
+    state_dict, alphas, metadata = StableDiffusionPipeline.lora_state_dict(source, return_lora_metadata=True, **kwargs)
+    if not any(k.startswith("unet.") for k in state_dict):
+        raise ValueError(f"lora: {source!r} holds no UNet LoRA weights")
+    StableDiffusionPipeline.load_lora_into_unet(state_dict, network_alphas=alphas, unet=unet, adapter_name="idm_lora",
+                                                metadata=metadata)
+    unet.fuse_lora(lora_scale=scale, adapter_names=["idm_lora"])
+    unet.unload_lora()
+    logger.info("fused LoRA %s into the image model at scale %g", source, scale)
+
+
+class BackboneBase:
+    """Shared behaviour; subclasses set the components and implement `denoisers`."""
+
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+    latent_channels: int
+    spatial_factor: int
+    scheduler_config: dict
+    vae = None
+
+    def check_frames(self, frames: int) -> None:  # pragma: no cover - overridden where limited
+        return None
+
+    def image_table(self) -> AlphaTable:
+        raise NotImplementedError
+
+    def main_scheduler_config(self, preset: Preset) -> dict:
+        """The VDM's DDIM config with the preset's grid (spec §5: clip_sample=False, linspace, offset 1)."""
+        cfg = {k: v for k, v in self.scheduler_config.items() if not k.startswith("_")}
+        cfg.update(timestep_spacing=preset.timestep_spacing, steps_offset=preset.steps_offset, clip_sample=False)
+        return cfg
+
+    def tables(self, preset: Preset) -> tuple[AlphaTable, AlphaTable]:
+        """(table for denoise moves, table for inversion moves). One shared table unless the preset
+        reproduces code that reads the IDM's table for inversions (spec §9.2 item 1)."""
+        down = AlphaTable.from_scheduler_config(self.main_scheduler_config(preset))
+        image = self.image_table()
+        if preset.split_tables:
+            return down, image
+        if not down.same_as(image):
+            raise ValueError("image and video models use different noise schedules (ᾱ tables); "
+                             "IV-Mixed needs one shared schedule (spec §4.3)")
+        return down, down
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+        """(B, C, F, h, w) latents -> (B, F, H, W, 3) float32 frames in [0, 1] (as AnimateDiffPipeline 'np')."""
+        b, c, f, h, w = latents.shape
+        z = latents.to(self.device, torch.float32) / self.vae.config.scaling_factor
+        z = z.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
+        out = torch.cat([self.vae.decode(z[i : i + chunk]).sample for i in range(0, z.shape[0], chunk)])
+        out = (out / 2 + 0.5).clamp(0, 1)
+        return out.reshape(b, f, *out.shape[1:]).permute(0, 1, 3, 4, 2).float().cpu()

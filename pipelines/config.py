@@ -1,0 +1,195 @@
+"""Frozen, validated configuration: which models to load (`ModelSpec`) and one video's parameters (`GenParams`).
+
+`resolve_params` is the single validator used by the CLI, the Ray job and manifest rows, so a bad
+value gets the same `ValueError` (naming the parameter) wherever it comes from.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+from . import presets
+from .grammar import Interval, Variant, parse_variant
+from .schedule import CFGRamp, is_finite_number
+
+DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Models a worker loads. Job-level only: a manifest row can never choose a model or a file."""
+
+    backbone: str = "animatediff"
+    base: str | None = None  # VDM base pipeline (hub id or folder); None = the backbone's default
+    motion_adapter: str | None = None
+    image_model: str | None = None  # IDM pipeline or UNet folder
+    vae: str | None = None  # None: the base pipeline's VAE
+    lora: str | None = None  # LoRA for the IDM UNet (file, folder or hub id)
+    lora_scale: float = 1.0
+    dtype: str = presets.DEFAULT_DTYPE
+    device: str = presets.DEFAULT_DEVICE
+
+    def __post_init__(self) -> None:
+        if self.backbone not in presets.BACKBONES:
+            raise ValueError(f"backbone: unknown {self.backbone!r}; choose one of {sorted(presets.BACKBONES)}")
+        if self.dtype not in DTYPE_NAMES:
+            raise ValueError(f"dtype: must be one of {DTYPE_NAMES}, got {self.dtype!r}")
+        if not is_finite_number(self.lora_scale):
+            raise ValueError(f"lora_scale: must be a finite number, got {self.lora_scale!r}")
+        defaults = presets.BACKBONES[self.backbone]
+        for name in ("base", "motion_adapter", "image_model"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, getattr(defaults, name))
+
+    @classmethod
+    def from_model_dir(cls, backbone: str, model_dir: str, **kw: Any) -> "ModelSpec":
+        """The folder layout written by `python -m pipelines.tiny BACKBONE DIR`."""
+        import os
+
+        return cls(backbone=backbone, base=os.path.join(model_dir, "base"),
+                   motion_adapter=os.path.join(model_dir, "motion_adapter"),
+                   image_model=os.path.join(model_dir, "image_model"), **kw)
+
+    def fingerprint(self) -> str:
+        """Identifies the model set (not device/dtype placement) for output ids."""
+        keep = {k: v for k, v in asdict(self).items() if k not in ("device", "dtype")}
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class GenParams:
+    """Everything that determines one video, resolved and validated."""
+
+    prompt: str
+    negative_prompt: str
+    seed: int
+    sampler: str
+    variant: str  # canonical grammar pattern
+    steps: int
+    frames: int
+    height: int
+    width: int
+    fps: int
+    guidance: float
+    idm_guidance: CFGRamp
+    vdm_guidance: CFGRamp
+    interval: Interval
+    zz: int | None
+
+    @property
+    def preset(self) -> presets.Preset:
+        return presets.PRESETS[self.sampler]
+
+    @property
+    def parsed(self) -> Variant:
+        return parse_variant(self.variant).variant
+
+    def batch_key(self) -> tuple:
+        """Rows with equal keys can share one batched sampler call (spec: same size, frames, steps, variant)."""
+        return (self.sampler, self.variant, self.steps, self.frames, self.height, self.width,
+                self.interval, self.zz)
+
+    def record(self) -> dict[str, Any]:
+        """Plain values for metadata tables and MLflow params."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["idm_guidance"] = self.idm_guidance.text()
+        out["vdm_guidance"] = self.vdm_guidance.text()
+        out["interval"] = self.interval.text()
+        return out
+
+
+PARAM_NAMES = tuple(f.name for f in fields(GenParams))
+
+
+def _int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            value = int(value)
+        else:
+            raise ValueError(f"{name}: must be an integer, got {value!r}")
+    value = int(value)
+    if value < lo or (hi is not None and value > hi):
+        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"{name}: must be {bound}, got {value}")
+    return value
+
+
+def _float(name: str, value: Any) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not math.isfinite(out):
+        raise ValueError(f"{name}: must be a finite number, got {value!r}")
+    return out
+
+
+def _present(value: Any) -> bool:
+    """Only None (an absent key or a null Parquet cell read through Arrow) means 'use the default'; NaN is an error."""
+    return value is not None
+
+
+def resolve_params(row: Mapping[str, Any], defaults: Mapping[str, Any] | None = None, *,
+                   backbone: str = "animatediff", spatial_factor: int = 8) -> GenParams:
+    """Merge preset < variant options < job defaults < row values, then validate every field.
+
+    Unknown keys are ignored here (manifest columns pass through to metadata); absent or null values
+    take the default. Raises ValueError naming the parameter.
+    """
+    defaults = {k: v for k, v in (defaults or {}).items() if _present(v)}
+    row = {k: v for k, v in row.items() if _present(v)}
+    merged = {**defaults, **row}
+    sampler = merged.get("sampler", presets.DEFAULT_SAMPLER)
+    if sampler not in presets.PRESETS:
+        raise ValueError(f"sampler: unknown preset {sampler!r}; choose one of {sorted(presets.PRESETS)}")
+    preset = presets.PRESETS[sampler]
+    bb = presets.BACKBONES[backbone]
+    base = {"negative_prompt": presets.DEFAULT_NEGATIVE_PROMPT, "seed": presets.DEFAULT_SEED,
+            "steps": bb.steps, "frames": bb.frames, "height": bb.height, "width": bb.width, "fps": bb.fps,
+            "guidance": preset.guidance, "idm_guidance": preset.idm_guidance, "vdm_guidance": preset.vdm_guidance,
+            "interval": preset.interval, "zz": preset.zz, **preset.overrides}
+    pattern = merged.get("variant", preset.variant)
+    if not isinstance(pattern, str):
+        raise ValueError(f"variant: must be a string pattern, got {pattern!r}")
+    try:
+        parsed = parse_variant(pattern)
+    except ValueError as err:
+        raise ValueError(f"variant: {err}") from None
+    values = {**base, **parsed.params, **merged}
+
+    prompt = values.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("prompt: must be a non-empty string")
+    negative = values["negative_prompt"]
+    if not isinstance(negative, str):
+        raise ValueError(f"negative_prompt: must be a string, got {negative!r}")
+    steps = _int("steps", values["steps"], 1, 1000)
+    frames = _int("frames", values["frames"], 1)
+    height = _int("height", values["height"], 1)
+    width = _int("width", values["width"], 1)
+    for name, v in (("height", height), ("width", width)):
+        if v % spatial_factor:
+            raise ValueError(f"{name}: must be a multiple of the VAE factor {spatial_factor}, got {v}")
+    fps = _int("fps", values["fps"], 1, 240)
+    seed = _int("seed", values["seed"], 0, MAX_SEED)
+    guidance = _float("guidance", values["guidance"])
+    ramps = {}
+    for name in ("idm_guidance", "vdm_guidance"):
+        try:
+            ramps[name] = CFGRamp.parse(values[name])
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from None
+    try:
+        interval = Interval.parse(values["interval"])
+        interval.check(steps)
+    except ValueError as err:
+        raise ValueError(f"interval: {err}") from None
+    zz = values.get("zz")
+    zz = None if zz is None else _int("zz", zz, 1)
+    return GenParams(prompt=prompt, negative_prompt=negative, seed=seed, sampler=sampler,
+                     variant=parsed.variant.pattern(), steps=steps, frames=frames, height=height,
+                     width=width, fps=fps, guidance=guidance, interval=interval, zz=zz, **ramps)

@@ -1,0 +1,349 @@
+"""The variant grammar of spec ivmixed.md §3.2 and its compilation into a plan of DDIM moves.
+
+    variant := ["up:" | "down:"] front "-" back ["@" opts]
+
+Letters: I (image model), V (video model), R (fresh forward noise, front only). The front half adds
+noise ("go", towards noisier levels), the back half denoises ("back"). `down:` (default, the
+official code) runs the back letters first from the current level and then the front letters
+back up to it; `up:` (the paper figure) goes up first and comes back down. The empty program
+(`standard`, `origin`, `-`) is the plain sampler.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any, Sequence
+
+import torch
+
+from .schedule import AlphaTable, CFGRamp, _number
+
+LETTERS = "IVR"
+NAMED = {
+    "standard": "",
+    "origin": "",
+    "ddim": "",
+    # every variant named in the paper figure, README and code (spec §3.1)
+    "r-i": "R-I", "r-v": "R-V", "rr-ii": "RR-II", "rr-vv": "RR-VV",
+    "i-i": "I-I", "v-v": "V-V", "ii-ii": "II-II", "vv-vv": "VV-VV",
+    "iv-iv": "IV-IV", "iv-vi": "IV-VI", "ii-vv": "II-VV", "vi-vi": "VI-VI", "vv-ii": "VV-II", "vi-iv": "VI-IV",
+    # the AD file's unused Z-Sampling __call__: V denoise +4, V invert -4, only i < 40 (spec §3.1)
+    "v-v-40": "down:V-V@w_go_V=-4,w_back_V=4,interval=0..39",
+}
+W_KEYS = ("w_go_I", "w_back_I", "w_go_V", "w_back_V")
+PARAM_KEYS = ("w_main", "interval", "sub_every")  # per-row parameters a pattern may also set
+
+
+@dataclass(frozen=True)
+class Interval:
+    """Steps that get the zigzag: inclusive step indices `a..b`, or fractions `0.0..0.5` of the run."""
+
+    lo: float
+    hi: float
+    unit: str  # "index" | "fraction"
+
+    @classmethod
+    def parse(cls, value: Any) -> "Interval":
+        if isinstance(value, Interval):
+            return value
+        if isinstance(value, (list, tuple)) and len(value) == 2:
+            lo_s, hi_s = str(value[0]), str(value[1])
+        elif isinstance(value, str) and ".." in value:
+            lo_s, hi_s = value.split("..", 1)
+        else:
+            raise ValueError(f"interval must look like 'a..b' (step indices) or '0.0..0.5' (fractions), got {value!r}")
+        lo_s, hi_s = lo_s.strip(), hi_s.strip()
+        fraction = "." in lo_s or "." in hi_s
+        try:
+            lo, hi = (float(lo_s), float(hi_s)) if fraction else (int(lo_s), int(hi_s))
+        except ValueError:
+            raise ValueError(f"interval bounds must be numbers, got {value!r}") from None
+        if fraction:
+            if not (0.0 <= lo < hi <= 1.0):
+                raise ValueError(f"interval {value!r}: fractions need 0 <= a < b <= 1 (an empty or out-of-range interval)")
+        elif lo < 0 or hi < lo:
+            raise ValueError(f"interval {value!r}: indices need 0 <= a <= b (an empty or out-of-range interval)")
+        return cls(lo, hi, "fraction" if fraction else "index")
+
+    def check(self, num_steps: int) -> None:
+        if self.unit == "index" and self.hi > num_steps - 1:
+            raise ValueError(f"interval {self.text()} is out of range for {num_steps} steps (last index {num_steps - 1})")
+        if self.unit == "fraction" and not any(self.active(i, num_steps) for i in range(num_steps)):
+            raise ValueError(f"interval {self.text()} selects no step of a {num_steps}-step run")
+
+    def active(self, i: int, num_steps: int) -> bool:
+        if self.unit == "index":
+            return self.lo <= i <= self.hi
+        return self.lo * num_steps <= i < self.hi * num_steps
+
+    def text(self) -> str:
+        if self.unit == "index":
+            return f"{int(self.lo)}..{int(self.hi)}"
+        return f"{float(self.lo)!r}..{float(self.hi)!r}"
+
+
+FULL_RUN = Interval(0.0, 1.0, "fraction")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """The structural part of a sampler: which letters, in which order, with which labels (spec §3.2)."""
+
+    orientation: str = "down"
+    front: str = ""
+    back: str = ""
+    main: str = "V"
+    labels: str = "chain"  # "chain": every call's timestep = its latent's level; "legacy_ad": spec §2.4 swap
+    resize: str = "none"  # "nearest64": IDM sees latents resized to 64x64 (ModelScope code, spec §2.3)
+    sub_cfg: str = "V"  # CFG schedule of letters substituted by `sub_every` (AD: V, VC: I)
+    w: tuple[tuple[str, CFGRamp], ...] = ()  # explicit signed zigzag scales, e.g. (("w_go_I", CFGRamp(4,4,7,-1)),)
+
+    @property
+    def k(self) -> int:
+        return len(self.front)
+
+    @property
+    def is_standard(self) -> bool:
+        return self.k == 0
+
+    def pattern(self) -> str:
+        """Canonical text; parse(v.pattern()) == v."""
+        if self.is_standard and self.main == "V" and not self.w:
+            return "standard"
+        opts = []
+        if self.main != "V":
+            opts.append(f"main={self.main}")
+        if self.labels != "chain":
+            opts.append(f"labels={self.labels}")
+        if self.resize != "none":
+            opts.append(f"resize={self.resize}")
+        if self.sub_cfg != "V":
+            opts.append(f"sub_cfg={self.sub_cfg}")
+        opts += [f"{k}={r.text()}" for k, r in self.w]
+        return f"{self.orientation}:{self.front}-{self.back}" + ("@" + ",".join(opts) if opts else "")
+
+
+@dataclass(frozen=True)
+class ParsedVariant:
+    variant: Variant
+    params: dict = field(default_factory=dict)  # w_main / interval / zz given inside the pattern
+
+
+def _split_opts(text: str) -> list[str]:
+    """Split on commas that are not inside parentheses (karras(6,2,7), sub_every=3(cfg=I))."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"unbalanced ')' in variant options {text!r}")
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    if depth != 0:
+        raise ValueError(f"unbalanced '(' in variant options {text!r}")
+    parts.append(cur)
+    return [p.strip() for p in parts if p.strip()]
+
+
+def parse_variant(text: str) -> ParsedVariant:
+    """Parse a variant name or pattern; raises ValueError naming what is wrong."""
+    if not isinstance(text, str):
+        raise ValueError(f"variant must be a string, got {type(text).__name__}")
+    raw = text.strip()
+    if raw.lower() in NAMED:
+        raw = NAMED[raw.lower()]
+    if raw in ("", "-"):
+        return ParsedVariant(Variant())
+    body, _, opt_text = raw.partition("@")
+    orientation = "down"
+    m = re.fullmatch(r"\s*(up|down)\s*:(.*)", body)
+    if m:
+        orientation, body = m.group(1), m.group(2)
+    if body.count("-") != 1:
+        raise ValueError(f"variant {text!r}: expected 'front-back', e.g. 'IV-IV'")
+    front, back = (s.strip() for s in body.split("-"))
+    for half, letters in (("front", front), ("back", back)):
+        bad = sorted(set(letters) - set(LETTERS))
+        if bad:
+            raise ValueError(f"variant {text!r}: unknown letter(s) {''.join(bad)!r} in the {half} half (use I, V, R)")
+    if len(front) != len(back):
+        raise ValueError(f"variant {text!r}: mismatched halves, front has {len(front)} letters and back {len(back)}")
+    if "R" in back:
+        raise ValueError(f"variant {text!r}: R (fresh noise) may only appear in the front half")
+    fields: dict[str, Any] = {"orientation": orientation, "front": front, "back": back}
+    params: dict[str, Any] = {}
+    w: dict[str, CFGRamp] = {}
+    for opt in _split_opts(opt_text) if opt_text else []:
+        key, eq, val = opt.partition("=")
+        key, val = key.strip(), val.strip()
+        if not eq or not val:
+            raise ValueError(f"variant {text!r}: option {opt!r} must be key=value")
+        if key in W_KEYS:
+            w[key] = CFGRamp.parse(val)
+        elif key == "main":
+            if val not in ("I", "V"):
+                raise ValueError(f"variant {text!r}: main must be I or V")
+            fields["main"] = val
+        elif key == "labels":
+            if val not in ("chain", "legacy_ad"):
+                raise ValueError(f"variant {text!r}: labels must be chain or legacy_ad")
+            fields["labels"] = val
+        elif key == "resize":
+            if val not in ("none", "nearest64"):
+                raise ValueError(f"variant {text!r}: resize must be none or nearest64")
+            fields["resize"] = val
+        elif key == "sub_cfg":
+            if val not in ("I", "V"):
+                raise ValueError(f"variant {text!r}: sub_cfg must be I or V")
+            fields["sub_cfg"] = val
+        elif key in ("sub_every", "zz"):
+            m2 = re.fullmatch(r"(\d+)(?:\(cfg=(I|V)\))?", val)
+            if not m2:
+                raise ValueError(f"variant {text!r}: sub_every must be an integer, optionally with (cfg=I|V)")
+            params["zz"] = int(m2.group(1))
+            if m2.group(2):
+                fields["sub_cfg"] = m2.group(2)
+        elif key == "w_main":
+            params["guidance"] = _number(val)
+        elif key == "interval":
+            params["interval"] = Interval.parse(val)
+        else:
+            raise ValueError(f"variant {text!r}: unknown option {key!r}")
+    if fields.get("labels") == "legacy_ad" and (orientation != "down" or len(front) != 2):
+        raise ValueError(f"variant {text!r}: labels=legacy_ad only exists for a down-first 2-letter zigzag")
+    fields["w"] = tuple(sorted(w.items()))
+    return ParsedVariant(Variant(**fields), params)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compilation: variant + step grid + tables + per-row CFG -> a flat list of moves per step
+
+
+@dataclass(frozen=True, eq=False)
+class Move:
+    """One sub-step: evaluate `model` at `timestep` with CFG `w` (per row), move ᾱ a_from -> a_to."""
+
+    model: str  # "I", "V" or "R" (R: no model call, fresh noise)
+    timestep: int | None
+    a_from: torch.Tensor
+    a_to: torch.Tensor
+    w: torch.Tensor | None  # (B,)
+    kind: str  # "down" | "up" | "noise" | "main"
+    src: int  # nominal levels, for tests and logs
+    dst: int
+
+    def is_identity(self) -> bool:
+        return self.model != "R" and bool(torch.equal(self.a_from, self.a_to))
+
+
+@dataclass(frozen=True, eq=False)
+class StepPlan:
+    index: int
+    t: int
+    zigzag: tuple[Move, ...]
+    main: Move
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    steps: tuple[StepPlan, ...]
+    resize: str = "none"
+
+    def calls(self) -> dict[str, int]:
+        """Model calls per model ("I", "V"); one call = one CFG-batched forward, NFE = 2 x calls."""
+        out = {"I": 0, "V": 0}
+        for step in self.steps:
+            for mv in (*step.zigzag, step.main):
+                if mv.model in out:
+                    out[mv.model] += 1
+        return out
+
+
+def compile_plan(
+    variant: Variant,
+    *,
+    timesteps: Sequence[int],
+    down_table: AlphaTable,
+    up_table: AlphaTable,
+    guidance: Sequence[float],
+    idm_guidance: Sequence[CFGRamp],
+    vdm_guidance: Sequence[CFGRamp],
+    interval: Interval = FULL_RUN,
+    zz: int | None = None,
+    keep_noop: bool = False,
+) -> Plan:
+    """Compile the moves of every step for a batch of B rows (CFG lists have one entry per row).
+
+    Calls = N + 4K for a 2-letter variant with K active steps (spec §2.6). Unless `keep_noop`, a
+    zigzag whose every move is an exact identity (the t = 0 step, spec §1) is dropped.
+    """
+    n = len(timesteps)
+    T = down_table.num_train_timesteps
+    delta = T // n
+    interval.check(n)
+    if zz is not None and zz < 1:
+        raise ValueError(f"zz must be >= 1, got {zz}")
+    rows = len(guidance)
+    if not (len(idm_guidance) == len(vdm_guidance) == rows) or rows == 0:
+        raise ValueError("guidance, idm_guidance and vdm_guidance need one entry per row")
+    ramps = {"I": [r.values(n) for r in idm_guidance], "V": [r.values(n) for r in vdm_guidance]}
+    explicit = {k: r.values(n) for k, r in variant.w}
+    w_main = torch.tensor([float(g) for g in guidance], dtype=torch.float32)
+
+    def cfg(key_model: str, direction: str, i: int) -> torch.Tensor:
+        key = f"w_{direction}_{key_model}"
+        if key in explicit:
+            return torch.full((rows,), explicit[key][i], dtype=torch.float32)
+        sign = -1.0 if direction == "go" else 1.0  # inversion uses the negated scale (spec §2.7)
+        return torch.tensor([sign * ramp[i] for ramp in ramps[key_model]], dtype=torch.float32)
+
+    A, U = down_table.at, up_table.at
+    steps = []
+    for i, t in enumerate(timesteps):
+        main = Move(variant.main, t, A(t), A(t - delta), w_main, "main", t, t - delta)
+        moves: list[Move] = []
+        if not variant.is_standard and interval.active(i, n):
+            substitute = zz is not None and i % zz == zz - 1
+
+            def letter(ch: str, direction: str) -> tuple[str, torch.Tensor | None]:
+                if ch == "R":
+                    return "R", None
+                if ch == "I" and substitute:
+                    return "V", cfg(variant.sub_cfg, direction, i)
+                return ch, cfg(ch, direction, i)
+
+            k = variant.k
+            if variant.orientation == "down":
+                for j, ch in enumerate(variant.back):  # back letters first: t -> t - kΔ
+                    s = max(0, t - j * delta)
+                    model, w = letter(ch, "back")
+                    moves.append(Move(model, s, A(s), A(s - delta), w, "down", s, s - delta))
+                if variant.labels == "legacy_ad":  # spec §2.4: sub-steps 1/2 carry each other's labels
+                    (m1, m2) = moves
+                    moves = [replace(m1, timestep=m2.timestep, a_from=m2.a_from, a_to=m2.a_to, src=m2.src, dst=m2.dst),
+                             replace(m2, timestep=m1.timestep, a_from=m1.a_from, a_to=m1.a_to, src=m1.src, dst=m1.dst)]
+                for j, ch in enumerate(variant.front):  # then front letters back up to t
+                    u = max(0, t - (k - 1 - j) * delta)
+                    model, w = letter(ch, "go")
+                    kind = "noise" if model == "R" else "up"
+                    moves.append(Move(model, None if model == "R" else max(0, u - delta), U(u - delta), U(u), w, kind, u - delta, u))
+            else:  # up-first (paper figure): levels clamp at T-1
+                levels = [min(T - 1, t + j * delta) for j in range(k + 1)]
+                for j, ch in enumerate(variant.front):
+                    src, dst = levels[j], levels[j + 1]
+                    model, w = letter(ch, "go")
+                    kind = "noise" if model == "R" else "up"
+                    moves.append(Move(model, None if model == "R" else src, U(src), U(dst), w, kind, src, dst))
+                for j, ch in enumerate(variant.back):
+                    src, dst = levels[k - j], levels[k - j - 1]
+                    model, w = letter(ch, "back")
+                    moves.append(Move(model, src, A(src), A(dst), w, "down", src, dst))
+            if not keep_noop and all(m.is_identity() for m in moves):
+                moves = []
+        steps.append(StepPlan(i, t, tuple(moves), main))
+    return Plan(tuple(steps), variant.resize)

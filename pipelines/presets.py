@@ -1,0 +1,78 @@
+"""Every default in one place: model ids per backbone and the named sampler presets.
+
+Library code never names a hub id or a device; it reads them from here through the config objects.
+Presets marked `_v1` reproduce the official IV-Mixed code (spec ivmixed.md §9.2); the others are the
+clean, self-consistent versions (spec §2.3, §9.1).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .schedule import CFGRamp
+
+DEFAULT_DEVICE = "auto"  # "auto": cuda if available, else cpu
+DEFAULT_DTYPE = "auto"  # "auto": float16 on cuda, float32 elsewhere
+
+
+@dataclass(frozen=True)
+class BackboneDefaults:
+    """Model ids and native settings of one backbone (hub ids or local folders are interchangeable)."""
+
+    base: str
+    motion_adapter: str | None
+    image_model: str
+    frames: int
+    height: int
+    width: int
+    fps: int
+    steps: int = 50
+
+
+BACKBONES: dict[str, BackboneDefaults] = {
+    # spec §5: RV5.1 + motion adapter v1-5-3 as VDM, SD1.5 as IDM, 16 x 512 x 512, 8 fps output
+    "animatediff": BackboneDefaults(
+        base="SG161222/Realistic_Vision_V5.1_noVAE",
+        motion_adapter="guoyww/animatediff-motion-adapter-v1-5-3",
+        image_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        frames=16, height=512, width=512, fps=8,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named sampler: variant pattern plus the numbers the paper's code uses for it."""
+
+    name: str
+    variant: str  # grammar pattern (pipelines/grammar.py); "standard" = plain DDIM
+    description: str
+    guidance: float = 7.5  # main-step CFG (AD/MS code: 7.5)
+    idm_guidance: CFGRamp = CFGRamp(4.0, 4.0)  # zigzag CFG magnitude of IDM sub-steps, ramp over steps
+    vdm_guidance: CFGRamp = CFGRamp(4.0, 4.0)  # same for VDM sub-steps
+    interval: str = "0.0..1.0"  # zigzag on every step; fractions scale with --steps
+    zz: int | None = None  # I->V substitution when i % zz == zz-1 (None: never)
+    timestep_spacing: str = "linspace"  # DDIM grid of the AD/MS code (spec §1)
+    steps_offset: int = 1
+    idm_text: str = "own"  # "own": the IDM's text encoder; "vdm": reuse the VDM's embeddings (AD code)
+    keep_noop: bool = False  # keep the exact-identity t=0 zigzag (spec §2.6) for call-for-call parity
+    split_tables: bool = False  # inverse moves read the IDM scheduler's ᾱ table (AD code); else one shared table
+    overrides: dict = field(default_factory=dict)  # per-preset defaults for steps/frames/size/seed
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset("standard", "standard", "plain DDIM, same grid/CFG/noise as the IV-Mixed presets (the A/B baseline)"),
+        Preset("ivmixed", "down:IV-IV", "clean IV-IV zigzag, self-consistent timestep labels (spec §2.3), t=0 no-op skipped"),
+        Preset(
+            "ivmixed_ad_v1", "down:IV-IV@labels=legacy_ad",
+            "official AnimateDiff code (spec §9.2): legacy label swap, VDM text embeddings for the IDM, zz=1000",
+            zz=1000, idm_text="vdm", keep_noop=True, split_tables=True,
+            overrides={"seed": 23523},
+        ),
+    )
+}
+
+DEFAULT_SAMPLER = "ivmixed"
+DEFAULT_SEED = 0
+DEFAULT_NEGATIVE_PROMPT = ""

@@ -1,0 +1,105 @@
+"""The sampler: executes a compiled plan of DDIM moves over denoisers (spec ivmixed.md §1-§3).
+
+A denoiser is any callable `eps = model(x, timestep, w)` with x of shape (B, C, F, h, w), an int
+timestep shared by the batch and w the per-row CFG scale (B,); it returns the guided ε. The sampler
+never sees prompts, models or devices (k-diffusion style); device and dtype follow `x`.
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping, Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .grammar import Move, Plan
+from .schedule import ddim_move, forward_jump
+
+
+class Denoiser(Protocol):
+    def __call__(self, x: torch.Tensor, timestep: int, w: torch.Tensor) -> torch.Tensor: ...
+
+
+class CFGDenoiser:
+    """ε̂ = ε(x,∅) + w·(ε(x,c) − ε(x,∅)); both branches in one batched call, uncond first (spec §1).
+
+    `eps_fn(x2, timestep)` evaluates the model on x2 = [x; x] (2B rows) with conditioning bound by the
+    caller (negative embeddings for the first B rows, prompt embeddings for the last B).
+    """
+
+    def __init__(self, eps_fn: Callable[[torch.Tensor, int], torch.Tensor]):
+        self.eps_fn = eps_fn
+
+    def __call__(self, x: torch.Tensor, timestep: int, w: torch.Tensor) -> torch.Tensor:
+        out = self.eps_fn(torch.cat([x, x]), timestep).to(x.dtype)
+        uncond, cond = out.chunk(2)
+        w = w.to(device=x.device, dtype=x.dtype).view(-1, *([1] * (x.ndim - 1)))
+        return uncond + w * (cond - uncond)
+
+
+class RowNoise:
+    """Per-row randomness: row b draws only from a CPU generator seeded with seeds[b] (diffusers' contract).
+
+    The first draw is the initial noise `torch.randn((1, C, F, h, w), generator=Generator("cpu").manual_seed(s))`;
+    later draws (R letters, stochastic solvers) continue the same per-row stream, so a row's seed fully
+    determines its video however rows are batched.
+    """
+
+    def __init__(self, seeds: Sequence[int]):
+        self.generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+
+    def draw(self, shape: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
+        """(B, *shape) float32 standard normal, row b from generator b, then moved to `device`."""
+        rows = [torch.randn((1, *shape), generator=g, dtype=torch.float32) for g in self.generators]
+        return torch.cat(rows).to(device)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.draw(x.shape[1:], x.device).to(x.dtype)
+
+
+def _resize_frames(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Nearest resize of (B, C, F, h, w) latents over (h, w)."""
+    if tuple(x.shape[-2:]) == size:
+        return x
+    b, c, f, h, w = x.shape
+    y = x.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
+    y = F.interpolate(y, size=size, mode="nearest")
+    return y.reshape(b, f, c, *size).permute(0, 2, 1, 3, 4)
+
+
+def _model_eps(model: Denoiser, x: torch.Tensor, mv: Move, resize: str) -> torch.Tensor:
+    if resize == "nearest64" and mv.model == "I":  # ModelScope code: IDM sees 64x64 latents (spec §2.3)
+        eps = model(_resize_frames(x, (64, 64)), mv.timestep, mv.w)
+        return _resize_frames(eps, tuple(x.shape[-2:]))
+    return model(x, mv.timestep, mv.w)
+
+
+def apply_move(models: Mapping[str, Denoiser], x: torch.Tensor, mv: Move, *, resize: str = "none",
+               noise: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """One sub-step of spec §3.2: a DDIM move along the model's ε, or a forward noise jump for R."""
+    a_from, a_to = mv.a_from.to(x.device), mv.a_to.to(x.device)
+    if mv.model == "R":
+        if noise is None:
+            raise ValueError("variant uses R (fresh noise) but no noise sampler was given")
+        return forward_jump(x, noise(x), a_from, a_to)
+    eps = _model_eps(models[mv.model], x, mv, resize)
+    return ddim_move(x, eps, a_from, a_to)
+
+
+def sample_plan(
+    models: Mapping[str, Denoiser],
+    x: torch.Tensor,
+    plan: Plan,
+    *,
+    noise: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    callback: Callable[[dict], None] | None = None,
+) -> tuple[torch.Tensor, dict[str, int]]:
+    """Run every step: its zigzag moves, then the ordinary main move (spec §2.2). Returns (x, calls)."""
+    calls = {"I": 0, "V": 0}
+    for step in plan.steps:
+        for mv in (*step.zigzag, step.main):
+            x = apply_move(models, x, mv, resize=plan.resize, noise=noise)
+            if mv.model in calls:
+                calls[mv.model] += 1
+        if callback is not None:
+            callback({"i": step.index, "t": step.t, "x": x, "calls": dict(calls)})
+    return x, calls

@@ -1,0 +1,173 @@
+"""Tiny randomly initialised model sets, built offline and saved in diffusers' folder layout.
+
+    python -m pipelines.tiny animatediff DIR
+
+writes DIR/base (a StableDiffusionPipeline folder: unet, vae, text_encoder, tokenizer, scheduler),
+DIR/motion_adapter and DIR/image_model (a second pipeline folder with a different UNet and text
+encoder). They load through the same `from_pretrained` code as real checkpoints. Nothing is
+downloaded: the CLIP tokenizer is a byte-level BPE vocabulary written here.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import tempfile
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+BACKBONES = ("animatediff",)
+HIDDEN = 32  # text hidden size = UNet cross-attention dim
+BLOCKS = (32, 64)
+_MERGES = ["t h", "th e</w>", "i n", "a n", "e r", "o n", "r e", "a t", "e n", "o r"]
+# SD1.5's scheduler_config.json (PNDM) — real base folders ship this; the sampler converts it to DDIM
+SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                      set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)
+
+
+def _byte_symbols() -> list[str]:
+    """The 256 printable stand-ins for bytes used by byte-level BPE (GPT-2/CLIP convention)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    codes, extra = keep[:], 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return [chr(c) for _, c in sorted(zip(keep, codes))]
+
+
+def build_tokenizer(path: str):
+    """A CLIPTokenizer over a byte-level vocabulary with a handful of merges (ids < 600)."""
+    from transformers import CLIPTokenizer
+
+    symbols = _byte_symbols()
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for s in symbols + [s + "</w>" for s in symbols] + [m.replace(" ", "") for m in _MERGES]:
+        vocab.setdefault(s, len(vocab))
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "vocab.json"), "w", encoding="utf-8") as f:
+            json.dump(vocab, f, ensure_ascii=False)
+        with open(os.path.join(tmp, "merges.txt"), "w", encoding="utf-8") as f:
+            f.write("#version: 0.2\n" + "\n".join(_MERGES) + "\n")
+        tok = CLIPTokenizer(os.path.join(tmp, "vocab.json"), os.path.join(tmp, "merges.txt"),
+                            model_max_length=77, pad_token="<|endoftext|>")
+        tok.save_pretrained(path)
+    return tok
+
+
+def _text_encoder(seed: int):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(vocab_size=1000, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1, projection_dim=HIDDEN)
+    return CLIPTextModel(cfg)
+
+
+def _unet(seed: int):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=BLOCKS,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=HIDDEN, attention_head_dim=8, norm_num_groups=8,
+    )
+
+
+def _vae(seed: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    # four blocks -> spatial factor 8, like the SD VAE
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 16, 32, 32),
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         layers_per_block=1, norm_num_groups=8, sample_size=64, scaling_factor=0.18215)
+
+
+def _motion_adapter(seed: int):
+    """diffusers zero-initialises the temporal output projections; perturb them so motion really acts."""
+    from diffusers import MotionAdapter
+
+    torch.manual_seed(seed)
+    adapter = MotionAdapter(block_out_channels=BLOCKS, motion_layers_per_block=1, motion_norm_num_groups=8,
+                            motion_num_attention_heads=4, motion_max_seq_length=32)
+    with torch.no_grad():
+        for name, p in adapter.named_parameters():
+            if p.dim() > 1 and torch.count_nonzero(p) == 0:
+                p.normal_(0.0, 0.2)
+            elif p.dim() == 1 and name.endswith("bias") and torch.count_nonzero(p) == 0:
+                p.normal_(0.0, 0.02)
+    return adapter
+
+
+def _pipeline_folder(path: str, *, unet, vae, text_encoder, tokenizer) -> None:
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=PNDMScheduler(**SD15_SCHEDULER), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(path)
+    cfg_path = os.path.join(path, "scheduler", "scheduler_config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg["clip_sample"] = False  # SD1.5's file carries this DDIM key too
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f, indent=2)
+
+
+def build_animatediff(out_dir: str, seed: int = 0) -> str:
+    """Write base/, motion_adapter/ and image_model/ under out_dir (atomically: built aside, then renamed)."""
+    parent = os.path.dirname(os.path.abspath(out_dir)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tiny-", dir=parent)
+    try:
+        tok = build_tokenizer(os.path.join(tmp, "tokenizer"))
+        vae = _vae(seed + 1)
+        _pipeline_folder(os.path.join(tmp, "base"), unet=_unet(seed + 2), vae=vae, text_encoder=_text_encoder(seed + 3), tokenizer=tok)
+        _motion_adapter(seed + 4).save_pretrained(os.path.join(tmp, "motion_adapter"))
+        _pipeline_folder(os.path.join(tmp, "image_model"), unet=_unet(seed + 5), vae=vae, text_encoder=_text_encoder(seed + 6), tokenizer=tok)
+        shutil.rmtree(os.path.join(tmp, "tokenizer"))
+        with open(os.path.join(tmp, "tiny.json"), "w") as f:
+            json.dump({"backbone": "animatediff", "seed": seed}, f)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("wrote tiny animatediff models to %s", out_dir)
+    return out_dir
+
+
+BUILDERS = {"animatediff": build_animatediff}
+
+
+def ensure_tiny(backbone: str, out_dir: str, seed: int = 0) -> str:
+    """Build once into a cache folder; a complete folder (tiny.json written last) is reused."""
+    if backbone not in BUILDERS:
+        raise ValueError(f"backbone: no tiny builder for {backbone!r}; choose one of {sorted(BUILDERS)}")
+    if not os.path.exists(os.path.join(out_dir, "tiny.json")):
+        BUILDERS[backbone](out_dir, seed)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipelines.tiny", description=__doc__.split("\n\n")[0])
+    ap.add_argument("backbone", choices=sorted(BUILDERS))
+    ap.add_argument("out_dir")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    BUILDERS[args.backbone](args.out_dir, args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

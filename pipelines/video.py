@@ -1,0 +1,54 @@
+"""H.264 mp4 encoding and decoding (imageio-ffmpeg, yuv420p) of (F, H, W, 3) frames."""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+
+
+def to_uint8(frames) -> np.ndarray:
+    """(F, H, W, 3) floats in [0, 1] (tensor or array) -> uint8."""
+    arr = frames.numpy() if hasattr(frames, "numpy") else np.asarray(frames)
+    if arr.dtype == np.uint8:
+        return arr
+    return (np.clip(arr, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+
+def write_mp4(frames, path: str, fps: int, *, quality_crf: int = 18) -> int:
+    """Encode to `path` (a local file); returns its size in bytes. Height and width must be even."""
+    import imageio_ffmpeg
+
+    arr = to_uint8(frames)
+    if arr.ndim != 4 or arr.shape[-1] != 3:
+        raise ValueError(f"frames must be (F, H, W, 3), got {arr.shape}")
+    f, h, w, _ = arr.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"yuv420p needs even height and width, got {h}x{w}")
+    writer = imageio_ffmpeg.write_frames(path, (w, h), fps=fps, codec="libx264", pix_fmt_out="yuv420p",
+                                         macro_block_size=2, output_params=["-crf", str(quality_crf)],
+                                         ffmpeg_log_level="error")
+    writer.send(None)
+    for frame in arr:
+        writer.send(np.ascontiguousarray(frame))
+    writer.close()
+    return os.path.getsize(path)
+
+
+def mp4_bytes(frames, fps: int) -> bytes:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "video.mp4")
+        write_mp4(frames, path, fps)
+        with open(path, "rb") as f:
+            return f.read()
+
+
+def read_mp4(path: str) -> tuple[np.ndarray, float]:
+    """Decode every frame: ((F, H, W, 3) uint8, fps)."""
+    import imageio_ffmpeg
+
+    reader = imageio_ffmpeg.read_frames(path)
+    meta = reader.__next__()
+    w, h = meta["size"]
+    frames = [np.frombuffer(buf, dtype=np.uint8).reshape(h, w, 3) for buf in reader]
+    return np.stack(frames) if frames else np.zeros((0, h, w, 3), np.uint8), float(meta["fps"])

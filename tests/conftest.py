@@ -1,0 +1,32 @@
+"""Shared fixtures: tiny random models built offline once per session, and loaded backbones."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
+
+
+@pytest.fixture(scope="session")
+def tiny_ad_dir(tmp_path_factory) -> str:
+    from pipelines.tiny import build_animatediff
+
+    return build_animatediff(str(tmp_path_factory.mktemp("tiny") / "animatediff"))
+
+
+@pytest.fixture(scope="session")
+def ad_backbone(tiny_ad_dir):
+    from pipelines.backbones import load_backbone
+    from pipelines.config import ModelSpec
+
+    return load_backbone(ModelSpec.from_model_dir("animatediff", tiny_ad_dir, device="cpu", dtype="float32"))
+
+
+@pytest.fixture
+def small():
+    """Small sizes for tiny-model runs (fast on 2 CPU cores)."""
+    return dict(steps=6, frames=8, height=64, width=64)
