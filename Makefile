@@ -21,10 +21,10 @@ $(STAMP): pyproject.toml .ci/constraints.txt
 	rm -f $(VENV)/.installed-* && touch $@
 
 demo: $(STAMP)
-	$(BIN)/python -m pipelines.tiny animatediff .cache/tiny/animatediff
-	$(BIN)/python -m pipelines.sample --model-dir .cache/tiny/animatediff --device cpu \
-		--prompt "Two horses race across a grassy field at sunset." --sampler ivmixed \
-		--steps 8 --frames 8 --height 64 --width 64 --seed 23523 --out outputs/demo/ivmixed.mp4
+	$(BIN)/python jobs/generate.py --config jobs/configs/tiny.yaml \
+		--manifest datasets/examples/smoke.parquet --output outputs/demo \
+		--mlflow-uri sqlite:///outputs/mlflow.db --experiment demo
+	@echo "videos: outputs/demo/videos  metadata: outputs/demo/metadata  MLflow: $(BIN)/mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" -q -rs
@@ -34,6 +34,7 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/engine_overhead.py
+	$(BIN)/python benchmarks/pipeline_overhead.py
 
 tiny: $(STAMP)
 	$(BIN)/python -m pipelines.tiny animatediff .cache/tiny/animatediff

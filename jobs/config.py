@@ -1,0 +1,149 @@
+"""The job's configuration: YAML file + command line merged into one frozen, validated object.
+
+Unknown keys are errors (a typo must not silently fall back to a default); per-row defaults are
+validated with the same rules as manifest rows and the CLI.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Mapping
+
+import yaml
+
+from pipelines.config import PARAM_NAMES, ModelSpec, resolve_params
+
+MODEL_KEYS = tuple(f.name for f in fields(ModelSpec))
+
+
+@dataclass(frozen=True)
+class ComputeConfig:
+    device: str = "auto"  # "cuda": one GPU per actor; "cpu": CPU actors (laptops, tests); "auto": cuda if the cluster has GPUs
+    num_actors: int = 1  # fixed-size pool (GPU pools that autoscale ramp slowly: ecosystem pain point 1)
+    batch_size: int = 1  # rows per actor call (Ray batch); videos are heavy, keep it small
+    sampler_batch: int = 1  # rows sampled together in one batched sampler call inside an actor
+    cpus_per_actor: float = 1.0  # leave CPUs for read/resolve tasks (pain point 3)
+    max_restarts: int = 3  # capped actor restarts (Ray Data's default is unlimited)
+    max_task_retries: int = 3
+
+    def __post_init__(self) -> None:
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise ValueError(f"compute.device: must be auto, cuda or cpu, got {self.device!r}")
+        for name in ("num_actors", "batch_size", "sampler_batch"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"compute.{name}: must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.max_restarts < 0 or self.max_task_retries < 0:
+            raise ValueError("compute.max_restarts / max_task_retries: must be >= 0")
+
+
+@dataclass(frozen=True)
+class CommitConfig:
+    every_rows: int = 16  # rows per metadata part (a part is the commit marker of its videos)
+    every_seconds: float = 60.0  # ...or this long since the last part, whichever comes first
+    progress_seconds: float = 30.0  # progress log line / MLflow progress metrics
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    manifest: str
+    output: str
+    model: ModelSpec
+    tiny: str | None = None  # build tiny random models of this backbone (offline) and use them
+    tiny_cache: str = ".cache/tiny"
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    compute: ComputeConfig = ComputeConfig()
+    commit: CommitConfig = CommitConfig()
+    mlflow_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "ivmix"
+    run_name: str | None = None
+    limit: int | None = None
+    fail_on_error: bool = False
+
+    def record(self) -> dict:
+        """Plain nested values (for the resolved-config artifact and MLflow params)."""
+        out = asdict(self)
+        out["defaults"] = dict(self.defaults)
+        return out
+
+
+def _section(name: str, raw: Any, cls) -> Any:
+    if raw is None:
+        return cls()
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"config '{name}': must be a mapping")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"config '{name}': unknown key(s) {unknown}; known: {sorted(known)}")
+    try:
+        return cls(**raw)
+    except TypeError as err:
+        raise ValueError(f"config '{name}': {err}") from None
+
+
+TOP_KEYS = ("model", "tiny", "tiny_cache", "defaults", "compute", "commit", "mlflow", "manifest", "output", "limit", "fail_on_error")
+
+
+def load(args: argparse.Namespace) -> JobConfig:
+    """YAML (if --config) < command line. Raises ValueError naming the bad key."""
+    raw: dict[str, Any] = {}
+    if args.config:
+        if not os.path.isfile(args.config):
+            raise ValueError(f"--config: {args.config!r} is not a file")
+        with open(args.config) as f:
+            raw = yaml.safe_load(f) or {}
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"--config: {args.config!r} must hold a YAML mapping")
+    unknown = sorted(set(raw) - set(TOP_KEYS))
+    if unknown:
+        raise ValueError(f"config: unknown top-level key(s) {unknown}; known: {list(TOP_KEYS)}")
+    compute = _section("compute", raw.get("compute"), ComputeConfig)
+    cli_compute = {k: getattr(args, k) for k in ("device", "num_actors", "batch_size", "sampler_batch") if getattr(args, k, None) is not None}
+    compute = replace(compute, **cli_compute)
+    commit = _section("commit", raw.get("commit"), CommitConfig)
+    model_raw = dict(raw.get("model") or {})
+    unknown = sorted(set(model_raw) - set(MODEL_KEYS))
+    if unknown:
+        raise ValueError(f"config 'model': unknown key(s) {unknown}; known: {list(MODEL_KEYS)}")
+    tiny = raw.get("tiny")
+    tiny_cache = raw.get("tiny_cache", ".cache/tiny")
+    device = "cpu" if compute.device == "cpu" else ("cuda" if compute.device == "cuda" else model_raw.get("device", "auto"))
+    model_raw["device"] = device
+    if tiny:
+        others = sorted(k for k in model_raw if k in ("base", "motion_adapter", "image_model"))
+        if others:
+            raise ValueError(f"config: 'tiny' builds its own models; drop model keys {others}")
+        model_raw.pop("backbone", None)
+        model = ModelSpec.from_model_dir(tiny, os.path.join(tiny_cache, tiny), **model_raw)
+    else:
+        model = ModelSpec(**model_raw)
+    defaults = dict(raw.get("defaults") or {})
+    unknown = sorted(set(defaults) - set(PARAM_NAMES) - {"prompt"})
+    if unknown:
+        raise ValueError(f"config 'defaults': unknown key(s) {unknown}; known: {[n for n in PARAM_NAMES if n != 'prompt']}")
+    try:
+        resolve_params({"prompt": "validation"}, defaults, backbone=model.backbone)
+    except ValueError as err:
+        raise ValueError(f"config 'defaults': {err}") from None
+    mlflow_raw = dict(raw.get("mlflow") or {})
+    unknown = sorted(set(mlflow_raw) - {"uri", "experiment"})
+    if unknown:
+        raise ValueError(f"config 'mlflow': unknown key(s) {unknown}; known: ['uri', 'experiment']")
+    manifest = args.manifest or raw.get("manifest")
+    output = args.output or raw.get("output")
+    if not manifest:
+        raise ValueError("--manifest: required (a Parquet file or folder, local path or fsspec URI)")
+    if not output:
+        raise ValueError("--output: required (a folder or fsspec URI prefix)")
+    limit = args.limit if args.limit is not None else raw.get("limit")
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"--limit: must be an integer >= 1, got {limit!r}")
+    return JobConfig(
+        manifest=manifest, output=output.rstrip("/"), model=model, tiny=tiny, tiny_cache=tiny_cache,
+        defaults=defaults, compute=compute, commit=commit,
+        mlflow_uri=args.mlflow_uri or mlflow_raw.get("uri") or os.environ.get("MLFLOW_TRACKING_URI") or JobConfig.mlflow_uri,
+        experiment=args.experiment or mlflow_raw.get("experiment") or JobConfig.experiment,
+        run_name=args.run_name, limit=limit,
+        fail_on_error=bool(args.fail_on_error or raw.get("fail_on_error", False)),
+    )

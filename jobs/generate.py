@@ -1,0 +1,320 @@
+"""Batch generation job: Parquet manifest -> Ray actor pool -> videos + Parquet metadata -> MLflow.
+
+    ray job submit --address http://HEAD:8265 --working-dir . -- \\
+        python jobs/generate.py --manifest s3://bucket/prompts/nightly.parquet \\
+        --output s3://bucket/runs/2026-11-24 --config jobs/configs/animatediff.yaml \\
+        --mlflow-uri http://mlflow:5000 --experiment nightly
+
+Locally (`make demo`): `python jobs/generate.py --config jobs/configs/tiny.yaml --manifest
+datasets/examples/smoke.parquet --output outputs/demo` runs on a local Ray with tiny models.
+Running again with the same arguments generates only what is missing. Only this driver talks to MLflow.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from jobs import config as job_config  # noqa: E402
+from operators import metadata, storage  # noqa: E402
+from operators.manifest import ManifestError, duplicated, read_schema  # noqa: E402
+
+logger = logging.getLogger("jobs.generate")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python jobs/generate.py", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--manifest", help="Parquet file or folder: local path or fsspec URI (s3://...)")
+    ap.add_argument("--output", help="output prefix: local folder or fsspec URI; videos/ and metadata/ go below it")
+    ap.add_argument("--config", help="job YAML (jobs/configs/*.yaml)")
+    ap.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db, an embedded SQLite file)")
+    ap.add_argument("--experiment", help="MLflow experiment name")
+    ap.add_argument("--run-name", help="MLflow run name (default: derived from the output prefix)")
+    ap.add_argument("--device", choices=["auto", "cuda", "cpu"], help="cuda: one GPU per actor; cpu: CPU actors")
+    ap.add_argument("--num-actors", type=int, help="fixed actor-pool size (default: the config's)")
+    ap.add_argument("--batch-size", type=int, help="rows per actor call")
+    ap.add_argument("--sampler-batch", type=int, help="rows sampled together in one batched call")
+    ap.add_argument("--limit", type=int, help="only the first N manifest rows")
+    ap.add_argument("--fail-on-error", action="store_true", help="exit 1 if any row failed")
+    return ap
+
+
+def code_version() -> tuple[str, str | None]:
+    """(package version + hash of the project's sources, git sha if a checkout is at hand)."""
+    h = hashlib.sha256()
+    for pkg in ("pipelines", "operators", "jobs"):
+        for dirpath, _, files in sorted(os.walk(os.path.join(ROOT, pkg))):
+            for name in sorted(files):
+                if name.endswith(".py"):
+                    with open(os.path.join(dirpath, name), "rb") as f:
+                        h.update(name.encode() + f.read())
+    sha = None
+    try:
+        sha = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return f"0.1.0+{h.hexdigest()[:12]}", sha
+
+
+def submission_id() -> str | None:
+    """The Ray job submission id when running under `ray job submit`."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return None
+    try:
+        return json.loads(raw).get("metadata", {}).get("job_submission_id")
+    except ValueError:
+        return None
+
+
+class Progress:
+    """Rows done/failed, videos per hour and ETA from committed results (our own log line, not Ray's bars)."""
+
+    def __init__(self, total: int):
+        self.total, self.ok, self.failed = total, 0, 0
+        self.seconds, self.nfe = 0.0, 0
+        self.start = time.monotonic()
+
+    def add(self, table) -> None:
+        for status, secs, nfe in zip(table.column("status").to_pylist(), table.column("seconds").to_pylist(), table.column("nfe").to_pylist()):
+            if status == "ok":
+                self.ok += 1
+                self.seconds += secs or 0.0
+                self.nfe += nfe or 0
+            else:
+                self.failed += 1
+
+    def metrics(self) -> dict[str, float]:
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        done = self.ok + self.failed
+        return {"rows_ok": self.ok, "rows_failed": self.failed, "rows_done": done,
+                "videos_per_hour": 3600.0 * self.ok / elapsed,
+                "seconds_per_video": self.seconds / self.ok if self.ok else 0.0,
+                "nfe_per_video": self.nfe / self.ok if self.ok else 0.0, "elapsed_seconds": elapsed}
+
+    def line(self) -> str:
+        m = self.metrics()
+        done = self.ok + self.failed
+        rate = done / m["elapsed_seconds"]
+        left = max(self.total - done, 0)
+        eta = str(dt.timedelta(seconds=int(left / rate))) if rate > 0 else "?"
+        return (f"progress: {done}/{self.total} rows ({self.ok} ok, {self.failed} failed), "
+                f"{m['videos_per_hour']:.1f} videos/h, ETA {eta}")
+
+
+def _flat(prefix: str, value, out: dict) -> dict:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flat(f"{prefix}.{k}" if prefix else k, v, out)
+    else:
+        out[prefix] = "" if value is None else str(value)[:500]
+    return out
+
+
+def _init_ray():
+    import ray
+
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        kwargs = {"logging_level": logging.WARNING, "log_to_driver": True}
+        if not address:
+            kwargs["include_dashboard"] = False
+        ray.init(address=address, **kwargs)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # progress is our own log line (pain point 10)
+    return ray
+
+
+READ_CPUS = 0.25  # per read / resolve task
+RESERVED_CPUS = 1.0  # Ray's internal ListFiles task of read_parquet takes one whole CPU (not configurable in 2.60)
+
+
+def check_capacity(compute: job_config.ComputeConfig, resources: dict, device: str) -> None:
+    """Refuse a pool that cannot start or that starves the read tasks (a silent hang otherwise: pain point 3)."""
+    cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
+    need_cpu = compute.num_actors * compute.cpus_per_actor
+    if device == "cuda" and compute.num_actors > gpus:
+        raise ValueError(f"compute.num_actors: {compute.num_actors} GPU actors need {compute.num_actors} GPUs; the cluster has {gpus:g}")
+    if need_cpu + RESERVED_CPUS > cpus:
+        raise ValueError(f"compute: {compute.num_actors} actors x {compute.cpus_per_actor:g} CPU leave less than {RESERVED_CPUS:g} CPU "
+                         f"for reading the manifest on a {cpus:g}-CPU cluster; lower compute.num_actors or compute.cpus_per_actor")
+
+
+def run(cfg: job_config.JobConfig, n_rows: int, ids_dup: set[str]) -> int:
+    import mlflow
+
+    fs, root = storage.filesystem(cfg.output)
+    fs.makedirs(root, exist_ok=True)
+    storage.clear_staging(fs, root)
+    done = metadata.committed_ok(fs, root)
+    total = min(n_rows, cfg.limit or n_rows)
+    logger.info("manifest: %d rows; %d ids already committed under %s", n_rows, len(done), cfg.output)
+
+    model = cfg.model
+    if cfg.tiny:
+        from pipelines.tiny import ensure_tiny
+
+        ensure_tiny(cfg.tiny, os.path.join(cfg.tiny_cache, cfg.tiny))
+        model = replace(model, base=os.path.abspath(model.base), motion_adapter=os.path.abspath(model.motion_adapter),
+                        image_model=os.path.abspath(model.image_model))
+    ray = _init_ray()
+    device = cfg.compute.device
+    if device == "auto":
+        device = "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+    model = replace(model, device=device)
+    try:
+        check_capacity(cfg.compute, ray.cluster_resources(), device)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    version, git_sha = code_version()
+
+    mlflow.set_tracking_uri(cfg.mlflow_uri)
+    mlflow.set_experiment(cfg.experiment)
+    run_name = cfg.run_name or f"{os.path.basename(root) or 'run'}-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}"
+    with mlflow.start_run(run_name=run_name) as mlrun:
+        run_id = mlrun.info.run_id
+        record = cfg.record()
+        record["model"]["device"] = device
+        mlflow.log_params(_flat("", {k: v for k, v in record.items() if k != "commit"}, {}))
+        mlflow.set_tags({"manifest": cfg.manifest, "output": storage.full_uri(fs, root), "git_sha": git_sha or "unknown",
+                         "code_version": version, "ray_submission_id": submission_id() or "local", "backbone": model.backbone})
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "job_config.yaml")
+            import yaml
+
+            with open(path, "w") as f:
+                yaml.safe_dump(record, f, sort_keys=False)
+            mlflow.log_artifact(path, "config")
+
+        status = "FINISHED"
+        progress = Progress(max(total - len(done), 0))
+        writer = metadata.MetadataWriter(fs, root, f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{run_id[:8]}")
+        try:
+            _pipeline(ray, cfg, model, fs, root, done, ids_dup, run_id, version, progress, writer, device)
+        except BaseException:
+            status = "FAILED"
+            writer.flush()  # whatever finished is committed; a rerun resumes from it
+            raise
+        finally:
+            m = progress.metrics()
+            mlflow.log_metrics({k: float(v) for k, v in m.items()})
+            logger.info(progress.line())
+            _log_run_metadata(mlflow, fs, root, writer)
+            mlflow.set_tag("job_status", status)
+            storage.clear_staging(fs, root)
+    if cfg.fail_on_error and progress.failed:
+        logger.error("%d row(s) failed (see the 'error' column in %s/metadata)", progress.failed, cfg.output)
+        return 1
+    return 0
+
+
+def _pipeline(ray, cfg, model, fs, root, done, ids_dup, run_id, version, progress, writer, device) -> None:
+    import mlflow
+
+    from operators.compute import actor_pool
+    from operators.generate import VideoGenerator, resolve_rows
+
+    env = storage.storage_env()
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:  # local Ray: make the project importable in workers
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    runtime_env = {"env_vars": env}
+    mfs, mpath = storage.filesystem(cfg.manifest)
+    ds = ray.data.read_parquet(mpath, filesystem=storage.arrow_filesystem(mfs), runtime_env=runtime_env, num_cpus=READ_CPUS)
+    if cfg.limit:
+        ds = ds.limit(cfg.limit)
+    ds = ds.map_batches(resolve_rows, batch_format="pyarrow", batch_size=512, num_cpus=READ_CPUS, runtime_env=runtime_env,
+                        fn_kwargs={"defaults": dict(cfg.defaults), "model": _model_dict(model),
+                                   "done": frozenset(done), "duplicate_ids": frozenset(ids_dup)})
+    # one actor call per block: rows stream to the driver as they finish and spread over the whole pool
+    ds = ds.repartition(target_num_rows_per_block=cfg.compute.batch_size)
+    gpu = device == "cuda"
+    ds = ds.map_batches(
+        VideoGenerator,
+        fn_constructor_kwargs={"model": _model_dict(model), "output": cfg.output, "run_id": run_id,
+                               "code_version": version, "sampler_batch": cfg.compute.sampler_batch},
+        batch_size=cfg.compute.batch_size,
+        batch_format="pyarrow",
+        runtime_env=runtime_env,
+        **actor_pool(ray, size=cfg.compute.num_actors, num_gpus=1 if gpu else 0, num_cpus=cfg.compute.cpus_per_actor,
+                     max_restarts=cfg.compute.max_restarts, max_task_retries=cfg.compute.max_task_retries),
+    )
+    last_commit = last_log = time.monotonic()
+    step = 0
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        writer.add(batch)
+        progress.add(batch)
+        now = time.monotonic()
+        if writer.pending >= cfg.commit.every_rows or now - last_commit >= cfg.commit.every_seconds:
+            writer.flush()
+            last_commit = now
+        if now - last_log >= cfg.commit.progress_seconds:
+            logger.info(progress.line())
+            mlflow.log_metrics({k: float(v) for k, v in progress.metrics().items()}, step=step)
+            step += 1
+            last_log = now
+    writer.flush()
+
+
+def _model_dict(model) -> dict:
+    from dataclasses import asdict
+
+    return asdict(model)
+
+
+def _log_run_metadata(mlflow, fs, root, writer) -> None:
+    """This run's metadata rows as one Parquet artifact."""
+    if not writer.parts:
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables = []
+    for p in writer.parts:
+        with fs.open(p, "rb") as f:
+            tables.append(pq.read_table(f))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "metadata.parquet")
+        pq.write_table(pa.concat_tables(tables, promote_options="permissive"), path)
+        mlflow.log_artifact(path, "metadata")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("alembic", "mlflow", "botocore", "urllib3", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        cfg = job_config.load(args)
+        _, n_rows = read_schema(cfg.manifest)  # before any model loads
+        ids_dup = _duplicate_ids(cfg.manifest)
+    except (ValueError, ManifestError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return run(cfg, n_rows, ids_dup)
+
+
+def _duplicate_ids(uri: str) -> set[str]:
+    import pyarrow.dataset as pads
+
+    fs, path = storage.filesystem(uri)
+    dataset = pads.dataset(path, filesystem=storage.arrow_filesystem(fs), format="parquet")
+    if "id" not in dataset.schema.names:
+        return set()
+    return duplicated(dataset.to_table(columns=["id"]).column("id").to_pylist())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,138 @@
+"""Ray Data operators for batch generation.
+
+`resolve_rows` (stateless task): validates each manifest row with the CLI's rules, gives it an id,
+drops rows already committed. `VideoGenerator` (callable class, one per actor): loads the backbone
+once, samples, encodes H.264 mp4, uploads, and returns one small metadata row per input row. Errors
+are values: a failing row comes back with status "failed" and its reason; video bytes never enter
+Ray's object store.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from typing import Any, Mapping
+
+import pyarrow as pa
+
+from pipelines.config import ModelSpec, resolve_params
+
+from . import metadata, storage
+from .manifest import COLUMNS, resolve_row
+
+logger = logging.getLogger(__name__)
+INTERNAL = ("_id", "_status", "_error", "_params")
+
+
+def passthrough_columns(table: pa.Table) -> list[str]:
+    return [c for c in table.column_names if c not in COLUMNS and c not in INTERNAL]
+
+
+def resolve_rows(batch: pa.Table, *, defaults: Mapping[str, Any], model: Mapping[str, Any], done: frozenset = frozenset(),
+                 duplicate_ids: frozenset = frozenset(), spatial_factor: int = 8) -> pa.Table:
+    """Add _id/_status/_error/_params; drop rows whose id is already committed ok (resume)."""
+    spec = ModelSpec(**model)
+    resolved = [resolve_row(r, defaults, spec, spatial_factor) for r in batch.to_pylist()]
+    for r in resolved:
+        if r["status"] == "pending" and r["id"] in duplicate_ids:
+            r.update(status="failed", error=f"id: {r['id']!r} appears in more than one manifest row; ids must be unique",
+                     params_json=None)
+    keep = [i for i, r in enumerate(resolved) if not (r["status"] == "pending" and r["id"] in done)]
+    out = batch.take(pa.array(keep, type=pa.int64()))
+    cols = {"_id": pa.string(), "_status": pa.string(), "_error": pa.string(), "_params": pa.string()}
+    for name, key in zip(cols, ("id", "status", "error", "params_json")):
+        out = out.append_column(pa.field(name, cols[name]), pa.array([resolved[i][key] for i in keep], type=cols[name]))
+    return out
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class VideoGenerator:
+    """One actor: `__init__` loads the models named by the job config; `__call__` handles a batch of rows."""
+
+    def __init__(self, model: Mapping[str, Any], output: str, run_id: str, code_version: str, sampler_batch: int = 1):
+        from pipelines.backbones import load_backbone
+
+        self.spec = ModelSpec(**model)
+        self.model_json = json.dumps({k: v for k, v in model.items() if k not in ("device", "dtype")}, sort_keys=True)
+        self.backbone = load_backbone(self.spec)
+        self.fs, self.root = storage.filesystem(output)
+        self.run_id, self.code_version, self.sampler_batch = run_id, code_version, sampler_batch
+
+    def _meta(self, rid: str, status: str, error: str | None, params=None, **extra) -> dict:
+        row = {"id": rid, "status": status, "error": error, "backbone": self.spec.backbone, "model_spec": self.model_json,
+               "code_version": self.code_version, "run_id": self.run_id, "finished_at": metadata.now()}
+        if params is not None:
+            row.update(params.record())
+        row.update(extra)
+        return row
+
+    def _publish(self, result, rid: str) -> dict:
+        """Encode, upload, describe one video."""
+        from pipelines.video import write_mp4
+
+        p = result.params
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            local = os.path.join(tmp, "video.mp4")
+            size = write_mp4(result.frames, local, p.fps)
+            digest = _sha256(local)
+            dest = storage.join(metadata.videos_dir(self.root), f"{rid}.mp4")
+            storage.put_file(self.fs, local, dest, self.root)
+        return dict(video_uri=storage.full_uri(self.fs, dest), bytes=size, sha256=digest,
+                    seconds=result.seconds + time.perf_counter() - start, model_calls=result.total_calls,
+                    calls_idm=result.calls["I"], calls_vdm=result.calls["V"], nfe=result.nfe)
+
+    def _sample(self, items: list[tuple[int, str, Any]]) -> dict[int, dict]:
+        """Sample a structurally uniform group; on failure fall back to one row at a time."""
+        from pipelines.generate import generate
+
+        out: dict[int, dict] = {}
+        try:
+            results = generate(self.backbone, [p for _, _, p in items])
+        except Exception as err:  # noqa: BLE001 - errors become row values
+            if len(items) > 1:
+                for item in items:
+                    out.update(self._sample([item]))
+                return out
+            i, rid, p = items[0]
+            logger.exception("row %s failed", rid)
+            return {i: self._meta(rid, "failed", f"{type(err).__name__}: {err}", p)}
+        for (i, rid, p), res in zip(items, results):
+            try:
+                out[i] = self._meta(rid, "ok", None, p, **self._publish(res, rid))
+            except Exception as err:  # noqa: BLE001
+                logger.exception("publishing %s failed", rid)
+                out[i] = self._meta(rid, "failed", f"{type(err).__name__} while writing the video: {err}", p)
+        return out
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from pipelines.generate import batches
+
+        rows = batch.to_pylist()
+        meta: dict[int, dict] = {}
+        pending = []
+        for i, r in enumerate(rows):
+            if r["_status"] != "pending":
+                meta[i] = self._meta(r["_id"], "failed", r["_error"], prompt=r.get("prompt") if isinstance(r.get("prompt"), str) else None)
+                continue
+            try:
+                params = resolve_params(json.loads(r["_params"]), backbone=self.spec.backbone,
+                                        spatial_factor=self.backbone.spatial_factor)
+                self.backbone.check_frames(params.frames)
+                pending.append((i, r["_id"], params))
+            except ValueError as err:
+                meta[i] = self._meta(r["_id"], "failed", str(err), prompt=r.get("prompt"))
+        for group in batches([p for _, _, p in pending], self.sampler_batch):
+            meta.update(self._sample([pending[g] for g in group]))
+        extra = batch.select(passthrough_columns(batch))
+        return metadata.to_table([meta[i] for i in range(len(rows))], extra if extra.num_columns else None)

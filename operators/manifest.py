@@ -1,0 +1,140 @@
+"""Prompt manifests: schema checks (before any model loads), row ids, per-row resolution.
+
+The schema is documented in `datasets/README.md`. A manifest-level problem (not Parquet, no `prompt`
+column, a known column of the wrong type) raises `ManifestError` with what to fix. A row-level problem
+(empty prompt, bad value, unsafe id) makes that row a failed row; it never stops the job.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any, Iterable, Mapping
+
+import pyarrow as pa
+
+from pipelines.config import ModelSpec, resolve_params
+
+# column -> accepted Arrow kinds
+COLUMNS: dict[str, tuple[str, ...]] = {
+    "prompt": ("string",),
+    "id": ("string",),
+    "negative_prompt": ("string",),
+    "seed": ("integer",),
+    "sampler": ("string",),
+    "variant": ("string",),
+    "steps": ("integer",),
+    "frames": ("integer",),
+    "height": ("integer",),
+    "width": ("integer",),
+    "fps": ("integer",),
+    "guidance": ("integer", "floating"),
+    "idm_guidance": ("string", "integer", "floating"),
+    "vdm_guidance": ("string", "integer", "floating"),
+    "interval": ("string",),
+    "zz": ("integer",),
+}
+PARAM_COLUMNS = tuple(c for c in COLUMNS if c not in ("prompt", "id"))
+# a manifest may not choose models or files: these columns are refused by name
+FORBIDDEN = ("backbone", "base", "motion_adapter", "image_model", "vae", "lora", "model", "model_dir", "checkpoint")
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class ManifestError(ValueError):
+    """The manifest as a whole cannot be used; the message says what to fix."""
+
+
+def _kind(t: pa.DataType) -> str:
+    if pa.types.is_null(t):
+        return "null"
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return "string"
+    if pa.types.is_integer(t):
+        return "integer"
+    if pa.types.is_floating(t):
+        return "floating"
+    if pa.types.is_dictionary(t):
+        return _kind(t.value_type)
+    return str(t)
+
+
+def check_schema(schema: pa.Schema) -> None:
+    """Raise ManifestError listing every problem with the manifest's columns."""
+    problems = []
+    if "prompt" not in schema.names:
+        problems.append(f"it has no 'prompt' column (columns: {', '.join(schema.names) or 'none'}); add a string column 'prompt'")
+    for name in schema.names:
+        if name in FORBIDDEN:
+            problems.append(f"column '{name}' would choose a model per row; models are set by the job config only — drop it")
+        elif name in COLUMNS:
+            kind = _kind(schema.field(name).type)
+            if kind != "null" and kind not in COLUMNS[name]:
+                want = " or ".join(COLUMNS[name])
+                problems.append(f"column '{name}' has type {schema.field(name).type}; expected {want}")
+    if len(set(schema.names)) != len(schema.names):
+        problems.append("column names repeat")
+    if problems:
+        raise ManifestError("bad manifest: " + "; ".join(problems))
+
+
+def read_schema(uri: str) -> tuple[pa.Schema, int]:
+    """Schema and row count of a Parquet file or folder of Parquet files, without reading the data."""
+    import pyarrow.dataset as pads
+
+    from .storage import arrow_filesystem, filesystem
+
+    fs, path = filesystem(uri)
+    try:
+        if not fs.exists(path):
+            raise ManifestError(f"manifest {uri!r} does not exist")
+        dataset = pads.dataset(path, filesystem=arrow_filesystem(fs), format="parquet")
+        files = dataset.files
+        if not files:
+            raise ManifestError(f"manifest {uri!r} holds no Parquet files")
+        schema = dataset.schema
+        rows = sum(f.metadata.num_rows for f in dataset.get_fragments())
+    except ManifestError:
+        raise
+    except (pa.ArrowInvalid, OSError) as err:
+        raise ManifestError(f"manifest {uri!r} is not readable as Parquet ({str(err).splitlines()[0]}); "
+                            "write it with pandas.DataFrame.to_parquet or pyarrow.parquet.write_table") from None
+    check_schema(schema)
+    return schema, rows
+
+
+def check_id(value: Any) -> str:
+    if not isinstance(value, str) or not ID_RE.match(value) or ".." in value:
+        raise ValueError(f"id: must be 1-128 letters, digits, '.', '_' or '-', start with a letter or digit and "
+                         f"contain no '..'; got {value!r}")
+    return value
+
+
+def derived_id(params_record: Mapping[str, Any], model: ModelSpec) -> str:
+    """Deterministic id from the prompt, every resolved parameter and the model set."""
+    blob = json.dumps({"params": params_record, "model": model.fingerprint()}, sort_keys=True, default=str)
+    return "h" + hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def resolve_row(row: Mapping[str, Any], defaults: Mapping[str, Any], model: ModelSpec, spatial_factor: int = 8) -> dict:
+    """-> {"id", "status": "pending"|"failed", "error", "params_json"} for one manifest row."""
+    given = row.get("id")
+    try:
+        params = resolve_params({k: row.get(k) for k in ("prompt", *PARAM_COLUMNS)}, defaults,
+                                backbone=model.backbone, spatial_factor=spatial_factor)
+        record = params.record()
+        rid = check_id(given) if given is not None else derived_id(record, model)
+        return {"id": rid, "status": "pending", "error": None, "params_json": json.dumps(record, sort_keys=True)}
+    except ValueError as err:
+        # a stable, safe key for the failed row even when the given id itself is the problem
+        raw = json.dumps({"id": given, "prompt": row.get("prompt")}, sort_keys=True, default=str)
+        rid = given if isinstance(given, str) and ID_RE.match(given) and ".." not in given else "invalid-" + hashlib.sha256(raw.encode()).hexdigest()[:20]
+        return {"id": rid, "status": "failed", "error": str(err), "params_json": None}
+
+
+def duplicated(ids: Iterable[Any]) -> set[str]:
+    seen, dup = set(), set()
+    for i in ids:
+        if i is None:
+            continue
+        (dup if i in seen else seen).add(i)
+    return dup

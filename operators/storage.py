@@ -1,0 +1,115 @@
+"""One storage path for local folders, `file://` and `s3://` (fsspec), with atomic commits and bounded retries.
+
+S3 endpoint and credentials come from the standard AWS environment variables (`AWS_ACCESS_KEY_ID`,
+`AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_DEFAULT_REGION`, `AWS_ENDPOINT_URL` /
+`AWS_ENDPOINT_URL_S3`), so MinIO and other S3-compatible stores work unchanged.
+
+Atomicity: an S3 PUT (single or multipart) becomes visible only when complete, so objects are written
+straight to their final key. A local file is written under `OUTPUT/.staging/` and renamed into place.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import random
+import time
+import uuid
+from typing import Callable, TypeVar
+
+import fsspec
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# forwarded to Ray workers so every process sees the same store
+ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
+            "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "HF_HOME", "HF_HUB_OFFLINE", "HF_TOKEN")
+STAGING = ".staging"
+
+
+def storage_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in ENV_VARS if os.environ.get(k)}
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(fs, path) for a URI or local path; S3 gets the endpoint from the environment."""
+    kwargs = {}
+    if uri.startswith(("s3://", "s3a://")):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            kwargs["client_kwargs"] = {"endpoint_url": endpoint}
+        kwargs["skip_instance_cache"] = False
+    fs, path = fsspec.core.url_to_fs(uri, **kwargs)
+    return fs, path
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def join(*parts: str) -> str:
+    return posixpath.join(*parts)
+
+
+def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    return fs.unstrip_protocol(path)
+
+
+def _transient(err: BaseException) -> bool:
+    if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError)):
+        return False
+    return isinstance(err, (OSError, ConnectionError, TimeoutError)) or type(err).__name__ in (
+        "ClientError", "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ServerDisconnectedError")
+
+
+def with_retries(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: float = 0.5) -> T:
+    """Bounded retries with exponential backoff and jitter on transient errors."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as err:  # noqa: BLE001 - classified below
+            if attempt == attempts or not _transient(err):
+                raise
+            delay = base_delay * 2 ** (attempt - 1) * (0.5 + random.random())
+            logger.warning("%s failed (%s: %s); retry %d/%d in %.1fs", what, type(err).__name__, err, attempt, attempts - 1, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def put_file(fs: fsspec.AbstractFileSystem, local_path: str, dest: str, root: str) -> None:
+    """Copy a local file to `dest` so that `dest` is never visible half-written."""
+    if is_local(fs):
+        staging = join(root, STAGING)
+        fs.makedirs(staging, exist_ok=True)
+        fs.makedirs(posixpath.dirname(dest), exist_ok=True)
+        tmp = join(staging, f"{uuid.uuid4().hex}-{posixpath.basename(dest)}")
+        with_retries(lambda: fs.put_file(local_path, tmp), f"write {tmp}")
+        os.replace(tmp, dest)  # atomic rename on one filesystem
+        return
+    with_retries(lambda: fs.put_file(local_path, dest), f"upload {dest}")
+
+
+def put_bytes(fs: fsspec.AbstractFileSystem, data: bytes, dest: str, root: str) -> None:
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=posixpath.splitext(dest)[1]) as tmp:
+        tmp.write(data)
+        tmp.flush()
+        put_file(fs, tmp.name, dest, root)
+
+
+def clear_staging(fs: fsspec.AbstractFileSystem, root: str) -> None:
+    """Remove leftovers of interrupted local writes (never visible as outputs). One job per output prefix."""
+    staging = join(root, STAGING)
+    if is_local(fs) and fs.exists(staging):
+        fs.rm(staging, recursive=True)
+
+
+def arrow_filesystem(fs: fsspec.AbstractFileSystem):
+    """A pyarrow filesystem over an fsspec one (for Ray's read_parquet and pyarrow datasets)."""
+    import pyarrow.fs as pafs
+
+    if is_local(fs):
+        return pafs.LocalFileSystem()
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))

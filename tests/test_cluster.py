@@ -1,0 +1,61 @@
+"""`ray job submit` against a cluster the test starts with `ray start --head`."""
+import os
+import secrets
+import subprocess
+
+import pyarrow.parquet as pq
+import pytest
+
+from operators.metadata import read_latest
+
+from .jobutil import BIN, ROOT, free_port, job_env, tiny_config
+
+
+@pytest.fixture(scope="module")
+def cluster_env(tmp_path_factory):
+    """Ray 2.5x+ clusters use token auth: the head and every client share one token."""
+    token = tmp_path_factory.mktemp("raytoken") / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    return job_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory, cluster_env):
+    temp = tmp_path_factory.mktemp("raytmp")
+    dash, gcs = free_port(), free_port()
+    env = cluster_env
+    start = [os.path.join(BIN, "ray"), "start", "--head", "--num-cpus", "2", "--port", str(gcs),
+             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard", "true",
+             "--temp-dir", str(temp), "--disable-usage-stats"]
+    r = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    try:
+        yield f"http://127.0.0.1:{dash}"
+    finally:
+        subprocess.run([os.path.join(BIN, "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_job_submitted_to_a_ray_cluster(ray_cluster, cluster_env, tmp_path, tiny_ad_dir):
+    out, db = tmp_path / "out", tmp_path / "mlflow.db"
+    cfg = tiny_config(tmp_path / "job.yaml", os.path.dirname(tiny_ad_dir))
+    manifest = os.path.join(ROOT, "datasets", "examples", "smoke.parquet")
+    cmd = [os.path.join(BIN, "ray"), "job", "submit", "--address", ray_cluster, "--working-dir", ROOT,
+           "--submission-id", "ivmix-test-smoke", "--entrypoint-num-cpus", "0", "--",
+           "python", "jobs/generate.py", "--config", cfg, "--manifest", manifest, "--output", str(out),
+           "--mlflow-uri", f"sqlite:///{db}", "--experiment", "cluster"]
+    env = dict(cluster_env)
+    env.pop("PYTHONPATH")  # the job must find the project through its uploaded working dir
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
+    assert "succeeded" in r.stdout + r.stderr
+    meta = read_latest(str(out))
+    assert sorted(meta.column("id").to_pylist()) == sorted(pq.read_table(manifest).column("id").to_pylist())
+    assert set(meta.column("status").to_pylist()) == {"ok"}
+    assert len(os.listdir(out / "videos")) == 5
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{db}")
+    run = client.search_runs([client.get_experiment_by_name("cluster").experiment_id])[0]
+    assert run.data.tags["ray_submission_id"] == "ivmix-test-smoke"
+    assert run.data.metrics["rows_ok"] == 5

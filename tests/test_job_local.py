@@ -1,0 +1,188 @@
+"""The batch job end to end on a local Ray with tiny models: outputs, metadata, MLflow, bad input, resume."""
+import os
+import signal
+import subprocess
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.generate import main as job_main
+from operators.metadata import read_latest, read_parts
+from operators.storage import filesystem
+from pipelines.video import read_mp4
+
+from .jobutil import ROOT, job_cmd, job_env, run_job, sha256_file, tiny_config
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tiny_ad_dir):
+    return os.path.dirname(tiny_ad_dir)
+
+
+def test_job_end_to_end(tmp_path, tiny_cache):
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(pa.table({
+        "id": ["r1", "r2", "r3", "r4", "../../etc", None, "r7"],
+        "prompt": ["Two horses race across a field.", "A red kite over a beach.", "Snow on a quiet street.",
+                   "A lantern in the sky.", "Hostile id row.", "A row without an id.", None],
+        "sampler": [None, "standard", "ivmixed_ad_v1", None, None, None, None],
+        "seed": pa.array([1, 5, None, 2, 3, 4, 5], pa.int64()),
+        "guidance": pa.array([None, 3.0, None, None, None, None, None], pa.float64()),
+        "frames": pa.array([None, None, 4, None, None, None, None], pa.int32()),
+        "height": pa.array([None, None, 32, 65, None, None, None], pa.int64()),
+        "idm_guidance": [None, None, "6,2,7", None, None, None, None],
+        "interval": [None, None, "0..2", None, None, None, None],
+        "category": ["animal", "scenery", "scenery", "object", "x", "y", "z"],
+        "status": ["kept", None, None, None, None, None, None],  # clashes with a metadata column: passed through renamed
+    }), manifest)
+    out, db = tmp_path / "out", tmp_path / "mlflow.db"
+    cfg = tiny_config(tmp_path / "job.yaml", tiny_cache)
+    r = run_job("--config", cfg, "--manifest", str(manifest), "--output", str(out), "--mlflow-uri", f"sqlite:///{db}",
+                "--experiment", "e2e")
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "progress: 7/7 rows (4 ok, 3 failed)" in r.stderr
+
+    meta = read_latest(str(out)).to_pylist()
+    by_id = {m["id"]: m for m in meta}
+    ok = sorted(i for i, m in by_id.items() if m["status"] == "ok")
+    derived = [i for i in ok if i.startswith("h")]
+    assert ok == sorted(["r1", "r2", "r3", *derived]) and len(derived) == 1
+    failed = {i: m["error"] for i, m in by_id.items() if m["status"] == "failed"}
+    assert failed["r4"].startswith("height:") and "multiple of the VAE factor 8" in failed["r4"]
+    assert failed["r7"].startswith("prompt:")
+    hostile = [e for i, e in failed.items() if i.startswith("invalid-")]
+    assert len(hostile) == 1 and hostile[0].startswith("id:")
+
+    # videos: exactly the ok rows, decodable, with each row's frames and size
+    assert sorted(os.listdir(out / "videos")) == sorted(f"{i}.mp4" for i in ok)
+    for i in ok:
+        m = by_id[i]
+        frames, fps = read_mp4(str(out / "videos" / f"{i}.mp4"))
+        assert frames.shape == (m["frames"], m["height"], m["width"], 3) and fps == m["fps"]
+        assert m["sha256"] == sha256_file(str(out / "videos" / f"{i}.mp4"))
+        assert m["bytes"] == os.path.getsize(out / "videos" / f"{i}.mp4")
+        assert m["video_uri"] == f"file://{out}/videos/{i}.mp4"
+        assert m["run_id"] and m["code_version"].startswith("0.1.0+") and m["seconds"] > 0
+        assert m["nfe"] == 2 * m["model_calls"] == 2 * (m["calls_idm"] + m["calls_vdm"])
+    # per-row overrides and job defaults resolved as documented
+    assert (by_id["r1"]["sampler"], by_id["r1"]["steps"], by_id["r1"]["model_calls"]) == ("ivmixed", 6, 6 + 4 * 5)
+    assert (by_id["r2"]["sampler"], by_id["r2"]["guidance"], by_id["r2"]["model_calls"]) == ("standard", 3.0, 6)
+    assert (by_id["r3"]["variant"], by_id["r3"]["frames"], by_id["r3"]["height"], by_id["r3"]["idm_guidance"],
+            by_id["r3"]["interval"], by_id["r3"]["seed"]) == ("down:IV-IV@labels=legacy_ad", 4, 32, "karras(6,2,7)", "0..2", 23523)
+    assert by_id["r3"]["model_calls"] == 6 + 4 * 3
+    assert by_id["r1"]["category"] == "animal" and by_id["r1"]["manifest_status"] == "kept"
+    # nothing outside the output prefix, nothing left half-written
+    assert not (tmp_path / "etc").exists() and not (out / ".staging").exists()
+    assert sorted(os.listdir(tmp_path)) == sorted(["m.parquet", "out", "mlflow.db", "job.yaml", "mlruns"]) or \
+        set(os.listdir(tmp_path)) <= {"m.parquet", "out", "mlflow.db", "job.yaml", "mlruns"}
+
+    # MLflow: one run with the resolved config, tags, metrics and artifacts
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{db}")
+    runs = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.metrics["rows_ok"] == 4 and run.data.metrics["rows_failed"] == 3
+    assert run.data.metrics["nfe_per_video"] > 0 and run.data.metrics["videos_per_hour"] > 0
+    assert run.data.params["defaults.steps"] == "6" and run.data.params["model.backbone"] == "animatediff"
+    assert run.data.tags["manifest"] == str(manifest) and run.data.tags["ray_submission_id"] == "local"
+    assert run.info.run_id == by_id["r1"]["run_id"]
+    arts = {a.path for a in client.list_artifacts(run.info.run_id, "config")} | {a.path for a in client.list_artifacts(run.info.run_id, "metadata")}
+    assert arts == {"config/job_config.yaml", "metadata/metadata.parquet"}
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.write_text("prompt\nA cat\n"), "not readable as Parquet"),
+    (lambda p: pq.write_table(pa.table({"text": ["a"]}), p), "no 'prompt' column"),
+    (lambda p: pq.write_table(pa.table({"prompt": ["a"], "steps": ["5"]}), p), "column 'steps' has type string"),
+    (lambda p: pq.write_table(pa.table({"prompt": ["a"], "image_model": ["/x"]}), p), "job config only"),
+])
+def test_bad_manifests_fail_before_anything_is_written(tmp_path, tiny_cache, make, message, capsys):
+    manifest = tmp_path / "m.parquet"
+    make(manifest)
+    out = tmp_path / "out"
+    rc = job_main(["--config", tiny_config(tmp_path / "job.yaml", tiny_cache), "--manifest", str(manifest),
+                   "--output", str(out), "--mlflow-uri", f"sqlite:///{tmp_path / 'db.sqlite'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err
+    assert not out.exists() and not (tmp_path / "db.sqlite").exists()
+
+
+@pytest.mark.parametrize("yaml_extra, message", [
+    ({"compute": {"num_actor": 2}}, "unknown key"),
+    ({"defaults": {"height": 65}}, "height"),
+    ({"defaults": {"stepz": 4}}, "unknown key"),
+    ({"bogus": 1}, "unknown top-level"),
+])
+def test_bad_configs_fail_with_the_key(tmp_path, tiny_cache, yaml_extra, message, capsys):
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"prompt": ["a"]}), manifest)
+    cfg = tiny_config(tmp_path / "job.yaml", tiny_cache, **yaml_extra)
+    rc = job_main(["--config", cfg, "--manifest", str(manifest), "--output", str(tmp_path / "out")])
+    assert rc == 2 and message in capsys.readouterr().err
+
+
+def test_killed_job_resumes_exactly_once(tmp_path, tiny_cache):
+    """Kill the driver (and its local Ray) mid-run, rerun: one video per row, committed rows not redone."""
+    n = 10
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"id": [f"v{i:02d}" for i in range(n)], "prompt": [f"prompt number {i}" for i in range(n)],
+                             "seed": list(range(n))}), manifest)
+    out = tmp_path / "out"
+    cfg = tiny_config(tmp_path / "job.yaml", tiny_cache, compute={"batch_size": 1, "sampler_batch": 1},
+                      defaults={"steps": 12}, commit={"every_rows": 1, "every_seconds": 1})
+    args = ["--config", cfg, "--manifest", str(manifest), "--output", str(out), "--mlflow-uri", f"sqlite:///{tmp_path / 'db'}"]
+    proc = subprocess.Popen(job_cmd(*args), env=job_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    fs, root = filesystem(str(out))
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            parts = os.listdir(out / "metadata") if (out / "metadata").exists() else []
+            if len([p for p in parts if p.startswith("part-")]) >= 2 or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    first = read_parts(fs, root)
+    assert first is not None, "the first run committed nothing before the kill"
+    committed = set(first.column("id").to_pylist())
+    assert 0 < len(committed) < n, f"the first run was not interrupted mid-job ({len(committed)} of {n} committed)"
+
+    r = run_job(*args)
+    assert r.returncode == 0, r.stderr[-4000:]
+    allrows = read_parts(fs, root)
+    ids = allrows.column("id").to_pylist()
+    assert sorted(set(ids)) == [f"v{i:02d}" for i in range(n)]
+    assert all(ids.count(i) == 1 for i in set(ids)), "a row was committed twice"
+    assert sorted(os.listdir(out / "videos")) == [f"v{i:02d}.mp4" for i in range(n)]
+    assert not (out / ".staging").exists()
+    for m in read_latest(str(out)).to_pylist():
+        assert m["status"] == "ok" and m["sha256"] == sha256_file(str(out / "videos" / f"{m['id']}.mp4"))
+    assert f"{n - len(committed)}/{n - len(committed)} rows" in r.stderr  # the rerun did only what was missing
+
+    # a third run finds nothing to do
+    r = run_job(*args)
+    assert r.returncode == 0 and "progress: 0/0 rows" in r.stderr
+    assert read_parts(fs, root).num_rows == n
+
+
+def test_capacity_check_refuses_pools_that_cannot_run():
+    from jobs.config import ComputeConfig
+    from jobs.generate import check_capacity
+
+    check_capacity(ComputeConfig(num_actors=1, cpus_per_actor=1), {"CPU": 2}, "cpu")
+    with pytest.raises(ValueError, match="reading the manifest"):
+        check_capacity(ComputeConfig(num_actors=2, cpus_per_actor=1), {"CPU": 2}, "cpu")  # silent hang otherwise
+    with pytest.raises(ValueError, match="reading the manifest"):
+        check_capacity(ComputeConfig(num_actors=2, cpus_per_actor=0.75), {"CPU": 2}, "cpu")  # seen hanging too
+    check_capacity(ComputeConfig(num_actors=2, cpus_per_actor=0.5), {"CPU": 2}, "cpu")
+    with pytest.raises(ValueError, match="GPUs"):
+        check_capacity(ComputeConfig(num_actors=4, cpus_per_actor=1), {"CPU": 64, "GPU": 2}, "cuda")

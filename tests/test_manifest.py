@@ -1,0 +1,122 @@
+"""Manifest schema checks, id rules and per-row resolution (no Ray, no models)."""
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from operators.generate import resolve_rows
+from operators.manifest import ManifestError, check_id, read_schema, resolve_row
+from operators.metadata import latest, to_table
+from pipelines.config import ModelSpec
+
+from .conftest import SHARED
+
+SPEC = ModelSpec(device="cpu")
+
+
+def write(tmp_path, table, name="m.parquet"):
+    path = tmp_path / name
+    pq.write_table(table, path)
+    return str(path)
+
+
+def test_good_manifest_and_row_count(tmp_path):
+    schema, rows = read_schema(write(tmp_path, pa.table({"prompt": ["a", "b"], "steps": pa.array([4, None], pa.int32()),
+                                                          "guidance": [7.5, 3.0], "idm_guidance": ["6,2,7", None],
+                                                          "whatever": [1, 2]})))
+    assert rows == 2 and "whatever" in schema.names
+
+
+def test_folder_of_parts_is_a_manifest(tmp_path):
+    d = tmp_path / "parts"
+    d.mkdir()
+    for i in range(3):
+        pq.write_table(pa.table({"prompt": [f"p{i}"] * 2}), d / f"part-{i}.parquet")
+    assert read_schema(str(d))[1] == 6
+
+
+@pytest.mark.parametrize("table, message", [
+    (pa.table({"text": ["a"]}), "no 'prompt' column"),
+    (pa.table({"prompt": ["a"], "steps": ["50"]}), "column 'steps' has type string; expected integer"),
+    (pa.table({"prompt": [1]}), "column 'prompt' has type int64; expected string"),
+    (pa.table({"prompt": ["a"], "guidance": ["7.5"]}), "column 'guidance'"),
+    (pa.table({"prompt": ["a"], "seed": [1.5]}), "column 'seed' has type double"),
+    (pa.table({"prompt": ["a"], "base": ["/etc/passwd"]}), "models are set by the job config only"),
+    (pa.table({"prompt": ["a"], "lora": ["x.safetensors"]}), "lora"),
+])
+def test_bad_schemas_are_rejected_with_what_to_fix(tmp_path, table, message):
+    with pytest.raises(ManifestError, match=message):
+        read_schema(write(tmp_path, table))
+
+
+def test_not_parquet_and_missing(tmp_path):
+    bad = tmp_path / "prompts.parquet"
+    bad.write_text("prompt\nA cat\n")
+    with pytest.raises(ManifestError, match="not readable as Parquet"):
+        read_schema(str(bad))
+    with pytest.raises(ManifestError, match="does not exist"):
+        read_schema(str(tmp_path / "nope.parquet"))
+
+
+@pytest.mark.parametrize("good", ["horses", "chronomagic-day2night_02.0", "vbench-0001", "A.b_c-9"])
+def test_safe_ids(good):
+    assert check_id(good) == good
+
+
+@pytest.mark.parametrize("bad", ["../../etc", "../x", "a/b", "a\\b", ".hidden", "", "x" * 200, "a..b", "s3://b/k", "é", "a b", 5])
+def test_hostile_ids_are_refused(bad):
+    with pytest.raises(ValueError, match="^id:"):
+        check_id(bad)
+
+
+def test_resolve_row_derives_stable_ids_and_fails_bad_rows():
+    a = resolve_row({"prompt": "a cat", "steps": 4}, {}, SPEC)
+    b = resolve_row({"prompt": "a cat", "steps": 4}, {}, SPEC)
+    c = resolve_row({"prompt": "a cat", "steps": 5}, {}, SPEC)
+    d = resolve_row({"prompt": "a cat", "steps": 4}, {}, ModelSpec(lora="x"))
+    assert a["status"] == "pending" and a["id"] == b["id"] != c["id"] != d["id"] and a["id"].startswith("h")
+    check_id(a["id"])
+    bad = resolve_row({"prompt": "a cat", "id": "../../etc"}, {}, SPEC)
+    assert bad["status"] == "failed" and bad["error"].startswith("id:") and bad["id"].startswith("invalid-")
+    check_id(bad["id"])
+    bad = resolve_row({"prompt": "a cat", "height": 65, "id": "ok-id"}, {}, SPEC)
+    assert bad["status"] == "failed" and bad["id"] == "ok-id" and "height" in bad["error"]
+    assert resolve_row({"prompt": None}, {}, SPEC)["status"] == "failed"
+
+
+def test_resolve_rows_drops_committed_and_fails_duplicates():
+    batch = pa.table({"id": ["a", "b", "c", "c"], "prompt": ["x", "y", "z", "w"], "note": [1, 2, 3, 4]})
+    out = resolve_rows(batch, defaults={"steps": 4}, model={"device": "cpu"}, done=frozenset({"a"}), duplicate_ids=frozenset({"c"}))
+    assert out.column("_id").to_pylist() == ["b", "c", "c"]
+    assert out.column("_status").to_pylist() == ["pending", "failed", "failed"]
+    assert "more than one manifest row" in out.column("_error").to_pylist()[1]
+    assert out.column("note").to_pylist() == [2, 3, 4]
+
+
+@pytest.mark.parametrize("name", ["chronomagic_bench_150.parquet", "vbench_all_dimension_gpt_longer.parquet"])
+def test_real_benchmark_prompt_sets_validate(name):
+    path = os.path.join(SHARED, "data", "prompts", name)
+    if not os.path.exists(path):
+        pytest.skip("shared prompt sets not present")
+    schema, rows = read_schema(path)
+    table = pq.read_table(path)
+    resolved = [resolve_row(r, {}, SPEC) for r in table.to_pylist()]
+    assert rows == table.num_rows and all(r["status"] == "pending" for r in resolved)
+    assert [r["id"] for r in resolved] == table.column("id").to_pylist()  # dotted ids are valid keys
+
+
+def test_latest_keeps_the_newest_row_per_id():
+    import datetime as dt
+
+    t0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    rows = [{"id": "a", "status": "failed", "finished_at": t0}, {"id": "a", "status": "ok", "finished_at": t0 + dt.timedelta(1)},
+            {"id": "b", "status": "ok", "finished_at": t0}]
+    cur = latest(to_table(rows))
+    assert dict(zip(cur.column("id").to_pylist(), cur.column("status").to_pylist())) == {"a": "ok", "b": "ok"}
+
+
+def test_resolve_rows_when_everything_is_already_done():
+    batch = pa.table({"id": ["a", "b"], "prompt": ["x", "y"]})
+    out = resolve_rows(batch, defaults={}, model={"device": "cpu"}, done=frozenset({"a", "b"}))
+    assert out.num_rows == 0 and "_status" in out.column_names

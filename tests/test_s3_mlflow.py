@@ -1,0 +1,104 @@
+"""The job against real servers started here: an S3 endpoint (moto's server mode, as s3fs tests itself)
+reachable from the Ray workers, and an `mlflow server` over SQLite."""
+import io
+import os
+import signal
+import subprocess
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from .jobutil import BIN, free_port, job_env, run_job, tiny_config, wait_http
+
+CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def _start(cmd, env, log):
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop(proc):
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint(tmp_path_factory):
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
+    proc = _start([os.path.join(BIN, "moto_server"), "-H", "127.0.0.1", "-p", str(port)], job_env(), log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url + "/moto-api/")
+        yield url
+    finally:
+        _stop(proc)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    log = open(d / "server.log", "w")
+    proc = _start([os.path.join(BIN, "mlflow"), "server", "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
+                   "--artifacts-destination", str(d / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+                   "--workers", "1"], job_env(), log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url + "/health", timeout=120)
+        yield url
+    finally:
+        _stop(proc)
+        log.close()
+
+
+def test_job_writes_to_s3_and_logs_to_an_mlflow_server(s3_endpoint, mlflow_server, tmp_path, tiny_ad_dir, monkeypatch):
+    import boto3
+    import s3fs
+
+    boto3.client("s3", endpoint_url=s3_endpoint, **{k.lower(): v for k, v in CREDS.items() if k != "AWS_DEFAULT_REGION"},
+                 region_name="us-east-1").create_bucket(Bucket="ivmix")
+    for k, v in {**CREDS, "AWS_ENDPOINT_URL": s3_endpoint}.items():
+        monkeypatch.setenv(k, v)
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
+    sink = io.BytesIO()
+    pq.write_table(pa.table({"id": ["a", "b", "bad"], "prompt": ["A cat on a sofa.", "Waves on a rock.", "Bad row."],
+                             "height": pa.array([None, 48, 30], pa.int64())}), sink)
+    fs.pipe("ivmix/prompts/nightly.parquet", sink.getvalue())
+
+    cfg = tiny_config(tmp_path / "job.yaml", os.path.dirname(tiny_ad_dir))
+    env = job_env(**CREDS, AWS_ENDPOINT_URL=s3_endpoint)
+    r = run_job("--config", cfg, "--manifest", "s3://ivmix/prompts/nightly.parquet", "--output", "s3://ivmix/runs/2026-11-24",
+                "--mlflow-uri", mlflow_server, "--experiment", "nightly", env=env)
+    assert r.returncode == 0, r.stderr[-5000:]
+
+    fs.invalidate_cache()
+    assert sorted(fs.ls("ivmix/runs/2026-11-24/videos")) == ["ivmix/runs/2026-11-24/videos/a.mp4", "ivmix/runs/2026-11-24/videos/b.mp4"]
+    from operators.metadata import read_latest
+
+    meta = {m["id"]: m for m in read_latest("s3://ivmix/runs/2026-11-24").to_pylist()}
+    assert meta["a"]["status"] == "ok" and meta["a"]["video_uri"] == "s3://ivmix/runs/2026-11-24/videos/a.mp4"
+    assert meta["b"]["height"] == 48 and meta["bad"]["status"] == "failed" and meta["bad"]["error"].startswith("height:")
+    assert meta["a"]["bytes"] == fs.size("ivmix/runs/2026-11-24/videos/a.mp4")
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server)
+    run = client.search_runs([client.get_experiment_by_name("nightly").experiment_id])[0]
+    assert run.data.metrics["rows_ok"] == 2 and run.data.metrics["rows_failed"] == 1
+    assert run.data.tags["output"] == "s3://ivmix/runs/2026-11-24"
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config", "metadata"}
+
+    # rerun: nothing regenerated, the failed row retried (and failing again)
+    r = run_job("--config", cfg, "--manifest", "s3://ivmix/prompts/nightly.parquet", "--output", "s3://ivmix/runs/2026-11-24",
+                "--mlflow-uri", mlflow_server, "--experiment", "nightly", env=env)
+    assert r.returncode == 0 and "progress: 1/1 rows (0 ok, 1 failed)" in r.stderr
