@@ -32,6 +32,7 @@ NAMED = {
 }
 W_KEYS = ("w_go_I", "w_back_I", "w_go_V", "w_back_V")
 PARAM_KEYS = ("w_main", "interval", "sub_every")  # per-row parameters a pattern may also set
+CHOICES = {"main": ("I", "V"), "labels": ("chain", "legacy_ad"), "resize": ("none", "nearest64"), "sub_cfg": ("I", "V")}
 
 
 @dataclass(frozen=True)
@@ -185,22 +186,10 @@ def parse_variant(text: str) -> ParsedVariant:
             raise ValueError(f"variant {text!r}: option {opt!r} must be key=value")
         if key in W_KEYS:
             w[key] = CFGRamp.parse(val)
-        elif key == "main":
-            if val not in ("I", "V"):
-                raise ValueError(f"variant {text!r}: main must be I or V")
-            fields["main"] = val
-        elif key == "labels":
-            if val not in ("chain", "legacy_ad"):
-                raise ValueError(f"variant {text!r}: labels must be chain or legacy_ad")
-            fields["labels"] = val
-        elif key == "resize":
-            if val not in ("none", "nearest64"):
-                raise ValueError(f"variant {text!r}: resize must be none or nearest64")
-            fields["resize"] = val
-        elif key == "sub_cfg":
-            if val not in ("I", "V"):
-                raise ValueError(f"variant {text!r}: sub_cfg must be I or V")
-            fields["sub_cfg"] = val
+        elif key in CHOICES:
+            if val not in CHOICES[key]:
+                raise ValueError(f"variant {text!r}: {key} must be {' or '.join(CHOICES[key])}")
+            fields[key] = val
         elif key in ("sub_every", "zz"):
             m2 = re.fullmatch(r"(\d+)(?:\(cfg=(I|V)\))?", val)
             if not m2:
