@@ -26,6 +26,7 @@ class ComputeConfig:
     cpus_per_actor: float = 1.0  # leave CPUs for read/resolve tasks (pain point 3)
     max_restarts: int = 3  # capped actor restarts (Ray Data's default is unlimited)
     max_task_retries: int = 3
+    autoscaling: bool = False  # the cluster adds nodes on demand: a pool bigger than today's cluster only warns
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cuda", "cpu"):

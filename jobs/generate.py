@@ -142,14 +142,20 @@ RESERVED_CPUS = 1.0  # Ray's internal ListFiles task of read_parquet takes one w
 
 
 def check_capacity(compute: job_config.ComputeConfig, resources: dict, device: str) -> None:
-    """Refuse a pool that cannot start or that starves the read tasks (a silent hang otherwise: pain point 3)."""
+    """Refuse a pool that cannot start or that starves the read tasks (a silent hang otherwise: pain point 3).
+    On an autoscaling cluster (compute.autoscaling) the same findings are warnings: nodes may still come."""
     cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
     need_cpu = compute.num_actors * compute.cpus_per_actor
+    problems = []
     if device == "cuda" and compute.num_actors > gpus:
-        raise ValueError(f"compute.num_actors: {compute.num_actors} GPU actors need {compute.num_actors} GPUs; the cluster has {gpus:g}")
+        problems.append(f"compute.num_actors: {compute.num_actors} GPU actors need {compute.num_actors} GPUs; the cluster has {gpus:g}")
     if need_cpu + RESERVED_CPUS > cpus:
-        raise ValueError(f"compute: {compute.num_actors} actors x {compute.cpus_per_actor:g} CPU leave less than {RESERVED_CPUS:g} CPU "
-                         f"for reading the manifest on a {cpus:g}-CPU cluster; lower compute.num_actors or compute.cpus_per_actor")
+        problems.append(f"compute: {compute.num_actors} actors x {compute.cpus_per_actor:g} CPU leave less than {RESERVED_CPUS:g} CPU "
+                        f"for reading the manifest on a {cpus:g}-CPU cluster; lower compute.num_actors or compute.cpus_per_actor")
+    if problems and compute.autoscaling:
+        logger.warning("cluster is smaller than the pool right now (autoscaling expected): %s", "; ".join(problems))
+    elif problems:
+        raise ValueError("; ".join(problems))
 
 
 def run(cfg: job_config.JobConfig, n_rows: int, ids_dup: set[str]) -> int:

@@ -59,3 +59,30 @@ def test_job_submitted_to_a_ray_cluster(ray_cluster, cluster_env, tmp_path, tiny
     run = client.search_runs([client.get_experiment_by_name("cluster").experiment_id])[0]
     assert run.data.tags["ray_submission_id"] == "ivmix-test-smoke"
     assert run.data.metrics["rows_ok"] == 5
+
+
+def test_nightly_script_makes_a_dated_run_that_a_rerun_resumes(ray_cluster, cluster_env, tmp_path, tiny_ad_dir):
+    """infra/nightly.sh against the real cluster: a partial first night, then a rerun that completes it."""
+    db = tmp_path / "mlflow.db"
+    env = dict(cluster_env)
+    env.pop("PYTHONPATH")
+    env.update(PATH=f"{BIN}:{env['PATH']}", RAY_ADDRESS=ray_cluster, RUN_DATE="2026-11-24", EXPERIMENT="nightly",
+               MANIFEST=os.path.join(ROOT, "datasets", "examples", "smoke.parquet"), OUTPUT_ROOT=str(tmp_path / "runs"),
+               CONFIG=tiny_config(tmp_path / "job.yaml", os.path.dirname(tiny_ad_dir)),
+               EXTRA_ARGS=f"--limit 2 --mlflow-uri sqlite:///{db}")
+    script = os.path.join(ROOT, "infra", "nightly.sh")
+    r = subprocess.run([script], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    out = tmp_path / "runs" / "2026-11-24"
+    assert len(os.listdir(out / "videos")) == 2
+
+    env["EXTRA_ARGS"] = f"--mlflow-uri sqlite:///{db}"
+    r = subprocess.run([script], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "nightly-2026-11-24-0 ended SUCCEEDED" in r.stdout and "submitting nightly-2026-11-24-1" in r.stdout
+    from operators.metadata import read_parts
+    from operators.storage import filesystem
+
+    ids = read_parts(*filesystem(str(out))).column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 5  # the first night's two rows were not redone
+    assert len(os.listdir(out / "videos")) == 5
