@@ -5,6 +5,7 @@ BIN    := $(VENV)/bin
 # CPU build on dev/CI machines; on a GPU box: make venv TORCH="torch==2.13.0 --index-url <your CUDA index>"
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml .ci/constraints.txt | cksum | cut -d' ' -f1)
+export PATH := $(abspath $(BIN)):$(PATH)
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export RAY_USAGE_STATS_ENABLED ?= 0

@@ -12,6 +12,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from pipelines import presets
 from pipelines.config import PARAM_NAMES, ModelSpec, resolve_params
 
 MODEL_KEYS = tuple(f.name for f in fields(ModelSpec))
@@ -46,6 +47,23 @@ class CommitConfig:
 
 
 @dataclass(frozen=True)
+class ScoresConfig:
+    enabled: bool = False  # CLIPSIM, frame consistency and flicker per video, in the generating actor
+    clip_model: str = presets.DEFAULT_CLIP_MODEL  # hub id or local folder
+    tiny: bool = False  # build a tiny random CLIP offline (tests, demo) instead of clip_model
+
+
+@dataclass(frozen=True)
+class RegressionConfig:
+    baseline: str | None = None  # an MLflow run id, or "last": the newest finished run of this experiment
+    threshold: float = 0.05  # relative worsening of a group's mean score (or success rate) that counts as a regression
+
+    def __post_init__(self) -> None:
+        if not (0 < self.threshold < 1):
+            raise ValueError(f"regression.threshold: must be in (0, 1), got {self.threshold!r}")
+
+
+@dataclass(frozen=True)
 class JobConfig:
     manifest: str
     output: str
@@ -60,6 +78,9 @@ class JobConfig:
     run_name: str | None = None
     limit: int | None = None
     fail_on_error: bool = False
+    samplers: tuple[str, ...] | None = None  # A/B: every row once per sampler (a manifest `samplers` column wins)
+    scores: ScoresConfig = ScoresConfig()
+    regression: RegressionConfig = RegressionConfig()
 
     def record(self) -> dict:
         """Plain nested values (for the resolved-config artifact and MLflow params)."""
@@ -83,7 +104,8 @@ def _section(name: str, raw: Any, cls) -> Any:
         raise ValueError(f"config '{name}': {err}") from None
 
 
-TOP_KEYS = ("model", "tiny", "tiny_cache", "defaults", "compute", "commit", "mlflow", "manifest", "output", "limit", "fail_on_error")
+TOP_KEYS = ("model", "tiny", "tiny_cache", "defaults", "compute", "commit", "mlflow", "manifest", "output", "limit",
+            "fail_on_error", "samplers", "scores", "regression")
 
 
 def load(args: argparse.Namespace) -> JobConfig:
@@ -140,7 +162,26 @@ def load(args: argparse.Namespace) -> JobConfig:
     limit = args.limit if args.limit is not None else raw.get("limit")
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ValueError(f"--limit: must be an integer >= 1, got {limit!r}")
+    scores = _section("scores", raw.get("scores"), ScoresConfig)
+    if getattr(args, "scores", False):
+        scores = replace(scores, enabled=True)
+    regression = _section("regression", raw.get("regression"), RegressionConfig)
+    if getattr(args, "baseline", None):
+        regression = replace(regression, baseline=args.baseline)
+    if getattr(args, "regression_threshold", None) is not None:
+        regression = replace(regression, threshold=args.regression_threshold)
+    if regression.baseline and not scores.enabled:
+        raise ValueError("regression: a baseline comparison needs scores (set scores.enabled or pass --scores)")
+    samplers = getattr(args, "samplers", None) or raw.get("samplers")
+    if isinstance(samplers, str):
+        samplers = [s.strip() for s in samplers.split(",") if s.strip()]
+    if samplers is not None:
+        unknown = [s for s in samplers if s not in presets.PRESETS]
+        if unknown or len(set(samplers)) != len(samplers) or not samplers:
+            raise ValueError(f"--samplers: distinct preset names from {sorted(presets.PRESETS)}, got {samplers!r}")
+        samplers = tuple(samplers)
     return JobConfig(
+        samplers=samplers, scores=scores, regression=regression,
         manifest=manifest, output=output.rstrip("/"), model=model, tiny=tiny, tiny_cache=tiny_cache,
         defaults=defaults, compute=compute, commit=commit,
         mlflow_uri=args.mlflow_uri or mlflow_raw.get("uri") or os.environ.get("MLFLOW_TRACKING_URI") or JobConfig.mlflow_uri,

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
 import subprocess
 import sys
 import tempfile
@@ -48,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--sampler-batch", type=int, help="rows sampled together in one batched call")
     ap.add_argument("--limit", type=int, help="only the first N manifest rows")
     ap.add_argument("--fail-on-error", action="store_true", help="exit 1 if any row failed")
+    ap.add_argument("--samplers", help="A/B: comma-separated presets; every row once per sampler, same seed and noise")
+    ap.add_argument("--scores", action="store_true", help="compute CLIPSIM, frame consistency and flicker per video")
+    ap.add_argument("--baseline", help="regression check against an MLflow run id, or 'last' (newest finished run)")
+    ap.add_argument("--regression-threshold", type=float, help="relative worsening that counts (default 0.05)")
     return ap
 
 
@@ -165,16 +170,19 @@ def run(cfg: job_config.JobConfig, n_rows: int, ids_dup: set[str]) -> int:
     fs.makedirs(root, exist_ok=True)
     storage.clear_staging(fs, root)
     done = metadata.committed_ok(fs, root)
-    total = min(n_rows, cfg.limit or n_rows)
+    total = min(n_rows, cfg.limit or n_rows) * len(cfg.samplers or [None])
     logger.info("manifest: %d rows; %d ids already committed under %s", n_rows, len(done), cfg.output)
 
     model = cfg.model
-    if cfg.tiny:
-        from pipelines.tiny import ensure_tiny
+    from pipelines.tiny import ensure_tiny
 
+    if cfg.tiny:
         ensure_tiny(cfg.tiny, os.path.join(cfg.tiny_cache, cfg.tiny))
         model = replace(model, base=os.path.abspath(model.base), motion_adapter=os.path.abspath(model.motion_adapter),
                         image_model=os.path.abspath(model.image_model))
+    scorer = None
+    if cfg.scores.enabled:
+        scorer = os.path.abspath(ensure_tiny("clip", os.path.join(cfg.tiny_cache, "clip"))) if cfg.scores.tiny else cfg.scores.clip_model
     ray = _init_ray()
     device = cfg.compute.device
     if device == "auto":
@@ -209,7 +217,7 @@ def run(cfg: job_config.JobConfig, n_rows: int, ids_dup: set[str]) -> int:
         progress = Progress(max(total - len(done), 0))
         writer = metadata.MetadataWriter(fs, root, f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{run_id[:8]}")
         try:
-            _pipeline(ray, cfg, model, fs, root, done, ids_dup, run_id, version, progress, writer, device)
+            _pipeline(ray, cfg, model, fs, root, done, ids_dup, run_id, version, progress, writer, device, scorer)
         except BaseException:
             status = "FAILED"
             writer.flush()  # whatever finished is committed; a rerun resumes from it
@@ -220,14 +228,18 @@ def run(cfg: job_config.JobConfig, n_rows: int, ids_dup: set[str]) -> int:
             logger.info(progress.line())
             _log_run_metadata(mlflow, fs, root, writer)
             mlflow.set_tag("job_status", status)
-            storage.clear_staging(fs, root)
+        regressions = _quality(mlflow, cfg, fs, root, run_id)
+        storage.clear_staging(fs, root)
+    if regressions:
+        logger.error("quality regression against the baseline: %s", "; ".join(regressions))
+        return 3
     if cfg.fail_on_error and progress.failed:
         logger.error("%d row(s) failed (see the 'error' column in %s/metadata)", progress.failed, cfg.output)
         return 1
     return 0
 
 
-def _pipeline(ray, cfg, model, fs, root, done, ids_dup, run_id, version, progress, writer, device) -> None:
+def _pipeline(ray, cfg, model, fs, root, done, ids_dup, run_id, version, progress, writer, device, scorer) -> None:
     import mlflow
 
     from operators.compute import actor_pool
@@ -243,14 +255,14 @@ def _pipeline(ray, cfg, model, fs, root, done, ids_dup, run_id, version, progres
         ds = ds.limit(cfg.limit)
     ds = ds.map_batches(resolve_rows, batch_format="pyarrow", batch_size=512, num_cpus=READ_CPUS, runtime_env=runtime_env,
                         fn_kwargs={"defaults": dict(cfg.defaults), "model": _model_dict(model),
-                                   "done": frozenset(done), "duplicate_ids": frozenset(ids_dup)})
+                                   "done": frozenset(done), "duplicate_ids": frozenset(ids_dup), "samplers": cfg.samplers})
     # one actor call per block: rows stream to the driver as they finish and spread over the whole pool
     ds = ds.repartition(target_num_rows_per_block=cfg.compute.batch_size)
     gpu = device == "cuda"
     ds = ds.map_batches(
         VideoGenerator,
         fn_constructor_kwargs={"model": _model_dict(model), "output": cfg.output, "run_id": run_id,
-                               "code_version": version, "sampler_batch": cfg.compute.sampler_batch},
+                               "code_version": version, "sampler_batch": cfg.compute.sampler_batch, "scorer": scorer},
         batch_size=cfg.compute.batch_size,
         batch_format="pyarrow",
         runtime_env=runtime_env,
@@ -272,6 +284,26 @@ def _pipeline(ray, cfg, model, fs, root, done, ids_dup, run_id, version, progres
             step += 1
             last_log = now
     writer.flush()
+
+
+def _quality(mlflow, cfg, fs, root, run_id) -> list[str]:
+    """Per-sampler aggregates over the output's current metadata (all attempts), nested runs, score table,
+    and the regression check when a baseline is configured."""
+    from jobs import quality
+
+    current = metadata.latest(metadata.read_parts(fs, root))
+    if current is None or current.num_rows == 0:
+        return []
+    from jobs import report
+
+    groups = quality.aggregate(current)
+    quality.log_groups(mlflow, groups, current)
+    logger.info("quality: %s", quality.summary(groups))
+    path = report.write_report(fs, root, current, groups, f"ivmix run {posixpath.basename(root) or root}")
+    report.log_report(mlflow, fs, root, path, current)
+    if cfg.regression.baseline:
+        return quality.regression_check(mlflow, cfg.regression, groups, run_id)
+    return []
 
 
 def _model_dict(model) -> dict:

@@ -21,10 +21,10 @@ import pyarrow as pa
 from pipelines.config import ModelSpec, resolve_params
 
 from . import metadata, storage
-from .manifest import COLUMNS, resolve_row
+from .manifest import COLUMNS, expand_samplers
 
 logger = logging.getLogger(__name__)
-INTERNAL = ("_id", "_status", "_error", "_params")
+INTERNAL = ("_id", "_status", "_error", "_params", "_pair")
 
 
 def passthrough_columns(table: pa.Table) -> list[str]:
@@ -32,19 +32,21 @@ def passthrough_columns(table: pa.Table) -> list[str]:
 
 
 def resolve_rows(batch: pa.Table, *, defaults: Mapping[str, Any], model: Mapping[str, Any], done: frozenset = frozenset(),
-                 duplicate_ids: frozenset = frozenset(), spatial_factor: int = 8) -> pa.Table:
-    """Add _id/_status/_error/_params; drop rows whose id is already committed ok (resume)."""
+                 duplicate_ids: frozenset = frozenset(), spatial_factor: int = 8, samplers: tuple | None = None) -> pa.Table:
+    """Add _id/_status/_error/_params/_pair; expand A/B groups (one row per sampler); drop rows already committed ok."""
     spec = ModelSpec(**model)
-    resolved = [resolve_row(r, defaults, spec, spatial_factor) for r in batch.to_pylist()]
-    for r in resolved:
-        if r["status"] == "pending" and r["id"] in duplicate_ids:
-            r.update(status="failed", error=f"id: {r['id']!r} appears in more than one manifest row; ids must be unique",
-                     params_json=None)
-    keep = [i for i, r in enumerate(resolved) if not (r["status"] == "pending" and r["id"] in done)]
-    out = batch.take(pa.array(keep, type=pa.int64()))
-    cols = {"_id": pa.string(), "_status": pa.string(), "_error": pa.string(), "_params": pa.string()}
-    for name, key in zip(cols, ("id", "status", "error", "params_json")):
-        out = out.append_column(pa.field(name, cols[name]), pa.array([resolved[i][key] for i in keep], type=cols[name]))
+    src, resolved = [], []
+    for i, row in enumerate(batch.to_pylist()):
+        for r in expand_samplers(row, defaults, spec, samplers, spatial_factor):
+            if r["status"] == "pending" and (row.get("id") in duplicate_ids or r["id"] in duplicate_ids):
+                r.update(status="failed", error=f"id: {row.get('id') or r['id']!r} appears in more than one manifest row; "
+                         "ids must be unique", params_json=None)
+            if not (r["status"] == "pending" and r["id"] in done):
+                src.append(i)
+                resolved.append(r)
+    out = batch.take(pa.array(src, type=pa.int64()))
+    for name, key in (("_id", "id"), ("_status", "status"), ("_error", "error"), ("_params", "params_json"), ("_pair", "pair_id")):
+        out = out.append_column(pa.field(name, pa.string()), pa.array([r[key] for r in resolved], type=pa.string()))
     return out
 
 
@@ -59,14 +61,18 @@ def _sha256(path: str) -> str:
 class VideoGenerator:
     """One actor: `__init__` loads the models named by the job config; `__call__` handles a batch of rows."""
 
-    def __init__(self, model: Mapping[str, Any], output: str, run_id: str, code_version: str, sampler_batch: int = 1):
+    def __init__(self, model: Mapping[str, Any], output: str, run_id: str, code_version: str, sampler_batch: int = 1,
+                 scorer: str | None = None):
         from pipelines.backbones import load_backbone
+
+        from .scoring import ClipScorer
 
         self.spec = ModelSpec(**model)
         self.model_json = json.dumps({k: v for k, v in model.items() if k not in ("device", "dtype")}, sort_keys=True)
         self.backbone = load_backbone(self.spec)
         self.fs, self.root = storage.filesystem(output)
         self.run_id, self.code_version, self.sampler_batch = run_id, code_version, sampler_batch
+        self.scorer = ClipScorer(scorer, self.backbone.device) if scorer else None
 
     def _meta(self, rid: str, status: str, error: str | None, params=None, **extra) -> dict:
         row = {"id": rid, "status": status, "error": error, "backbone": self.spec.backbone, "model_spec": self.model_json,
@@ -78,7 +84,7 @@ class VideoGenerator:
 
     def _publish(self, result, rid: str) -> dict:
         """Encode, upload, describe one video."""
-        from pipelines.video import write_mp4
+        from pipelines.video import contact_sheet, png_bytes, write_mp4
 
         p = result.params
         start = time.perf_counter()
@@ -88,7 +94,9 @@ class VideoGenerator:
             digest = _sha256(local)
             dest = storage.join(metadata.videos_dir(self.root), f"{rid}.mp4")
             storage.put_file(self.fs, local, dest, self.root)
-        return dict(video_uri=storage.full_uri(self.fs, dest), bytes=size, sha256=digest,
+        sheet = storage.join(metadata.contact_dir(self.root), f"{rid}.png")
+        storage.put_bytes(self.fs, png_bytes(contact_sheet(result.frames)), sheet, self.root)
+        return dict(video_uri=storage.full_uri(self.fs, dest), bytes=size, sha256=digest, contact_uri=storage.full_uri(self.fs, sheet),
                     seconds=result.seconds + time.perf_counter() - start, model_calls=result.total_calls,
                     calls_idm=result.calls["I"], calls_vdm=result.calls["V"], nfe=result.nfe)
 
@@ -109,11 +117,21 @@ class VideoGenerator:
             return {i: self._meta(rid, "failed", f"{type(err).__name__}: {err}", p)}
         for (i, rid, p), res in zip(items, results):
             try:
-                out[i] = self._meta(rid, "ok", None, p, **self._publish(res, rid))
+                out[i] = self._meta(rid, "ok", None, p, **self._publish(res, rid), **self._scores(res))
             except Exception as err:  # noqa: BLE001
                 logger.exception("publishing %s failed", rid)
                 out[i] = self._meta(rid, "failed", f"{type(err).__name__} while writing the video: {err}", p)
         return out
+
+    def _scores(self, result) -> dict:
+        """Quality scores of a published video; a scoring failure leaves them null with the reason."""
+        if self.scorer is None:
+            return {}
+        try:
+            return self.scorer.score(result.frames, result.params.prompt)
+        except Exception as err:  # noqa: BLE001 - never lose a video to its scores
+            logger.exception("scoring failed")
+            return {"score_error": f"{type(err).__name__}: {err}"}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from pipelines.generate import batches
@@ -134,5 +152,7 @@ class VideoGenerator:
                 meta[i] = self._meta(r["_id"], "failed", str(err), prompt=r.get("prompt"))
         for group in batches([p for _, _, p in pending], self.sampler_batch):
             meta.update(self._sample([pending[g] for g in group]))
+        for i, r in enumerate(rows):
+            meta[i]["pair_id"] = r.get("_pair")
         extra = batch.select(passthrough_columns(batch))
         return metadata.to_table([meta[i] for i in range(len(rows))], extra if extra.num_columns else None)

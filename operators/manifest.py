@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import pyarrow as pa
 
@@ -33,8 +33,9 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "vdm_guidance": ("string", "integer", "floating"),
     "interval": ("string",),
     "zz": ("integer",),
+    "samplers": ("list<string>",),  # A/B: one output row per sampler, same prompt and seed
 }
-PARAM_COLUMNS = tuple(c for c in COLUMNS if c not in ("prompt", "id"))
+PARAM_COLUMNS = tuple(c for c in COLUMNS if c not in ("prompt", "id", "samplers"))
 # a manifest may not choose models or files: these columns are refused by name
 FORBIDDEN = ("backbone", "base", "motion_adapter", "image_model", "vae", "lora", "model", "model_dir", "checkpoint")
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -55,6 +56,8 @@ def _kind(t: pa.DataType) -> str:
         return "floating"
     if pa.types.is_dictionary(t):
         return _kind(t.value_type)
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return f"list<{_kind(t.value_type)}>"
     return str(t)
 
 
@@ -129,6 +132,29 @@ def resolve_row(row: Mapping[str, Any], defaults: Mapping[str, Any], model: Mode
         raw = json.dumps({"id": given, "prompt": row.get("prompt")}, sort_keys=True, default=str)
         rid = given if isinstance(given, str) and ID_RE.match(given) and ".." not in given else "invalid-" + hashlib.sha256(raw.encode()).hexdigest()[:20]
         return {"id": rid, "status": "failed", "error": str(err), "params_json": None}
+
+
+def expand_samplers(row: Mapping[str, Any], defaults: Mapping[str, Any], model: ModelSpec, samplers: Sequence[str] | None,
+                    spatial_factor: int = 8) -> list[dict]:
+    """One resolved row per sampler of an A/B group (else one row). Rows of a group share the prompt, the seed
+    (so the same initial noise) and `pair_id`; their ids are `<pair_id>-<sampler>`."""
+    group = row.get("samplers") or samplers
+    if not group:
+        return [{**resolve_row(row, defaults, model, spatial_factor), "pair_id": None}]
+    if isinstance(group, str) or not all(isinstance(s, str) for s in group) or len(set(group)) != len(group):
+        bad = resolve_row({**row, "prompt": None}, defaults, model, spatial_factor)
+        return [{**bad, "error": f"samplers: must be a list of distinct preset names, got {group!r}", "pair_id": None}]
+    first = resolve_row({**row, "sampler": group[0]}, defaults, model, spatial_factor)
+    if first["status"] == "failed":
+        return [{**first, "pair_id": None}]
+    seed = json.loads(first["params_json"])["seed"]  # a preset's own default seed must not split the pair
+    pair = row.get("id") or derived_id({"prompt": row.get("prompt"), "samplers": list(group), "seed": seed,
+                                        **{k: row.get(k) for k in PARAM_COLUMNS if k != "sampler"}}, model)
+    out = []
+    for name in group:
+        r = resolve_row({**row, "sampler": name, "seed": seed, "id": f"{pair}-{name}"}, defaults, model, spatial_factor)
+        out.append({**r, "pair_id": pair})
+    return out
 
 
 def duplicated(ids: Iterable[Any]) -> set[str]:

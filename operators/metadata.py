@@ -26,10 +26,13 @@ FIELDS = [
     ("height", pa.int64()), ("width", pa.int64()), ("fps", pa.int64()), ("guidance", pa.float64()),
     ("idm_guidance", pa.string()), ("vdm_guidance", pa.string()), ("interval", pa.string()), ("zz", pa.int64()),
     ("backbone", pa.string()), ("model_spec", pa.string()),
-    ("video_uri", pa.string()), ("bytes", pa.int64()), ("sha256", pa.string()),
+    ("video_uri", pa.string()), ("bytes", pa.int64()), ("sha256", pa.string()), ("contact_uri", pa.string()),
     ("seconds", pa.float64()), ("model_calls", pa.int64()), ("calls_idm", pa.int64()), ("calls_vdm", pa.int64()),
     ("nfe", pa.int64()), ("code_version", pa.string()), ("run_id", pa.string()),
     ("finished_at", pa.timestamp("us", tz="UTC")),
+    ("pair_id", pa.string()),  # rows of one A/B group (same prompt, seed and initial noise, several samplers)
+    ("clipsim", pa.float64()), ("frame_consistency", pa.float64()), ("flicker", pa.float64()),
+    ("score_error", pa.string()),  # why the scores are null (the video is kept)
 ]
 SCHEMA = pa.schema(FIELDS)
 NAMES = tuple(SCHEMA.names)
@@ -55,6 +58,10 @@ def to_table(rows: list[Mapping[str, Any]], extra: pa.Table | None = None) -> pa
 
 def videos_dir(root: str) -> str:
     return storage.join(root, "videos")
+
+
+def contact_dir(root: str) -> str:
+    return storage.join(root, "contact")
 
 
 def metadata_dir(root: str) -> str:

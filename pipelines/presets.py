@@ -73,6 +73,7 @@ PRESETS: dict[str, Preset] = {
     )
 }
 
+DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"  # quality scores (CLIPSIM, frame consistency)
 DEFAULT_SAMPLER = "ivmixed"
 DEFAULT_SEED = 0
 DEFAULT_NEGATIVE_PROMPT = ""

@@ -20,7 +20,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-BACKBONES = ("animatediff",)
+BACKBONES = ("animatediff",)  # plus "clip": a tiny scorer model
 HIDDEN = 32  # text hidden size = UNet cross-attention dim
 BLOCKS = (32, 64)
 _MERGES = ["t h", "th e</w>", "i n", "a n", "e r", "o n", "r e", "a t", "e n", "o r"]
@@ -146,7 +146,34 @@ def build_animatediff(out_dir: str, seed: int = 0) -> str:
     return out_dir
 
 
-BUILDERS = {"animatediff": build_animatediff}
+def build_clip(out_dir: str, seed: int = 0) -> str:
+    """A tiny random CLIPModel folder (model, tokenizer, image processor) for the quality scores."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    parent = os.path.dirname(os.path.abspath(out_dir)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tiny-clip-", dir=parent)
+    try:
+        torch.manual_seed(seed)
+        text = dict(vocab_size=1000, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+        vision = dict(hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      image_size=32, patch_size=8)
+        CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(tmp)
+        build_tokenizer(tmp)
+        CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp)
+        with open(os.path.join(tmp, "tiny.json"), "w") as f:
+            json.dump({"model": "clip", "seed": seed}, f)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+BUILDERS = {"animatediff": build_animatediff, "clip": build_clip}
 
 
 def ensure_tiny(backbone: str, out_dir: str, seed: int = 0) -> str:

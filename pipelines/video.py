@@ -52,3 +52,26 @@ def read_mp4(path: str) -> tuple[np.ndarray, float]:
     w, h = meta["size"]
     frames = [np.frombuffer(buf, dtype=np.uint8).reshape(h, w, 3) for buf in reader]
     return np.stack(frames) if frames else np.zeros((0, h, w, 3), np.uint8), float(meta["fps"])
+
+
+def contact_sheet(frames, columns: int = 8) -> np.ndarray:
+    """(F, H, W, 3) -> one uint8 image with the frames in a grid, `columns` per row, in time order."""
+    arr = to_uint8(frames)
+    f, h, w, c = arr.shape
+    cols = max(1, min(columns, f))
+    rows = -(-f // cols)
+    sheet = np.zeros((rows * h, cols * w, c), np.uint8)
+    for i, frame in enumerate(arr):
+        r, k = divmod(i, cols)
+        sheet[r * h : (r + 1) * h, k * w : (k + 1) * w] = frame
+    return sheet
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", optimize=True)
+    return buf.getvalue()

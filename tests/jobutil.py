@@ -35,7 +35,8 @@ def wait_http(url: str, timeout: float = 60.0) -> None:
 
 def job_env(**extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS", "MLFLOW_"))}
-    env.update(HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
+    env.update(PATH=BIN + os.pathsep + env.get("PATH", ""),  # like an activated venv: `python` and `ray` are ours
+               HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
                PYTHONPATH=ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""))
     env.update(extra)
     return env
@@ -67,3 +68,9 @@ def run_job(*args: str, env: dict | None = None, timeout: float = 600) -> subpro
 def sha256_file(path: str) -> str:
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
+
+
+def parent_runs(client, experiment: str) -> list:
+    """The job's own runs (not the nested per-sampler runs)."""
+    exp = client.get_experiment_by_name(experiment).experiment_id
+    return [r for r in client.search_runs([exp]) if "mlflow.parentRunId" not in r.data.tags]

@@ -8,7 +8,7 @@ import pytest
 
 from operators.metadata import read_latest
 
-from .jobutil import BIN, ROOT, free_port, job_env, tiny_config
+from .jobutil import BIN, ROOT, free_port, job_env, parent_runs, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_job_submitted_to_a_ray_cluster(ray_cluster, cluster_env, tmp_path, tiny
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{db}")
-    run = client.search_runs([client.get_experiment_by_name("cluster").experiment_id])[0]
+    (run,) = parent_runs(client, "cluster")
     assert run.data.tags["ray_submission_id"] == "ivmix-test-smoke"
     assert run.data.metrics["rows_ok"] == 5
 

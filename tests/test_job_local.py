@@ -13,7 +13,7 @@ from operators.metadata import read_latest, read_parts
 from operators.storage import filesystem
 from pipelines.video import read_mp4
 
-from .jobutil import ROOT, job_cmd, job_env, run_job, sha256_file, tiny_config
+from .jobutil import ROOT, job_cmd, job_env, parent_runs, run_job, sha256_file, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_job_end_to_end(tmp_path, tiny_cache):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{db}")
-    runs = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
+    runs = parent_runs(client, "e2e")
     assert len(runs) == 1
     run = runs[0]
     assert run.data.metrics["rows_ok"] == 4 and run.data.metrics["rows_failed"] == 3

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from .jobutil import BIN, free_port, job_env, run_job, tiny_config, wait_http
+from .jobutil import BIN, free_port, job_env, parent_runs, run_job, tiny_config, wait_http
 
 CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -93,10 +93,10 @@ def test_job_writes_to_s3_and_logs_to_an_mlflow_server(s3_endpoint, mlflow_serve
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(mlflow_server)
-    run = client.search_runs([client.get_experiment_by_name("nightly").experiment_id])[0]
+    (run,) = parent_runs(client, "nightly")
     assert run.data.metrics["rows_ok"] == 2 and run.data.metrics["rows_failed"] == 1
     assert run.data.tags["output"] == "s3://ivmix/runs/2026-11-24"
-    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config", "metadata"}
+    assert {"config", "metadata", "report", "videos", "scores"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
 
     # rerun: nothing regenerated, the failed row retried (and failing again)
     r = run_job("--config", cfg, "--manifest", "s3://ivmix/prompts/nightly.parquet", "--output", "s3://ivmix/runs/2026-11-24",

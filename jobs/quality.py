@@ -1,0 +1,101 @@
+"""Aggregate quality scores per sampler group, log them to MLflow, and compare a run with a baseline run
+(nightly regression check). Only the driver calls this module."""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+logger = logging.getLogger(__name__)
+HIGHER_IS_BETTER = {"clipsim": True, "frame_consistency": True, "flicker": False, "success_rate": True}
+SCORES = ("clipsim", "frame_consistency", "flicker")
+
+
+def aggregate(table: pa.Table) -> dict[str, dict[str, float]]:
+    """{sampler: {n, success_rate, <score>_mean, <score>_p5, <score>_p95}} over the current metadata rows."""
+    rows = table.to_pylist()
+    out: dict[str, dict[str, float]] = {}
+    for sampler in sorted({r.get("sampler") or "unresolved" for r in rows}):
+        group = [r for r in rows if (r.get("sampler") or "unresolved") == sampler]
+        ok = [r for r in group if r["status"] == "ok"]
+        stats = {"n": float(len(group)), "success_rate": len(ok) / len(group)}
+        for name in SCORES:
+            vals = np.array([r[name] for r in ok if r.get(name) is not None and math.isfinite(r[name])], dtype=np.float64)
+            if vals.size:
+                stats[f"{name}_mean"] = float(vals.mean())
+                stats[f"{name}_p5"] = float(np.percentile(vals, 5))
+                stats[f"{name}_p95"] = float(np.percentile(vals, 95))
+        out[sampler] = stats
+    return out
+
+
+def flat_metrics(groups: dict[str, dict[str, float]]) -> dict[str, float]:
+    return {f"{g}.{k}": v for g, stats in groups.items() for k, v in stats.items()}
+
+
+def compare(current: dict[str, float], baseline: dict[str, float], threshold: float) -> list[str]:
+    """Regressions of `current` vs `baseline` flat metrics: a mean score or success rate worse by more than
+    `threshold` relative to the baseline's magnitude (direction per score)."""
+    found = []
+    for key, base in sorted(baseline.items()):
+        group, _, stat = key.partition(".")
+        name = stat[: -len("_mean")] if stat.endswith("_mean") else stat
+        if name not in HIGHER_IS_BETTER or not (stat.endswith("_mean") or stat == "success_rate") or key not in current:
+            continue
+        cur, margin = current[key], threshold * max(abs(base), 1e-12)
+        worse = cur < base - margin if HIGHER_IS_BETTER[name] else cur > base + margin
+        if worse:
+            found.append(f"{group} {stat}: {cur:.4g} vs baseline {base:.4g} (threshold {threshold:.0%})")
+    return found
+
+
+def baseline_metrics(client, experiment_id: str, baseline: str, current_run: str) -> tuple[str | None, dict[str, float]]:
+    """(run id, metrics) of a named run, or of the newest finished run of the experiment that has group metrics."""
+    if baseline != "last":
+        return baseline, dict(client.get_run(baseline).data.metrics)
+    runs = client.search_runs([experiment_id], filter_string="attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], max_results=50)
+    for run in runs:
+        if run.info.run_id != current_run and any(k.endswith(".success_rate") for k in run.data.metrics):
+            return run.info.run_id, dict(run.data.metrics)
+    return None, {}
+
+
+def log_groups(mlflow, groups: dict[str, dict[str, float]], table: pa.Table) -> None:
+    """Group metrics on the parent run, one nested run per sampler, and the per-video score table."""
+    mlflow.log_metrics(flat_metrics(groups))
+    for sampler, stats in groups.items():
+        with mlflow.start_run(run_name=f"sampler={sampler}", nested=True):
+            mlflow.set_tag("sampler", sampler)
+            mlflow.log_metrics(stats)
+    cols = [c for c in ("id", "pair_id", "sampler", "variant", "seed", "prompt", "status", *SCORES, "score_error", "video_uri")
+            if c in table.column_names]
+    mlflow.log_table(data=table.select(cols).to_pandas(), artifact_file="scores/scores.json")
+
+
+def regression_check(mlflow, cfg_regression, groups: dict[str, dict[str, float]], run_id: str) -> list[str]:
+    """Compare with the baseline; tags the run and returns the regressions found."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    exp_id = client.get_run(run_id).info.experiment_id
+    base_id, base = baseline_metrics(client, exp_id, cfg_regression.baseline, run_id)
+    if not base:
+        mlflow.set_tag("regression", "no_baseline")
+        logger.warning("regression check: no baseline run with group metrics (%s)", cfg_regression.baseline)
+        return []
+    found = compare(flat_metrics(groups), base, cfg_regression.threshold)
+    mlflow.set_tags({"regression": "true" if found else "false", "regression_baseline": base_id,
+                     "regression_details": "; ".join(found)[:5000]})
+    return found
+
+
+def summary(groups: dict[str, dict[str, Any]]) -> str:
+    parts = []
+    for g, s in groups.items():
+        scores = ", ".join(f"{n} {s[n + '_mean']:.3f}" for n in SCORES if n + "_mean" in s)
+        parts.append(f"{g}: {s['success_rate']:.0%} ok" + (f", {scores}" if scores else ""))
+    return "; ".join(parts)

@@ -1,0 +1,157 @@
+"""A static HTML report of a run folder: gallery, A/B pairs side by side with their scores, contact sheets,
+and score-distribution plots per sampler. Written to OUTPUT/report/index.html; images are inlined (data URIs),
+videos are linked relatively (`../videos/<id>.mp4`), so the page works wherever the output prefix is served."""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import logging
+import posixpath
+from collections import defaultdict
+
+import pyarrow as pa
+
+from operators import metadata, storage
+
+logger = logging.getLogger(__name__)
+SCORES = ("clipsim", "frame_consistency", "flicker")
+MAX_ROWS = 300  # gallery cap: inlined contact sheets keep the page self-contained, and bounded
+
+
+def _data_uri(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def score_plots(rows: list[dict]) -> dict[str, bytes]:
+    """One PNG per score: its distribution per sampler (box plot with the points)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots = {}
+    samplers = sorted({r["sampler"] for r in rows if r.get("sampler")})
+    for name in SCORES:
+        data = [[r[name] for r in rows if r.get("sampler") == s and r.get(name) is not None] for s in samplers]
+        if not any(data):
+            continue
+        fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(samplers), 3.2), dpi=100)
+        ax.boxplot([d or [float("nan")] for d in data], tick_labels=samplers, showmeans=True)
+        for k, d in enumerate(data, start=1):
+            ax.scatter([k] * len(d), d, s=10, alpha=0.6)
+        ax.set_title(f"{name}\n({'higher' if name != 'flicker' else 'lower'} is better)", fontsize=10)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        plt.close(fig)
+        plots[name] = buf.getvalue()
+    return plots
+
+
+def _fmt(v) -> str:
+    return "—" if v is None else f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
+
+
+def _card(r: dict, contact: str | None) -> str:
+    scores = " ".join(f"<span class='score'>{n}: {_fmt(r.get(n))}</span>" for n in SCORES)
+    video = (f"<video src='../videos/{html.escape(r['id'])}.mp4' controls muted loop preload='metadata' "
+             f"width='{r.get('width') or 256}'></video>") if r["status"] == "ok" else ""
+    img = f"<img class='contact' alt='contact sheet of {html.escape(r['id'])}' src='{contact}'>" if contact else ""
+    err = f"<p class='error'>{html.escape(r.get('error') or '')}</p>" if r["status"] != "ok" else ""
+    return (f"<div class='card'><h4>{html.escape(r['id'])} <small>{_fmt(r.get('sampler'))} · seed {_fmt(r.get('seed'))}</small></h4>"
+            f"<p class='prompt'>{html.escape(r.get('prompt') or '')}</p>{video}{img}<p>{scores}</p>{err}</div>")
+
+
+def build_html(rows: list[dict], contacts: dict[str, str], plots: dict[str, bytes], title: str, groups: dict) -> str:
+    pairs = defaultdict(list)
+    for r in rows:
+        if r.get("pair_id"):
+            pairs[r["pair_id"]].append(r)
+    summary = "".join(
+        f"<tr><td>{html.escape(g)}</td><td>{int(s['n'])}</td><td>{s['success_rate']:.0%}</td>"
+        + "".join(f"<td>{_fmt(s.get(n + '_mean'))}</td>" for n in SCORES) + "</tr>" for g, s in groups.items())
+    ab = "".join(
+        f"<section class='pair'><h3>{html.escape(pid)}</h3><div class='row'>"
+        + "".join(_card(r, contacts.get(r["id"])) for r in sorted(rs, key=lambda r: r.get("sampler") or "")) + "</div></section>"
+        for pid, rs in sorted(pairs.items()))
+    gallery = "".join(_card(r, contacts.get(r["id"])) for r in rows if not r.get("pair_id"))
+    plot_imgs = "".join(f"<img class='plot' alt='{n} per sampler' src='{_data_uri(b, 'image/png')}'>" for n, b in plots.items())
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 1.5em; }} .row {{ display: flex; gap: 1em; flex-wrap: wrap; }}
+.card {{ border: 1px solid #ccc; padding: .5em; max-width: 560px; }} .contact {{ display: block; max-width: 540px; margin-top: .3em; }}
+.score {{ margin-right: 1em; font-family: monospace; }} .error {{ color: #b00; }} .prompt {{ color: #333; }}
+table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: .2em .6em; }}
+</style></head><body>
+<h1>{html.escape(title)}</h1>
+<h2>Summary per sampler</h2>
+<table><tr><th>sampler</th><th>videos</th><th>success</th>{''.join(f'<th>{n} (mean)</th>' for n in SCORES)}</tr>{summary}</table>
+<h2>Score distributions</h2><div class="row">{plot_imgs}</div>
+<h2>A/B pairs (same prompt, seed and initial noise)</h2>{ab or '<p>none</p>'}
+<h2>Gallery</h2><div class="row">{gallery or '<p>none</p>'}</div>
+<div id="media-status" data-state="pending"></div>
+<script>
+// records whether every video and image resolved (for headless checks)
+window.addEventListener('load', async () => {{
+  const vids = [...document.querySelectorAll('video')];
+  const ready = v => v.readyState >= 1 ? Promise.resolve(true) : new Promise(res => {{
+    v.addEventListener('loadedmetadata', () => res(true), {{once: true}});
+    v.addEventListener('error', () => res(false), {{once: true}});
+    setTimeout(() => res(v.readyState >= 1), 8000);
+  }});
+  const okVids = (await Promise.all(vids.map(ready))).filter(Boolean).length;
+  const imgs = [...document.images];
+  const okImgs = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
+  const s = document.getElementById('media-status');
+  s.dataset.videos = `${{okVids}}/${{vids.length}}`;
+  s.dataset.images = `${{okImgs}}/${{imgs.length}}`;
+  s.dataset.state = (okVids === vids.length && okImgs === imgs.length) ? 'ok' : 'missing';
+  s.textContent = `videos ${{okVids}}/${{vids.length}}, images ${{okImgs}}/${{imgs.length}}`;
+}});
+</script>
+</body></html>
+"""
+
+
+def write_report(fs, root: str, table: pa.Table, groups: dict, title: str) -> str:
+    """Write OUTPUT/report/index.html for the current metadata; returns its path."""
+    rows = sorted(table.to_pylist(), key=lambda r: (r.get("pair_id") or "", r["id"]))[:MAX_ROWS]
+    contacts = {}
+    for r in rows:
+        path = storage.join(metadata.contact_dir(root), f"{r['id']}.png")
+        if r["status"] == "ok" and fs.exists(path):
+            with fs.open(path, "rb") as f:
+                contacts[r["id"]] = _data_uri(f.read(), "image/png")
+    page = build_html(rows, contacts, score_plots(rows), title, groups)
+    dest = storage.join(root, "report", "index.html")
+    storage.put_bytes(fs, page.encode(), dest, root)
+    logger.info("report: %s (%d videos)", storage.full_uri(fs, dest), len(rows))
+    return dest
+
+
+def report_videos(table: pa.Table, cap_bytes: int = 256 << 20) -> list[str]:
+    """Video ids to copy next to the report in MLflow (so its relative links resolve there), within a size cap."""
+    total, out = 0, []
+    for r in table.to_pylist()[:MAX_ROWS]:
+        if r["status"] == "ok" and r.get("bytes"):
+            if total + r["bytes"] > cap_bytes:
+                break
+            total += r["bytes"]
+            out.append(r["id"])
+    return out
+
+
+def log_report(mlflow, fs, root: str, path: str, table: pa.Table) -> None:
+    """The report and (within a cap) the videos it links, under report/ and videos/ in the run's artifacts."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = posixpath.join(tmp, "index.html")
+        fs.get_file(path, local)
+        mlflow.log_artifact(local, "report")
+        for vid in report_videos(table):
+            dst = posixpath.join(tmp, f"{vid}.mp4")
+            fs.get_file(storage.join(metadata.videos_dir(root), f"{vid}.mp4"), dst)
+            mlflow.log_artifact(dst, "videos")

@@ -1,0 +1,69 @@
+"""Video quality measures (pure functions over tensors; the CLIP model that makes embeddings is injected).
+
+- CLIPSIM: mean cosine similarity between the prompt's CLIP text embedding and each frame's CLIP image
+  embedding (Wu et al., GODIVA / the T2V literature's MSR-VTT protocol).
+- Frame consistency: mean cosine similarity of CLIP image embeddings of consecutive frames (BIVDiff §4).
+- Flicker: mean absolute difference of consecutive frames in [0, 1] pixel units (weight-free).
+- Fréchet distance between two Gaussians fitted to feature sets: the FID/FVD formula
+  d² = |μ1 − μ2|² + tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^{1/2}) with a pluggable feature extractor.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def flicker(frames: torch.Tensor) -> float:
+    """(F, H, W, C) in [0, 1] -> mean |f_{t+1} - f_t|; 0 for a still video (and for a single frame)."""
+    if frames.shape[0] < 2:
+        return 0.0
+    f = frames.float()
+    return float((f[1:] - f[:-1]).abs().mean())
+
+
+def frame_consistency(image_embeds: torch.Tensor) -> float:
+    """(F, D) CLIP image embeddings -> mean cosine of consecutive frames; 1 for identical frames."""
+    if image_embeds.shape[0] < 2:
+        return 1.0
+    e = F.normalize(image_embeds.float(), dim=-1)
+    return float((e[1:] * e[:-1]).sum(-1).mean())
+
+
+def clipsim(text_embed: torch.Tensor, image_embeds: torch.Tensor) -> float:
+    """(D,) text embedding, (F, D) image embeddings -> mean cosine similarity over frames."""
+    t = F.normalize(text_embed.float().reshape(1, -1), dim=-1)
+    e = F.normalize(image_embeds.float(), dim=-1)
+    return float((e @ t.T).mean())
+
+
+def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N, D) features -> (mean (D,), covariance (D, D)) with the unbiased estimator, as FID/FVD code does."""
+    x = np.asarray(features, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"features must be (N >= 2, D), got {x.shape}")
+    return x.mean(0), np.cov(x, rowvar=False)
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """Squared Fréchet (2-Wasserstein) distance between N(mu1, sigma1) and N(mu2, sigma2).
+
+    The trace of (Σ1 Σ2)^{1/2} is computed from the eigenvalues of Σ2^{1/2} Σ1 Σ2^{1/2} (symmetric PSD), which
+    avoids the complex round-off of a general matrix square root.
+    """
+    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
+    s1, s2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
+        raise ValueError("frechet_distance: mean and covariance shapes disagree")
+    w, v = np.linalg.eigh((s2 + s2.T) / 2)
+    root2 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    inner = root2 @ s1 @ root2
+    eig = np.linalg.eigvalsh((inner + inner.T) / 2)
+    tr_sqrt = np.sqrt(np.clip(eig, 0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_sqrt)
+
+
+def frechet_from_features(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance between two feature sets (any extractor: I3D for FVD, CLIP, ...)."""
+    return frechet_distance(*gaussian_stats(a), *gaussian_stats(b))

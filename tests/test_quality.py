@@ -1,0 +1,167 @@
+"""Quality scores, A/B pairs, MLflow aggregates, the nightly regression check and the HTML report
+(checked in a real headless Chromium)."""
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from jobs import quality
+from operators.manifest import expand_samplers
+from operators.metadata import read_latest
+from pipelines.config import ModelSpec
+
+from .jobutil import ROOT, free_port, parent_runs, run_job, tiny_config, wait_http
+
+SPEC = ModelSpec(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    from pipelines.tiny import build_clip
+
+    return build_clip(str(tmp_path_factory.mktemp("clip") / "clip"))
+
+
+def test_scorer_matches_clips_own_similarity_and_known_answers(tiny_clip):
+    from transformers import CLIPModel, CLIPTokenizer
+
+    from operators.scoring import ClipScorer
+
+    scorer = ClipScorer(tiny_clip, "cpu")
+    g = torch.Generator().manual_seed(0)
+    frames = (torch.randint(0, 256, (5, 32, 32, 3), generator=g).float() / 255)  # already CLIP's input size
+    got = scorer.score(frames, "a red kite over a beach")
+    # independent: CLIP's own forward (its logits are cosine x logit_scale), normalisation done by hand here
+    model, tok = CLIPModel.from_pretrained(tiny_clip).eval(), CLIPTokenizer.from_pretrained(tiny_clip)
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    ids = tok(["a red kite over a beach"], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model(input_ids=ids, pixel_values=(frames.permute(0, 3, 1, 2) - mean) / std)
+    cos = (out.logits_per_image[:, 0] / model.logit_scale.exp()).mean().item()
+    assert got["clipsim"] == pytest.approx(cos, abs=1e-4)
+    still = scorer.score(frames[:1].repeat(6, 1, 1, 1), "x")
+    assert still["frame_consistency"] == pytest.approx(1.0, abs=1e-6) and still["flicker"] == 0.0
+
+
+def test_a_scoring_failure_keeps_the_video():
+    from operators.generate import VideoGenerator
+
+    class Broken:
+        def score(self, frames, prompt):
+            raise RuntimeError("CLIP exploded")
+
+    gen = object.__new__(VideoGenerator)
+    gen.scorer = Broken()
+    out = gen._scores(type("R", (), {"frames": torch.zeros(2, 8, 8, 3), "params": type("P", (), {"prompt": "x"})})())
+    assert out == {"score_error": "RuntimeError: CLIP exploded"}
+
+
+def test_ab_groups_share_prompt_seed_and_pair_id():
+    rows = expand_samplers({"id": "horses", "prompt": "Two horses"}, {"steps": 4}, SPEC, ["standard", "ivmixed_ad_v1"])
+    assert [r["id"] for r in rows] == ["horses-standard", "horses-ivmixed_ad_v1"] and {r["pair_id"] for r in rows} == {"horses"}
+    import json
+
+    params = [json.loads(r["params_json"]) for r in rows]
+    assert params[0]["seed"] == params[1]["seed"] == 0  # ad_v1's own default seed (23523) must not split the pair
+    assert [p["sampler"] for p in params] == ["standard", "ivmixed_ad_v1"]
+    derived = expand_samplers({"prompt": "Two horses", "samplers": ["ivmixed", "standard"]}, {}, SPEC, None)
+    assert derived[0]["pair_id"] == derived[1]["pair_id"] and derived[0]["id"].endswith("-ivmixed")
+    bad = expand_samplers({"prompt": "x", "samplers": ["standard", "standard"]}, {}, SPEC, None)
+    assert bad[0]["status"] == "failed" and bad[0]["error"].startswith("samplers:")
+    unknown = expand_samplers({"prompt": "x"}, {}, SPEC, ["standard", "nope"])
+    assert [r["status"] for r in unknown] == ["pending", "failed"] and "sampler" in unknown[1]["error"]
+
+
+def test_aggregate_and_compare_flag_only_real_drops():
+    import pyarrow as pa
+
+    t = pa.Table.from_pylist([
+        {"sampler": "a", "status": "ok", "clipsim": 0.30, "frame_consistency": 0.95, "flicker": 0.10},
+        {"sampler": "a", "status": "ok", "clipsim": 0.20, "frame_consistency": 0.97, "flicker": 0.20},
+        {"sampler": "a", "status": "failed", "clipsim": None, "frame_consistency": None, "flicker": None},
+        {"sampler": "b", "status": "ok", "clipsim": 0.25, "frame_consistency": None, "flicker": 0.05},
+    ])
+    g = quality.aggregate(t)
+    assert g["a"]["success_rate"] == pytest.approx(2 / 3) and g["a"]["clipsim_mean"] == pytest.approx(0.25)
+    assert g["a"]["flicker_p95"] == pytest.approx(0.195) and "frame_consistency_mean" not in g["b"]
+    cur = quality.flat_metrics(g)
+    assert quality.compare(cur, cur, 0.05) == []
+    better = {**cur, "a.clipsim_mean": 0.2, "a.flicker_mean": 0.5}  # baseline: lower clipsim, more flicker
+    assert quality.compare(cur, better, 0.05) == []
+    worse = {**cur, "a.clipsim_mean": 0.5, "a.flicker_mean": 0.05, "a.success_rate": 1.0}
+    found = quality.compare(cur, worse, 0.05)
+    assert len(found) == 3 and any("clipsim" in f for f in found) and any("flicker" in f for f in found)
+    assert quality.compare(cur, {**cur, "a.clipsim_mean": 0.26}, 0.05) == []  # within the threshold
+
+
+def _chromium():
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed (.ci/run installs Debian's chromium)")
+        pytest.skip("chromium not installed")
+    return path
+
+
+def test_job_scores_pairs_report_and_regression_check(tmp_path, tiny_ad_dir):
+    from mlflow.tracking import MlflowClient
+
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = tiny_config(tmp_path / "job.yaml", os.path.dirname(tiny_ad_dir))
+    manifest = os.path.join(ROOT, "datasets", "examples", "smoke.parquet")
+    common = ["--config", cfg, "--manifest", manifest, "--samplers", "standard,ivmixed", "--mlflow-uri", db, "--experiment", "q"]
+    r = run_job(*common, "--output", str(tmp_path / "night1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    meta = read_latest(str(tmp_path / "night1")).to_pylist()
+    assert len(meta) == 10 and all(m["status"] == "ok" and m["clipsim"] is not None for m in meta)
+    by_pair = {}
+    for m in meta:
+        by_pair.setdefault(m["pair_id"], []).append(m)
+    assert len(by_pair) == 5 and all(len({x["seed"] for x in v}) == 1 and {x["sampler"] for x in v} == {"standard", "ivmixed"}
+                                     for v in by_pair.values())
+
+    client = MlflowClient(db)
+    exp = client.get_experiment_by_name("q").experiment_id
+    (parent,) = parent_runs(client, "q")
+    assert parent.data.metrics["standard.success_rate"] == 1.0 and "ivmixed.clipsim_p95" in parent.data.metrics
+    nested = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(x.data.tags["sampler"] for x in nested) == ["ivmixed", "standard"]
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"report", "videos", "scores", "metadata", "config"} <= arts
+
+    # the report in a real browser: every video and image resolves
+    port = free_port()
+    server = subprocess.Popen(["python3", "-m", "http.server", str(port), "--bind", "127.0.0.1"], cwd=tmp_path / "night1",
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}/report/index.html"
+        wait_http(url)
+        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'chrome'}", "--virtual-time-budget=15000"]
+        chromium = _chromium()
+        dom = subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+        assert 'data-state="ok"' in dom and 'data-videos="10/10"' in dom and 'data-images="13/13"' in dom, dom[-2000:]
+        shot = tmp_path / "report.png"
+        subprocess.run([chromium, *flags, "--window-size=1280,2000", f"--screenshot={shot}", url], capture_output=True, timeout=120)
+        assert shot.exists() and shot.stat().st_size > 10_000 and shot.read_bytes()[:4] == b"\x89PNG"
+    finally:
+        server.terminate()
+        server.wait()
+
+    # nightly regression check: the same night again is no regression ...
+    r = run_job(*common, "--output", str(tmp_path / "night2"), "--baseline", "last")
+    assert r.returncode == 0, r.stderr[-3000:]
+    # ... and a planted baseline with far better scores is
+    planted = client.create_run(exp, tags={"mlflow.runName": "planted-baseline"})
+    client.log_batch(planted.info.run_id, metrics=[__import__("mlflow").entities.Metric(k, v, 0, 0) for k, v in
+                                                    {"standard.clipsim_mean": 0.99, "standard.success_rate": 1.0}.items()])
+    client.set_terminated(planted.info.run_id)
+    r = run_job(*common, "--output", str(tmp_path / "night2"), "--baseline", planted.info.run_id)
+    assert r.returncode == 3 and "quality regression" in r.stderr and "standard clipsim_mean" in r.stderr
+    runs = client.search_runs([exp], filter_string="tags.regression = 'true'")
+    assert len(runs) == 1 and runs[0].data.tags["regression_baseline"] == planted.info.run_id
+    assert len(client.search_runs([exp], filter_string="tags.regression = 'false'")) == 1
