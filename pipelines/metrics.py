@@ -67,3 +67,10 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 def frechet_from_features(a: np.ndarray, b: np.ndarray) -> float:
     """Fréchet distance between two feature sets (any extractor: I3D for FVD, CLIP, ...)."""
     return frechet_distance(*gaussian_stats(a), *gaussian_stats(b))
+
+
+def frechet_video_distance(videos_a, videos_b, extract) -> float:
+    """The FVD formula over two sets of videos with a pluggable extractor: `extract(video) -> (D,) features`
+    (I3D logits for the paper's FVD, CLIP mean embeddings, ...)."""
+    feats = [np.stack([np.asarray(extract(v), dtype=np.float64).reshape(-1) for v in vids]) for vids in (videos_a, videos_b)]
+    return frechet_from_features(*feats)

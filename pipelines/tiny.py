@@ -122,38 +122,44 @@ def _pipeline_folder(path: str, *, unet, vae, text_encoder, tokenizer) -> None:
         json.dump(cfg, f, indent=2)
 
 
-def build_animatediff(out_dir: str, seed: int = 0) -> str:
-    """Write base/, motion_adapter/ and image_model/ under out_dir (atomically: built aside, then renamed)."""
+def _build_aside(out_dir: str, kind: str, seed: int, fill) -> str:
+    """Run fill(tmp) in a sibling temp folder, write tiny.json last, then rename it to out_dir (never half-built)."""
     parent = os.path.dirname(os.path.abspath(out_dir)) or "."
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tiny-", dir=parent)
+    tmp = tempfile.mkdtemp(prefix=f".tiny-{kind}-", dir=parent)
     try:
-        tok = build_tokenizer(os.path.join(tmp, "tokenizer"))
-        vae = _vae(seed + 1)
-        _pipeline_folder(os.path.join(tmp, "base"), unet=_unet(seed + 2), vae=vae, text_encoder=_text_encoder(seed + 3), tokenizer=tok)
-        _motion_adapter(seed + 4).save_pretrained(os.path.join(tmp, "motion_adapter"))
-        _pipeline_folder(os.path.join(tmp, "image_model"), unet=_unet(seed + 5), vae=vae, text_encoder=_text_encoder(seed + 6), tokenizer=tok)
-        shutil.rmtree(os.path.join(tmp, "tokenizer"))
+        fill(tmp)
         with open(os.path.join(tmp, "tiny.json"), "w") as f:
-            json.dump({"backbone": "animatediff", "seed": seed}, f)
+            json.dump({"model": kind, "seed": seed}, f)
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("wrote tiny animatediff models to %s", out_dir)
+    logger.info("wrote tiny %s models to %s", kind, out_dir)
     return out_dir
+
+
+def build_animatediff(out_dir: str, seed: int = 0) -> str:
+    """Write base/, motion_adapter/ and image_model/ under out_dir."""
+
+    def fill(tmp: str) -> None:
+        tok = build_tokenizer(os.path.join(tmp, "tokenizer"))
+        vae = _vae(seed + 1)
+        _pipeline_folder(os.path.join(tmp, "base"), unet=_unet(seed + 2), vae=vae, text_encoder=_text_encoder(seed + 3), tokenizer=tok)
+        _motion_adapter(seed + 4).save_pretrained(os.path.join(tmp, "motion_adapter"))
+        _pipeline_folder(os.path.join(tmp, "image_model"), unet=_unet(seed + 5), vae=vae, text_encoder=_text_encoder(seed + 6), tokenizer=tok)
+        shutil.rmtree(os.path.join(tmp, "tokenizer"))
+
+    return _build_aside(out_dir, "animatediff", seed, fill)
 
 
 def build_clip(out_dir: str, seed: int = 0) -> str:
     """A tiny random CLIPModel folder (model, tokenizer, image processor) for the quality scores."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    parent = os.path.dirname(os.path.abspath(out_dir)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tiny-clip-", dir=parent)
-    try:
+    def fill(tmp: str) -> None:
         torch.manual_seed(seed)
         text = dict(vocab_size=1000, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                     max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)
@@ -162,15 +168,8 @@ def build_clip(out_dir: str, seed: int = 0) -> str:
         CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(tmp)
         build_tokenizer(tmp)
         CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp)
-        with open(os.path.join(tmp, "tiny.json"), "w") as f:
-            json.dump({"model": "clip", "seed": seed}, f)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+
+    return _build_aside(out_dir, "clip", seed, fill)
 
 
 BUILDERS = {"animatediff": build_animatediff, "clip": build_clip}
