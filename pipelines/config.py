@@ -50,8 +50,9 @@ class ModelSpec:
         """The folder layout written by `python -m pipelines.tiny BACKBONE DIR`."""
         import os
 
+        adapter = os.path.join(model_dir, "motion_adapter")
         return cls(backbone=backbone, base=os.path.join(model_dir, "base"),
-                   motion_adapter=os.path.join(model_dir, "motion_adapter"),
+                   motion_adapter=adapter if os.path.isdir(adapter) else None,
                    image_model=os.path.join(model_dir, "image_model"), **kw)
 
     def fingerprint(self) -> str:
@@ -147,6 +148,9 @@ def resolve_params(row: Mapping[str, Any], defaults: Mapping[str, Any] | None = 
     if sampler not in presets.PRESETS:
         raise ValueError(f"sampler: unknown preset {sampler!r}; choose one of {sorted(presets.PRESETS)}")
     preset = presets.PRESETS[sampler]
+    if preset.backbones and backbone not in preset.backbones:
+        raise ValueError(f"sampler: preset {sampler!r} reproduces the {'/'.join(preset.backbones)} code; "
+                         f"the {backbone} backbone takes {sorted(n for n, p in presets.PRESETS.items() if not p.backbones or backbone in p.backbones)}")
     bb = presets.BACKBONES[backbone]
     base = {"negative_prompt": presets.DEFAULT_NEGATIVE_PROMPT, "seed": presets.DEFAULT_SEED,
             "steps": bb.steps, "frames": bb.frames, "height": bb.height, "width": bb.width, "fps": bb.fps,

@@ -36,6 +36,14 @@ BACKBONES: dict[str, BackboneDefaults] = {
         image_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
         frames=16, height=512, width=512, fps=8,
     ),
+    # backbones spec C: UNet3DConditionModel VDM, SD1.5 IDM with its own text encoder; the code runs 16 x 512 x 512
+    # (the model card's native size is 256)
+    "modelscope": BackboneDefaults(
+        base="ali-vilab/text-to-video-ms-1.7b",
+        motion_adapter=None,
+        image_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        frames=16, height=512, width=512, fps=8,
+    ),
 }
 
 
@@ -57,6 +65,7 @@ class Preset:
     keep_noop: bool = False  # keep the exact-identity t=0 zigzag (spec §2.6) for call-for-call parity
     split_tables: bool = False  # inverse moves read the IDM scheduler's ᾱ table (AD code); else one shared table
     overrides: dict = field(default_factory=dict)  # per-preset defaults for steps/frames/size/seed
+    backbones: tuple[str, ...] = ()  # backbones the preset reproduces; empty: any
 
 
 PRESETS: dict[str, Preset] = {
@@ -68,7 +77,13 @@ PRESETS: dict[str, Preset] = {
             "ivmixed_ad_v1", "down:IV-IV@labels=legacy_ad",
             "official AnimateDiff code (spec §9.2): legacy label swap, VDM text embeddings for the IDM, zz=1000",
             zz=1000, idm_text="vdm", keep_noop=True, split_tables=True,
-            overrides={"seed": 23523},
+            overrides={"seed": 23523}, backbones=("animatediff",),
+        ),
+        Preset(
+            "ivmixed_ms_v1", "down:IV-IV@resize=nearest64,w_go_I=-4,w_back_I=4,w_go_V=-4,w_back_V=4",
+            "official ModelScope code (backbones spec C.6): chain labels, IDM moves at 64x64, zigzag CFG fixed at "
+            "+-4 (the code ignores its CFG flags), inversions on the IDM scheduler's table, main CFG 7.5",
+            keep_noop=True, split_tables=True, overrides={"seed": 23523}, backbones=("modelscope",),
         ),
     )
 }

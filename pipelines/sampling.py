@@ -66,13 +66,6 @@ def _resize_frames(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return y.reshape(b, f, c, *size).permute(0, 2, 1, 3, 4)
 
 
-def _model_eps(model: Denoiser, x: torch.Tensor, mv: Move, resize: str) -> torch.Tensor:
-    if resize == "nearest64" and mv.model == "I":  # ModelScope code: IDM sees 64x64 latents (spec §2.3)
-        eps = model(_resize_frames(x, (64, 64)), mv.timestep, mv.w)
-        return _resize_frames(eps, tuple(x.shape[-2:]))
-    return model(x, mv.timestep, mv.w)
-
-
 def apply_move(models: Mapping[str, Denoiser], x: torch.Tensor, mv: Move, *, resize: str = "none",
                noise: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """One sub-step of spec §3.2: a DDIM move along the model's ε, or a forward noise jump for R."""
@@ -81,8 +74,12 @@ def apply_move(models: Mapping[str, Denoiser], x: torch.Tensor, mv: Move, *, res
         if noise is None:
             raise ValueError("variant uses R (fresh noise) but no noise sampler was given")
         return forward_jump(x, noise(x), a_from, a_to)
-    eps = _model_eps(models[mv.model], x, mv, resize)
-    return ddim_move(x, eps, a_from, a_to)
+    if resize == "nearest64" and mv.model == "I":
+        # ModelScope code (backbones spec C.5): the IDM sub-step runs and moves at 64x64, then resizes back
+        small = _resize_frames(x, (64, 64))
+        moved = ddim_move(small, models["I"](small, mv.timestep, mv.w), a_from, a_to)
+        return _resize_frames(moved, tuple(x.shape[-2:]))
+    return ddim_move(x, models[mv.model](x, mv.timestep, mv.w), a_from, a_to)
 
 
 def sample_plan(

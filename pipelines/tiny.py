@@ -20,7 +20,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-BACKBONES = ("animatediff",)  # plus "clip": a tiny scorer model
+BACKBONES = ("animatediff", "modelscope")  # plus "clip": a tiny scorer model
 HIDDEN = 32  # text hidden size = UNet cross-attention dim
 BLOCKS = (32, 64)
 _MERGES = ["t h", "th e</w>", "i n", "a n", "e r", "o n", "r e", "a t", "e n", "o r"]
@@ -60,25 +60,49 @@ def build_tokenizer(path: str):
     return tok
 
 
-def _text_encoder(seed: int):
+def _text_encoder(seed: int, hidden: int = HIDDEN):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
-    cfg = CLIPTextConfig(vocab_size=1000, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2,
+    cfg = CLIPTextConfig(vocab_size=1000, hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1, projection_dim=HIDDEN)
+                         pad_token_id=1, projection_dim=hidden)
     return CLIPTextModel(cfg)
 
 
-def _unet(seed: int):
+def _unet(seed: int, cross_dim: int = HIDDEN, low_res_attention: bool = False):
+    """low_res_attention: attention only in the half-resolution block (cheap at 64x64 latents on a CPU)."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
+    down = ("DownBlock2D", "CrossAttnDownBlock2D") if low_res_attention else ("CrossAttnDownBlock2D", "DownBlock2D")
+    up = ("CrossAttnUpBlock2D", "UpBlock2D") if low_res_attention else ("UpBlock2D", "CrossAttnUpBlock2D")
     return UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=BLOCKS,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=HIDDEN, attention_head_dim=8, norm_num_groups=8,
+        down_block_types=down, up_block_types=up, cross_attention_dim=cross_dim, attention_head_dim=8, norm_num_groups=8,
     )
+
+
+def _perturb_zeros(module: torch.nn.Module) -> torch.nn.Module:
+    """diffusers zero-initialises temporal output projections; perturb them so the temporal path really acts."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.dim() > 1 and torch.count_nonzero(p) == 0:
+                p.normal_(0.0, 0.2)
+            elif p.dim() == 1 and name.endswith("bias") and torch.count_nonzero(p) == 0:
+                p.normal_(0.0, 0.02)
+    return module
+
+
+def _unet3d(seed: int, cross_dim: int = HIDDEN):
+    from diffusers import UNet3DConditionModel
+
+    torch.manual_seed(seed)
+    return _perturb_zeros(UNet3DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=BLOCKS,
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        cross_attention_dim=cross_dim, attention_head_dim=8, norm_num_groups=8,
+    ))
 
 
 def _vae(seed: int):
@@ -96,15 +120,8 @@ def _motion_adapter(seed: int):
     from diffusers import MotionAdapter
 
     torch.manual_seed(seed)
-    adapter = MotionAdapter(block_out_channels=BLOCKS, motion_layers_per_block=1, motion_norm_num_groups=8,
-                            motion_num_attention_heads=4, motion_max_seq_length=32)
-    with torch.no_grad():
-        for name, p in adapter.named_parameters():
-            if p.dim() > 1 and torch.count_nonzero(p) == 0:
-                p.normal_(0.0, 0.2)
-            elif p.dim() == 1 and name.endswith("bias") and torch.count_nonzero(p) == 0:
-                p.normal_(0.0, 0.02)
-    return adapter
+    return _perturb_zeros(MotionAdapter(block_out_channels=BLOCKS, motion_layers_per_block=1, motion_norm_num_groups=8,
+                                        motion_num_attention_heads=4, motion_max_seq_length=32))
 
 
 def _pipeline_folder(path: str, *, unet, vae, text_encoder, tokenizer) -> None:
@@ -155,6 +172,28 @@ def build_animatediff(out_dir: str, seed: int = 0) -> str:
     return _build_aside(out_dir, "animatediff", seed, fill)
 
 
+MS_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                    set_alpha_to_one=False, steps_offset=1, clip_sample=False, prediction_type="epsilon")  # ms-1.7b [H]
+
+
+def build_modelscope(out_dir: str, seed: int = 0) -> str:
+    """base/ (a TextToVideoSDPipeline folder: UNet3D, VAE, text encoder width 32, tokenizer, DDIM scheduler) and
+    image_model/ (an SD pipeline folder whose UNet and text encoder are 16 wide, so swapped text wiring fails)."""
+    from diffusers import DDIMScheduler, TextToVideoSDPipeline
+
+    def fill(tmp: str) -> None:
+        tok = build_tokenizer(os.path.join(tmp, "tokenizer"))
+        vae = _vae(seed + 1)
+        TextToVideoSDPipeline(vae=vae, text_encoder=_text_encoder(seed + 3), tokenizer=tok, unet=_unet3d(seed + 2),
+                              scheduler=DDIMScheduler(**MS_SCHEDULER)).save_pretrained(os.path.join(tmp, "base"))
+        # the ModelScope code runs the IDM at 64x64 latents: keep its attention at 32x32 so CPU tests stay fast
+        _pipeline_folder(os.path.join(tmp, "image_model"), unet=_unet(seed + 5, cross_dim=16, low_res_attention=True), vae=vae,
+                         text_encoder=_text_encoder(seed + 6, hidden=16), tokenizer=tok)
+        shutil.rmtree(os.path.join(tmp, "tokenizer"))
+
+    return _build_aside(out_dir, "modelscope", seed, fill)
+
+
 def build_clip(out_dir: str, seed: int = 0) -> str:
     """A tiny random CLIPModel folder (model, tokenizer, image processor) for the quality scores."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
@@ -172,7 +211,7 @@ def build_clip(out_dir: str, seed: int = 0) -> str:
     return _build_aside(out_dir, "clip", seed, fill)
 
 
-BUILDERS = {"animatediff": build_animatediff, "clip": build_clip}
+BUILDERS = {"animatediff": build_animatediff, "modelscope": build_modelscope, "clip": build_clip}
 
 
 def ensure_tiny(backbone: str, out_dir: str, seed: int = 0) -> str:

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import yaml
@@ -28,6 +29,10 @@ def wait_http(url: str, timeout: float = 60.0) -> None:
             with urllib.request.urlopen(url, timeout=2) as r:
                 if r.status < 500:
                     return
+        except urllib.error.HTTPError as err:  # answering at all (e.g. 401 behind token auth) means it is up
+            if err.code < 500:
+                return
+            time.sleep(0.3)
         except OSError:
             time.sleep(0.3)
     raise TimeoutError(f"{url} did not answer within {timeout}s")

@@ -1,6 +1,7 @@
 """`ray job submit` against a cluster the test starts with `ray start --head`."""
 import os
 import secrets
+import signal
 import subprocess
 
 import pyarrow.parquet as pq
@@ -8,7 +9,7 @@ import pytest
 
 from operators.metadata import read_latest
 
-from .jobutil import BIN, ROOT, free_port, job_env, parent_runs, tiny_config
+from .jobutil import BIN, ROOT, free_port, job_env, parent_runs, tiny_config, wait_http
 
 
 @pytest.fixture(scope="module")
@@ -21,18 +22,29 @@ def cluster_env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory, cluster_env):
+    """A head node owned by this fixture: `ray start --block` in its own process group, stopped by signalling
+    that group (never `ray stop`, which would kill every Ray on the machine)."""
     temp = tmp_path_factory.mktemp("raytmp")
     dash, gcs = free_port(), free_port()
-    env = cluster_env
-    start = [os.path.join(BIN, "ray"), "start", "--head", "--num-cpus", "2", "--port", str(gcs),
+    start = [os.path.join(BIN, "ray"), "start", "--head", "--block", "--num-cpus", "2", "--port", str(gcs),
              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard", "true",
              "--temp-dir", str(temp), "--disable-usage-stats"]
-    r = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
-    assert r.returncode == 0, r.stdout + r.stderr
+    log = open(temp / "ray-start.log", "w")
+    proc = subprocess.Popen(start, env=cluster_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
+        wait_http(f"http://127.0.0.1:{dash}/api/version", timeout=120)
         yield f"http://127.0.0.1:{dash}"
     finally:
-        subprocess.run([os.path.join(BIN, "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(timeout=wait)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        log.close()
 
 
 def test_job_submitted_to_a_ray_cluster(ray_cluster, cluster_env, tmp_path, tiny_ad_dir):

@@ -11,6 +11,10 @@ def load_backbone(spec: ModelSpec) -> BackboneBase:
         from .animatediff import AnimateDiff
 
         return AnimateDiff.from_spec(spec)
+    if spec.backbone == "modelscope":
+        from .modelscope import ModelScope
+
+        return ModelScope.from_spec(spec)
     raise ValueError(f"backbone: no adapter for {spec.backbone!r}")
 
 

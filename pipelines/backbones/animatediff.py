@@ -6,52 +6,23 @@ Every model comes from `from_pretrained` with a hub id or a local folder; nothin
 from __future__ import annotations
 
 import logging
-import os
 from typing import Sequence
 
 import torch
 
 from ..config import ModelSpec
 from ..sampling import CFGDenoiser, Denoiser
-from ..schedule import AlphaTable
-from .common import BackboneBase, encode_prompts, load_lora_into_unet, place, resolve_placement
+from .common import BackboneBase, encode_prompts, framewise_eps, load_image_model, place, resolve_placement
 
 logger = logging.getLogger(__name__)
-
-
-def _unet_source(path: str) -> tuple[str, str | None]:
-    """An IDM given as a pipeline (has unet/) or as a bare UNet folder; hub ids are pipelines."""
-    if os.path.isdir(path) and not os.path.isdir(os.path.join(path, "unet")):
-        return path, None
-    return path, "unet"
-
-
-def _optional(loader, path: str, subfolder: str):
-    """Load a pipeline sub-component if the source has it (local folder check; hub: try)."""
-    if os.path.isdir(path):
-        if not os.path.isdir(os.path.join(path, subfolder)):
-            return None
-        return loader(path, subfolder=subfolder)
-    try:
-        return loader(path, subfolder=subfolder)
-    except (OSError, ValueError):
-        return None
 
 
 class AnimateDiff(BackboneBase):
     name = "animatediff"
 
-    def __init__(self, *, tokenizer, text_encoder, vae, unet, scheduler_config, image_unet,
-                 image_tokenizer=None, image_text_encoder=None, image_scheduler_config=None,
-                 device: torch.device, dtype: torch.dtype):
-        self.tokenizer, self.text_encoder, self.vae, self.unet = tokenizer, text_encoder, vae, unet
-        self.image_unet, self.image_tokenizer, self.image_text_encoder = image_unet, image_tokenizer, image_text_encoder
-        self.scheduler_config = dict(scheduler_config)
-        self.image_scheduler_config = dict(image_scheduler_config or scheduler_config)
-        self.device, self.dtype = device, dtype
-        self.latent_channels = int(unet.config.in_channels)
-        self.spatial_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.max_frames = int(getattr(unet.config, "motion_max_seq_length", 32) or 32)
+    def __init__(self, **components):
+        super().__init__(**components)
+        self.max_frames = int(getattr(self.unet.config, "motion_max_seq_length", 32) or 32)
 
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
@@ -69,13 +40,8 @@ class AnimateDiff(BackboneBase):
         adapter = MotionAdapter.from_pretrained(spec.motion_adapter)
         unet = UNetMotionModel.from_unet2d(base_unet, adapter)
         scheduler_config = DDIMScheduler.load_config(spec.base, subfolder="scheduler")
-        src, sub = _unet_source(spec.image_model)
-        image_unet = UNet2DConditionModel.from_pretrained(src, subfolder=sub)
-        image_tokenizer = _optional(CLIPTokenizer.from_pretrained, spec.image_model, "tokenizer") if sub else None
-        image_text_encoder = _optional(CLIPTextModel.from_pretrained, spec.image_model, "text_encoder") if sub else None
-        image_scheduler_config = _optional(DDIMScheduler.load_config, spec.image_model, "scheduler") if sub else None
-        if spec.lora:
-            load_lora_into_unet(image_unet, spec.lora, spec.lora_scale)
+        image_unet, image_tokenizer, image_text_encoder, image_scheduler_config = load_image_model(
+            spec.image_model, spec.lora, spec.lora_scale)
         for m in (text_encoder, unet, image_unet, image_text_encoder):
             if m is not None:
                 place(m, device, dtype)
@@ -90,9 +56,6 @@ class AnimateDiff(BackboneBase):
         if frames > self.max_frames:
             raise ValueError(f"frames: the motion adapter handles at most {self.max_frames} frames, got {frames}")
 
-    def image_table(self) -> AlphaTable:
-        return AlphaTable.from_scheduler_config(self.image_scheduler_config)
-
     def denoisers(self, prompts: Sequence[str], negatives: Sequence[str], *, frames: int, idm_text: str) -> dict[str, Denoiser]:
         """Bind the batch's text conditioning into one CFG denoiser per model ("V" and "I")."""
         # (2B, L, D): negatives first, then prompts, as the CFG halves of spec §1
@@ -106,15 +69,9 @@ class AnimateDiff(BackboneBase):
             emb_i = encode_prompts(tok, self.image_text_encoder, [*negatives, *prompts], self.device)
         emb_v = emb_v.to(self.dtype).repeat_interleave(frames, dim=0)  # (2B*F, L, D), as AnimateDiffPipeline
         emb_i = emb_i.to(self.dtype).repeat_interleave(frames, dim=0)
-        unet, image_unet, dtype = self.unet, self.image_unet, self.dtype
+        unet, dtype = self.unet, self.dtype
 
         def vdm_eps(x2: torch.Tensor, t: int) -> torch.Tensor:  # x2: (2B, C, F, h, w)
             return unet(x2.to(dtype), t, encoder_hidden_states=emb_v).sample
 
-        def idm_eps(x2: torch.Tensor, t: int) -> torch.Tensor:
-            b, c, f, h, w = x2.shape
-            flat = x2.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)  # frames folded into the batch
-            out = image_unet(flat.to(dtype), t, encoder_hidden_states=emb_i).sample
-            return out.reshape(b, f, c, h, w).permute(0, 2, 1, 3, 4)
-
-        return {"V": CFGDenoiser(vdm_eps), "I": CFGDenoiser(idm_eps)}
+        return {"V": CFGDenoiser(vdm_eps), "I": CFGDenoiser(framewise_eps(self.image_unet, emb_i, dtype))}

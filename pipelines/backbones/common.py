@@ -75,7 +75,18 @@ def load_lora_into_unet(unet, source: str, scale: float) -> None:
 
 
 class BackboneBase:
-    """Shared behaviour; subclasses set the components and implement `denoisers`."""
+    """Shared behaviour: components, noise tables, decode. Subclasses load (`from_spec`) and implement `denoisers`."""
+
+    def __init__(self, *, tokenizer, text_encoder, vae, unet, scheduler_config, image_unet,
+                 image_tokenizer=None, image_text_encoder=None, image_scheduler_config=None,
+                 device: torch.device, dtype: torch.dtype):
+        self.tokenizer, self.text_encoder, self.vae, self.unet = tokenizer, text_encoder, vae, unet
+        self.image_unet, self.image_tokenizer, self.image_text_encoder = image_unet, image_tokenizer, image_text_encoder
+        self.scheduler_config = dict(scheduler_config)
+        self.image_scheduler_config = dict(image_scheduler_config or scheduler_config)
+        self.device, self.dtype = device, dtype
+        self.latent_channels = int(unet.config.in_channels)
+        self.spatial_factor = 2 ** (len(vae.config.block_out_channels) - 1)
 
     name: str
     device: torch.device
@@ -88,8 +99,10 @@ class BackboneBase:
     def check_frames(self, frames: int) -> None:  # pragma: no cover - overridden where limited
         return None
 
+    image_scheduler_config: dict
+
     def image_table(self) -> AlphaTable:
-        raise NotImplementedError
+        return AlphaTable.from_scheduler_config(self.image_scheduler_config)
 
     def main_scheduler_config(self, preset: Preset) -> dict:
         """The VDM's DDIM config with the preset's grid (spec §5: clip_sample=False, linspace, offset 1)."""
@@ -118,3 +131,49 @@ class BackboneBase:
         out = torch.cat([self.vae.decode(z[i : i + chunk]).sample for i in range(0, z.shape[0], chunk)])
         out = (out / 2 + 0.5).clamp(0, 1)
         return out.reshape(b, f, *out.shape[1:]).permute(0, 1, 3, 4, 2).float().cpu()
+
+
+def _unet_source(path: str) -> tuple[str, str | None]:
+    """An IDM given as a pipeline (has unet/) or as a bare UNet folder; hub ids are pipelines."""
+    if os.path.isdir(path) and not os.path.isdir(os.path.join(path, "unet")):
+        return path, None
+    return path, "unet"
+
+
+def _optional(loader, path: str, subfolder: str):
+    """Load a pipeline sub-component if the source has it (local folder check; hub: try)."""
+    if os.path.isdir(path):
+        if not os.path.isdir(os.path.join(path, subfolder)):
+            return None
+        return loader(path, subfolder=subfolder)
+    try:
+        return loader(path, subfolder=subfolder)
+    except (OSError, ValueError):
+        return None
+
+
+def load_image_model(path: str, lora: str | None, lora_scale: float):
+    """The IDM: (unet, tokenizer | None, text_encoder | None, scheduler config | None), LoRA fused if given."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    src, sub = _unet_source(path)
+    unet = UNet2DConditionModel.from_pretrained(src, subfolder=sub)
+    tokenizer = _optional(CLIPTokenizer.from_pretrained, path, "tokenizer") if sub else None
+    text_encoder = _optional(CLIPTextModel.from_pretrained, path, "text_encoder") if sub else None
+    scheduler_config = _optional(DDIMScheduler.load_config, path, "scheduler") if sub else None
+    if lora:
+        load_lora_into_unet(unet, lora, lora_scale)
+    return unet, tokenizer, text_encoder, scheduler_config
+
+
+def framewise_eps(unet, emb: torch.Tensor, dtype: torch.dtype):
+    """ε of an image UNet on (2B, C, F, h, w) latents with frames folded into the batch; `emb` is (2B*F, L, D)."""
+
+    def eps(x2: torch.Tensor, t: int) -> torch.Tensor:
+        b, c, f, h, w = x2.shape
+        flat = x2.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
+        out = unet(flat.to(dtype), t, encoder_hidden_states=emb).sample
+        return out.reshape(b, f, c, h, w).permute(0, 2, 1, 3, 4)
+
+    return eps

@@ -1,0 +1,55 @@
+"""ModelScope T2V backbone (backbones spec C): VDM = diffusers UNet3DConditionModel with its own CLIP text
+encoder; IDM = an SD1.5-family UNet on folded frames with the IDM's *own* text encoder; shared SD VAE."""
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import torch
+
+from ..config import ModelSpec
+from ..sampling import CFGDenoiser, Denoiser
+from .common import BackboneBase, encode_prompts, framewise_eps, load_image_model, place, resolve_placement
+
+logger = logging.getLogger(__name__)
+
+
+class ModelScope(BackboneBase):
+    name = "modelscope"
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec) -> "ModelScope":
+        from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        device, dtype = resolve_placement(spec.device, spec.dtype)
+        logger.info("loading ModelScope: base=%s image_model=%s on %s/%s", spec.base, spec.image_model, device, dtype)
+        tokenizer = CLIPTokenizer.from_pretrained(spec.base, subfolder="tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(spec.base, subfolder="text_encoder")
+        vae = AutoencoderKL.from_pretrained(spec.vae or spec.base, subfolder="vae")
+        unet = UNet3DConditionModel.from_pretrained(spec.base, subfolder="unet")
+        scheduler_config = DDIMScheduler.load_config(spec.base, subfolder="scheduler")
+        image_unet, image_tokenizer, image_text_encoder, image_scheduler_config = load_image_model(
+            spec.image_model, spec.lora, spec.lora_scale)
+        if image_text_encoder is None:
+            raise ValueError(f"image_model: ModelScope's IDM uses its own text encoder; {spec.image_model!r} has none")
+        for m in (text_encoder, unet, image_unet, image_text_encoder):
+            place(m, device, dtype)
+        place(vae, device, torch.float32)  # fp32 decode (backbones spec C.7)
+        return cls(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, scheduler_config=scheduler_config,
+                   image_unet=image_unet, image_tokenizer=image_tokenizer or tokenizer, image_text_encoder=image_text_encoder,
+                   image_scheduler_config=image_scheduler_config, device=device, dtype=dtype)
+
+    def denoisers(self, prompts: Sequence[str], negatives: Sequence[str], *, frames: int, idm_text: str) -> dict[str, Denoiser]:
+        if idm_text != "own":
+            raise ValueError("ModelScope's IDM needs its own text encoder (the VDM's embeddings have another width)")
+        texts = [*negatives, *prompts]  # CFG halves: uncond first
+        emb_v = encode_prompts(self.tokenizer, self.text_encoder, texts, self.device).to(self.dtype)  # (2B, L, Dv)
+        emb_i = encode_prompts(self.image_tokenizer, self.image_text_encoder, texts, self.device).to(self.dtype)
+        emb_i = emb_i.repeat_interleave(frames, dim=0)  # (2B*F, L, Di) in [uncond frames; cond frames] order
+        unet, dtype = self.unet, self.dtype
+
+        def vdm_eps(x2: torch.Tensor, t: int) -> torch.Tensor:  # UNet3DConditionModel repeats the text per frame
+            return unet(x2.to(dtype), t, encoder_hidden_states=emb_v).sample
+
+        return {"V": CFGDenoiser(vdm_eps), "I": CFGDenoiser(framewise_eps(self.image_unet, emb_i, dtype))}
