@@ -176,10 +176,12 @@ def run(cfg: job_config.JobConfig, n_rows: int, ids_dup: set[str]) -> int:
     model = cfg.model
     from pipelines.tiny import ensure_tiny
 
-    if cfg.tiny:
-        ensure_tiny(cfg.tiny, os.path.join(cfg.tiny_cache, cfg.tiny))
-        model = replace(model, base=os.path.abspath(model.base), motion_adapter=os.path.abspath(model.motion_adapter),
-                        image_model=os.path.abspath(model.image_model))
+    if cfg.tiny:  # build first, then read the folder's layout (which optional parts it has)
+        from pipelines.config import ModelSpec
+
+        folder = os.path.abspath(ensure_tiny(cfg.tiny, os.path.join(cfg.tiny_cache, cfg.tiny)))
+        keep = {k: getattr(model, k) for k in ("vae", "lora", "lora_scale", "dtype", "device")}
+        model = ModelSpec.from_model_dir(cfg.tiny, folder, **keep)
     scorer = None
     if cfg.scores.enabled:
         scorer = os.path.abspath(ensure_tiny("clip", os.path.join(cfg.tiny_cache, "clip"))) if cfg.scores.tiny else cfg.scores.clip_model

@@ -27,6 +27,7 @@ class ModelSpec:
     base: str | None = None  # VDM base pipeline (hub id or folder); None = the backbone's default
     motion_adapter: str | None = None
     image_model: str | None = None  # IDM pipeline or UNet folder
+    unet: str | None = None  # VDM UNet folder loaded on its own (VideoCrafter2); None = the backbone's default
     vae: str | None = None  # None: the base pipeline's VAE
     lora: str | None = None  # LoRA for the IDM UNet (file, folder or hub id)
     lora_scale: float = 1.0
@@ -41,7 +42,7 @@ class ModelSpec:
         if not is_finite_number(self.lora_scale):
             raise ValueError(f"lora_scale: must be a finite number, got {self.lora_scale!r}")
         defaults = presets.BACKBONES[self.backbone]
-        for name in ("base", "motion_adapter", "image_model"):
+        for name in ("base", "motion_adapter", "image_model", "unet"):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, getattr(defaults, name))
 
@@ -50,9 +51,10 @@ class ModelSpec:
         """The folder layout written by `python -m pipelines.tiny BACKBONE DIR`."""
         import os
 
-        adapter = os.path.join(model_dir, "motion_adapter")
+        adapter, unet = os.path.join(model_dir, "motion_adapter"), os.path.join(model_dir, "unet")
         return cls(backbone=backbone, base=os.path.join(model_dir, "base"),
                    motion_adapter=adapter if os.path.isdir(adapter) else None,
+                   unet=unet if os.path.isdir(unet) else None,
                    image_model=os.path.join(model_dir, "image_model"), **kw)
 
     def fingerprint(self) -> str:
@@ -92,7 +94,7 @@ class GenParams:
     def batch_key(self) -> tuple:
         """Rows with equal keys can share one batched sampler call (spec: same size, frames, steps, variant)."""
         return (self.sampler, self.variant, self.steps, self.frames, self.height, self.width,
-                self.interval, self.zz)
+                self.interval, self.zz, self.fps)  # fps: VideoCrafter2 conditions on it
 
     def record(self) -> dict[str, Any]:
         """Plain values for metadata tables and MLflow params."""
@@ -154,7 +156,7 @@ def resolve_params(row: Mapping[str, Any], defaults: Mapping[str, Any] | None = 
     bb = presets.BACKBONES[backbone]
     base = {"negative_prompt": presets.DEFAULT_NEGATIVE_PROMPT, "seed": presets.DEFAULT_SEED,
             "steps": bb.steps, "frames": bb.frames, "height": bb.height, "width": bb.width, "fps": bb.fps,
-            "guidance": preset.guidance, "idm_guidance": preset.idm_guidance, "vdm_guidance": preset.vdm_guidance,
+            "guidance": bb.guidance if bb.guidance is not None else preset.guidance, "idm_guidance": preset.idm_guidance, "vdm_guidance": preset.vdm_guidance,
             "interval": preset.interval, "zz": preset.zz, **preset.overrides}
     pattern = merged.get("variant", preset.variant)
     if not isinstance(pattern, str):

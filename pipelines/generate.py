@@ -16,7 +16,6 @@ import torch
 from .config import GenParams
 from .grammar import Plan, compile_plan
 from .sampling import RowNoise, sample_plan
-from .schedule import timesteps
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +50,7 @@ def build_plan(backbone, rows: Sequence[GenParams]) -> Plan:
             raise ValueError(f"{name}: must be a multiple of the VAE factor {backbone.spatial_factor}, got {v}")
     backbone.check_frames(p.frames)
     down, up = backbone.tables(preset)
-    ts = timesteps(p.steps, preset.timestep_spacing, down.num_train_timesteps, preset.steps_offset)
+    ts = backbone.main_timesteps(preset, p.steps)
     return compile_plan(p.parsed, timesteps=ts, down_table=down, up_table=up,
                         guidance=[r.guidance for r in rows], idm_guidance=[r.idm_guidance for r in rows],
                         vdm_guidance=[r.vdm_guidance for r in rows], interval=p.interval, zz=p.zz,
@@ -68,9 +67,11 @@ def generate(backbone, rows: Sequence[GenParams], *, decode: bool = True,
     shape = (backbone.latent_channels, p.frames, p.height // backbone.spatial_factor, p.width // backbone.spatial_factor)
     x = noise.draw(shape, backbone.device)  # (B, C, F, h, w) float32; latents stay fp32 between moves
     with torch.inference_mode():
+        extra = {"fps": p.fps} if backbone.name == "videocrafter2" else {}  # VC's UNet is fps-conditioned
         models = backbone.denoisers([r.prompt for r in rows], [r.negative_prompt for r in rows],
-                                    frames=p.frames, idm_text=p.preset.idm_text)
-        x, calls = sample_plan(models, x, plan, noise=noise, callback=callback)
+                                    frames=p.frames, idm_text=p.preset.idm_text, **extra)
+        main_step = backbone.main_solver(rows, [s.t for s in plan.steps], shape)
+        x, calls = sample_plan(models, x, plan, noise=noise, callback=callback, main_step=main_step)
         frames = backbone.decode(x) if decode else None
     latents = x.float().cpu()
     seconds = (time.perf_counter() - start) / len(rows)

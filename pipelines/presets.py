@@ -26,6 +26,9 @@ class BackboneDefaults:
     width: int
     fps: int
     steps: int = 50
+    guidance: float | None = None  # main-step CFG default of this backbone's code (None: the preset's)
+    main_solver: str = "ddim"  # "ddim" or "sde-dpmpp2m" (SDE-DPM-Solver++ order 2, VideoCrafter2 code)
+    unet: str | None = None  # a VDM UNet loaded on its own (VideoCrafter2)
 
 
 BACKBONES: dict[str, BackboneDefaults] = {
@@ -43,6 +46,15 @@ BACKBONES: dict[str, BackboneDefaults] = {
         motion_adapter=None,
         image_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
         frames=16, height=512, width=512, fps=8,
+    ),
+    # backbones spec B: VideoCrafter2 UNet (diffusers conversion) + zeroscope's VAE/text encoder/scheduler, RV6.0 IDM,
+    # fps conditioning 24, SDE-DPM-Solver++ main steps with CFG 9.0
+    "videocrafter2": BackboneDefaults(
+        base="cerspense/zeroscope_v2_576w",
+        motion_adapter=None,
+        image_model="SG161222/Realistic_Vision_V6.0_B1_noVAE",
+        unet="adamdad/videocrafterv2_diffusers",
+        frames=16, height=512, width=512, fps=24, guidance=9.0, main_solver="sde-dpmpp2m",
     ),
 }
 
@@ -66,6 +78,7 @@ class Preset:
     split_tables: bool = False  # inverse moves read the IDM scheduler's ᾱ table (AD code); else one shared table
     overrides: dict = field(default_factory=dict)  # per-preset defaults for steps/frames/size/seed
     backbones: tuple[str, ...] = ()  # backbones the preset reproduces; empty: any
+    zigzag_on_image_table: bool = False  # both zigzag directions read the IDM scheduler's table (VideoCrafter2 code)
 
 
 PRESETS: dict[str, Preset] = {
@@ -84,6 +97,12 @@ PRESETS: dict[str, Preset] = {
             "official ModelScope code (backbones spec C.6): chain labels, IDM moves at 64x64, zigzag CFG fixed at "
             "+-4 (the code ignores its CFG flags), inversions on the IDM scheduler's table, main CFG 7.5",
             keep_noop=True, split_tables=True, overrides={"seed": 23523}, backbones=("modelscope",),
+        ),
+        Preset(
+            "ivmixed_vc_v1", "down:IV-IV@sub_every=3(cfg=I),w_go_I=-4,w_back_I=4,w_go_V=-4,w_back_V=4",
+            "official VideoCrafter2 code (backbones spec B.5): chain labels, every third step the VDM replaces the IDM "
+            "with the IDM's CFG, zigzag CFG fixed at +-4, zigzag moves on the IDM's table, SDE-DPM-Solver++ main steps",
+            guidance=9.0, keep_noop=True, zigzag_on_image_table=True, overrides={"seed": 23523}, backbones=("videocrafter2",),
         ),
     )
 }

@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model-dir", help="folder written by `python -m pipelines.tiny BACKBONE DIR` (sets base, motion adapter, image model)")
     m.add_argument("--base", help="VDM base pipeline")
     m.add_argument("--motion-adapter")
+    m.add_argument("--unet", help="VDM UNet folder loaded on its own (videocrafter2: the VC UNet)")
     m.add_argument("--image-model", help="IDM pipeline (or a UNet folder)")
     m.add_argument("--vae", help="VAE source (default: the base pipeline's)")
     m.add_argument("--lora", help="LoRA for the image model (file, folder or hub id)")
@@ -72,12 +73,12 @@ PARAM_FLAGS = ("negative_prompt", "sampler", "variant", "steps", "frames", "heig
 def _spec(args: argparse.Namespace) -> ModelSpec:
     common = dict(vae=args.vae, lora=args.lora, lora_scale=args.lora_scale, dtype=args.dtype, device=args.device)
     if args.model_dir:
-        if any((args.base, args.motion_adapter, args.image_model)):
-            raise ValueError("--model-dir: give either --model-dir or --base/--motion-adapter/--image-model")
+        if any((args.base, args.motion_adapter, args.image_model, args.unet)):
+            raise ValueError("--model-dir: give either --model-dir or --base/--motion-adapter/--unet/--image-model")
         if not os.path.isdir(args.model_dir):
             raise ValueError(f"--model-dir: {args.model_dir!r} is not a folder")
         return ModelSpec.from_model_dir(args.backbone, args.model_dir, **common)
-    return ModelSpec(backbone=args.backbone, base=args.base, motion_adapter=args.motion_adapter,
+    return ModelSpec(backbone=args.backbone, base=args.base, motion_adapter=args.motion_adapter, unet=args.unet,
                      image_model=args.image_model, **common)
 
 

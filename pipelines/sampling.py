@@ -89,14 +89,24 @@ def sample_plan(
     *,
     noise: Callable[[torch.Tensor], torch.Tensor] | None = None,
     callback: Callable[[dict], None] | None = None,
+    main_step: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, int]]:
-    """Run every step: its zigzag moves, then the ordinary main move (spec §2.2). Returns (x, calls)."""
+    """Run every step: its zigzag moves, then the ordinary main move (spec §2.2). Returns (x, calls).
+
+    `main_step(x, eps, i)` replaces the main DDIM move by another solver (e.g. SDE-DPM-Solver++, whose multistep
+    history then holds only main-step predictions, as in the VideoCrafter2 code)."""
     calls = {"I": 0, "V": 0}
     for step in plan.steps:
-        for mv in (*step.zigzag, step.main):
+        for mv in step.zigzag:
             x = apply_move(models, x, mv, resize=plan.resize, noise=noise)
             if mv.model in calls:
                 calls[mv.model] += 1
+        mv = step.main
+        if main_step is None:
+            x = apply_move(models, x, mv, resize=plan.resize, noise=noise)
+        else:
+            x = main_step(x, models[mv.model](x, mv.timestep, mv.w), step.index)
+        calls[mv.model] += 1
         if callback is not None:
             callback({"i": step.index, "t": step.t, "x": x, "calls": dict(calls)})
     return x, calls

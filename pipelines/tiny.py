@@ -20,7 +20,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-BACKBONES = ("animatediff", "modelscope")  # plus "clip": a tiny scorer model
+BACKBONES = ("animatediff", "modelscope", "videocrafter2")  # plus "clip": a tiny scorer model
 HIDDEN = 32  # text hidden size = UNet cross-attention dim
 BLOCKS = (32, 64)
 _MERGES = ["t h", "th e</w>", "i n", "a n", "e r", "o n", "r e", "a t", "e n", "o r"]
@@ -194,6 +194,31 @@ def build_modelscope(out_dir: str, seed: int = 0) -> str:
     return _build_aside(out_dir, "modelscope", seed, fill)
 
 
+def build_videocrafter2(out_dir: str, seed: int = 0) -> str:
+    """base/ (a zeroscope-style TextToVideoSDPipeline folder: VAE, text encoder, tokenizer, DDIM config; its own UNet
+    is never used), unet/ (the VC UNet with fps conditioning, at the folder root like the hub repo) and image_model/."""
+    from diffusers import DDIMScheduler, TextToVideoSDPipeline
+
+    from .backbones.videocrafter_unet import UNet3DVideoCrafterConditionModel
+
+    def fill(tmp: str) -> None:
+        tok = build_tokenizer(os.path.join(tmp, "tokenizer"))
+        vae = _vae(seed + 1)
+        TextToVideoSDPipeline(vae=vae, text_encoder=_text_encoder(seed + 3), tokenizer=tok, unet=_unet3d(seed + 2),
+                              scheduler=DDIMScheduler(**MS_SCHEDULER)).save_pretrained(os.path.join(tmp, "base"))
+        torch.manual_seed(seed + 7)
+        vc = _perturb_zeros(UNet3DVideoCrafterConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=BLOCKS,
+            down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+            cross_attention_dim=HIDDEN, attention_head_dim=8, norm_num_groups=8))
+        vc.save_pretrained(os.path.join(tmp, "unet"))
+        _pipeline_folder(os.path.join(tmp, "image_model"), unet=_unet(seed + 5, cross_dim=16), vae=vae,
+                         text_encoder=_text_encoder(seed + 6, hidden=16), tokenizer=tok)
+        shutil.rmtree(os.path.join(tmp, "tokenizer"))
+
+    return _build_aside(out_dir, "videocrafter2", seed, fill)
+
+
 def build_clip(out_dir: str, seed: int = 0) -> str:
     """A tiny random CLIPModel folder (model, tokenizer, image processor) for the quality scores."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
@@ -211,7 +236,8 @@ def build_clip(out_dir: str, seed: int = 0) -> str:
     return _build_aside(out_dir, "clip", seed, fill)
 
 
-BUILDERS = {"animatediff": build_animatediff, "modelscope": build_modelscope, "clip": build_clip}
+BUILDERS = {"animatediff": build_animatediff, "modelscope": build_modelscope, "videocrafter2": build_videocrafter2,
+            "clip": build_clip}
 
 
 def ensure_tiny(backbone: str, out_dir: str, seed: int = 0) -> str:

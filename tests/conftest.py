@@ -30,3 +30,29 @@ def ad_backbone(tiny_ad_dir):
 def small():
     """Small sizes for tiny-model runs (fast on 2 CPU cores)."""
     return dict(steps=6, frames=8, height=64, width=64)
+
+
+def rel(a, b) -> float:
+    """Relative L2 error of a against the reference b."""
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def tiny_backbone_fixtures(backbone: str, folder_name: str):
+    """(folder fixture, loaded-backbone fixture) for a tiny model set built once per test module; assign the
+    first to a module global called `folder_name`."""
+
+    @pytest.fixture(scope="module")
+    def folder(tmp_path_factory):
+        from pipelines.tiny import BUILDERS
+
+        return BUILDERS[backbone](str(tmp_path_factory.mktemp("tiny") / backbone))
+
+    @pytest.fixture(scope="module")
+    def loaded(request):
+        from pipelines.backbones import load_backbone
+        from pipelines.config import ModelSpec
+
+        path = request.getfixturevalue(folder_name)
+        return load_backbone(ModelSpec.from_model_dir(backbone, path, device="cpu", dtype="float32"))
+
+    return folder, loaded

@@ -9,25 +9,12 @@ import torch.nn.functional as F
 from pipelines.config import ModelSpec, resolve_params
 from pipelines.generate import build_plan, generate
 
+from .conftest import rel, tiny_backbone_fixtures
+
 PROMPT = "A red kite dances over a windy beach."
 
 
-@pytest.fixture(scope="module")
-def ms_dir(tmp_path_factory):
-    from pipelines.tiny import build_modelscope
-
-    return build_modelscope(str(tmp_path_factory.mktemp("tiny") / "modelscope"))
-
-
-@pytest.fixture(scope="module")
-def ms(ms_dir):
-    from pipelines.backbones import load_backbone
-
-    return load_backbone(ModelSpec.from_model_dir("modelscope", ms_dir, device="cpu", dtype="float32"))
-
-
-def rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+ms_dir, ms = tiny_backbone_fixtures("modelscope", "ms_dir")
 
 
 def test_standard_equals_diffusers_text_to_video_pipeline(ms, ms_dir):

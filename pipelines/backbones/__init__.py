@@ -15,6 +15,10 @@ def load_backbone(spec: ModelSpec) -> BackboneBase:
         from .modelscope import ModelScope
 
         return ModelScope.from_spec(spec)
+    if spec.backbone == "videocrafter2":
+        from .videocrafter2 import VideoCrafter2
+
+        return VideoCrafter2.from_spec(spec)
     raise ValueError(f"backbone: no adapter for {spec.backbone!r}")
 
 

@@ -110,11 +110,24 @@ class BackboneBase:
         cfg.update(timestep_spacing=preset.timestep_spacing, steps_offset=preset.steps_offset, clip_sample=False)
         return cfg
 
+    def main_timesteps(self, preset: Preset, steps: int) -> list[int]:
+        """The main solver's grid (DDIM; adapters with another solver override this)."""
+        from ..schedule import timesteps
+
+        return timesteps(steps, preset.timestep_spacing, int(self.scheduler_config.get("num_train_timesteps", 1000)),
+                         preset.steps_offset)
+
+    def main_solver(self, rows, grid: list[int], shape: tuple):
+        """A replacement for the main DDIM move, or None (DDIM)."""
+        return None
+
     def tables(self, preset: Preset) -> tuple[AlphaTable, AlphaTable]:
         """(table for denoise moves, table for inversion moves). One shared table unless the preset
         reproduces code that reads the IDM's table for inversions (spec §9.2 item 1)."""
         down = AlphaTable.from_scheduler_config(self.main_scheduler_config(preset))
         image = self.image_table()
+        if preset.zigzag_on_image_table:
+            return image, image
         if preset.split_tables:
             return down, image
         if not down.same_as(image):
@@ -150,6 +163,25 @@ def _optional(loader, path: str, subfolder: str):
         return loader(path, subfolder=subfolder)
     except (OSError, ValueError):
         return None
+
+
+def load_base_components(spec) -> dict:
+    """tokenizer, text encoder, VAE and scheduler config of the VDM's base pipeline folder or hub id."""
+    from diffusers import AutoencoderKL, DDIMScheduler
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    return dict(tokenizer=CLIPTokenizer.from_pretrained(spec.base, subfolder="tokenizer"),
+                text_encoder=CLIPTextModel.from_pretrained(spec.base, subfolder="text_encoder"),
+                vae=AutoencoderKL.from_pretrained(spec.vae or spec.base, subfolder="vae"),
+                scheduler_config=DDIMScheduler.load_config(spec.base, subfolder="scheduler"))
+
+
+def load_own_text_image_model(spec, backbone: str) -> dict:
+    """The IDM for backbones whose IDM must use its own text encoder (ModelScope, VideoCrafter2)."""
+    unet, tok, te, sched = load_image_model(spec.image_model, spec.lora, spec.lora_scale)
+    if te is None:
+        raise ValueError(f"image_model: {backbone}'s IDM uses its own text encoder; {spec.image_model!r} has none")
+    return dict(image_unet=unet, image_tokenizer=tok, image_text_encoder=te, image_scheduler_config=sched)
 
 
 def load_image_model(path: str, lora: str | None, lora_scale: float):

@@ -9,7 +9,8 @@ import torch
 
 from ..config import ModelSpec
 from ..sampling import CFGDenoiser, Denoiser
-from .common import BackboneBase, encode_prompts, framewise_eps, load_image_model, place, resolve_placement
+from .common import (BackboneBase, encode_prompts, framewise_eps, load_base_components, load_own_text_image_model, place,
+                     resolve_placement)
 
 logger = logging.getLogger(__name__)
 
@@ -19,26 +20,17 @@ class ModelScope(BackboneBase):
 
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> "ModelScope":
-        from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
+        from diffusers import UNet3DConditionModel
 
         device, dtype = resolve_placement(spec.device, spec.dtype)
         logger.info("loading ModelScope: base=%s image_model=%s on %s/%s", spec.base, spec.image_model, device, dtype)
-        tokenizer = CLIPTokenizer.from_pretrained(spec.base, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(spec.base, subfolder="text_encoder")
-        vae = AutoencoderKL.from_pretrained(spec.vae or spec.base, subfolder="vae")
-        unet = UNet3DConditionModel.from_pretrained(spec.base, subfolder="unet")
-        scheduler_config = DDIMScheduler.load_config(spec.base, subfolder="scheduler")
-        image_unet, image_tokenizer, image_text_encoder, image_scheduler_config = load_image_model(
-            spec.image_model, spec.lora, spec.lora_scale)
-        if image_text_encoder is None:
-            raise ValueError(f"image_model: ModelScope's IDM uses its own text encoder; {spec.image_model!r} has none")
-        for m in (text_encoder, unet, image_unet, image_text_encoder):
-            place(m, device, dtype)
-        place(vae, device, torch.float32)  # fp32 decode (backbones spec C.7)
-        return cls(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, scheduler_config=scheduler_config,
-                   image_unet=image_unet, image_tokenizer=image_tokenizer or tokenizer, image_text_encoder=image_text_encoder,
-                   image_scheduler_config=image_scheduler_config, device=device, dtype=dtype)
+        parts = {**load_base_components(spec), **load_own_text_image_model(spec, "ModelScope"),
+                 "unet": UNet3DConditionModel.from_pretrained(spec.base, subfolder="unet")}
+        parts["image_tokenizer"] = parts["image_tokenizer"] or parts["tokenizer"]
+        for name in ("text_encoder", "unet", "image_unet", "image_text_encoder"):
+            place(parts[name], device, dtype)
+        place(parts["vae"], device, torch.float32)  # fp32 decode (backbones spec C.7)
+        return cls(**parts, device=device, dtype=dtype)
 
     def denoisers(self, prompts: Sequence[str], negatives: Sequence[str], *, frames: int, idm_text: str) -> dict[str, Denoiser]:
         if idm_text != "own":

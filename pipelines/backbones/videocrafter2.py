@@ -1,0 +1,75 @@
+"""VideoCrafter2 backbone (backbones spec B): the VC UNet (fps-conditioned UNet3D), zeroscope's VAE, text encoder,
+tokenizer and scheduler config, an SD-family IDM with its own text encoder, SDE-DPM-Solver++ (order 2) main steps."""
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import torch
+
+from ..config import ModelSpec
+from ..sampling import CFGDenoiser, Denoiser
+from .common import (BackboneBase, encode_prompts, framewise_eps, load_base_components, load_own_text_image_model, place,
+                     resolve_placement)
+
+logger = logging.getLogger(__name__)
+
+
+class VideoCrafter2(BackboneBase):
+    name = "videocrafter2"
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec) -> "VideoCrafter2":
+        from .videocrafter_unet import UNet3DVideoCrafterConditionModel
+
+        device, dtype = resolve_placement(spec.device, spec.dtype)
+        logger.info("loading VideoCrafter2: unet=%s base=%s image_model=%s on %s/%s", spec.unet, spec.base,
+                    spec.image_model, device, dtype)
+        unet, info = UNet3DVideoCrafterConditionModel.from_pretrained(spec.unet, output_loading_info=True)
+        if info["missing_keys"] or info["unexpected_keys"]:  # spec A.6 pitfall 1: never run without fps weights
+            raise ValueError(f"unet: {spec.unet!r} does not match the VideoCrafter2 layout "
+                             f"(missing {info['missing_keys'][:4]}, unexpected {info['unexpected_keys'][:4]})")
+        parts = {**load_base_components(spec), **load_own_text_image_model(spec, "VideoCrafter2"), "unet": unet}
+        parts["image_tokenizer"] = parts["image_tokenizer"] or parts["tokenizer"]
+        for name in ("text_encoder", "unet", "image_unet", "image_text_encoder", "vae"):
+            place(parts[name], device, dtype)  # the VC code keeps every model, the VAE too, in the run dtype (spec B.6)
+        return cls(**parts, device=device, dtype=dtype)
+
+    def _dpm(self, steps: int):
+        from diffusers import DPMSolverMultistepScheduler
+
+        cfg = {k: v for k, v in self.scheduler_config.items() if not k.startswith("_")}
+        sched = DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="sde-dpmsolver++")
+        sched.set_timesteps(steps)
+        return sched
+
+    def main_timesteps(self, preset, steps: int) -> list[int]:
+        return [int(t) for t in self._dpm(steps).timesteps]
+
+    def main_solver(self, rows, grid: list[int], shape: tuple):
+        """SDE-DPM-Solver++ steps; row b's SDE noise comes from a CPU generator seeded seed_b + 1, one
+        (F, C, h, w) draw per main step (spec E.3), so a row's video depends only on its own seed."""
+        sched = self._dpm(len(grid))
+        gens = [torch.Generator("cpu").manual_seed(r.seed + 1) for r in rows]
+        c, f, h, w = shape
+
+        def step(x: torch.Tensor, eps: torch.Tensor, i: int) -> torch.Tensor:
+            z = torch.stack([torch.randn((f, c, h, w), generator=g, dtype=torch.float32).permute(1, 0, 2, 3) for g in gens])
+            return sched.step(eps, grid[i], x, variance_noise=z.to(x.device)).prev_sample.to(x.dtype)
+
+        return step
+
+    def denoisers(self, prompts: Sequence[str], negatives: Sequence[str], *, frames: int, idm_text: str,
+                  fps: int = 24) -> dict[str, Denoiser]:
+        if idm_text != "own":
+            raise ValueError("VideoCrafter2's IDM needs its own text encoder (the VDM's embeddings have another width)")
+        texts = [*negatives, *prompts]
+        emb_v = encode_prompts(self.tokenizer, self.text_encoder, texts, self.device).to(self.dtype)
+        emb_i = encode_prompts(self.image_tokenizer, self.image_text_encoder, texts, self.device).to(self.dtype)
+        emb_i = emb_i.repeat_interleave(frames, dim=0)
+        unet, dtype = self.unet, self.dtype
+
+        def vdm_eps(x2: torch.Tensor, t: int) -> torch.Tensor:
+            return unet(x2.to(dtype), t, emb_v, fps).sample
+
+        return {"V": CFGDenoiser(vdm_eps), "I": CFGDenoiser(framewise_eps(self.image_unet, emb_i, dtype))}
