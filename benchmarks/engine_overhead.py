@@ -61,7 +61,7 @@ def main() -> None:
         per_call = engine_s / calls
 
         # one tiny-model call (the VDM on the CFG-doubled batch) at the tiny-model size
-        models = bb.denoisers([common["prompt"]], [""], frames=args.frames, idm_text="own")
+        models = bb.denoisers([common["prompt"]], [""], frames=args.frames, idm_text="own", fps=8)
         lat = torch.randn(1, 4, args.frames, args.size // 8, args.size // 8)
         w = torch.tensor([7.5])
         with torch.inference_mode():

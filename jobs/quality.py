@@ -9,9 +9,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from pipelines.metrics import SCORES
+
 logger = logging.getLogger(__name__)
 HIGHER_IS_BETTER = {"clipsim": True, "frame_consistency": True, "flicker": False, "success_rate": True}
-SCORES = ("clipsim", "frame_consistency", "flicker")
 
 
 def aggregate(table: pa.Table) -> dict[str, dict[str, float]]:

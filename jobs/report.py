@@ -13,9 +13,9 @@ from collections import defaultdict
 import pyarrow as pa
 
 from operators import metadata, storage
+from pipelines.metrics import SCORES
 
 logger = logging.getLogger(__name__)
-SCORES = ("clipsim", "frame_consistency", "flicker")
 MAX_ROWS = 300  # gallery cap: inlined contact sheets keep the page self-contained, and bounded
 
 

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from pipelines.metrics import clipsim, flicker, frame_consistency
 
 logger = logging.getLogger(__name__)
-SCORE_FIELDS = ("clipsim", "frame_consistency", "flicker")
 
 
 def _features(out) -> torch.Tensor:

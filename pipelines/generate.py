@@ -67,9 +67,8 @@ def generate(backbone, rows: Sequence[GenParams], *, decode: bool = True,
     shape = (backbone.latent_channels, p.frames, p.height // backbone.spatial_factor, p.width // backbone.spatial_factor)
     x = noise.draw(shape, backbone.device)  # (B, C, F, h, w) float32; latents stay fp32 between moves
     with torch.inference_mode():
-        extra = {"fps": p.fps} if backbone.name == "videocrafter2" else {}  # VC's UNet is fps-conditioned
         models = backbone.denoisers([r.prompt for r in rows], [r.negative_prompt for r in rows],
-                                    frames=p.frames, idm_text=p.preset.idm_text, **extra)
+                                    frames=p.frames, idm_text=p.preset.idm_text, fps=p.fps)
         main_step = backbone.main_solver(rows, [s.t for s in plan.steps], shape)
         x, calls = sample_plan(models, x, plan, noise=noise, callback=callback, main_step=main_step)
         frames = backbone.decode(x) if decode else None

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+SCORES = ("clipsim", "frame_consistency", "flicker")  # per-video score names (metadata columns, MLflow metrics)
+
 
 def flicker(frames: torch.Tensor) -> float:
     """(F, H, W, C) in [0, 1] -> mean |f_{t+1} - f_t|; 0 for a still video (and for a single frame)."""

@@ -56,8 +56,9 @@ class AnimateDiff(BackboneBase):
         if frames > self.max_frames:
             raise ValueError(f"frames: the motion adapter handles at most {self.max_frames} frames, got {frames}")
 
-    def denoisers(self, prompts: Sequence[str], negatives: Sequence[str], *, frames: int, idm_text: str) -> dict[str, Denoiser]:
-        """Bind the batch's text conditioning into one CFG denoiser per model ("V" and "I")."""
+    def denoisers(self, prompts: Sequence[str], negatives: Sequence[str], *, frames: int, idm_text: str,
+                  fps: int) -> dict[str, Denoiser]:
+        """Bind the batch's text conditioning into one CFG denoiser per model ("V" and "I"); fps is not an input."""
         # (2B, L, D): negatives first, then prompts, as the CFG halves of spec §1
         emb_v = encode_prompts(self.tokenizer, self.text_encoder, [*negatives, *prompts], self.device)
         if idm_text == "vdm" or self.image_text_encoder is None:
@@ -65,8 +66,7 @@ class AnimateDiff(BackboneBase):
                 logger.warning("image model has no text encoder; the IDM uses the VDM's text embeddings")
             emb_i = emb_v
         else:
-            tok = self.image_tokenizer or self.tokenizer
-            emb_i = encode_prompts(tok, self.image_text_encoder, [*negatives, *prompts], self.device)
+            emb_i = encode_prompts(self.image_tokenizer, self.image_text_encoder, [*negatives, *prompts], self.device)
         emb_v = emb_v.to(self.dtype).repeat_interleave(frames, dim=0)  # (2B*F, L, D), as AnimateDiffPipeline
         emb_i = emb_i.to(self.dtype).repeat_interleave(frames, dim=0)
         unet, dtype = self.unet, self.dtype

@@ -81,7 +81,8 @@ class BackboneBase:
                  image_tokenizer=None, image_text_encoder=None, image_scheduler_config=None,
                  device: torch.device, dtype: torch.dtype):
         self.tokenizer, self.text_encoder, self.vae, self.unet = tokenizer, text_encoder, vae, unet
-        self.image_unet, self.image_tokenizer, self.image_text_encoder = image_unet, image_tokenizer, image_text_encoder
+        # an IDM folder without its own tokenizer reads text with the VDM's
+        self.image_unet, self.image_tokenizer, self.image_text_encoder = image_unet, image_tokenizer or tokenizer, image_text_encoder
         self.scheduler_config = dict(scheduler_config)
         self.image_scheduler_config = dict(image_scheduler_config or scheduler_config)
         self.device, self.dtype = device, dtype
@@ -89,17 +90,9 @@ class BackboneBase:
         self.spatial_factor = 2 ** (len(vae.config.block_out_channels) - 1)
 
     name: str
-    device: torch.device
-    dtype: torch.dtype
-    latent_channels: int
-    spatial_factor: int
-    scheduler_config: dict
-    vae = None
 
     def check_frames(self, frames: int) -> None:  # pragma: no cover - overridden where limited
         return None
-
-    image_scheduler_config: dict
 
     def image_table(self) -> AlphaTable:
         return AlphaTable.from_scheduler_config(self.image_scheduler_config)
@@ -109,6 +102,17 @@ class BackboneBase:
         cfg = {k: v for k, v in self.scheduler_config.items() if not k.startswith("_")}
         cfg.update(timestep_spacing=preset.timestep_spacing, steps_offset=preset.steps_offset, clip_sample=False)
         return cfg
+
+    def own_text_embeddings(self, prompts: Sequence[str], negatives: Sequence[str], frames: int,
+                            idm_text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """CFG-batched text conditioning for backbones whose IDM must read text with its own encoder (its width differs
+        from the VDM's): VDM (2B, L, Dv) and IDM (2B*F, L, Di), uncond rows first (spec §1)."""
+        if idm_text != "own":
+            raise ValueError(f"{self.name}'s IDM needs its own text encoder (the VDM's embeddings have another width)")
+        texts = [*negatives, *prompts]
+        emb_v = encode_prompts(self.tokenizer, self.text_encoder, texts, self.device).to(self.dtype)
+        emb_i = encode_prompts(self.image_tokenizer, self.image_text_encoder, texts, self.device).to(self.dtype)
+        return emb_v, emb_i.repeat_interleave(frames, dim=0)
 
     def main_timesteps(self, preset: Preset, steps: int) -> list[int]:
         """The main solver's grid (DDIM; adapters with another solver override this)."""

@@ -9,7 +9,7 @@ import torch
 
 from ..config import ModelSpec
 from ..sampling import CFGDenoiser, Denoiser
-from .common import (BackboneBase, encode_prompts, framewise_eps, load_base_components, load_own_text_image_model, place,
+from .common import (BackboneBase, framewise_eps, load_base_components, load_own_text_image_model, place,
                      resolve_placement)
 
 logger = logging.getLogger(__name__)
@@ -26,19 +26,15 @@ class ModelScope(BackboneBase):
         logger.info("loading ModelScope: base=%s image_model=%s on %s/%s", spec.base, spec.image_model, device, dtype)
         parts = {**load_base_components(spec), **load_own_text_image_model(spec, "ModelScope"),
                  "unet": UNet3DConditionModel.from_pretrained(spec.base, subfolder="unet")}
-        parts["image_tokenizer"] = parts["image_tokenizer"] or parts["tokenizer"]
         for name in ("text_encoder", "unet", "image_unet", "image_text_encoder"):
             place(parts[name], device, dtype)
         place(parts["vae"], device, torch.float32)  # fp32 decode (backbones spec C.7)
         return cls(**parts, device=device, dtype=dtype)
 
-    def denoisers(self, prompts: Sequence[str], negatives: Sequence[str], *, frames: int, idm_text: str) -> dict[str, Denoiser]:
-        if idm_text != "own":
-            raise ValueError("ModelScope's IDM needs its own text encoder (the VDM's embeddings have another width)")
-        texts = [*negatives, *prompts]  # CFG halves: uncond first
-        emb_v = encode_prompts(self.tokenizer, self.text_encoder, texts, self.device).to(self.dtype)  # (2B, L, Dv)
-        emb_i = encode_prompts(self.image_tokenizer, self.image_text_encoder, texts, self.device).to(self.dtype)
-        emb_i = emb_i.repeat_interleave(frames, dim=0)  # (2B*F, L, Di) in [uncond frames; cond frames] order
+    def denoisers(self, prompts: Sequence[str], negatives: Sequence[str], *, frames: int, idm_text: str,
+                  fps: int) -> dict[str, Denoiser]:
+        """fps is not an input of this VDM."""
+        emb_v, emb_i = self.own_text_embeddings(prompts, negatives, frames, idm_text)
         unet, dtype = self.unet, self.dtype
 
         def vdm_eps(x2: torch.Tensor, t: int) -> torch.Tensor:  # UNet3DConditionModel repeats the text per frame

@@ -9,7 +9,7 @@ import torch
 
 from ..config import ModelSpec
 from ..sampling import CFGDenoiser, Denoiser
-from .common import (BackboneBase, encode_prompts, framewise_eps, load_base_components, load_own_text_image_model, place,
+from .common import (BackboneBase, framewise_eps, load_base_components, load_own_text_image_model, place,
                      resolve_placement)
 
 logger = logging.getLogger(__name__)
@@ -30,7 +30,6 @@ class VideoCrafter2(BackboneBase):
             raise ValueError(f"unet: {spec.unet!r} does not match the VideoCrafter2 layout "
                              f"(missing {info['missing_keys'][:4]}, unexpected {info['unexpected_keys'][:4]})")
         parts = {**load_base_components(spec), **load_own_text_image_model(spec, "VideoCrafter2"), "unet": unet}
-        parts["image_tokenizer"] = parts["image_tokenizer"] or parts["tokenizer"]
         for name in ("text_encoder", "unet", "image_unet", "image_text_encoder", "vae"):
             place(parts[name], device, dtype)  # the VC code keeps every model, the VAE too, in the run dtype (spec B.6)
         return cls(**parts, device=device, dtype=dtype)
@@ -60,13 +59,9 @@ class VideoCrafter2(BackboneBase):
         return step
 
     def denoisers(self, prompts: Sequence[str], negatives: Sequence[str], *, frames: int, idm_text: str,
-                  fps: int = 24) -> dict[str, Denoiser]:
-        if idm_text != "own":
-            raise ValueError("VideoCrafter2's IDM needs its own text encoder (the VDM's embeddings have another width)")
-        texts = [*negatives, *prompts]
-        emb_v = encode_prompts(self.tokenizer, self.text_encoder, texts, self.device).to(self.dtype)
-        emb_i = encode_prompts(self.image_tokenizer, self.image_text_encoder, texts, self.device).to(self.dtype)
-        emb_i = emb_i.repeat_interleave(frames, dim=0)
+                  fps: int) -> dict[str, Denoiser]:
+        """The VC UNet is conditioned on fps (the code: 24)."""
+        emb_v, emb_i = self.own_text_embeddings(prompts, negatives, frames, idm_text)
         unet, dtype = self.unet, self.dtype
 
         def vdm_eps(x2: torch.Tensor, t: int) -> torch.Tensor:
