@@ -199,3 +199,183 @@ def resolve_params(row: Mapping[str, Any], defaults: Mapping[str, Any] | None = 
     return GenParams(prompt=prompt, negative_prompt=negative, seed=seed, sampler=sampler,
                      variant=parsed.variant.pattern(), steps=steps, frames=frames, height=height,
                      width=width, fps=fps, guidance=guidance, interval=interval, zz=zz, **ramps)
+
+
+# ---- BIVDiff (spec bivdiff.md) ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BivdiffSpec:
+    """Models of a BIVDiff worker (job-level, like ModelSpec): the stage-3 VDM, the SD image model (inversion UNet,
+    the shared VAE, the ControlNet base) and one model per stage-1 task kind. Hub ids or local folders."""
+
+    vdm: str = presets.BIVDIFF_MODELS["vdm"]
+    video_model: str | None = None  # the VDM's pipeline folder; None = the backbone's default
+    video_unet: str | None = None  # VideoCrafter2's own UNet folder
+    motion_adapter: str | None = None  # AnimateDiff as the VDM
+    image_model: str = presets.BIVDIFF_MODELS["image_model"]
+    controlnet_canny: str = presets.BIVDIFF_MODELS["controlnet_canny"]
+    controlnet_depth: str = presets.BIVDIFF_MODELS["controlnet_depth"]
+    controlnet_pose: str = presets.BIVDIFF_MODELS["controlnet_pose"]
+    instruct_pix2pix: str = presets.BIVDIFF_MODELS["instruct_pix2pix"]
+    inpainting: str = presets.BIVDIFF_MODELS["inpainting"]
+    dtype: str = presets.DEFAULT_DTYPE
+    device: str = presets.DEFAULT_DEVICE
+
+    def __post_init__(self) -> None:
+        if self.vdm not in presets.BIVDIFF_VDMS:
+            raise ValueError(f"vdm: BIVDiff's video model must be one of {presets.BIVDIFF_VDMS}, got {self.vdm!r}")
+        if self.dtype not in DTYPE_NAMES:
+            raise ValueError(f"dtype: must be one of {DTYPE_NAMES}, got {self.dtype!r}")
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str, **kw: Any) -> "BivdiffSpec":
+        """The folder layout written by `python -m pipelines.tiny bivdiff DIR`."""
+        import os
+
+        j = lambda name: os.path.join(model_dir, name)  # noqa: E731
+        return cls(video_model=j("video_model"), image_model=j("image_model"), controlnet_canny=j("controlnet"),
+                   controlnet_depth=j("controlnet"), controlnet_pose=j("controlnet"),
+                   instruct_pix2pix=j("instruct_pix2pix"), inpainting=j("inpainting"), **kw)
+
+    def model_spec(self) -> ModelSpec:
+        """The backbone that serves the VDM (stage 2 video chain and stage 3) and the SD inversion UNet."""
+        return ModelSpec(backbone=self.vdm, base=self.video_model, unet=self.video_unet,
+                         motion_adapter=self.motion_adapter, image_model=self.image_model,
+                         dtype=self.dtype, device=self.device)
+
+    def task_model(self, task: "presets.BivdiffTask") -> str | None:
+        if task.idm == "controlnet":
+            return getattr(self, f"controlnet_{task.condition}")
+        return {"instruct_pix2pix": self.instruct_pix2pix, "inpainting": self.inpainting}.get(task.idm)
+
+    def fingerprint(self) -> str:
+        keep = {k: v for k, v in asdict(self).items() if k not in ("device", "dtype")}
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class BivdiffParams:
+    """Everything that determines one BIVDiff video (spec §2.7 inputs, §3 values), resolved and validated."""
+
+    task: str
+    source_video: str | None
+    mask_video: str | None
+    condition_video: str | None
+    idm_prompt: str
+    vdm_prompt: str
+    negative_prompt: str
+    inversion_prompt: str  # clean preset only; compat inverts under the negative prompt (spec §2.3 step 2)
+    alpha: float
+    sampler: str  # "bivdiff" | "bivdiff_compat"
+    frame_joint_norm: bool
+    steps: int
+    idm_steps: int
+    frames: int
+    stride: int
+    height: int
+    width: int
+    seed: int
+    guidance: float
+    idm_guidance: float
+    image_guidance: float
+    fps: int
+    noise: str  # stage-1 noise: "independent" (one generator across frames, official) | "shared" (same per frame)
+
+    @property
+    def preset(self) -> "presets.BivdiffPreset":
+        return presets.BIVDIFF_PRESETS[self.sampler]
+
+    @property
+    def spec_task(self) -> "presets.BivdiffTask":
+        return presets.BIVDIFF_TASKS[self.task]
+
+    @property
+    def prompt(self) -> str:
+        """The caption of the output video (metadata and CLIP scores): the VDM prompt."""
+        return self.vdm_prompt
+
+    def stage1_prompts(self) -> tuple[str, str]:
+        tags = self.spec_task.quality_tags
+        return self.idm_prompt + (presets.BIVDIFF_POS if tags else ""), self.negative_prompt
+
+    def smoothing_prompts(self) -> tuple[str, str]:
+        tags = self.spec_task.quality_tags
+        return self.vdm_prompt + (presets.BIVDIFF_POS if tags else ""), self.negative_prompt
+
+    def inversion_text(self) -> str:
+        return self.negative_prompt if self.preset.compat else self.inversion_prompt
+
+    def record(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["prompt"] = self.prompt
+        return out
+
+
+BIVDIFF_FIELDS = tuple(f.name for f in fields(BivdiffParams))
+NOISE_POLICIES = ("independent", "shared")
+
+
+def _string(name: str, value: Any, *, allow_empty: bool = True) -> str:
+    if not isinstance(value, str) or (not allow_empty and not value.strip()):
+        raise ValueError(f"{name}: must be a {'' if allow_empty else 'non-empty '}string, got {value!r}")
+    return value
+
+
+def resolve_bivdiff_params(row: Mapping[str, Any], defaults: Mapping[str, Any] | None = None, *,
+                           spatial_factor: int = 8) -> BivdiffParams:
+    """Merge task defaults < BIVDIFF_DEFAULTS < job defaults < row values; ValueError naming the parameter.
+
+    `prompt` fills idm_prompt and vdm_prompt when they are absent; tasks with quality tags default the
+    negative prompt to the official NEG string (spec §2.2)."""
+    defaults = {k: v for k, v in (defaults or {}).items() if _present(v) and k in BIVDIFF_FIELDS}
+    row = {k: v for k, v in row.items() if _present(v)}
+    merged = {**presets.BIVDIFF_DEFAULTS, **defaults, **row}
+    task_name = merged.get("task")
+    if task_name not in presets.BIVDIFF_TASKS:
+        raise ValueError(f"task: unknown {task_name!r}; choose one of {sorted(presets.BIVDIFF_TASKS)}")
+    task = presets.BIVDIFF_TASKS[task_name]
+    sampler = merged["sampler"]
+    if sampler not in presets.BIVDIFF_PRESETS:
+        raise ValueError(f"sampler: BIVDiff rows take {sorted(presets.BIVDIFF_PRESETS)}, got {sampler!r}")
+    preset = presets.BIVDIFF_PRESETS[sampler]
+    uris = {}
+    for name in ("source_video", "mask_video", "condition_video"):
+        v = merged.get(name)
+        uris[name] = None if v is None else _string(name, v, allow_empty=False)
+    needs_source = not (task.condition in ("depth", "pose") and uris["condition_video"])
+    if needs_source and uris["source_video"] is None:
+        raise ValueError(f"source_video: task {task.name!r} needs a source video (an fsspec URI)")
+    if task.mask == "video" and uris["mask_video"] is None:
+        raise ValueError(f"mask_video: task {task.name!r} needs a mask video (white = region to fill)")
+    for name, used in (("mask_video", task.mask == "video"), ("condition_video", task.condition in ("depth", "pose"))):
+        if uris[name] is not None and not used:
+            raise ValueError(f"{name}: task {task.name!r} does not use a {name.replace('_', ' ')}")
+    prompt = merged.get("prompt")
+    if prompt is not None:
+        _string("prompt", prompt)
+    idm_prompt = _string("idm_prompt", merged.get("idm_prompt", prompt if prompt is not None else ""))
+    vdm_prompt = _string("vdm_prompt", merged.get("vdm_prompt", prompt if prompt is not None else ""))
+    negative = _string("negative_prompt", merged.get("negative_prompt", presets.BIVDIFF_NEG if task.quality_tags else ""))
+    inversion = _string("inversion_prompt", merged.get("inversion_prompt", ""))
+    alpha = _float("alpha", merged.get("alpha", task.alpha))
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha: must lie in [0, 1] (weight of the image-model inversion), got {alpha}")
+    joint = merged.get("frame_joint_norm", preset.frame_joint_norm)
+    if not isinstance(joint, bool):
+        raise ValueError(f"frame_joint_norm: must be true or false, got {joint!r}")
+    ints = {name: _int(name, merged[name], lo, hi) for name, lo, hi in (
+        ("steps", 1, 1000), ("idm_steps", 1, 1000), ("frames", 1, 1024), ("height", 8, 8192), ("width", 8, 8192),
+        ("fps", 1, 240), ("seed", 0, MAX_SEED - 1))}
+    ints["stride"] = _int("stride", merged.get("stride") if "stride" in row or "stride" in defaults or task.idm != "external"
+                          else 1, 1, 1000)
+    if 1000 % ints["steps"]:
+        raise ValueError(f"steps: the SD DDIM grid (leading spacing) needs a divisor of 1000, got {ints['steps']}")
+    for name in ("height", "width"):
+        if ints[name] % spatial_factor:
+            raise ValueError(f"{name}: must be a multiple of the VAE factor {spatial_factor}, got {ints[name]}")
+    floats = {name: _float(name, merged[name]) for name in ("guidance", "idm_guidance", "image_guidance")}
+    noise = merged["noise"]
+    if noise not in NOISE_POLICIES:
+        raise ValueError(f"noise: must be one of {NOISE_POLICIES}, got {noise!r}")
+    return BivdiffParams(task=task.name, **uris, idm_prompt=idm_prompt, vdm_prompt=vdm_prompt, negative_prompt=negative,
+                         inversion_prompt=inversion, alpha=alpha, sampler=sampler, frame_joint_norm=joint, noise=noise,
+                         **ints, **floats)

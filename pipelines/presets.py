@@ -47,6 +47,13 @@ BACKBONES: dict[str, BackboneDefaults] = {
         image_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
         frames=16, height=512, width=512, fps=8,
     ),
+    # BIVDiff's VDM (spec bivdiff.md §2.1): ModelScope architecture; model card: 24 x 320 x 576 (BIVDiff runs 8 x 512 x 512)
+    "zeroscope": BackboneDefaults(
+        base="cerspense/zeroscope_v2_576w",
+        motion_adapter=None,
+        image_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        frames=24, height=320, width=576, fps=8,
+    ),
     # backbones spec B: VideoCrafter2 UNet (diffusers conversion) + zeroscope's VAE/text encoder/scheduler, RV6.0 IDM,
     # fps conditioning 24, SDE-DPM-Solver++ main steps with CFG 9.0
     "videocrafter2": BackboneDefaults(
@@ -111,3 +118,81 @@ DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"  # quality scores (CLIPSIM, 
 DEFAULT_SAMPLER = "ivmixed"
 DEFAULT_SEED = 0
 DEFAULT_NEGATIVE_PROMPT = ""
+
+
+# ---- BIVDiff (spec bivdiff.md §2.2, §3) -----------------------------------------------------------------------------
+# the quality tags the official ControlNet / InstructPix2Pix stage-1 code appends (spec §2.2 table, typos kept)
+BIVDIFF_POS = (" ,best quality, extremely detailed, HD, ultra-realistic, 8K, HQ, masterpiece, trending on artstation, "
+               "art, smooth")
+BIVDIFF_NEG = ("longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer difits, cropped, worst "
+               "quality, low quality, deformed body, bloated, ugly, unrealistic")
+
+
+@dataclass(frozen=True)
+class BivdiffTask:
+    """One stage-1 task: which image model runs per frame, what it needs, its mixing ratio α (spec §3)."""
+
+    name: str
+    idm: str  # "controlnet" | "instruct_pix2pix" | "inpainting" | "external"
+    alpha: float
+    quality_tags: bool  # append BIVDIFF_POS to the prompts and default the negative prompt to BIVDIFF_NEG
+    condition: str | None = None  # controlnet: "canny" (computed here) | "depth" | "pose" (a condition video)
+    mask: str | None = None  # inpainting: "video" (a mask video) | "horizontal" | "vertical" (static outpaint masks)
+    description: str = ""
+
+
+BIVDIFF_TASKS: dict[str, BivdiffTask] = {
+    t.name: t
+    for t in (
+        BivdiffTask("controlnet-canny", "controlnet", 1.0, True, condition="canny",
+                    description="ControlNet on canny edges of the source frames (thresholds 100/200)"),
+        BivdiffTask("controlnet-depth", "controlnet", 1.0, True, condition="depth",
+                    description="ControlNet on a precomputed depth video (condition_video, else source_video)"),
+        BivdiffTask("controlnet-pose", "controlnet", 1.0, True, condition="pose",
+                    description="ControlNet on a precomputed OpenPose video (condition_video, else source_video)"),
+        BivdiffTask("instruct-pix2pix", "instruct_pix2pix", 1.0, True,
+                    description="InstructPix2Pix: idm_prompt is the edit instruction, vdm_prompt the target caption"),
+        BivdiffTask("inpaint", "inpainting", 0.1, False, mask="video",
+                    description="SD inpainting with a mask video (white = region to fill)"),
+        BivdiffTask("outpaint-horizontal", "inpainting", 0.1, False, mask="horizontal",
+                    description="SD inpainting of the top and bottom quarters"),
+        BivdiffTask("outpaint-vertical", "inpainting", 0.1, False, mask="vertical",
+                    description="SD inpainting of the left and right quarters"),
+        BivdiffTask("external", "external", 1.0, False,
+                    description="frames edited elsewhere (mp4, PNG folder or .npy (F, H, W, 3) in [-1, 1]); "
+                                "only Mixed Inversion and smoothing run"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class BivdiffPreset:
+    """Stages 2-3 settings: `bivdiff_compat` reproduces the official code (spec §8 M1-M6 and Q1, Q2, §11 A)."""
+
+    name: str
+    compat: bool  # official inversion grid 1 -> ... -> 981 -> 998 and inversion on the negative prompt's embedding
+    frame_joint_norm: bool  # default of the inversion UNet's frame-joint GroupNorm (spec §2.1 item 4)
+    description: str
+
+
+BIVDIFF_PRESETS: dict[str, BivdiffPreset] = {
+    "bivdiff": BivdiffPreset("bivdiff", False, False,
+                             "clean: inversion mirrors the smoothing grid (0 -> 1 -> ... -> 981), explicit "
+                             "inversion_prompt (default null text), per-frame SD GroupNorm"),
+    "bivdiff_compat": BivdiffPreset("bivdiff_compat", True, True,
+                                    "official code: inversion 1 -> ... -> 981 -> 998, conditioned on the negative "
+                                    "prompt's embedding, frame-joint GroupNorm in the inversion UNet"),
+}
+# spec §3 "common to all configs" and §2.1 (stride = the code's frame_rate); the zeroscope VDM is the default
+BIVDIFF_DEFAULTS = dict(sampler="bivdiff", steps=50, idm_steps=50, frames=8, stride=4, height=512, width=512, seed=42,
+                        guidance=7.5, idm_guidance=7.5, image_guidance=1.5, fps=8, noise="independent")
+BIVDIFF_VDMS = ("zeroscope", "modelscope", "videocrafter2", "animatediff")
+BIVDIFF_MODELS = dict(
+    vdm="zeroscope",
+    image_model="stable-diffusion-v1-5/stable-diffusion-v1-5",  # inversion UNet, SD VAE and the ControlNet base
+    controlnet_canny="lllyasviel/control_v11p_sd15_canny",
+    controlnet_depth="lllyasviel/control_v11f1p_sd15_depth",
+    controlnet_pose="lllyasviel/control_v11p_sd15_openpose",
+    instruct_pix2pix="timbrooks/instruct-pix2pix",
+    inpainting="stable-diffusion-v1-5/stable-diffusion-inpainting",
+)

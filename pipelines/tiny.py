@@ -20,7 +20,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-BACKBONES = ("animatediff", "modelscope", "videocrafter2")  # plus "clip": a tiny scorer model
+BACKBONES = ("animatediff", "modelscope", "videocrafter2")  # plus "bivdiff" (its model set) and "clip" (a scorer)
 HIDDEN = 32  # text hidden size = UNet cross-attention dim
 BLOCKS = (32, 64)
 _MERGES = ["t h", "th e</w>", "i n", "a n", "e r", "o n", "r e", "a t", "e n", "o r"]
@@ -70,7 +70,7 @@ def _text_encoder(seed: int, hidden: int = HIDDEN):
     return CLIPTextModel(cfg)
 
 
-def _unet(seed: int, cross_dim: int = HIDDEN, low_res_attention: bool = False):
+def _unet(seed: int, cross_dim: int = HIDDEN, low_res_attention: bool = False, in_channels: int = 4):
     """low_res_attention: attention only in the half-resolution block (cheap at 64x64 latents on a CPU)."""
     from diffusers import UNet2DConditionModel
 
@@ -78,7 +78,7 @@ def _unet(seed: int, cross_dim: int = HIDDEN, low_res_attention: bool = False):
     down = ("DownBlock2D", "CrossAttnDownBlock2D") if low_res_attention else ("CrossAttnDownBlock2D", "DownBlock2D")
     up = ("CrossAttnUpBlock2D", "UpBlock2D") if low_res_attention else ("UpBlock2D", "CrossAttnUpBlock2D")
     return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=BLOCKS,
+        sample_size=8, in_channels=in_channels, out_channels=4, layers_per_block=1, block_out_channels=BLOCKS,
         down_block_types=down, up_block_types=up, cross_attention_dim=cross_dim, attention_head_dim=8, norm_num_groups=8,
     )
 
@@ -94,14 +94,14 @@ def _perturb_zeros(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def _unet3d(seed: int, cross_dim: int = HIDDEN):
+def _unet3d(seed: int, cross_dim: int = HIDDEN, groups: int = 8):
     from diffusers import UNet3DConditionModel
 
     torch.manual_seed(seed)
     return _perturb_zeros(UNet3DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=BLOCKS,
         down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
-        cross_attention_dim=cross_dim, attention_head_dim=8, norm_num_groups=8,
+        cross_attention_dim=cross_dim, attention_head_dim=8, norm_num_groups=groups,
     ))
 
 
@@ -219,6 +219,42 @@ def build_videocrafter2(out_dir: str, seed: int = 0) -> str:
     return _build_aside(out_dir, "videocrafter2", seed, fill)
 
 
+def build_bivdiff(out_dir: str, seed: int = 0) -> str:
+    """BIVDiff's model set (spec bivdiff.md §2.1, §2.2): image_model/ (SD pipeline: inversion UNet, the shared VAE,
+    text encoder 16 wide), video_model/ (a zeroscope-style TextToVideoSDPipeline folder, UNet3D with 32 GroupNorm
+    groups as diffusers 0.23 hard-codes (spec §11 G), text encoder 32 wide), controlnet/ (from the image UNet,
+    zero convolutions perturbed), instruct_pix2pix/ (8-channel UNet, Euler ancestral) and inpainting/ (9-channel)."""
+    from diffusers import (ControlNetModel, DDIMScheduler, EulerAncestralDiscreteScheduler, PNDMScheduler,
+                           StableDiffusionInpaintPipeline, StableDiffusionInstructPix2PixPipeline, TextToVideoSDPipeline)
+
+    sd_betas = {k: v for k, v in SD15_SCHEDULER.items() if k in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps",
+                                                                  "steps_offset")}
+    quiet = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+    def fill(tmp: str) -> None:
+        tok = build_tokenizer(os.path.join(tmp, "tokenizer"))
+        vae = _vae(seed + 1)
+        image_unet = _unet(seed + 5, cross_dim=16)
+        _pipeline_folder(os.path.join(tmp, "image_model"), unet=image_unet, vae=vae,
+                         text_encoder=_text_encoder(seed + 6, hidden=16), tokenizer=tok)
+        TextToVideoSDPipeline(vae=vae, text_encoder=_text_encoder(seed + 3), tokenizer=tok, unet=_unet3d(seed + 2, groups=32),
+                              scheduler=DDIMScheduler(**MS_SCHEDULER)).save_pretrained(os.path.join(tmp, "video_model"))
+        torch.manual_seed(seed + 7)
+        controlnet = ControlNetModel.from_unet(image_unet, conditioning_embedding_out_channels=(8, 8, 16, 16))
+        _perturb_zeros(controlnet).save_pretrained(os.path.join(tmp, "controlnet"))
+        StableDiffusionInstructPix2PixPipeline(
+            vae=vae, text_encoder=_text_encoder(seed + 8, hidden=16), tokenizer=tok,
+            unet=_unet(seed + 9, cross_dim=16, in_channels=8), scheduler=EulerAncestralDiscreteScheduler(**sd_betas), **quiet,
+        ).save_pretrained(os.path.join(tmp, "instruct_pix2pix"))
+        StableDiffusionInpaintPipeline(
+            vae=vae, text_encoder=_text_encoder(seed + 10, hidden=16), tokenizer=tok,
+            unet=_unet(seed + 11, cross_dim=16, in_channels=9), scheduler=PNDMScheduler(**SD15_SCHEDULER), **quiet,
+        ).save_pretrained(os.path.join(tmp, "inpainting"))
+        shutil.rmtree(os.path.join(tmp, "tokenizer"))
+
+    return _build_aside(out_dir, "bivdiff", seed, fill)
+
+
 def build_clip(out_dir: str, seed: int = 0) -> str:
     """A tiny random CLIPModel folder (model, tokenizer, image processor) for the quality scores."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
@@ -237,7 +273,7 @@ def build_clip(out_dir: str, seed: int = 0) -> str:
 
 
 BUILDERS = {"animatediff": build_animatediff, "modelscope": build_modelscope, "videocrafter2": build_videocrafter2,
-            "clip": build_clip}
+            "bivdiff": build_bivdiff, "clip": build_clip}
 
 
 def ensure_tiny(backbone: str, out_dir: str, seed: int = 0) -> str:

@@ -11,10 +11,10 @@ def load_backbone(spec: ModelSpec) -> BackboneBase:
         from .animatediff import AnimateDiff
 
         return AnimateDiff.from_spec(spec)
-    if spec.backbone == "modelscope":
-        from .modelscope import ModelScope
+    if spec.backbone in ("modelscope", "zeroscope"):
+        from .modelscope import ModelScope, ZeroScope
 
-        return ModelScope.from_spec(spec)
+        return (ZeroScope if spec.backbone == "zeroscope" else ModelScope).from_spec(spec)
     if spec.backbone == "videocrafter2":
         from .videocrafter2 import VideoCrafter2
 

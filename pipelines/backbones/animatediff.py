@@ -67,11 +67,16 @@ class AnimateDiff(BackboneBase):
             emb_i = emb_v
         else:
             emb_i = encode_prompts(self.image_tokenizer, self.image_text_encoder, [*negatives, *prompts], self.device)
-        emb_v = emb_v.to(self.dtype).repeat_interleave(frames, dim=0)  # (2B*F, L, D), as AnimateDiffPipeline
         emb_i = emb_i.to(self.dtype).repeat_interleave(frames, dim=0)
+        return {"V": CFGDenoiser(self.vdm_eps(emb_v.to(self.dtype), frames, fps)),
+                "I": CFGDenoiser(framewise_eps(self.image_unet, emb_i, self.dtype))}
+
+    def vdm_eps(self, emb: torch.Tensor, frames: int, fps: int):
+        """UNetMotionModel takes the text per frame: (B', L, D) is repeated to (B'*F, L, D), as AnimateDiffPipeline."""
         unet, dtype = self.unet, self.dtype
+        emb = emb.repeat_interleave(frames, dim=0)
 
-        def vdm_eps(x2: torch.Tensor, t: int) -> torch.Tensor:  # x2: (2B, C, F, h, w)
-            return unet(x2.to(dtype), t, encoder_hidden_states=emb_v).sample
+        def eps(x: torch.Tensor, t: int) -> torch.Tensor:  # x: (B', C, F, h, w)
+            return unet(x.to(dtype), t, encoder_hidden_states=emb).sample
 
-        return {"V": CFGDenoiser(vdm_eps), "I": CFGDenoiser(framewise_eps(self.image_unet, emb_i, dtype))}
+        return eps

@@ -103,6 +103,18 @@ class BackboneBase:
         cfg.update(timestep_spacing=preset.timestep_spacing, steps_offset=preset.steps_offset, clip_sample=False)
         return cfg
 
+    def encode_text(self, texts: Sequence[str], model: str = "V") -> torch.Tensor:
+        """(B, L, D) embeddings of `texts` from the VDM's ("V") or the IDM's own ("I") text encoder, in the run dtype."""
+        if model == "V":
+            return encode_prompts(self.tokenizer, self.text_encoder, texts, self.device).to(self.dtype)
+        if self.image_text_encoder is None:
+            raise ValueError(f"image_model: {self.name}'s image model has no text encoder of its own")
+        return encode_prompts(self.image_tokenizer, self.image_text_encoder, texts, self.device).to(self.dtype)
+
+    def vdm_eps(self, emb: torch.Tensor, frames: int, fps: int):
+        """ε of the video UNet on (B', C, F, h, w) latents with the (B', L, D) text embeddings bound."""
+        raise NotImplementedError
+
     def own_text_embeddings(self, prompts: Sequence[str], negatives: Sequence[str], frames: int,
                             idm_text: str) -> tuple[torch.Tensor, torch.Tensor]:
         """CFG-batched text conditioning for backbones whose IDM must read text with its own encoder (its width differs
@@ -110,9 +122,16 @@ class BackboneBase:
         if idm_text != "own":
             raise ValueError(f"{self.name}'s IDM needs its own text encoder (the VDM's embeddings have another width)")
         texts = [*negatives, *prompts]
-        emb_v = encode_prompts(self.tokenizer, self.text_encoder, texts, self.device).to(self.dtype)
-        emb_i = encode_prompts(self.image_tokenizer, self.image_text_encoder, texts, self.device).to(self.dtype)
-        return emb_v, emb_i.repeat_interleave(frames, dim=0)
+        return self.encode_text(texts, "V"), self.encode_text(texts, "I").repeat_interleave(frames, dim=0)
+
+    def denoisers(self, prompts: Sequence[str], negatives: Sequence[str], *, frames: int, idm_text: str,
+                  fps: int) -> dict:
+        """One CFG denoiser per model ("V", "I") with the batch's text conditioning bound (spec §1)."""
+        from ..sampling import CFGDenoiser
+
+        emb_v, emb_i = self.own_text_embeddings(prompts, negatives, frames, idm_text)
+        return {"V": CFGDenoiser(self.vdm_eps(emb_v, frames, fps)),
+                "I": CFGDenoiser(framewise_eps(self.image_unet, emb_i, self.dtype))}
 
     def main_timesteps(self, preset: Preset, steps: int) -> list[int]:
         """The main solver's grid (DDIM; adapters with another solver override this)."""
@@ -139,15 +158,21 @@ class BackboneBase:
                              "IV-Mixed needs one shared schedule (spec §4.3)")
         return down, down
 
-    @torch.inference_mode()
     def decode(self, latents: torch.Tensor, chunk: int = 16) -> torch.Tensor:
         """(B, C, F, h, w) latents -> (B, F, H, W, 3) float32 frames in [0, 1] (as AnimateDiffPipeline 'np')."""
-        b, c, f, h, w = latents.shape
-        z = latents.to(self.device, torch.float32) / self.vae.config.scaling_factor
-        z = z.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
-        out = torch.cat([self.vae.decode(z[i : i + chunk]).sample for i in range(0, z.shape[0], chunk)])
-        out = (out / 2 + 0.5).clamp(0, 1)
-        return out.reshape(b, f, *out.shape[1:]).permute(0, 1, 3, 4, 2).float().cpu()
+        return decode_latents(self.vae, latents, self.device, chunk)
+
+
+@torch.inference_mode()
+def decode_latents(vae, latents: torch.Tensor, device: torch.device, chunk: int = 16) -> torch.Tensor:
+    """VAE-decode (B, C, F, h, w) latents (÷ the VAE's own scaling factor, frames folded into the batch) to
+    (B, F, H, W, 3) float32 frames in [0, 1]."""
+    b, c, f, h, w = latents.shape
+    z = latents.to(device, next(vae.parameters()).dtype) / vae.config.scaling_factor
+    z = z.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
+    out = torch.cat([vae.decode(z[i : i + chunk]).sample for i in range(0, z.shape[0], chunk)])
+    out = (out.float() / 2 + 0.5).clamp(0, 1)
+    return out.reshape(b, f, *out.shape[1:]).permute(0, 1, 3, 4, 2).cpu()
 
 
 def _unet_source(path: str) -> tuple[str, str | None]:
@@ -203,13 +228,59 @@ def load_image_model(path: str, lora: str | None, lora_scale: float):
     return unet, tokenizer, text_encoder, scheduler_config
 
 
-def framewise_eps(unet, emb: torch.Tensor, dtype: torch.dtype):
-    """ε of an image UNet on (2B, C, F, h, w) latents with frames folded into the batch; `emb` is (2B*F, L, D)."""
+class FrameJointGroupNorm(torch.nn.Module):
+    """A GroupNorm whose statistics pool over the `frames` frames of each video that sit folded in the batch
+    (spec bivdiff.md §2.1 item 4, §11 A: the official inflated SD UNet normalises its resnet and output GroupNorms
+    on the 5-D tensor). With `frames` unset it is the wrapped GroupNorm."""
+
+    def __init__(self, norm: torch.nn.GroupNorm):
+        super().__init__()
+        self.norm = norm
+        self.frames: int | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.frames is None:
+            return self.norm(x)
+        bf, c = x.shape[:2]
+        y = x.reshape(bf // self.frames, self.frames, c, *x.shape[2:]).transpose(1, 2)  # (B, C, F, h, w)
+        y = torch.nn.functional.group_norm(y, self.norm.num_groups, self.norm.weight, self.norm.bias, self.norm.eps)
+        return y.transpose(1, 2).reshape(x.shape)
+
+
+def frame_joint_norms(unet) -> list[FrameJointGroupNorm]:
+    """Wrap (once) the GroupNorms of every resnet block and `conv_norm_out` of a 2-D UNet; returns the wrappers."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    found = getattr(unet, "_frame_joint_norms", None)
+    if found is None:
+        found = []
+        for block in [m for m in unet.modules() if isinstance(m, ResnetBlock2D)]:
+            for name in ("norm1", "norm2"):
+                wrapper = FrameJointGroupNorm(getattr(block, name))
+                setattr(block, name, wrapper)
+                found.append(wrapper)
+        if isinstance(getattr(unet, "conv_norm_out", None), torch.nn.GroupNorm):
+            unet.conv_norm_out = FrameJointGroupNorm(unet.conv_norm_out)
+            found.append(unet.conv_norm_out)
+        unet._frame_joint_norms = found
+    return found
+
+
+def framewise_eps(unet, emb: torch.Tensor, dtype: torch.dtype, *, joint_norm: bool = False):
+    """ε of an image UNet on (B', C, F, h, w) latents with frames folded into the batch; `emb` is (B'*F, L, D).
+    joint_norm: resnet/output GroupNorm statistics pooled over each video's frames (`FrameJointGroupNorm`)."""
+    norms = frame_joint_norms(unet) if joint_norm else []
 
     def eps(x2: torch.Tensor, t: int) -> torch.Tensor:
         b, c, f, h, w = x2.shape
         flat = x2.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
-        out = unet(flat.to(dtype), t, encoder_hidden_states=emb).sample
+        for n in norms:
+            n.frames = f
+        try:
+            out = unet(flat.to(dtype), t, encoder_hidden_states=emb).sample
+        finally:
+            for n in norms:
+                n.frames = None
         return out.reshape(b, f, c, h, w).permute(0, 2, 1, 3, 4)
 
     return eps

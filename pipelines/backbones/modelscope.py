@@ -3,13 +3,11 @@ encoder; IDM = an SD1.5-family UNet on folded frames with the IDM's *own* text e
 from __future__ import annotations
 
 import logging
-from typing import Sequence
 
 import torch
 
 from ..config import ModelSpec
-from ..sampling import CFGDenoiser, Denoiser
-from .common import (BackboneBase, framewise_eps, load_base_components, load_own_text_image_model, place,
+from .common import (BackboneBase, load_base_components, load_own_text_image_model, place,
                      resolve_placement)
 
 logger = logging.getLogger(__name__)
@@ -31,13 +29,18 @@ class ModelScope(BackboneBase):
         place(parts["vae"], device, torch.float32)  # fp32 decode (backbones spec C.7)
         return cls(**parts, device=device, dtype=dtype)
 
-    def denoisers(self, prompts: Sequence[str], negatives: Sequence[str], *, frames: int, idm_text: str,
-                  fps: int) -> dict[str, Denoiser]:
-        """fps is not an input of this VDM."""
-        emb_v, emb_i = self.own_text_embeddings(prompts, negatives, frames, idm_text)
+    def vdm_eps(self, emb: torch.Tensor, frames: int, fps: int):
+        """fps is not an input of this VDM; UNet3DConditionModel repeats the text per frame itself."""
         unet, dtype = self.unet, self.dtype
 
-        def vdm_eps(x2: torch.Tensor, t: int) -> torch.Tensor:  # UNet3DConditionModel repeats the text per frame
-            return unet(x2.to(dtype), t, encoder_hidden_states=emb_v).sample
+        def eps(x: torch.Tensor, t: int) -> torch.Tensor:
+            return unet(x.to(dtype), t, encoder_hidden_states=emb).sample
 
-        return {"V": CFGDenoiser(vdm_eps), "I": CFGDenoiser(framewise_eps(self.image_unet, emb_i, dtype))}
+        return eps
+
+
+class ZeroScope(ModelScope):
+    """ZeroScope v2 (cerspense/zeroscope_v2_576w): a ModelScope-architecture UNet3DConditionModel fine-tune with the
+    same folder layout; BIVDiff's stage-3 VDM (spec bivdiff.md §2.1 item 3)."""
+
+    name = "zeroscope"

@@ -3,13 +3,11 @@ tokenizer and scheduler config, an SD-family IDM with its own text encoder, SDE-
 from __future__ import annotations
 
 import logging
-from typing import Sequence
 
 import torch
 
 from ..config import ModelSpec
-from ..sampling import CFGDenoiser, Denoiser
-from .common import (BackboneBase, framewise_eps, load_base_components, load_own_text_image_model, place,
+from .common import (BackboneBase, load_base_components, load_own_text_image_model, place,
                      resolve_placement)
 
 logger = logging.getLogger(__name__)
@@ -58,13 +56,11 @@ class VideoCrafter2(BackboneBase):
 
         return step
 
-    def denoisers(self, prompts: Sequence[str], negatives: Sequence[str], *, frames: int, idm_text: str,
-                  fps: int) -> dict[str, Denoiser]:
+    def vdm_eps(self, emb: torch.Tensor, frames: int, fps: int):
         """The VC UNet is conditioned on fps (the code: 24)."""
-        emb_v, emb_i = self.own_text_embeddings(prompts, negatives, frames, idm_text)
         unet, dtype = self.unet, self.dtype
 
-        def vdm_eps(x2: torch.Tensor, t: int) -> torch.Tensor:
-            return unet(x2.to(dtype), t, emb_v, fps).sample
+        def eps(x: torch.Tensor, t: int) -> torch.Tensor:
+            return unet(x.to(dtype), t, emb, fps).sample
 
-        return {"V": CFGDenoiser(vdm_eps), "I": CFGDenoiser(framewise_eps(self.image_unet, emb_i, dtype))}
+        return eps

@@ -1,0 +1,144 @@
+"""One BIVDiff worker: loads the models once, then turns resolved rows into videos (spec bivdiff.md §2).
+
+stage 1 (diffusers task pipeline per frame, `stage1.py`) -> SD-VAE encode (posterior sample from a CPU generator
+seeded seed + 1) -> Mixed Inversion and smoothing (`program.py`, the IV-Mixed engine's moves) -> SD-VAE decode.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .. import presets
+from ..config import BivdiffParams, BivdiffSpec
+from ..sampling import CFGDenoiser
+from ..schedule import AlphaTable
+from . import inputs
+from .program import LatentSpace, State, bivdiff_sample
+from .stage1 import Stage1
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, eq=False)
+class BivdiffResult:
+    params: BivdiffParams
+    latents: torch.Tensor  # (1, C, F, h, w) float32 cpu, smoothed
+    frames: torch.Tensor | None  # (F, H, W, 3) float32 in [0, 1]; None when not decoded
+    stage1: np.ndarray  # (F, H, W, 3) uint8 frames that went into the inversion
+    calls: dict  # {"I": image-inversion calls, "V": video calls (inversion + smoothing)}; stage-1 calls not counted
+    seconds: float
+
+    @property
+    def total_calls(self) -> int:
+        return sum(self.calls.values())
+
+    @property
+    def nfe(self) -> int:
+        """Network evaluations of stages 2-3: inversion calls are single passes, smoothing calls CFG pairs."""
+        return self.total_calls + self.params.steps
+
+
+class _Single:
+    """A one-pass denoiser (no CFG: the inversion chains, spec §2.3 step 2); w is ignored."""
+
+    def __init__(self, eps_fn):
+        self.eps_fn = eps_fn
+
+    def __call__(self, x: torch.Tensor, timestep: int, w) -> torch.Tensor:
+        return self.eps_fn(x, timestep).to(x.dtype)
+
+
+class BIVDiff:
+    """Models of one worker. The VDM backbone also holds the SD image model (frame-wise inversion UNet and its
+    own text encoder); the SD VAE is loaded from the image model and is the one latent space (spec §4)."""
+
+    def __init__(self, spec: BivdiffSpec):
+        from diffusers import AutoencoderKL
+
+        from ..backbones import load_backbone
+        from ..backbones.common import place
+
+        self.spec = spec
+        self.backbone = bb = load_backbone(spec.model_spec())
+        self.vae = place(AutoencoderKL.from_pretrained(spec.image_model, subfolder="vae"), bb.device, torch.float32)
+        self.space = LatentSpace.from_vae_config(self.vae.config)
+        if self.space.shift_factor:
+            raise ValueError("image_model: VAEs with a shift_factor are not SD-1.5 latent spaces (spec §4)")
+        vdm_space = LatentSpace.from_vae_config(bb.vae.config)
+        if vdm_space != self.space:
+            raise ValueError(f"video_model: the VDM's latent space ({vdm_space.describe()}) differs from the SD image "
+                             f"model's ({self.space.describe()}); BIVDiff inverts, mixes and smooths in one shared "
+                             "latent space (spec bivdiff.md §4)")
+        for name, unet in (("video_model", bb.unet), ("image_model", bb.image_unet)):
+            if int(unet.config.in_channels) != self.space.channels:
+                raise ValueError(f"{name}: its UNet takes {unet.config.in_channels} latent channels, the SD VAE "
+                                 f"has {self.space.channels}")
+        self.table = AlphaTable.from_scheduler_config(bb.image_scheduler_config)
+        if not self.table.same_as(AlphaTable.from_scheduler_config(bb.scheduler_config)):
+            raise ValueError("video_model: its noise schedule (ᾱ table) differs from the SD image model's; BIVDiff "
+                             "passes timesteps unchanged between the two (spec §4)")
+        self.device, self.dtype = bb.device, bb.dtype
+        components = dict(vae=self.vae, text_encoder=bb.image_text_encoder, tokenizer=bb.image_tokenizer,
+                          unet=bb.image_unet)
+        self.stage1 = Stage1(spec, components, bb.device, bb.dtype)
+        self.vdm_fps = presets.BACKBONES[spec.vdm].fps  # fps conditioning of fps-aware VDMs (VideoCrafter2)
+
+    @property
+    def spatial_factor(self) -> int:
+        return self.space.spatial_factor
+
+    # -- stages ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode(self, frames: np.ndarray, seed: int, chunk: int = 16) -> State:
+        """(F, H, W, 3) frames -> clean latents (1, C, F, h, w): posterior sample ε ~ CPU generator(seed + 1), one
+        (F, C, h, w) draw, times the VAE's scaling factor (spec §2.3 step 1, §11 E)."""
+        x = torch.from_numpy(inputs.to_unit(frames)).permute(0, 3, 1, 2).to(self.device, torch.float32)
+        means, stds = [], []
+        for i in range(0, x.shape[0], chunk):
+            dist = self.vae.encode(x[i : i + chunk]).latent_dist
+            means.append(dist.mean)
+            stds.append(dist.std)
+        mean, std = torch.cat(means), torch.cat(stds)
+        noise = torch.randn(mean.shape, generator=torch.Generator("cpu").manual_seed(seed + 1), dtype=torch.float32)
+        z = (mean + std * noise.to(mean.device)) * self.vae.config.scaling_factor
+        return State(z.permute(1, 0, 2, 3).unsqueeze(0), -1, self.space)
+
+    def denoisers(self, p: BivdiffParams) -> dict:
+        """"I": SD UNet per frame on the inversion text, "U": VDM on the inversion text (single passes),
+        "V": VDM with CFG on [negative; vdm_prompt (+ tags)] (spec §2.3 step 2, §2.4)."""
+        from ..backbones.common import framewise_eps
+
+        bb, f = self.backbone, p.frames
+        inv = [p.inversion_text()]
+        pos, neg = p.smoothing_prompts()
+        emb_i = bb.encode_text(inv, "I").repeat_interleave(f, dim=0)
+        return {"I": _Single(framewise_eps(bb.image_unet, emb_i, self.dtype, joint_norm=p.frame_joint_norm)),
+                "U": _Single(bb.vdm_eps(bb.encode_text(inv, "V"), f, self.vdm_fps)),
+                "V": CFGDenoiser(bb.vdm_eps(bb.encode_text([neg, pos], "V"), f, self.vdm_fps))}
+
+    def run(self, p: BivdiffParams, *, decode: bool = True, callback=None,
+            loaded: inputs.RowInputs | None = None) -> BivdiffResult:
+        """One video; `loaded` = the row's inputs when the caller read (and so validated) them already."""
+        start = time.perf_counter()
+        if p.height % self.spatial_factor or p.width % self.spatial_factor:
+            raise ValueError(f"height/width: must be multiples of the VAE factor {self.spatial_factor}")
+        self.backbone.check_frames(p.frames)
+        source, mask, condition = loaded or inputs.read_row_inputs(p)
+        edited = source if p.spec_task.idm == "external" else self.stage1.run(p, source, mask, condition)
+        z0 = self.encode(edited, p.seed)
+        with torch.inference_mode():
+            models = self.denoisers(p)
+            x, calls = bivdiff_sample(models, z0, p.alpha, table=self.table, steps=p.steps,
+                                      guidance=torch.tensor([p.guidance]), compat=p.preset.compat, callback=callback)
+            frames = self.decode(x)[0] if decode else None
+        stage1 = edited if edited.dtype == np.uint8 else inputs.to_uint8(edited)
+        return BivdiffResult(p, x.float().cpu(), frames, stage1, calls, time.perf_counter() - start)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        from ..backbones.common import decode_latents
+
+        return decode_latents(self.vae, latents, self.device)
