@@ -1,0 +1,249 @@
+"""BIVDiff end to end on tiny random models and a short synthetic source video: every task, the inputs' errors,
+the latent-space guard, the CLI, and stages 2-3 against an independent computation with diffusers' own modules
+(VAE posterior sample, UNet loops over the literal official inversion pairs, TextToVideoSDPipeline smoothing)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines import presets
+from pipelines.config import BivdiffSpec, resolve_bivdiff_params
+
+SMALL = dict(frames=4, height=64, width=64, steps=5, idm_steps=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_bivdiff(tmp_path_factory) -> str:
+    from pipelines.tiny import build_bivdiff
+
+    return build_bivdiff(str(tmp_path_factory.mktemp("tiny") / "bivdiff"))
+
+
+@pytest.fixture(scope="module")
+def worker(tiny_bivdiff):
+    from pipelines.bivdiff.runner import BIVDiff
+
+    return BIVDiff(BivdiffSpec.from_model_dir(tiny_bivdiff, device="cpu", dtype="float32"))
+
+
+def synthetic_frames(n: int = 16, h: int = 48, w: int = 80, shift: int = 0) -> np.ndarray:
+    """A square moving right over a colour gradient: (n, h, w, 3) floats in [0, 1]."""
+    yy, xx = np.mgrid[:h, :w]
+    out = np.zeros((n, h, w, 3), np.float32)
+    for i in range(n):
+        out[i, ..., 0], out[i, ..., 1], out[i, ..., 2] = xx / w, yy / h, 0.3
+        x0 = 4 + 3 * i + shift
+        out[i, 12:32, x0 : x0 + 18] = (1.0, 0.9, 0.2)
+    return out
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory) -> dict:
+    from pipelines.video import write_mp4
+
+    d = tmp_path_factory.mktemp("videos")
+    paths = {k: str(d / f"{k}.mp4") for k in ("source", "mask", "short", "wide_mask")}
+    write_mp4(synthetic_frames(), paths["source"], 8)
+    mask = np.zeros((16, 48, 80, 3), np.float32)
+    mask[:, 10:40, 20:60] = 1.0
+    write_mp4(mask, paths["mask"], 8)
+    write_mp4(synthetic_frames(n=6), paths["short"], 8)
+    write_mp4(np.zeros((16, 48, 96, 3), np.float32), paths["wide_mask"], 8)
+    pngs = d / "pngs"
+    pngs.mkdir()
+    from PIL import Image
+
+    for i, f in enumerate(synthetic_frames(n=4, shift=5)):
+        Image.fromarray((f * 255).astype(np.uint8)).save(pngs / f"{i:03d}.png")
+    paths["pngs"] = str(pngs)
+    paths["npy"] = str(d / "edited.npy")
+    np.save(paths["npy"], np.random.default_rng(0).uniform(-1, 1, (5, 64, 64, 3)).astype(np.float32))
+    (d / "broken.mp4").write_bytes(b"not a video at all")
+    paths["broken"] = str(d / "broken.mp4")
+    return paths
+
+
+TASK_ROWS = {
+    "controlnet-canny": {"prompt": "a robot dancing"},
+    "controlnet-depth": {"prompt": "a robot dancing"},  # the source video stands in for its depth maps
+    "controlnet-pose": {"prompt": "a robot dancing", "condition_video": "{source}"},
+    "instruct-pix2pix": {"idm_prompt": "make it snowy", "vdm_prompt": "a snowy street"},
+    "inpaint": {"mask_video": "{mask}"},
+    "outpaint-horizontal": {},
+    "outpaint-vertical": {"alpha": 0.5},
+    "external": {"source_video": "{pngs}", "vdm_prompt": "a square"},
+}
+
+
+def _row(task: str, videos: dict, **extra) -> dict:
+    row = {"task": task, "source_video": "{source}", **TASK_ROWS[task], **SMALL, **extra}
+    return {k: v.format(**videos) if isinstance(v, str) and v.startswith("{") else v for k, v in row.items()}
+
+
+@pytest.mark.parametrize("task", sorted(TASK_ROWS))
+def test_every_task_end_to_end(worker, videos, task):
+    p = resolve_bivdiff_params(_row(task, videos))
+    r = worker.run(p)
+    assert r.frames.shape == (4, 64, 64, 3) and torch.isfinite(r.frames).all()
+    assert 0.0 <= float(r.frames.min()) and float(r.frames.max()) <= 1.0 and float(r.frames.std()) > 0.01
+    assert r.stage1.shape == (4, 64, 64, 3) and r.stage1.dtype == np.uint8
+    assert r.latents.shape == (1, 4, 4, 8, 8)
+    alpha = p.alpha
+    assert r.calls == {"I": 5 if alpha > 0 else 0, "V": 5 + (5 if alpha < 1 else 0)}
+    if task == "external":  # the PNG frames themselves went into the inversion (no stage 1)
+        from pipelines.bivdiff.inputs import read_frames
+
+        frames, _ = read_frames("x", videos["pngs"], frames=4, stride=1, height=64, width=64)
+        assert np.array_equal(r.stage1, frames)
+
+
+def test_stage1_controlnet_is_the_diffusers_pipeline_on_canny_maps(worker, videos):
+    """Frame 0 of stage 1 equals diffusers' ControlNet pipeline called directly on our canny map with the prompt +
+    POS tags, the NEG tags and a CPU generator seeded `seed`; the next frame draws on from the same generator."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+    from PIL import Image
+
+    from pipelines.bivdiff.inputs import read_row_inputs
+    from pipelines.bivdiff.stage1 import canny
+
+    p = resolve_bivdiff_params(_row("controlnet-canny", videos, frames=2))
+    source, _, _ = read_row_inputs(p)
+    ours = worker.stage1.run(p, source, None, None)
+    spec = worker.spec
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(
+        spec.image_model, controlnet=ControlNetModel.from_pretrained(spec.controlnet_canny), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator("cpu").manual_seed(p.seed)
+    ref = [pipe(prompt="a robot dancing" + presets.BIVDIFF_POS, negative_prompt=presets.BIVDIFF_NEG,
+                image=Image.fromarray(canny(source[i])), num_inference_steps=2, guidance_scale=7.5, generator=g,
+                height=64, width=64, output_type="np").images[0] for i in range(2)]
+    ref = (np.clip(np.stack(ref), 0, 1) * 255).round().astype(np.uint8)
+    assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 1
+
+
+def test_canny_and_outpaint_masks():
+    from pipelines.bivdiff.stage1 import canny, outpaint_mask
+
+    img = np.zeros((32, 32, 3), np.uint8)
+    img[8:24, 8:24] = 255
+    edges = canny(img)[..., 0] > 0
+    assert not canny(np.full((32, 32, 3), 90, np.uint8)).any()  # flat image: no edges
+    ring = np.zeros((32, 32), bool)
+    ring[7:25, 7:25] = True
+    ring[9:23, 9:23] = False
+    assert edges.sum() > 40 and not (edges & ~ring).any()  # edges only along the square's border
+    h = outpaint_mask("horizontal", 64, 48)
+    assert h[:16].all() and h[48:].all() and not h[16:48].any()
+    v = outpaint_mask("vertical", 64, 48)
+    assert v[:, :12].all() and v[:, 36:].all() and not v[:, 12:36].any()
+
+
+def test_stages_2_3_match_an_independent_diffusers_computation(worker, videos, tiny_bivdiff):
+    """Compat preset, α = 0.3, external frames: SD VAE posterior sample (CPU generator seed + 1) -> image and video
+    inversions over the literal (e, min(998, e + Δ)) pairs with diffusers UNets called directly, conditioned on the
+    negative prompt -> mix -> diffusers' TextToVideoSDPipeline from those latents with a DDIM scheduler in the SD config."""
+    from diffusers import (AutoencoderKL, DDIMScheduler, TextToVideoSDPipeline, UNet2DConditionModel)
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    p = resolve_bivdiff_params({"task": "external", "source_video": videos["npy"], "vdm_prompt": "a dog",
+                                "negative_prompt": "blurry", "alpha": 0.3, "sampler": "bivdiff_compat",
+                                "frame_joint_norm": False, **{k: v for k, v in SMALL.items() if k != "idm_steps"}})
+    ours = worker.run(p, decode=False).latents
+
+    im, vm = os.path.join(tiny_bivdiff, "image_model"), os.path.join(tiny_bivdiff, "video_model")
+    vae = AutoencoderKL.from_pretrained(im, subfolder="vae")
+    frames = torch.from_numpy(np.load(videos["npy"])[:4]).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        z0 = vae.encode(frames).latent_dist.sample(generator=torch.Generator("cpu").manual_seed(p.seed + 1)) * 0.18215
+        z0 = z0.permute(1, 0, 2, 3).unsqueeze(0)  # (1, 4, F, 8, 8)
+        tok_i, te_i = CLIPTokenizer.from_pretrained(im, subfolder="tokenizer"), CLIPTextModel.from_pretrained(im, subfolder="text_encoder")
+        unet_i = UNet2DConditionModel.from_pretrained(im, subfolder="unet")
+        t2v = TextToVideoSDPipeline.from_pretrained(vm)
+        t2v.scheduler = DDIMScheduler.from_config(DDIMScheduler.load_config(im, subfolder="scheduler"))
+        t2v.set_progress_bar_config(disable=True)
+        ids = lambda tok, s: tok([s], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids  # noqa: E731
+        emb_i = te_i(ids(tok_i, "blurry"))[0].repeat(4, 1, 1)
+        emb_v = t2v.text_encoder(ids(t2v.tokenizer, "blurry"))[0]
+        a = t2v.scheduler.alphas_cumprod  # float32 arithmetic as the official code: the tiny VDM amplifies rounding
+        u = v = z0
+        for e in range(1, 982, 200):  # 5 steps: Δ = 200
+            n = min(998, e + 200)
+            ei = unet_i(u[0].permute(1, 0, 2, 3), e, encoder_hidden_states=emb_i).sample.permute(1, 0, 2, 3)[None]
+            ev = t2v.unet(v, e, encoder_hidden_states=emb_v).sample
+            step = lambda x, eps: a[n].sqrt() * ((x - (1 - a[e]).sqrt() * eps) / a[e].sqrt()) + (1 - a[n]).sqrt() * eps  # noqa: E731
+            u, v = step(u, ei), step(v, ev)
+        z_t = 0.3 * u + 0.7 * v
+        ref = t2v(prompt="a dog", negative_prompt="blurry", latents=z_t, num_inference_steps=5, guidance_scale=7.5,
+                  num_frames=4, height=64, width=64, output_type="latent").frames
+    ref = torch.as_tensor(ref).reshape(ours.shape)
+    err = ((ours - ref).norm() / ref.norm()).item()
+    assert err < 1e-4, err
+
+
+def test_latent_space_guard_refuses_a_vdm_with_another_vae(tiny_bivdiff, tmp_path):
+    from pipelines.bivdiff.runner import BIVDiff
+
+    other = str(tmp_path / "other")
+    shutil.copytree(tiny_bivdiff, other)
+    cfg_path = os.path.join(other, "video_model", "vae", "config.json")
+    cfg = json.load(open(cfg_path))
+    cfg["scaling_factor"] = 0.13025
+    json.dump(cfg, open(cfg_path, "w"))
+    with pytest.raises(ValueError, match="latent space"):
+        BIVDiff(BivdiffSpec.from_model_dir(other, device="cpu", dtype="float32"))
+
+
+@pytest.mark.parametrize("row,match", [
+    ({"source_video": "{short}"}, "source_video: .* has 6 frames; 4 frames at stride 4 need 13"),
+    ({"source_video": "{broken}"}, "source_video: .* is not a decodable video"),
+    ({"source_video": "/nonexistent/clip.mp4"}, "source_video: .* does not exist"),
+    ({"task": "inpaint", "mask_video": "{wide_mask}"}, "mask_video: .* is 96x48 but the source video is 80x48"),
+    ({"task": "external", "source_video": "{mask}", "frames": 20}, "source_video: .* has 16 frames; 20 frames"),
+])
+def test_input_errors_are_clear(videos, row, match):
+    from pipelines.bivdiff.inputs import read_row_inputs
+
+    full = {"task": "controlnet-canny", "source_video": "{source}", **SMALL, **row}
+    full = {k: v.format(**videos) if isinstance(v, str) and v.startswith("{") else v for k, v in full.items()}
+    with pytest.raises(ValueError, match=match):
+        read_row_inputs(resolve_bivdiff_params(full))
+
+
+def test_npy_input_checks(tmp_path):
+    from pipelines.bivdiff.inputs import read_frames
+
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.zeros((4, 8, 8), np.float32))
+    with pytest.raises(ValueError, match=r"shape \(F, H, W, 3\)"):
+        read_frames("source_video", str(bad), frames=2, stride=1, height=8, width=8)
+    np.save(bad, np.full((4, 8, 8, 3), 2.0, np.float32))
+    with pytest.raises(ValueError, match=r"in \[-1, 1\]"):
+        read_frames("source_video", str(bad), frames=2, stride=1, height=8, width=8)
+
+
+def test_cli(tiny_bivdiff, videos, tmp_path):
+    from pipelines.video import read_mp4
+
+    out = tmp_path / "out.mp4"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    base = [sys.executable, "-m", "pipelines.bivdiff", "--model-dir", tiny_bivdiff, "--device", "cpu", "--frames", "4",
+            "--height", "64", "--width", "64", "--steps", "5", "--idm-steps", "2", "-q"]
+    r = subprocess.run([*base, "--task", "controlnet-canny", "--video", videos["source"], "--prompt", "a silver robot",
+                        "--preset", "bivdiff_compat", "--out", str(out), "--save-stage1", str(tmp_path / "s1.mp4")],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    frames, fps = read_mp4(str(out))
+    assert frames.shape == (4, 64, 64, 3) and fps == 8
+    assert read_mp4(str(tmp_path / "s1.mp4"))[0].shape == (4, 64, 64, 3)
+    bad = subprocess.run([*base, "--task", "inpaint", "--video", videos["source"], "--out", str(tmp_path / "x.mp4")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode == 2 and "mask_video: task 'inpaint' needs a mask video" in bad.stderr
+    assert "Loading" not in bad.stderr and not (tmp_path / "x.mp4").exists()  # refused before any model loaded
