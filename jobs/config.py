@@ -13,9 +13,11 @@ from typing import Any, Mapping
 import yaml
 
 from pipelines import presets
-from pipelines.config import PARAM_NAMES, ModelSpec, resolve_params
+from pipelines.config import BIVDIFF_FIELDS, PARAM_NAMES, BivdiffSpec, ModelSpec, resolve_bivdiff_params, resolve_params
 
 MODEL_KEYS = tuple(f.name for f in fields(ModelSpec))
+BIVDIFF_MODEL_KEYS = tuple(f.name for f in fields(BivdiffSpec) if f.name not in ("device", "dtype"))
+BIVDIFF_DEFAULT_KEYS = tuple(k for k in BIVDIFF_FIELDS if k not in ("task", "source_video", "mask_video", "condition_video"))
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,39 @@ class RegressionConfig:
 
 
 @dataclass(frozen=True)
+class BivdiffSection:
+    """Manifest rows with a `task` are BIVDiff rows (spec bivdiff.md): the models that serve them (loaded by an actor
+    only when such a row reaches it; device and dtype follow `model`) and their per-row defaults."""
+
+    spec: BivdiffSpec = BivdiffSpec()
+    tiny: bool = False  # build the tiny BIVDiff model set (`python -m pipelines.tiny bivdiff`) into tiny_cache
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _bivdiff_section(raw: Any) -> BivdiffSection:
+    if raw is None:
+        return BivdiffSection()
+    if not isinstance(raw, Mapping):
+        raise ValueError("config 'bivdiff': must be a mapping")
+    raw = dict(raw)
+    unknown = sorted(set(raw) - set(BIVDIFF_MODEL_KEYS) - {"tiny", "defaults"})
+    if unknown:
+        raise ValueError(f"config 'bivdiff': unknown key(s) {unknown}; known: {[*BIVDIFF_MODEL_KEYS, 'tiny', 'defaults']}")
+    tiny, defaults = bool(raw.pop("tiny", False)), dict(raw.pop("defaults", None) or {})
+    if tiny and set(raw) - {"vdm"}:
+        raise ValueError(f"config 'bivdiff': 'tiny' builds its own models; drop {sorted(set(raw) - {'vdm'})}")
+    unknown = sorted(set(defaults) - set(BIVDIFF_DEFAULT_KEYS))
+    if unknown:
+        raise ValueError(f"config 'bivdiff.defaults': unknown key(s) {unknown}; known: {list(BIVDIFF_DEFAULT_KEYS)}")
+    try:
+        spec = BivdiffSpec(**raw)
+        resolve_bivdiff_params({"task": "external", "source_video": "validation.npy"}, defaults)
+    except ValueError as err:
+        raise ValueError(f"config 'bivdiff': {err}") from None
+    return BivdiffSection(spec=spec, tiny=tiny, defaults=defaults)
+
+
+@dataclass(frozen=True)
 class JobConfig:
     manifest: str
     output: str
@@ -81,11 +116,13 @@ class JobConfig:
     samplers: tuple[str, ...] | None = None  # A/B: every row once per sampler (a manifest `samplers` column wins)
     scores: ScoresConfig = ScoresConfig()
     regression: RegressionConfig = RegressionConfig()
+    bivdiff: BivdiffSection = BivdiffSection()
 
     def record(self) -> dict:
         """Plain nested values (for the resolved-config artifact and MLflow params)."""
         out = asdict(self)
         out["defaults"] = dict(self.defaults)
+        out["bivdiff"]["defaults"] = dict(self.bivdiff.defaults)
         return out
 
 
@@ -105,7 +142,7 @@ def _section(name: str, raw: Any, cls) -> Any:
 
 
 TOP_KEYS = ("model", "tiny", "tiny_cache", "defaults", "compute", "commit", "mlflow", "manifest", "output", "limit",
-            "fail_on_error", "samplers", "scores", "regression")
+            "fail_on_error", "samplers", "scores", "regression", "bivdiff")
 
 
 def load(args: argparse.Namespace) -> JobConfig:
@@ -181,6 +218,7 @@ def load(args: argparse.Namespace) -> JobConfig:
             raise ValueError(f"--samplers: distinct preset names from {sorted(presets.PRESETS)}, got {samplers!r}")
         samplers = tuple(samplers)
     return JobConfig(
+        bivdiff=_bivdiff_section(raw.get("bivdiff")),
         samplers=samplers, scores=scores, regression=regression,
         manifest=manifest, output=output.rstrip("/"), model=model, tiny=tiny, tiny_cache=tiny_cache,
         defaults=defaults, compute=compute, commit=commit,

@@ -163,7 +163,7 @@ def check_capacity(compute: job_config.ComputeConfig, resources: dict, device: s
         raise ValueError("; ".join(problems))
 
 
-def run(cfg: job_config.JobConfig, n_rows: int, ids_dup: set[str]) -> int:
+def run(cfg: job_config.JobConfig, n_rows: int, ids_dup: set[str], bivdiff_rows: bool = False) -> int:
     import mlflow
 
     fs, root = storage.filesystem(cfg.output)
@@ -190,6 +190,12 @@ def run(cfg: job_config.JobConfig, n_rows: int, ids_dup: set[str]) -> int:
     if device == "auto":
         device = "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
     model = replace(model, device=device)
+    bivdiff = replace(cfg.bivdiff.spec, device=device, dtype=model.dtype)
+    if cfg.bivdiff.tiny and bivdiff_rows:
+        from pipelines.config import BivdiffSpec
+
+        folder = os.path.abspath(ensure_tiny("bivdiff", os.path.join(cfg.tiny_cache, "bivdiff")))
+        bivdiff = BivdiffSpec.from_model_dir(folder, vdm=bivdiff.vdm, device=device, dtype=model.dtype)
     try:
         check_capacity(cfg.compute, ray.cluster_resources(), device)
     except ValueError as err:
@@ -204,6 +210,7 @@ def run(cfg: job_config.JobConfig, n_rows: int, ids_dup: set[str]) -> int:
         run_id = mlrun.info.run_id
         record = cfg.record()
         record["model"]["device"] = device
+        record["bivdiff"]["spec"] = _model_dict(bivdiff)
         mlflow.log_params(_flat("", {k: v for k, v in record.items() if k != "commit"}, {}))
         mlflow.set_tags({"manifest": cfg.manifest, "output": storage.full_uri(fs, root), "git_sha": git_sha or "unknown",
                          "code_version": version, "ray_submission_id": submission_id() or "local", "backbone": model.backbone})
@@ -219,7 +226,7 @@ def run(cfg: job_config.JobConfig, n_rows: int, ids_dup: set[str]) -> int:
         progress = Progress(max(total - len(done), 0))
         writer = metadata.MetadataWriter(fs, root, f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{run_id[:8]}")
         try:
-            _pipeline(ray, cfg, model, fs, root, done, ids_dup, run_id, version, progress, writer, device, scorer)
+            _pipeline(ray, cfg, model, bivdiff, fs, root, done, ids_dup, run_id, version, progress, writer, device, scorer)
         except BaseException:
             status = "FAILED"
             writer.flush()  # whatever finished is committed; a rerun resumes from it
@@ -241,7 +248,7 @@ def run(cfg: job_config.JobConfig, n_rows: int, ids_dup: set[str]) -> int:
     return 0
 
 
-def _pipeline(ray, cfg, model, fs, root, done, ids_dup, run_id, version, progress, writer, device, scorer) -> None:
+def _pipeline(ray, cfg, model, bivdiff, fs, root, done, ids_dup, run_id, version, progress, writer, device, scorer) -> None:
     import mlflow
 
     from operators.compute import actor_pool
@@ -257,14 +264,16 @@ def _pipeline(ray, cfg, model, fs, root, done, ids_dup, run_id, version, progres
         ds = ds.limit(cfg.limit)
     ds = ds.map_batches(resolve_rows, batch_format="pyarrow", batch_size=512, num_cpus=READ_CPUS, runtime_env=runtime_env,
                         fn_kwargs={"defaults": dict(cfg.defaults), "model": _model_dict(model),
-                                   "done": frozenset(done), "duplicate_ids": frozenset(ids_dup), "samplers": cfg.samplers})
+                                   "done": frozenset(done), "duplicate_ids": frozenset(ids_dup), "samplers": cfg.samplers,
+                                   "bivdiff": _model_dict(bivdiff), "bivdiff_defaults": dict(cfg.bivdiff.defaults)})
     # one actor call per block: rows stream to the driver as they finish and spread over the whole pool
     ds = ds.repartition(target_num_rows_per_block=cfg.compute.batch_size)
     gpu = device == "cuda"
     ds = ds.map_batches(
         VideoGenerator,
         fn_constructor_kwargs={"model": _model_dict(model), "output": cfg.output, "run_id": run_id,
-                               "code_version": version, "sampler_batch": cfg.compute.sampler_batch, "scorer": scorer},
+                               "code_version": version, "sampler_batch": cfg.compute.sampler_batch, "scorer": scorer,
+                               "bivdiff": _model_dict(bivdiff)},
         batch_size=cfg.compute.batch_size,
         batch_format="pyarrow",
         runtime_env=runtime_env,
@@ -338,12 +347,12 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         cfg = job_config.load(args)
-        _, n_rows = read_schema(cfg.manifest)  # before any model loads
+        schema, n_rows = read_schema(cfg.manifest)  # before any model loads
         ids_dup = _duplicate_ids(cfg.manifest)
     except (ValueError, ManifestError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return run(cfg, n_rows, ids_dup)
+    return run(cfg, n_rows, ids_dup, bivdiff_rows="task" in schema.names)
 
 
 def _duplicate_ids(uri: str) -> set[str]:

@@ -14,11 +14,12 @@ import logging
 import os
 import tempfile
 import time
+from dataclasses import asdict
 from typing import Any, Mapping
 
 import pyarrow as pa
 
-from pipelines.config import ModelSpec, resolve_params
+from pipelines.config import BivdiffParams, BivdiffSpec, ModelSpec, resolve_bivdiff_params, resolve_params
 
 from . import metadata, storage
 from .manifest import COLUMNS, expand_samplers
@@ -32,12 +33,14 @@ def passthrough_columns(table: pa.Table) -> list[str]:
 
 
 def resolve_rows(batch: pa.Table, *, defaults: Mapping[str, Any], model: Mapping[str, Any], done: frozenset = frozenset(),
-                 duplicate_ids: frozenset = frozenset(), spatial_factor: int = 8, samplers: tuple | None = None) -> pa.Table:
+                 duplicate_ids: frozenset = frozenset(), spatial_factor: int = 8, samplers: tuple | None = None,
+                 bivdiff: Mapping[str, Any] | None = None, bivdiff_defaults: Mapping[str, Any] | None = None) -> pa.Table:
     """Add _id/_status/_error/_params/_pair; expand A/B groups (one row per sampler); drop rows already committed ok."""
     spec = ModelSpec(**model)
+    bspec = BivdiffSpec(**bivdiff) if bivdiff else BivdiffSpec()
     src, resolved = [], []
     for i, row in enumerate(batch.to_pylist()):
-        for r in expand_samplers(row, defaults, spec, samplers, spatial_factor):
+        for r in expand_samplers(row, defaults, spec, samplers, spatial_factor, bspec, bivdiff_defaults):
             if r["status"] == "pending" and (row.get("id") in duplicate_ids or r["id"] in duplicate_ids):
                 r.update(status="failed", error=f"id: {row.get('id') or r['id']!r} appears in more than one manifest row; "
                          "ids must be unique", params_json=None)
@@ -59,24 +62,53 @@ def _sha256(path: str) -> str:
 
 
 class VideoGenerator:
-    """One actor: `__init__` loads the models named by the job config; `__call__` handles a batch of rows."""
+    """One actor: `__call__` handles a batch of rows. The models named by the job config load on first use, once:
+    the generation backbone for prompt rows, the BIVDiff set for rows with a `task`."""
 
     def __init__(self, model: Mapping[str, Any], output: str, run_id: str, code_version: str, sampler_batch: int = 1,
-                 scorer: str | None = None):
-        from pipelines.backbones import load_backbone
-
-        from .scoring import ClipScorer
+                 scorer: str | None = None, bivdiff: Mapping[str, Any] | None = None):
+        from pipelines.backbones.common import resolve_placement
 
         self.spec = ModelSpec(**model)
+        self.bivdiff_spec = BivdiffSpec(**bivdiff) if bivdiff else BivdiffSpec(device=self.spec.device, dtype=self.spec.dtype)
         self.model_json = json.dumps({k: v for k, v in model.items() if k not in ("device", "dtype")}, sort_keys=True)
-        self.backbone = load_backbone(self.spec)
+        self.bivdiff_json = json.dumps({k: v for k, v in asdict(self.bivdiff_spec).items() if k not in ("device", "dtype")},
+                                       sort_keys=True)
+        self.device = resolve_placement(self.spec.device, self.spec.dtype)[0]
+        self._backbone = self._bivdiff = self._scorer = None
+        self.scorer_source = scorer
         self.fs, self.root = storage.filesystem(output)
         self.run_id, self.code_version, self.sampler_batch = run_id, code_version, sampler_batch
-        self.scorer = ClipScorer(scorer, self.backbone.device) if scorer else None
+
+    @property
+    def backbone(self):
+        if self._backbone is None:
+            from pipelines.backbones import load_backbone
+
+            self._backbone = load_backbone(self.spec)
+        return self._backbone
+
+    @property
+    def bivdiff(self):
+        if self._bivdiff is None:
+            from pipelines.bivdiff.runner import BIVDiff
+
+            self._bivdiff = BIVDiff(self.bivdiff_spec)
+        return self._bivdiff
+
+    @property
+    def scorer(self):
+        if self._scorer is None and self.scorer_source:
+            from .scoring import ClipScorer
+
+            self._scorer = ClipScorer(self.scorer_source, self.device)
+        return self._scorer
 
     def _meta(self, rid: str, status: str, error: str | None, params=None, **extra) -> dict:
-        row = {"id": rid, "status": status, "error": error, "backbone": self.spec.backbone, "model_spec": self.model_json,
-               "code_version": self.code_version, "run_id": self.run_id, "finished_at": metadata.now()}
+        bv = isinstance(params, BivdiffParams) or extra.pop("kind", None) == "bivdiff"
+        row = {"id": rid, "status": status, "error": error, "code_version": self.code_version, "run_id": self.run_id,
+               "backbone": f"bivdiff/{self.bivdiff_spec.vdm}" if bv else self.spec.backbone,
+               "model_spec": self.bivdiff_json if bv else self.model_json, "finished_at": metadata.now()}
         if params is not None:
             row.update(params.record())
         row.update(extra)
@@ -123,6 +155,28 @@ class VideoGenerator:
                 out[i] = self._meta(rid, "failed", f"{type(err).__name__} while writing the video: {err}", p)
         return out
 
+    def _bivdiff_row(self, rid: str, given: dict) -> dict:
+        """One BIVDiff row: inputs read and checked first, then the models run; every failure is the row's error."""
+        from pipelines.bivdiff.inputs import read_row_inputs
+
+        try:
+            params = resolve_bivdiff_params(given)
+        except ValueError as err:
+            return self._meta(rid, "failed", str(err), prompt=given.get("prompt"), kind="bivdiff")
+        try:
+            loaded = read_row_inputs(params)
+            result = self.bivdiff.run(params, loaded=loaded)
+        except ValueError as err:
+            return self._meta(rid, "failed", str(err), params)
+        except Exception as err:  # noqa: BLE001 - errors become row values
+            logger.exception("row %s failed", rid)
+            return self._meta(rid, "failed", f"{type(err).__name__}: {err}", params)
+        try:
+            return self._meta(rid, "ok", None, params, **self._publish(result, rid), **self._scores(result))
+        except Exception as err:  # noqa: BLE001
+            logger.exception("publishing %s failed", rid)
+            return self._meta(rid, "failed", f"{type(err).__name__} while writing the video: {err}", params)
+
     def _scores(self, result) -> dict:
         """Quality scores of a published video; a scoring failure leaves them null with the reason."""
         if self.scorer is None:
@@ -141,11 +195,15 @@ class VideoGenerator:
         pending = []
         for i, r in enumerate(rows):
             if r["_status"] != "pending":
-                meta[i] = self._meta(r["_id"], "failed", r["_error"], prompt=r.get("prompt") if isinstance(r.get("prompt"), str) else None)
+                meta[i] = self._meta(r["_id"], "failed", r["_error"], prompt=r.get("prompt") if isinstance(r.get("prompt"), str) else None,
+                                     kind="bivdiff" if r.get("task") is not None else None)
+                continue
+            given = json.loads(r["_params"])
+            if given.pop("kind", None) == "bivdiff":
+                meta[i] = self._bivdiff_row(r["_id"], given)
                 continue
             try:
-                params = resolve_params(json.loads(r["_params"]), backbone=self.spec.backbone,
-                                        spatial_factor=self.backbone.spatial_factor)
+                params = resolve_params(given, backbone=self.spec.backbone, spatial_factor=self.backbone.spatial_factor)
                 self.backbone.check_frames(params.frames)
                 pending.append((i, r["_id"], params))
             except ValueError as err:

@@ -13,7 +13,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import pyarrow as pa
 
-from pipelines.config import ModelSpec, resolve_params
+from pipelines.config import BivdiffSpec, ModelSpec, resolve_bivdiff_params, resolve_params
 
 # column -> accepted Arrow kinds
 COLUMNS: dict[str, tuple[str, ...]] = {
@@ -35,7 +35,26 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "zz": ("integer",),
     "samplers": ("list<string>",),  # A/B: one output row per sampler, same prompt and seed
 }
-PARAM_COLUMNS = tuple(c for c in COLUMNS if c not in ("prompt", "id", "samplers"))
+# BIVDiff rows: a non-null `task` makes the row a BIVDiff edit/re-render of `source_video` (spec bivdiff.md §2.7)
+BIVDIFF_COLUMNS: dict[str, tuple[str, ...]] = {
+    "task": ("string",),
+    "source_video": ("string",),
+    "mask_video": ("string",),
+    "condition_video": ("string",),
+    "idm_prompt": ("string",),
+    "vdm_prompt": ("string",),
+    "inversion_prompt": ("string",),
+    "alpha": ("integer", "floating"),
+    "stride": ("integer",),
+    "idm_steps": ("integer",),
+    "image_guidance": ("integer", "floating"),
+    "noise": ("string",),
+    "frame_joint_norm": ("bool",),
+}
+COLUMNS.update(BIVDIFF_COLUMNS)
+PARAM_COLUMNS = tuple(c for c in COLUMNS if c not in ("prompt", "id", "samplers") and c not in BIVDIFF_COLUMNS)
+BIVDIFF_ROW_COLUMNS = ("prompt", "negative_prompt", "seed", "sampler", "steps", "frames", "height", "width", "fps",
+                       "guidance", "idm_guidance", *BIVDIFF_COLUMNS)
 # a manifest may not choose models or files: these columns are refused by name
 FORBIDDEN = ("backbone", "base", "motion_adapter", "image_model", "vae", "lora", "model", "model_dir", "checkpoint")
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -50,6 +69,8 @@ def _kind(t: pa.DataType) -> str:
         return "null"
     if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
         return "string"
+    if pa.types.is_boolean(t):
+        return "bool"
     if pa.types.is_integer(t):
         return "integer"
     if pa.types.is_floating(t):
@@ -64,8 +85,9 @@ def _kind(t: pa.DataType) -> str:
 def check_schema(schema: pa.Schema) -> None:
     """Raise ManifestError listing every problem with the manifest's columns."""
     problems = []
-    if "prompt" not in schema.names:
-        problems.append(f"it has no 'prompt' column (columns: {', '.join(schema.names) or 'none'}); add a string column 'prompt'")
+    if "prompt" not in schema.names and "task" not in schema.names:
+        problems.append(f"it has no 'prompt' column (columns: {', '.join(schema.names) or 'none'}); add a string column "
+                        "'prompt' (or 'task' + 'source_video' for BIVDiff rows)")
     for name in schema.names:
         if name in FORBIDDEN:
             problems.append(f"column '{name}' would choose a model per row; models are set by the job config only — drop it")
@@ -112,16 +134,27 @@ def check_id(value: Any) -> str:
     return value
 
 
-def derived_id(params_record: Mapping[str, Any], model: ModelSpec) -> str:
+def derived_id(params_record: Mapping[str, Any], model: ModelSpec | BivdiffSpec) -> str:
     """Deterministic id from the prompt, every resolved parameter and the model set."""
     blob = json.dumps({"params": params_record, "model": model.fingerprint()}, sort_keys=True, default=str)
     return "h" + hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def resolve_row(row: Mapping[str, Any], defaults: Mapping[str, Any], model: ModelSpec, spatial_factor: int = 8) -> dict:
-    """-> {"id", "status": "pending"|"failed", "error", "params_json"} for one manifest row."""
+def is_bivdiff(row: Mapping[str, Any]) -> bool:
+    return row.get("task") is not None
+
+
+def resolve_row(row: Mapping[str, Any], defaults: Mapping[str, Any], model: ModelSpec, spatial_factor: int = 8,
+                bivdiff: BivdiffSpec | None = None, bivdiff_defaults: Mapping[str, Any] | None = None) -> dict:
+    """-> {"id", "status": "pending"|"failed", "error", "params_json"} for one manifest row; `params_json` carries
+    "kind": "bivdiff" for BIVDiff rows."""
     given = row.get("id")
     try:
+        if is_bivdiff(row):
+            params = resolve_bivdiff_params({k: row.get(k) for k in BIVDIFF_ROW_COLUMNS}, bivdiff_defaults)
+            record = {**params.record(), "kind": "bivdiff"}
+            rid = check_id(given) if given is not None else derived_id(record, bivdiff or BivdiffSpec())
+            return {"id": rid, "status": "pending", "error": None, "params_json": json.dumps(record, sort_keys=True)}
         params = resolve_params({k: row.get(k) for k in ("prompt", *PARAM_COLUMNS)}, defaults,
                                 backbone=model.backbone, spatial_factor=spatial_factor)
         record = params.record()
@@ -135,9 +168,16 @@ def resolve_row(row: Mapping[str, Any], defaults: Mapping[str, Any], model: Mode
 
 
 def expand_samplers(row: Mapping[str, Any], defaults: Mapping[str, Any], model: ModelSpec, samplers: Sequence[str] | None,
-                    spatial_factor: int = 8) -> list[dict]:
+                    spatial_factor: int = 8, bivdiff: BivdiffSpec | None = None,
+                    bivdiff_defaults: Mapping[str, Any] | None = None) -> list[dict]:
     """One resolved row per sampler of an A/B group (else one row). Rows of a group share the prompt, the seed
-    (so the same initial noise) and `pair_id`; their ids are `<pair_id>-<sampler>`."""
+    (so the same initial noise) and `pair_id`; their ids are `<pair_id>-<sampler>`. BIVDiff rows are never expanded."""
+    if is_bivdiff(row):
+        r = resolve_row(row, defaults, model, spatial_factor, bivdiff, bivdiff_defaults)
+        if row.get("samplers"):
+            r.update(status="failed", params_json=None,
+                     error="samplers: A/B sampler groups are for generation rows; a BIVDiff row names its preset in 'sampler'")
+        return [{**r, "pair_id": None}]
     group = row.get("samplers") or samplers
     if not group:
         return [{**resolve_row(row, defaults, model, spatial_factor), "pair_id": None}]

@@ -33,6 +33,11 @@ FIELDS = [
     ("pair_id", pa.string()),  # rows of one A/B group (same prompt, seed and initial noise, several samplers)
     ("clipsim", pa.float64()), ("frame_consistency", pa.float64()), ("flicker", pa.float64()),
     ("score_error", pa.string()),  # why the scores are null (the video is kept)
+    # BIVDiff rows (null on generation rows); `prompt` holds their vdm_prompt, `sampler` their preset
+    ("task", pa.string()), ("source_video", pa.string()), ("mask_video", pa.string()), ("condition_video", pa.string()),
+    ("idm_prompt", pa.string()), ("vdm_prompt", pa.string()), ("inversion_prompt", pa.string()), ("alpha", pa.float64()),
+    ("stride", pa.int64()), ("idm_steps", pa.int64()), ("image_guidance", pa.float64()), ("noise", pa.string()),
+    ("frame_joint_norm", pa.bool_()),
 ]
 SCHEMA = pa.schema(FIELDS)
 NAMES = tuple(SCHEMA.names)

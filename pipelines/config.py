@@ -305,8 +305,10 @@ class BivdiffParams:
         return self.negative_prompt if self.preset.compat else self.inversion_prompt
 
     def record(self) -> dict[str, Any]:
+        """Plain values; `prompt` = the VDM prompt, `idm_guidance` as text (the metadata column generation rows share)."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["prompt"] = self.prompt
+        out["idm_guidance"] = f"{self.idm_guidance:g}"
         return out
 
 

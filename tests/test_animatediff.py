@@ -119,7 +119,8 @@ def test_batched_rows_equal_rows_sampled_alone(ad_backbone, small):
     together = generate(ad_backbone, rows)
     for row, res in zip(rows, together):
         alone = generate(ad_backbone, [row])[0]
-        assert (res.latents - alone.latents).abs().max().item() < 1e-4
+        # float32 rounding only (batched matmuls block differently): 1e-5 of the latents' scale (|x| up to ~20)
+        assert (res.latents - alone.latents).abs().max().item() < 1e-5 * alone.latents.abs().max().item()
         assert (res.frames - alone.frames).abs().max().item() < 1e-4
         assert res.calls == alone.calls
 

@@ -247,3 +247,23 @@ def test_cli(tiny_bivdiff, videos, tmp_path):
                          capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 2 and "mask_video: task 'inpaint' needs a mask video" in bad.stderr
     assert "Loading" not in bad.stderr and not (tmp_path / "x.mp4").exists()  # refused before any model loaded
+
+
+@pytest.mark.parametrize("vdm", ["modelscope", "videocrafter2", "animatediff"])
+def test_other_video_models_smooth_in_the_shared_space(vdm, videos, tmp_path_factory, worker):
+    """The stage-3 VDM can be any adapter whose VAE shares the SD latent space: each one runs external frames and
+    gives its own video from the same inverted latent (α = 1: the SD chain only)."""
+    from pipelines.bivdiff.runner import BIVDiff
+    from pipelines.tiny import BUILDERS
+
+    d = BUILDERS[vdm](str(tmp_path_factory.mktemp("tiny") / vdm))
+    j = lambda name: os.path.join(d, name)  # noqa: E731
+    spec = BivdiffSpec(vdm=vdm, video_model=j("base"), image_model=j("image_model"),
+                       video_unet=j("unet") if vdm == "videocrafter2" else None,
+                       motion_adapter=j("motion_adapter") if vdm == "animatediff" else None, device="cpu", dtype="float32")
+    other = BIVDiff(spec)
+    p = resolve_bivdiff_params({"task": "external", "source_video": videos["npy"], "vdm_prompt": "a dog", **SMALL})
+    r = other.run(p)
+    assert r.frames.shape == (4, 64, 64, 3) and torch.isfinite(r.latents).all()
+    assert r.calls == {"I": 5, "V": 5}
+    assert (r.latents - worker.run(p, decode=False).latents).abs().max() > 1e-3  # a different VDM smoothed it

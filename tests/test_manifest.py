@@ -1,14 +1,16 @@
 """Manifest schema checks, id rules and per-row resolution (no Ray, no models)."""
+import json
 import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from operators.generate import resolve_rows
 from operators.manifest import ManifestError, check_id, read_schema, resolve_row
 from operators.metadata import latest, to_table
-from pipelines.config import ModelSpec
+from pipelines.config import BivdiffSpec, ModelSpec
 
 from .conftest import SHARED
 
@@ -120,3 +122,54 @@ def test_resolve_rows_when_everything_is_already_done():
     batch = pa.table({"id": ["a", "b"], "prompt": ["x", "y"]})
     out = resolve_rows(batch, defaults={}, model={"device": "cpu"}, done=frozenset({"a", "b"}))
     assert out.num_rows == 0 and "_status" in out.column_names
+
+
+def test_bivdiff_rows_in_manifests(tmp_path):
+    """A `task` column makes BIVDiff rows: no `prompt` column needed, typed columns checked, rows resolved with the
+    BIVDiff rules next to generation rows, no A/B expansion, ids derived from the BIVDiff model set."""
+    schema, rows = read_schema(write(tmp_path, pa.table({"task": ["inpaint"], "source_video": ["s3://b/v.mp4"],
+                                                          "mask_video": ["s3://b/m.mp4"], "alpha": [0.2],
+                                                          "frame_joint_norm": [True]})))
+    assert rows == 1
+    with pytest.raises(ManifestError, match="column 'alpha' has type string"):
+        read_schema(write(tmp_path, pa.table({"task": ["inpaint"], "alpha": ["high"]}), "bad.parquet"))
+    batch = pa.table({
+        "id": ["e1", "e2", "g1", "e3"],
+        "task": ["external", "inpaint", None, "controlnet-canny"],
+        "source_video": ["x.npy", "v.mp4", None, "v.mp4"],
+        "prompt": [None, None, "a cat", "a bear"],
+        "samplers": pa.array([None, None, ["standard", "ivmixed"], ["bivdiff", "bivdiff_compat"]], pa.list_(pa.string())),
+    })
+    out = resolve_rows(batch, defaults={"steps": 4}, model={"device": "cpu"}, bivdiff_defaults={"steps": 10})
+    ids, status, errors = (out.column(c).to_pylist() for c in ("_id", "_status", "_error"))
+    assert ids == ["e1", "e2", "g1-standard", "g1-ivmixed", "e3"]
+    assert status == ["pending", "failed", "pending", "pending", "failed"]
+    assert errors[1].startswith("mask_video: task 'inpaint' needs a mask video")
+    assert errors[4].startswith("samplers: A/B sampler groups are for generation rows")
+    e1 = json.loads(out.column("_params").to_pylist()[0])
+    assert e1["kind"] == "bivdiff" and e1["steps"] == 10 and e1["stride"] == 1 and e1["alpha"] == 1.0
+    a = resolve_row({"task": "external", "source_video": "x.npy"}, {}, SPEC)
+    b = resolve_row({"task": "external", "source_video": "x.npy"}, {}, SPEC, bivdiff=BivdiffSpec(vdm="modelscope"))
+    assert a["id"].startswith("h") and a["id"] != b["id"]  # the model set is part of a derived id
+
+
+def test_bivdiff_job_config_section(tmp_path):
+    import argparse
+
+    from jobs import config as job_config
+
+    def load(section):
+        path = tmp_path / "c.yaml"
+        path.write_text(yaml.safe_dump({"bivdiff": section}))
+        return job_config.load(argparse.Namespace(
+            config=str(path), manifest="m", output="o", device=None, num_actors=None, batch_size=None, sampler_batch=None,
+            mlflow_uri=None, experiment=None, run_name=None, limit=None, fail_on_error=False, scores=False, baseline=None,
+            regression_threshold=None, samplers=None))
+
+    cfg = load({"vdm": "videocrafter2", "defaults": {"alpha": 0.3, "steps": 25}})
+    assert cfg.bivdiff.spec.vdm == "videocrafter2" and cfg.bivdiff.defaults["alpha"] == 0.3
+    for section, match in (({"vdm": "sora"}, "vdm: BIVDiff's video model"), ({"controlnet": "x"}, "unknown key"),
+                           ({"defaults": {"alpha": 3}}, "alpha: must lie in"), ({"defaults": {"task": "inpaint"}}, "unknown key"),
+                           ({"tiny": True, "image_model": "x"}, "'tiny' builds its own models")):
+        with pytest.raises(ValueError, match=match):
+            load(section)

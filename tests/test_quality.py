@@ -54,7 +54,7 @@ def test_a_scoring_failure_keeps_the_video():
             raise RuntimeError("CLIP exploded")
 
     gen = object.__new__(VideoGenerator)
-    gen.scorer = Broken()
+    gen._scorer = Broken()
     out = gen._scores(type("R", (), {"frames": torch.zeros(2, 8, 8, 3), "params": type("P", (), {"prompt": "x"})})())
     assert out == {"score_error": "RuntimeError: CLIP exploded"}
 
