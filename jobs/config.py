@@ -73,6 +73,7 @@ class BivdiffSection:
     spec: BivdiffSpec = BivdiffSpec()
     tiny: bool = False  # build the tiny BIVDiff model set (`python -m pipelines.tiny bivdiff`) into tiny_cache
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    stage1_batch: int = 8  # frames per stage-1 pipeline call for rows with noise shared/per_frame
 
 
 def _bivdiff_section(raw: Any) -> BivdiffSection:
@@ -81,10 +82,14 @@ def _bivdiff_section(raw: Any) -> BivdiffSection:
     if not isinstance(raw, Mapping):
         raise ValueError("config 'bivdiff': must be a mapping")
     raw = dict(raw)
-    unknown = sorted(set(raw) - set(BIVDIFF_MODEL_KEYS) - {"tiny", "defaults"})
+    extra = ("tiny", "defaults", "stage1_batch")
+    unknown = sorted(set(raw) - set(BIVDIFF_MODEL_KEYS) - set(extra))
     if unknown:
-        raise ValueError(f"config 'bivdiff': unknown key(s) {unknown}; known: {[*BIVDIFF_MODEL_KEYS, 'tiny', 'defaults']}")
+        raise ValueError(f"config 'bivdiff': unknown key(s) {unknown}; known: {[*BIVDIFF_MODEL_KEYS, *extra]}")
     tiny, defaults = bool(raw.pop("tiny", False)), dict(raw.pop("defaults", None) or {})
+    stage1_batch = raw.pop("stage1_batch", 8)
+    if isinstance(stage1_batch, bool) or not isinstance(stage1_batch, int) or stage1_batch < 1:
+        raise ValueError(f"config 'bivdiff.stage1_batch': must be an integer >= 1, got {stage1_batch!r}")
     if tiny and set(raw) - {"vdm"}:
         raise ValueError(f"config 'bivdiff': 'tiny' builds its own models; drop {sorted(set(raw) - {'vdm'})}")
     unknown = sorted(set(defaults) - set(BIVDIFF_DEFAULT_KEYS))
@@ -95,7 +100,7 @@ def _bivdiff_section(raw: Any) -> BivdiffSection:
         resolve_bivdiff_params({"task": "external", "source_video": "validation.npy"}, defaults)
     except ValueError as err:
         raise ValueError(f"config 'bivdiff': {err}") from None
-    return BivdiffSection(spec=spec, tiny=tiny, defaults=defaults)
+    return BivdiffSection(spec=spec, tiny=tiny, defaults=defaults, stage1_batch=stage1_batch)
 
 
 @dataclass(frozen=True)

@@ -273,7 +273,7 @@ def _pipeline(ray, cfg, model, bivdiff, fs, root, done, ids_dup, run_id, version
         VideoGenerator,
         fn_constructor_kwargs={"model": _model_dict(model), "output": cfg.output, "run_id": run_id,
                                "code_version": version, "sampler_batch": cfg.compute.sampler_batch, "scorer": scorer,
-                               "bivdiff": _model_dict(bivdiff)},
+                               "bivdiff": _model_dict(bivdiff), "bivdiff_stage1_batch": cfg.bivdiff.stage1_batch},
         batch_size=cfg.compute.batch_size,
         batch_format="pyarrow",
         runtime_env=runtime_env,

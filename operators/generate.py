@@ -66,7 +66,7 @@ class VideoGenerator:
     the generation backbone for prompt rows, the BIVDiff set for rows with a `task`."""
 
     def __init__(self, model: Mapping[str, Any], output: str, run_id: str, code_version: str, sampler_batch: int = 1,
-                 scorer: str | None = None, bivdiff: Mapping[str, Any] | None = None):
+                 scorer: str | None = None, bivdiff: Mapping[str, Any] | None = None, bivdiff_stage1_batch: int = 8):
         from pipelines.backbones.common import resolve_placement
 
         self.spec = ModelSpec(**model)
@@ -79,6 +79,7 @@ class VideoGenerator:
         self.scorer_source = scorer
         self.fs, self.root = storage.filesystem(output)
         self.run_id, self.code_version, self.sampler_batch = run_id, code_version, sampler_batch
+        self.stage1_batch = bivdiff_stage1_batch
 
     @property
     def backbone(self):
@@ -93,7 +94,7 @@ class VideoGenerator:
         if self._bivdiff is None:
             from pipelines.bivdiff.runner import BIVDiff
 
-            self._bivdiff = BIVDiff(self.bivdiff_spec)
+            self._bivdiff = BIVDiff(self.bivdiff_spec, stage1_batch=self.stage1_batch)
         return self._bivdiff
 
     @property

@@ -278,7 +278,7 @@ class BivdiffParams:
     idm_guidance: float
     image_guidance: float
     fps: int
-    noise: str  # stage-1 noise: "independent" (one generator across frames, official) | "shared" (same per frame)
+    noise: str  # stage-1 noise: "independent" (one generator across frames, official) | "shared" | "per_frame" (stage1.py)
 
     @property
     def preset(self) -> "presets.BivdiffPreset":
@@ -313,7 +313,7 @@ class BivdiffParams:
 
 
 BIVDIFF_FIELDS = tuple(f.name for f in fields(BivdiffParams))
-NOISE_POLICIES = ("independent", "shared")
+NOISE_POLICIES = ("independent", "shared", "per_frame")
 
 
 def _string(name: str, value: Any, *, allow_empty: bool = True) -> str:

@@ -285,14 +285,32 @@ def ensure_tiny(backbone: str, out_dir: str, seed: int = 0) -> str:
     return out_dir
 
 
+def add_bin_copies(folder: str) -> list[str]:
+    """Write a `diffusion_pytorch_model.bin` next to every `.safetensors` UNet/VAE/ControlNet file (the official BIVDiff
+    code loads its inflated SD UNet from the .bin only, spec bivdiff.md §11 H); returns the files written."""
+    from safetensors.torch import load_file
+
+    written = []
+    for root, _, files in os.walk(folder):
+        for name in files:
+            if name == "diffusion_pytorch_model.safetensors":
+                dest = os.path.join(root, "diffusion_pytorch_model.bin")
+                torch.save(load_file(os.path.join(root, name)), dest)
+                written.append(dest)
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipelines.tiny", description=__doc__.split("\n\n")[0])
     ap.add_argument("backbone", choices=sorted(BUILDERS))
     ap.add_argument("out_dir")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--with-bin", action="store_true", help="also write .bin copies of the diffusers weights (official code)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     BUILDERS[args.backbone](args.out_dir, args.seed)
+    if args.with_bin:
+        logger.info("wrote %d .bin copies", len(add_bin_copies(args.out_dir)))
     return 0
 
 

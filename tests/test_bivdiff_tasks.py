@@ -267,3 +267,42 @@ def test_other_video_models_smooth_in_the_shared_space(vdm, videos, tmp_path_fac
     assert r.frames.shape == (4, 64, 64, 3) and torch.isfinite(r.latents).all()
     assert r.calls == {"I": 5, "V": 5}
     assert (r.latents - worker.run(p, decode=False).latents).abs().max() > 1e-3  # a different VDM smoothed it
+
+
+@pytest.mark.parametrize("task", ["controlnet-canny", "instruct-pix2pix", "inpaint"])
+def test_stage1_batched_frames_equal_one_call_per_frame(worker, videos, task):
+    """shared / per_frame noise: frames batched into one pipeline call (a generator per frame) equal one call per frame;
+    shared gives every frame the same noise, per_frame and independent do not."""
+    from pipelines.bivdiff.inputs import read_row_inputs
+
+    outs = {}
+    for noise in ("shared", "per_frame", "independent"):
+        p = resolve_bivdiff_params(_row(task, videos, noise=noise))
+        loaded = read_row_inputs(p)
+        worker.stage1.batch = 1
+        one = worker.stage1.run(p, *loaded)
+        worker.stage1.batch = 3  # 4 frames: a batch of 3, then 1
+        many = worker.stage1.run(p, *loaded)
+        worker.stage1.batch = 8
+        if noise != "independent":
+            assert np.abs(one.astype(int) - many.astype(int)).max() <= 1, noise
+        outs[noise] = one
+    assert np.array_equal(outs["shared"][0], outs["independent"][0]) and np.array_equal(outs["per_frame"][0], outs["shared"][0])
+    assert not np.array_equal(outs["shared"][1:], outs["per_frame"][1:])  # frame i: seed vs seed + i
+    assert not np.array_equal(outs["per_frame"][1:], outs["independent"][1:])
+
+
+def test_bin_copies_for_the_official_code(tiny_bivdiff, tmp_path):
+    """`python -m pipelines.tiny bivdiff DIR --with-bin`: the .bin copy (all the official inflated UNet reads) holds
+    the same weights as the safetensors file."""
+    from diffusers import UNet2DConditionModel
+
+    from pipelines.tiny import add_bin_copies
+
+    unet_dir = tmp_path / "unet"
+    shutil.copytree(os.path.join(tiny_bivdiff, "image_model", "unet"), unet_dir)
+    assert add_bin_copies(str(tmp_path)) == [str(unet_dir / "diffusion_pytorch_model.bin")]
+    os.remove(unet_dir / "diffusion_pytorch_model.safetensors")
+    a = UNet2DConditionModel.from_pretrained(str(unet_dir))
+    b = UNet2DConditionModel.from_pretrained(os.path.join(tiny_bivdiff, "image_model"), subfolder="unet")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

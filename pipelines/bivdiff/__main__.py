@@ -64,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--guidance", type=float, help="smoothing CFG (7.5)")
     s.add_argument("--idm-guidance", type=float, help="stage-1 CFG (7.5)")
     s.add_argument("--image-guidance", type=float, help="instruct-pix2pix image guidance (1.5)")
-    s.add_argument("--noise", choices=["independent", "shared"], help="stage-1 noise across frames")
+    s.add_argument("--noise", choices=["independent", "shared", "per_frame"],
+                   help="stage-1 noise: one generator across frames in order (official) | same per frame | seed + i")
+    s.add_argument("--stage1-batch", type=int, default=8, help="frames per stage-1 pipeline call (shared/per_frame noise)")
     s.add_argument("--frame-joint-norm", action=argparse.BooleanOptionalAction, default=None,
                    help="inversion UNet GroupNorm pooled over frames (bivdiff_compat: on)")
     s.add_argument("--fps", type=int, help="output mp4 frame rate (8)")
@@ -107,7 +109,7 @@ def run(args: argparse.Namespace) -> dict:
     spec = _spec(args, params.spec_task)
     loaded = read_row_inputs(params)  # a bad video fails here, before any model loads
     start = time.perf_counter()
-    worker = BIVDiff(spec)
+    worker = BIVDiff(spec, stage1_batch=args.stage1_batch)
     load_s = time.perf_counter() - start
     result = worker.run(params, decode=args.output_type == "mp4", loaded=loaded)
     if args.output_type == "latent":

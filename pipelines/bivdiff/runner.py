@@ -56,7 +56,7 @@ class BIVDiff:
     """Models of one worker. The VDM backbone also holds the SD image model (frame-wise inversion UNet and its
     own text encoder); the SD VAE is loaded from the image model and is the one latent space (spec §4)."""
 
-    def __init__(self, spec: BivdiffSpec):
+    def __init__(self, spec: BivdiffSpec, stage1_batch: int = 8):
         from diffusers import AutoencoderKL
 
         from ..backbones import load_backbone
@@ -84,7 +84,7 @@ class BIVDiff:
         self.device, self.dtype = bb.device, bb.dtype
         components = dict(vae=self.vae, text_encoder=bb.image_text_encoder, tokenizer=bb.image_tokenizer,
                           unet=bb.image_unet)
-        self.stage1 = Stage1(spec, components, bb.device, bb.dtype)
+        self.stage1 = Stage1(spec, components, bb.device, bb.dtype, batch=stage1_batch)
         self.vdm_fps = presets.BACKBONES[spec.vdm].fps  # fps conditioning of fps-aware VDMs (VideoCrafter2)
 
     @property

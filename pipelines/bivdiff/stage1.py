@@ -1,9 +1,11 @@
 """Stage 1: frame-wise generation or editing with a task image model through diffusers pipelines (spec §2.2).
 
-Each frame is one pipeline call with the IDM's own scheduler, `idm_steps` steps and the stage-1 CFG; the noise comes
-from a CPU generator seeded `seed` (spec §11 E): one generator drawn across the frames ("independent", the
-official behaviour, every frame different noise) or re-seeded per frame ("shared"). Outputs are uint8 frames,
-as the official code hands PIL images to stage 2.
+Every frame is denoised with the IDM's own scheduler, `idm_steps` steps and the stage-1 CFG. Noise policies (spec §8 Q5,
+§11 E): "independent" = one CPU generator seeded `seed` drawn frame after frame (the official behaviour: one pipeline
+call per frame, in order); "shared" = every frame from a generator seeded `seed` (same noise per frame); "per_frame" =
+frame i from a generator seeded `seed + i`. The last two do not depend on frame order, so up to `batch` frames go
+through one pipeline call with one generator per frame (diffusers' list-of-generators contract) and give the same
+frames as one call per frame. Outputs are uint8 frames, as the official code hands PIL images to stage 2.
 """
 from __future__ import annotations
 
@@ -68,9 +70,11 @@ class Stage1:
     """Builds each task's diffusers pipeline once (sharing the SD components the worker already holds) and runs it
     frame by frame. `components` = the SD image model's vae, text_encoder, tokenizer and unet (the ControlNet base)."""
 
-    def __init__(self, spec, components: dict, device: torch.device, dtype: torch.dtype, cache: int = 2):
+    def __init__(self, spec, components: dict, device: torch.device, dtype: torch.dtype, cache: int = 2, batch: int = 8):
+        if batch < 1:
+            raise ValueError(f"stage1_batch: must be >= 1, got {batch}")
         self.spec, self.components, self.device, self.dtype = spec, components, device, dtype
-        self.cache_size = cache
+        self.cache_size, self.batch = cache, batch
         self._pipes: dict[str, object] = {}
 
     def pipeline(self, task):
@@ -120,18 +124,27 @@ class Stage1:
         per_frame: Callable[[int], dict]
         if task.idm == "controlnet":
             maps = condition if task.condition != "canny" else np.stack([canny(f) for f in source])
-            per_frame = lambda i: dict(image=Image.fromarray(maps[i]), height=h, width=w)  # noqa: E731
+            per_frame = lambda i: dict(image=Image.fromarray(maps[i]))  # noqa: E731
+            common.update(height=h, width=w)
         elif task.idm == "instruct_pix2pix":
-            per_frame = lambda i: dict(image=Image.fromarray(source[i]), image_guidance_scale=params.image_guidance)  # noqa: E731
+            per_frame = lambda i: dict(image=Image.fromarray(source[i]))  # noqa: E731
+            common.update(image_guidance_scale=params.image_guidance)
         else:
             masks = mask if task.mask == "video" else np.stack([outpaint_mask(task.mask, h, w)] * params.frames)
-            per_frame = lambda i: dict(image=Image.fromarray(source[i]), mask_image=Image.fromarray(masks[i]),  # noqa: E731
-                                       height=h, width=w)
-        gen = torch.Generator("cpu").manual_seed(params.seed)
+            per_frame = lambda i: dict(image=Image.fromarray(source[i]), mask_image=Image.fromarray(masks[i]))  # noqa: E731
+            common.update(height=h, width=w)
         out = []
-        for i in range(params.frames):
-            if params.noise == "shared":
-                gen.manual_seed(params.seed)
-            image = pipe(**common, **per_frame(i), generator=gen).images[0]
-            out.append((np.clip(image, 0.0, 1.0) * 255.0).round().astype(np.uint8))
-        return np.stack(out)
+        if params.noise == "independent":
+            gen = torch.Generator("cpu").manual_seed(params.seed)
+            for i in range(params.frames):
+                out.append(pipe(**common, **per_frame(i), generator=gen).images[0])
+        else:
+            for start in range(0, params.frames, self.batch):
+                idx = list(range(start, min(start + self.batch, params.frames)))
+                seeds = [params.seed + (i if params.noise == "per_frame" else 0) for i in idx]
+                inputs = [per_frame(i) for i in idx]
+                batched = {k: [d[k] for d in inputs] for k in inputs[0]}
+                images = pipe(**{**common, "prompt": [prompt] * len(idx), "negative_prompt": [negative] * len(idx)},
+                              **batched, generator=[torch.Generator("cpu").manual_seed(s) for s in seeds]).images
+                out.extend(images)
+        return np.stack([(np.clip(im, 0.0, 1.0) * 255.0).round().astype(np.uint8) for im in out])
