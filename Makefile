@@ -36,6 +36,7 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/engine_overhead.py
 	$(BIN)/python benchmarks/pipeline_overhead.py
+	$(BIN)/python benchmarks/bivdiff_stages.py
 
 tiny: $(STAMP)
 	$(BIN)/python -m pipelines.tiny animatediff .cache/tiny/animatediff
