@@ -306,3 +306,16 @@ def test_bin_copies_for_the_official_code(tiny_bivdiff, tmp_path):
     a = UNet2DConditionModel.from_pretrained(str(unet_dir))
     b = UNet2DConditionModel.from_pretrained(os.path.join(tiny_bivdiff, "image_model"), subfolder="unet")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_reduced_precision_worker_runs_every_stage(tiny_bivdiff, videos):
+    """dtype from config reaches every model, stage-1 pipelines (their VAEs too) included: bfloat16 on CPU (float16
+    convolutions do not run on CPUs); the stages-2/3 SD VAE stays float32 and latents stay float32 between moves."""
+    from pipelines.bivdiff.runner import BIVDiff
+
+    w = BIVDiff(BivdiffSpec.from_model_dir(tiny_bivdiff, device="cpu", dtype="bfloat16"))
+    for task in ("instruct-pix2pix", "inpaint"):
+        r = w.run(resolve_bivdiff_params(_row(task, videos, frames=2, alpha=0.5)))
+        assert torch.isfinite(r.frames).all() and r.latents.dtype == torch.float32
+    assert next(w.stage1.pipeline(presets.BIVDIFF_TASKS["inpaint"]).vae.parameters()).dtype == torch.bfloat16
+    assert next(w.vae.parameters()).dtype == torch.float32

@@ -82,8 +82,9 @@ class BIVDiff:
             raise ValueError("video_model: its noise schedule (ᾱ table) differs from the SD image model's; BIVDiff "
                              "passes timesteps unchanged between the two (spec §4)")
         self.device, self.dtype = bb.device, bb.dtype
-        components = dict(vae=self.vae, text_encoder=bb.image_text_encoder, tokenizer=bb.image_tokenizer,
-                          unet=bb.image_unet)
+        # the ControlNet pipeline shares the SD UNet and text encoder (already in the run dtype); its VAE is its own copy
+        # in the run dtype, the fp32 one above stays the stages-2/3 latent space
+        components = dict(text_encoder=bb.image_text_encoder, tokenizer=bb.image_tokenizer, unet=bb.image_unet)
         self.stage1 = Stage1(spec, components, bb.device, bb.dtype, batch=stage1_batch)
         self.vdm_fps = presets.BACKBONES[spec.vdm].fps  # fps conditioning of fps-aware VDMs (VideoCrafter2)
 

@@ -68,7 +68,8 @@ def outpaint_mask(kind: str, height: int, width: int) -> np.ndarray:
 
 class Stage1:
     """Builds each task's diffusers pipeline once (sharing the SD components the worker already holds) and runs it
-    frame by frame. `components` = the SD image model's vae, text_encoder, tokenizer and unet (the ControlNet base)."""
+    frame by frame. `components` = modules of the SD image model to share (text_encoder, tokenizer, unet: the ControlNet
+    base)."""
 
     def __init__(self, spec, components: dict, device: torch.device, dtype: torch.dtype, cache: int = 2, batch: int = 8):
         if batch < 1:
@@ -102,11 +103,7 @@ class Stage1:
             pipe = diffusers.StableDiffusionInpaintPipeline.from_pretrained(source, **quiet)
         else:
             raise ValueError(f"task {task.name!r} has no stage-1 model")
-        pipe.to(self.device)
-        for name in ("unet", "controlnet", "text_encoder"):
-            module = getattr(pipe, name, None)
-            if module is not None and next(module.parameters()).dtype != self.dtype:
-                module.to(self.dtype)
+        pipe.to(device=self.device, dtype=self.dtype)  # its own VAE too: diffusers feeds it latents in the run dtype
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
