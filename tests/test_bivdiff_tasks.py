@@ -185,7 +185,8 @@ def test_stages_2_3_match_an_independent_diffusers_computation(worker, videos, t
                   num_frames=4, height=64, width=64, output_type="latent").frames
     ref = torch.as_tensor(ref).reshape(ours.shape)
     err = ((ours - ref).norm() / ref.norm()).item()
-    assert err < 1e-4, err
+    # measured 4.8e-5 (float32 rounding, amplified by the tiny random VDM); a wrong grid end, embedding or mix is > 1e-2
+    assert err < 5e-4, err
 
 
 def test_latent_space_guard_refuses_a_vdm_with_another_vae(tiny_bivdiff, tmp_path):
