@@ -44,6 +44,10 @@ def resolve_rows(batch: pa.Table, *, defaults: Mapping[str, Any], model: Mapping
             if r["status"] == "pending" and (row.get("id") in duplicate_ids or r["id"] in duplicate_ids):
                 r.update(status="failed", error=f"id: {row.get('id') or r['id']!r} appears in more than one manifest row; "
                          "ids must be unique", params_json=None)
+            if r["status"] == "pending" and r["id"] not in done and row.get("task") is not None:
+                missing = _missing_input(json.loads(r["params_json"]))
+                if missing:
+                    r.update(status="failed", error=missing, params_json=None)
             if not (r["status"] == "pending" and r["id"] in done):
                 src.append(i)
                 resolved.append(r)
@@ -51,6 +55,22 @@ def resolve_rows(batch: pa.Table, *, defaults: Mapping[str, Any], model: Mapping
     for name, key in (("_id", "id"), ("_status", "status"), ("_error", "error"), ("_params", "params_json"), ("_pair", "pair_id")):
         out = out.append_column(pa.field(name, pa.string()), pa.array([r[key] for r in resolved], type=pa.string()))
     return out
+
+
+def _missing_input(params: Mapping[str, Any]) -> str | None:
+    """A BIVDiff row's first input URI that certainly does not exist (checked here, before any GPU work); storage
+    errors other than 'not found' are left to the actor, which reads the files anyway."""
+    for name in ("source_video", "mask_video", "condition_video"):
+        uri = params.get(name)
+        if uri is None:
+            continue
+        try:
+            fs, path = storage.filesystem(uri)
+            if not fs.exists(path):
+                return f"{name}: {uri!r} does not exist"
+        except Exception:  # noqa: BLE001 - e.g. no credentials in this task: the actor will say
+            continue
+    return None
 
 
 def _sha256(path: str) -> str:

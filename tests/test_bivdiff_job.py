@@ -37,15 +37,15 @@ def test_bivdiff_manifest_through_the_job(s3_endpoint, tmp_path, tiny_ad_dir, mo
 
     manifest = tmp_path / "edits.parquet"
     pq.write_table(pa.table({
-        "id": ["canny", "inpaint", "ext", "short", "badtask", "nomask", "gen"],
-        "task": ["controlnet-canny", "inpaint", "external", "outpaint-vertical", "prompt2prompt", "inpaint", None],
+        "id": ["canny", "inpaint", "ext", "short", "badtask", "nomask", "gen", "gone"],
+        "task": ["controlnet-canny", "inpaint", "external", "outpaint-vertical", "prompt2prompt", "inpaint", None, "inpaint"],
         "source_video": ["s3://clips/bear.mp4", "s3://clips/bear.mp4", str(npy), "s3://clips/short.mp4",
-                         "s3://clips/bear.mp4", "s3://clips/bear.mp4", None],
-        "mask_video": [None, "s3://clips/bear-mask.mp4", None, None, None, None, None],
-        "prompt": ["a bear walking through a snow mountain", None, None, None, None, None, "A cat on a sofa."],
-        "vdm_prompt": [None, None, "a square", None, None, None, None],
-        "alpha": pa.array([None, None, 0.5, None, None, None, None], pa.float64()),
-        "sampler": [None, None, "bivdiff_compat", None, None, None, None],
+                         "s3://clips/bear.mp4", "s3://clips/bear.mp4", None, "s3://clips/bear.mp4"],
+        "mask_video": [None, "s3://clips/bear-mask.mp4", None, None, None, None, None, "s3://clips/gone-mask.mp4"],
+        "prompt": ["a bear walking through a snow mountain", None, None, None, None, None, "A cat on a sofa.", None],
+        "vdm_prompt": [None, None, "a square", None, None, None, None, None],
+        "alpha": pa.array([None, None, 0.5, None, None, None, None, None], pa.float64()),
+        "sampler": [None, None, "bivdiff_compat", None, None, None, None, None],
     }), manifest)
     out, db = tmp_path / "out", tmp_path / "mlflow.db"
     cfg = tiny_config(tmp_path / "job.yaml", os.path.dirname(tiny_ad_dir),
@@ -55,7 +55,7 @@ def test_bivdiff_manifest_through_the_job(s3_endpoint, tmp_path, tiny_ad_dir, mo
             "--experiment", "edits")
     r = run_job(*args, env=env)
     assert r.returncode == 0, r.stderr[-5000:]
-    assert "progress: 7/7 rows (4 ok, 3 failed)" in r.stderr
+    assert "progress: 8/8 rows (4 ok, 4 failed)" in r.stderr
 
     meta = {m["id"]: m for m in read_latest(str(out)).to_pylist()}
     assert sorted(os.listdir(out / "videos")) == ["canny.mp4", "ext.mp4", "gen.mp4", "inpaint.mp4"]
@@ -75,6 +75,7 @@ def test_bivdiff_manifest_through_the_job(s3_endpoint, tmp_path, tiny_ad_dir, mo
     assert "has 6 frames; 4 frames at stride 4 need 13" in meta["short"]["error"]
     assert meta["badtask"]["error"].startswith("task: unknown 'prompt2prompt'")
     assert meta["nomask"]["error"].startswith("mask_video: task 'inpaint' needs a mask video")
+    assert meta["gone"]["error"] == "mask_video: 's3://clips/gone-mask.mp4' does not exist"  # found before any actor
     assert meta["canny"]["clipsim"] is not None  # scored against the VDM prompt
 
     from mlflow.tracking import MlflowClient
@@ -84,4 +85,4 @@ def test_bivdiff_manifest_through_the_job(s3_endpoint, tmp_path, tiny_ad_dir, mo
     assert run.data.params["bivdiff.spec.vdm"] == "zeroscope" and run.data.metrics["rows_ok"] == 4
 
     r = run_job(*args, env=env)  # resume: committed videos are kept, only the failed rows run again
-    assert r.returncode == 0 and "progress: 3/3 rows (0 ok, 3 failed)" in r.stderr, r.stderr[-3000:]
+    assert r.returncode == 0 and "progress: 4/4 rows (0 ok, 4 failed)" in r.stderr, r.stderr[-3000:]

@@ -133,10 +133,13 @@ def test_bivdiff_rows_in_manifests(tmp_path):
     assert rows == 1
     with pytest.raises(ManifestError, match="column 'alpha' has type string"):
         read_schema(write(tmp_path, pa.table({"task": ["inpaint"], "alpha": ["high"]}), "bad.parquet"))
+    (tmp_path / "x.npy").write_bytes(b"x")
+    (tmp_path / "v.mp4").write_bytes(b"x")
+    x, v = str(tmp_path / "x.npy"), str(tmp_path / "v.mp4")
     batch = pa.table({
         "id": ["e1", "e2", "g1", "e3"],
         "task": ["external", "inpaint", None, "controlnet-canny"],
-        "source_video": ["x.npy", "v.mp4", None, "v.mp4"],
+        "source_video": [x, v, None, v],
         "prompt": [None, None, "a cat", "a bear"],
         "samplers": pa.array([None, None, ["standard", "ivmixed"], ["bivdiff", "bivdiff_compat"]], pa.list_(pa.string())),
     })
@@ -173,3 +176,14 @@ def test_bivdiff_job_config_section(tmp_path):
                            ({"tiny": True, "image_model": "x"}, "'tiny' builds its own models")):
         with pytest.raises(ValueError, match=match):
             load(section)
+
+
+def test_missing_bivdiff_inputs_fail_at_resolution(tmp_path):
+    """Inputs that do not exist fail the row in the CPU resolve stage, before any actor or model."""
+    src = tmp_path / "clip.mp4"
+    src.write_bytes(b"x")
+    batch = pa.table({"id": ["ok", "gone"], "task": ["inpaint", "inpaint"], "source_video": [str(src), str(src)],
+                      "mask_video": [str(src), str(tmp_path / "nope.mp4")]})
+    out = resolve_rows(batch, defaults={}, model={"device": "cpu"})
+    assert out.column("_status").to_pylist() == ["pending", "failed"]
+    assert out.column("_error").to_pylist()[1] == f"mask_video: {str(tmp_path / 'nope.mp4')!r} does not exist"
