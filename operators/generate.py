@@ -14,12 +14,11 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import asdict
 from typing import Any, Mapping
 
 import pyarrow as pa
 
-from pipelines.config import BivdiffParams, BivdiffSpec, ModelSpec, resolve_bivdiff_params, resolve_params
+from pipelines.config import BivdiffParams, BivdiffSpec, ModelSpec, resolve_bivdiff_params, resolve_params, spec_json
 
 from . import metadata, storage
 from .manifest import COLUMNS, expand_samplers
@@ -91,9 +90,7 @@ class VideoGenerator:
 
         self.spec = ModelSpec(**model)
         self.bivdiff_spec = BivdiffSpec(**bivdiff) if bivdiff else BivdiffSpec(device=self.spec.device, dtype=self.spec.dtype)
-        self.model_json = json.dumps({k: v for k, v in model.items() if k not in ("device", "dtype")}, sort_keys=True)
-        self.bivdiff_json = json.dumps({k: v for k, v in asdict(self.bivdiff_spec).items() if k not in ("device", "dtype")},
-                                       sort_keys=True)
+        self.model_json, self.bivdiff_json = spec_json(self.spec), spec_json(self.bivdiff_spec)
         self.device = resolve_placement(self.spec.device, self.spec.dtype)[0]
         self._backbone = self._bivdiff = self._scorer = None
         self.scorer_source = scorer
@@ -126,7 +123,8 @@ class VideoGenerator:
         return self._scorer
 
     def _meta(self, rid: str, status: str, error: str | None, params=None, **extra) -> dict:
-        bv = isinstance(params, BivdiffParams) or extra.pop("kind", None) == "bivdiff"
+        kind = extra.pop("kind", None)  # for rows without resolved params
+        bv = isinstance(params, BivdiffParams) or kind == "bivdiff"
         row = {"id": rid, "status": status, "error": error, "code_version": self.code_version, "run_id": self.run_id,
                "backbone": f"bivdiff/{self.bivdiff_spec.vdm}" if bv else self.spec.backbone,
                "model_spec": self.bivdiff_json if bv else self.model_json, "finished_at": metadata.now()}
@@ -169,12 +167,16 @@ class VideoGenerator:
             logger.exception("row %s failed", rid)
             return {i: self._meta(rid, "failed", f"{type(err).__name__}: {err}", p)}
         for (i, rid, p), res in zip(items, results):
-            try:
-                out[i] = self._meta(rid, "ok", None, p, **self._publish(res, rid), **self._scores(res))
-            except Exception as err:  # noqa: BLE001
-                logger.exception("publishing %s failed", rid)
-                out[i] = self._meta(rid, "failed", f"{type(err).__name__} while writing the video: {err}", p)
+            out[i] = self._published(rid, res)
         return out
+
+    def _published(self, rid: str, result) -> dict:
+        """Publish one sampled video: its ok row, or a failed row saying why writing it failed."""
+        try:
+            return self._meta(rid, "ok", None, result.params, **self._publish(result, rid), **self._scores(result))
+        except Exception as err:  # noqa: BLE001
+            logger.exception("publishing %s failed", rid)
+            return self._meta(rid, "failed", f"{type(err).__name__} while writing the video: {err}", result.params)
 
     def _bivdiff_row(self, rid: str, given: dict) -> dict:
         """One BIVDiff row: inputs read and checked first, then the models run; every failure is the row's error."""
@@ -192,11 +194,7 @@ class VideoGenerator:
         except Exception as err:  # noqa: BLE001 - errors become row values
             logger.exception("row %s failed", rid)
             return self._meta(rid, "failed", f"{type(err).__name__}: {err}", params)
-        try:
-            return self._meta(rid, "ok", None, params, **self._publish(result, rid), **self._scores(result))
-        except Exception as err:  # noqa: BLE001
-            logger.exception("publishing %s failed", rid)
-            return self._meta(rid, "failed", f"{type(err).__name__} while writing the video: {err}", params)
+        return self._published(rid, result)
 
     def _scores(self, result) -> dict:
         """Quality scores of a published video; a scoring failure leaves them null with the reason."""

@@ -59,8 +59,16 @@ class ModelSpec:
 
     def fingerprint(self) -> str:
         """Identifies the model set (not device/dtype placement) for output ids."""
-        keep = {k: v for k, v in asdict(self).items() if k not in ("device", "dtype")}
-        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+        return spec_fingerprint(self)
+
+
+def spec_json(spec) -> str:
+    """A model spec (ModelSpec or BivdiffSpec) as sorted JSON without its device/dtype placement."""
+    return json.dumps({k: v for k, v in asdict(spec).items() if k not in ("device", "dtype")}, sort_keys=True)
+
+
+def spec_fingerprint(spec) -> str:
+    return hashlib.sha256(spec_json(spec).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -248,8 +256,7 @@ class BivdiffSpec:
         return {"instruct_pix2pix": self.instruct_pix2pix, "inpainting": self.inpainting}.get(task.idm)
 
     def fingerprint(self) -> str:
-        keep = {k: v for k, v in asdict(self).items() if k not in ("device", "dtype")}
-        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+        return spec_fingerprint(self)
 
 
 @dataclass(frozen=True)

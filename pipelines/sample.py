@@ -96,10 +96,23 @@ def _write_atomic(path: str, write) -> None:
         raise
 
 
+def write_output(path: str, output_type: str, latents, frames, fps: int) -> None:
+    """Atomically write `latents` as float32 .npy (output_type "latent") or `frames` as an mp4."""
+    from .video import write_mp4
+
+    if output_type == "latent":
+        def save(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                np.save(f, latents.numpy().astype(np.float32))
+    else:
+        def save(tmp: str) -> None:
+            write_mp4(frames, tmp, fps)
+    _write_atomic(path, save)
+
+
 def run(args: argparse.Namespace) -> dict:
     from .backbones import load_backbone
     from .generate import generate
-    from .video import write_mp4
 
     spec = _spec(args)
     params = resolve_params({"prompt": args.prompt, **{k: getattr(args, k) for k in PARAM_FLAGS}}, backbone=spec.backbone)
@@ -107,14 +120,7 @@ def run(args: argparse.Namespace) -> dict:
     backbone = load_backbone(spec)
     load_s = time.perf_counter() - start
     result = generate(backbone, [params], decode=args.output_type == "mp4")[0]
-    if args.output_type == "latent":
-        def save(tmp: str) -> None:
-            with open(tmp, "wb") as f:
-                np.save(f, result.latents.numpy().astype(np.float32))
-    else:
-        def save(tmp: str) -> None:
-            write_mp4(result.frames, tmp, params.fps)
-    _write_atomic(args.out, save)
+    write_output(args.out, args.output_type, result.latents, result.frames, params.fps)
     return {"out": args.out, "calls": result.calls, "nfe": result.nfe, "seconds": result.seconds, "load_seconds": load_s,
             "params": params}
 

@@ -14,19 +14,11 @@ from pipelines.video import mp4_bytes, read_mp4
 
 from .jobutil import job_env, parent_runs, run_job, tiny_config
 from .test_bivdiff_tasks import synthetic_frames
-from .test_s3_mlflow import CREDS, s3_endpoint  # noqa: F401 - the moto server fixture
+from .test_s3_mlflow import CREDS, s3_bucket, s3_endpoint  # noqa: F401 - the moto server fixture
 
 
 def test_bivdiff_manifest_through_the_job(s3_endpoint, tmp_path, tiny_ad_dir, monkeypatch):  # noqa: F811
-    import boto3
-    import s3fs
-
-    boto3.client("s3", endpoint_url=s3_endpoint, **{k.lower(): v for k, v in CREDS.items() if k != "AWS_DEFAULT_REGION"},
-                 region_name="us-east-1").create_bucket(Bucket="clips")
-    for k, v in {**CREDS, "AWS_ENDPOINT_URL": s3_endpoint}.items():
-        monkeypatch.setenv(k, v)
-    s3fs.S3FileSystem.clear_instance_cache()
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
+    fs = s3_bucket(s3_endpoint, "clips", monkeypatch)
     mask = np.zeros((16, 48, 80, 3), np.float32)
     mask[:, 8:40, 16:64] = 1.0
     fs.pipe("clips/bear.mp4", mp4_bytes(synthetic_frames(), 8))

@@ -60,16 +60,21 @@ def mlflow_server(tmp_path_factory):
         log.close()
 
 
-def test_job_writes_to_s3_and_logs_to_an_mlflow_server(s3_endpoint, mlflow_server, tmp_path, tiny_ad_dir, monkeypatch):
+def s3_bucket(endpoint: str, bucket: str, monkeypatch):
+    """Create `bucket` on the endpoint, point this process's AWS settings at it, return an s3fs filesystem."""
     import boto3
     import s3fs
 
-    boto3.client("s3", endpoint_url=s3_endpoint, **{k.lower(): v for k, v in CREDS.items() if k != "AWS_DEFAULT_REGION"},
-                 region_name="us-east-1").create_bucket(Bucket="ivmix")
-    for k, v in {**CREDS, "AWS_ENDPOINT_URL": s3_endpoint}.items():
+    boto3.client("s3", endpoint_url=endpoint, **{k.lower(): v for k, v in CREDS.items() if k != "AWS_DEFAULT_REGION"},
+                 region_name="us-east-1").create_bucket(Bucket=bucket)
+    for k, v in {**CREDS, "AWS_ENDPOINT_URL": endpoint}.items():
         monkeypatch.setenv(k, v)
     s3fs.S3FileSystem.clear_instance_cache()
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
+    return s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
+
+
+def test_job_writes_to_s3_and_logs_to_an_mlflow_server(s3_endpoint, mlflow_server, tmp_path, tiny_ad_dir, monkeypatch):
+    fs = s3_bucket(s3_endpoint, "ivmix", monkeypatch)
     sink = io.BytesIO()
     pq.write_table(pa.table({"id": ["a", "b", "bad"], "prompt": ["A cat on a sofa.", "Waves on a rock.", "Bad row."],
                              "height": pa.array([None, 48, 30], pa.int64())}), sink)

@@ -15,11 +15,9 @@ import os
 import sys
 import time
 
-import numpy as np
-
 from .. import presets
 from ..config import BivdiffSpec, resolve_bivdiff_params
-from ..sample import _write_atomic
+from ..sample import _write_atomic, write_output
 
 logger = logging.getLogger("pipelines.bivdiff")
 
@@ -112,14 +110,7 @@ def run(args: argparse.Namespace) -> dict:
     worker = BIVDiff(spec, stage1_batch=args.stage1_batch)
     load_s = time.perf_counter() - start
     result = worker.run(params, decode=args.output_type == "mp4", loaded=loaded)
-    if args.output_type == "latent":
-        def save(tmp: str) -> None:
-            with open(tmp, "wb") as f:
-                np.save(f, result.latents.numpy().astype(np.float32))
-    else:
-        def save(tmp: str) -> None:
-            write_mp4(result.frames, tmp, params.fps)
-    _write_atomic(args.out, save)
+    write_output(args.out, args.output_type, result.latents, result.frames, params.fps)
     if args.save_stage1:
         _write_atomic(args.save_stage1, lambda tmp: write_mp4(result.stage1, tmp, params.fps))
     return {"out": args.out, "result": result, "load_seconds": load_s}

@@ -137,7 +137,8 @@ def read_row_inputs(p) -> RowInputs:
         m, _ = read_frames("mask_video", p.mask_video, like=info, **size)
         mask = np.where(to_uint8(m).mean(-1) >= 128, 255, 0).astype(np.uint8)
     if task.condition in ("depth", "pose"):
-        uri = p.condition_video or p.source_video
-        condition, _ = read_frames("condition_video", uri, like=info if p.condition_video else None, **size)
-        condition = to_uint8(condition)
+        if p.condition_video is None:  # the source video holds the maps: already read above
+            condition = to_uint8(source)
+        else:
+            condition = to_uint8(read_frames("condition_video", p.condition_video, like=info, **size)[0])
     return RowInputs(source, mask, condition)

@@ -17,7 +17,7 @@ from ..config import BivdiffParams, BivdiffSpec
 from ..sampling import CFGDenoiser
 from ..schedule import AlphaTable
 from . import inputs
-from .program import LatentSpace, State, bivdiff_sample
+from .program import CLEAN, LatentSpace, State, bivdiff_sample
 from .stage1 import Stage1
 
 logger = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class BIVDiff:
         mean, std = torch.cat(means), torch.cat(stds)
         noise = torch.randn(mean.shape, generator=torch.Generator("cpu").manual_seed(seed + 1), dtype=torch.float32)
         z = (mean + std * noise.to(mean.device)) * self.vae.config.scaling_factor
-        return State(z.permute(1, 0, 2, 3).unsqueeze(0), -1, self.space)
+        return State(z.permute(1, 0, 2, 3).unsqueeze(0), CLEAN, self.space)
 
     def denoisers(self, p: BivdiffParams) -> dict:
         """"I": SD UNet per frame on the inversion text, "U": VDM on the inversion text (single passes),
