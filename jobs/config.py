@@ -113,7 +113,7 @@ class JobConfig:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     compute: ComputeConfig = ComputeConfig()
     commit: CommitConfig = CommitConfig()
-    mlflow_uri: str = "sqlite:///mlflow.db"
+    mlflow_uri: str = ""  # load(): --mlflow-uri, mlflow.uri, $MLFLOW_TRACKING_URI, else default_mlflow_uri()
     experiment: str = "ivmix"
     run_name: str | None = None
     limit: int | None = None
@@ -129,6 +129,13 @@ class JobConfig:
         out["defaults"] = dict(self.defaults)
         out["bivdiff"]["defaults"] = dict(self.bivdiff.defaults)
         return out
+
+
+def default_mlflow_uri() -> str:
+    """An embedded SQLite store in one per-user folder ($IVMIX_HOME, default ~/.local/share/ivmix), not the current
+    folder: under `ray job submit` that is a temporary working dir, and nightly history must outlive it."""
+    home = os.environ.get("IVMIX_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share", "ivmix")
+    return f"sqlite:///{os.path.abspath(home)}/mlflow.db"
 
 
 def _section(name: str, raw: Any, cls) -> Any:
@@ -221,13 +228,19 @@ def load(args: argparse.Namespace) -> JobConfig:
         unknown = [s for s in samplers if s not in presets.PRESETS]
         if unknown or len(set(samplers)) != len(samplers) or not samplers:
             raise ValueError(f"--samplers: distinct preset names from {sorted(presets.PRESETS)}, got {samplers!r}")
+        foreign = [s for s in samplers if presets.PRESETS[s].backbones and model.backbone not in presets.PRESETS[s].backbones]
+        if foreign:
+            raise ValueError(f"--samplers: {', '.join(foreign)} reproduce(s) another backbone's code "
+                             f"({', '.join('/'.join(presets.PRESETS[s].backbones) for s in foreign)}); the {model.backbone} "
+                             "backbone takes " + ", ".join(n for n, p in presets.PRESETS.items()
+                                                        if not p.backbones or model.backbone in p.backbones))
         samplers = tuple(samplers)
     return JobConfig(
         bivdiff=_bivdiff_section(raw.get("bivdiff")),
         samplers=samplers, scores=scores, regression=regression,
         manifest=manifest, output=output.rstrip("/"), model=model, tiny=tiny, tiny_cache=tiny_cache,
         defaults=defaults, compute=compute, commit=commit,
-        mlflow_uri=args.mlflow_uri or mlflow_raw.get("uri") or os.environ.get("MLFLOW_TRACKING_URI") or JobConfig.mlflow_uri,
+        mlflow_uri=args.mlflow_uri or mlflow_raw.get("uri") or os.environ.get("MLFLOW_TRACKING_URI") or default_mlflow_uri(),
         experiment=args.experiment or mlflow_raw.get("experiment") or JobConfig.experiment,
         run_name=args.run_name, limit=limit,
         fail_on_error=bool(args.fail_on_error or raw.get("fail_on_error", False)),

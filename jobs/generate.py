@@ -29,18 +29,25 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from jobs import config as job_config  # noqa: E402
+from jobs import setup, tracking  # noqa: E402
+from operators.compute import without_actor_restart_note  # noqa: E402
 from operators import metadata, storage  # noqa: E402
 from operators.manifest import ManifestError, duplicated, read_schema  # noqa: E402
 
 logger = logging.getLogger("jobs.generate")
+EXIT_CODES = ("exit status: 0 the job ran (failed rows are data: see the metadata's status/error columns) or had nothing "
+              "to do; 1 --fail-on-error and a row failed, or a crash; 2 bad input (config, manifest, models, baseline), "
+              "reported before any model loads; 3 a quality regression against the baseline")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python jobs/generate.py", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python jobs/generate.py", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXIT_CODES)
     ap.add_argument("--manifest", help="Parquet file or folder: local path or fsspec URI (s3://...)")
     ap.add_argument("--output", help="output prefix: local folder or fsspec URI; videos/ and metadata/ go below it")
     ap.add_argument("--config", help="job YAML (jobs/configs/*.yaml)")
-    ap.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db, an embedded SQLite file)")
+    ap.add_argument("--mlflow-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else an embedded SQLite file "
+                    "under $IVMIX_HOME, default ~/.local/share/ivmix/mlflow.db, artifacts beside it)")
     ap.add_argument("--experiment", help="MLflow experiment name")
     ap.add_argument("--run-name", help="MLflow run name (default: derived from the output prefix)")
     ap.add_argument("--device", choices=["auto", "cuda", "cpu"], help="cuda: one GPU per actor; cpu: CPU actors")
@@ -51,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--fail-on-error", action="store_true", help="exit 1 if any row failed")
     ap.add_argument("--samplers", help="A/B: comma-separated presets; every row once per sampler, same seed and noise")
     ap.add_argument("--scores", action="store_true", help="compute CLIPSIM, frame consistency and flicker per video")
-    ap.add_argument("--baseline", help="regression check against an MLflow run id, or 'last' (newest finished run)")
+    ap.add_argument("--baseline", help="regression check against an MLflow run id, or 'last' (the newest healthy run: "
+                    "not regressed, success rate at least its own baseline's)")
     ap.add_argument("--regression-threshold", type=float, help="relative worsening that counts (default 0.05)")
     return ap
 
@@ -91,6 +99,13 @@ class Progress:
         self.total, self.ok, self.failed = total, 0, 0
         self.seconds, self.nfe = 0.0, 0
         self.start = time.monotonic()
+        self.logged: tuple[int, int] | None = None  # (ok, failed) of the last line logged
+
+    def log(self, final: bool = False) -> None:
+        """Log the progress line, unless the final one would repeat the last one logged."""
+        if not (final and self.logged == (self.ok, self.failed)):
+            logger.info(self.line())
+            self.logged = (self.ok, self.failed)
 
     def add(self, table) -> None:
         for status, secs, nfe in zip(table.column("status").to_pylist(), table.column("seconds").to_pylist(), table.column("nfe").to_pylist()):
@@ -164,38 +179,36 @@ def check_capacity(compute: job_config.ComputeConfig, resources: dict, device: s
 
 
 def run(cfg: job_config.JobConfig, n_rows: int, ids_dup: set[str], bivdiff_rows: bool = False) -> int:
-    import mlflow
-
     fs, root = storage.filesystem(cfg.output)
+    done = metadata.committed_ok(fs, root)
+    limit = min(n_rows, cfg.limit or n_rows)
+    total = limit * len(cfg.samplers or [None])
+    logger.info("manifest: %d rows%s; %d ids already committed under %s", n_rows,
+                f" (--limit {cfg.limit}: the first {limit})" if limit < n_rows else "", len(done), cfg.output)
+    try:
+        model, bivdiff, scorer = setup.models(cfg, bivdiff_rows)
+        if scorer:
+            setup.check_scorer(scorer)
+        import mlflow
+
+        tracking.start(mlflow, cfg)
+        tracking.check_baseline(mlflow, cfg)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if done and not setup.anything_to_do(cfg, n_rows, model, bivdiff, done, ids_dup):
+        logger.info("nothing to do: every row%s is committed ok under %s", f" of the first {limit}" if limit < n_rows else "",
+                    cfg.output)
+        return 0
     fs.makedirs(root, exist_ok=True)
     storage.clear_staging(fs, root)
-    done = metadata.committed_ok(fs, root)
-    total = min(n_rows, cfg.limit or n_rows) * len(cfg.samplers or [None])
-    logger.info("manifest: %d rows; %d ids already committed under %s", n_rows, len(done), cfg.output)
-
-    model = cfg.model
-    from pipelines.tiny import ensure_tiny
-
-    if cfg.tiny:  # build first, then read the folder's layout (which optional parts it has)
-        from pipelines.config import ModelSpec
-
-        folder = os.path.abspath(ensure_tiny(cfg.tiny, os.path.join(cfg.tiny_cache, cfg.tiny)))
-        keep = {k: getattr(model, k) for k in ("vae", "lora", "lora_scale", "dtype", "device")}
-        model = ModelSpec.from_model_dir(cfg.tiny, folder, **keep)
-    scorer = None
-    if cfg.scores.enabled:
-        scorer = os.path.abspath(ensure_tiny("clip", os.path.join(cfg.tiny_cache, "clip"))) if cfg.scores.tiny else cfg.scores.clip_model
+    logger.info("starting Ray and %d actor(s); each loads its models once", cfg.compute.num_actors)
     ray = _init_ray()
     device = cfg.compute.device
     if device == "auto":
         device = "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
     model = replace(model, device=device)
-    bivdiff = replace(cfg.bivdiff.spec, device=device, dtype=model.dtype)
-    if cfg.bivdiff.tiny and bivdiff_rows:
-        from pipelines.config import BivdiffSpec
-
-        folder = os.path.abspath(ensure_tiny("bivdiff", os.path.join(cfg.tiny_cache, "bivdiff")))
-        bivdiff = BivdiffSpec.from_model_dir(folder, vdm=bivdiff.vdm, device=device, dtype=model.dtype)
+    bivdiff = replace(bivdiff, device=device, dtype=model.dtype)
     try:
         check_capacity(cfg.compute, ray.cluster_resources(), device)
     except ValueError as err:
@@ -203,8 +216,6 @@ def run(cfg: job_config.JobConfig, n_rows: int, ids_dup: set[str], bivdiff_rows:
         return 2
     version, git_sha = code_version()
 
-    mlflow.set_tracking_uri(cfg.mlflow_uri)
-    mlflow.set_experiment(cfg.experiment)
     run_name = cfg.run_name or f"{os.path.basename(root) or 'run'}-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}"
     with mlflow.start_run(run_name=run_name) as mlrun:
         run_id = mlrun.info.run_id
@@ -226,7 +237,8 @@ def run(cfg: job_config.JobConfig, n_rows: int, ids_dup: set[str], bivdiff_rows:
         progress = Progress(max(total - len(done), 0))
         writer = metadata.MetadataWriter(fs, root, f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{run_id[:8]}")
         try:
-            _pipeline(ray, cfg, model, bivdiff, fs, root, done, ids_dup, run_id, version, progress, writer, device, scorer)
+            with without_actor_restart_note():
+                _pipeline(ray, cfg, model, bivdiff, fs, root, done, ids_dup, run_id, version, progress, writer, device, scorer)
         except BaseException:
             status = "FAILED"
             writer.flush()  # whatever finished is committed; a rerun resumes from it
@@ -234,7 +246,7 @@ def run(cfg: job_config.JobConfig, n_rows: int, ids_dup: set[str], bivdiff_rows:
         finally:
             m = progress.metrics()
             mlflow.log_metrics({k: float(v) for k, v in m.items()})
-            logger.info(progress.line())
+            progress.log(final=True)
             _log_run_metadata(mlflow, fs, root, writer)
             mlflow.set_tag("job_status", status)
         regressions = _quality(mlflow, cfg, fs, root, run_id)
@@ -290,7 +302,7 @@ def _pipeline(ray, cfg, model, bivdiff, fs, root, done, ids_dup, run_id, version
             writer.flush()
             last_commit = now
         if now - last_log >= cfg.commit.progress_seconds:
-            logger.info(progress.line())
+            progress.log()
             mlflow.log_metrics({k: float(v) for k, v in progress.metrics().items()}, step=step)
             step += 1
             last_log = now
@@ -304,6 +316,7 @@ def _quality(mlflow, cfg, fs, root, run_id) -> list[str]:
 
     current = metadata.latest(metadata.read_parts(fs, root))
     if current is None or current.num_rows == 0:
+        mlflow.set_tag("healthy", "false")
         return []
     from jobs import report
 
@@ -312,9 +325,11 @@ def _quality(mlflow, cfg, fs, root, run_id) -> list[str]:
     logger.info("quality: %s", quality.summary(groups))
     path = report.write_report(fs, root, current, groups, f"ivmix run {posixpath.basename(root) or root}")
     report.log_report(mlflow, fs, root, path, current)
+    found, baseline = [], {}
     if cfg.regression.baseline:
-        return quality.regression_check(mlflow, cfg.regression, groups, run_id)
-    return []
+        found, baseline = quality.regression_check(mlflow, cfg.regression, groups, run_id)
+    mlflow.set_tag("healthy", str(quality.healthy(groups, found, baseline)).lower())
+    return found
 
 
 def _model_dict(model) -> dict:
@@ -340,11 +355,25 @@ def _log_run_metadata(mlflow, fs, root, writer) -> None:
         mlflow.log_artifact(path, "metadata")
 
 
+def quiet_console() -> None:
+    """Only what a user needs on the console: our progress, warnings that call for action, the result. Ray's startup
+    notes, its Ray Data plan lines, the libraries' load bars and advisory warnings go (Ray's logs stay in its session
+    folder); Ray's error-level note on restartable actor pools is dropped around the pipeline (operators.compute)."""
+    from pipelines.cli import quiet_libraries
+
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    quiet_libraries()
+    for noisy in ("alembic", "mlflow", "matplotlib",
+                  "ray.data._internal.execution.streaming_executor"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for advisory in ("ray._private.authentication.authentication_token_setup", "ray.data._internal.progress"):
+        logging.getLogger(advisory).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("alembic", "mlflow", "botocore", "urllib3", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_console()
     try:
         cfg = job_config.load(args)
         schema, n_rows = read_schema(cfg.manifest)  # before any model loads

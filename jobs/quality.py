@@ -41,10 +41,18 @@ def compare(current: dict[str, float], baseline: dict[str, float], threshold: fl
     """Regressions of `current` vs `baseline` flat metrics: a mean score or success rate worse by more than
     `threshold` relative to the baseline's magnitude (direction per score)."""
     found = []
+    groups = {k.partition(".")[0] for k in current}
     for key, base in sorted(baseline.items()):
         group, _, stat = key.partition(".")
         name = stat[: -len("_mean")] if stat.endswith("_mean") else stat
-        if name not in HIGHER_IS_BETTER or not (stat.endswith("_mean") or stat == "success_rate") or key not in current:
+        if name not in HIGHER_IS_BETTER or not (stat.endswith("_mean") or stat == "success_rate"):
+            continue
+        if group not in groups:
+            if stat == "success_rate":
+                found.append(f"{group}: no rows in this run (the baseline had them, success rate {base:.4g})")
+            continue
+        if key not in current:
+            found.append(f"{group} {stat}: no scored video in this run (baseline {base:.4g})")
             continue
         cur, margin = current[key], threshold * max(abs(base), 1e-12)
         worse = cur < base - margin if HIGHER_IS_BETTER[name] else cur > base + margin
@@ -53,14 +61,28 @@ def compare(current: dict[str, float], baseline: dict[str, float], threshold: fl
     return found
 
 
+def healthy(groups: dict[str, dict[str, float]], regressions: list[str], baseline: dict[str, float]) -> bool:
+    """A night that may serve as the next `--baseline last`: some video ok, no regression, and no sampler's success
+    rate below the baseline's (even within the threshold)."""
+    if regressions or not any(g["success_rate"] > 0 for g in groups.values()):
+        return False
+    current = flat_metrics(groups)
+    return all(current.get(k, 0.0) >= v for k, v in baseline.items() if k.endswith(".success_rate"))
+
+
 def baseline_metrics(client, experiment_id: str, baseline: str, current_run: str) -> tuple[str | None, dict[str, float]]:
-    """(run id, metrics) of a named run, or of the newest finished run of the experiment that has group metrics."""
+    """(run id, metrics) of a named run, or ("last") of the newest healthy finished run of the experiment: one with
+    group metrics that is neither tagged regression=true nor healthy=false (a regressed or failed night never
+    becomes the baseline of the next one)."""
     if baseline != "last":
         return baseline, dict(client.get_run(baseline).data.metrics)
     runs = client.search_runs([experiment_id], filter_string="attributes.status = 'FINISHED'",
-                              order_by=["attributes.start_time DESC"], max_results=50)
+                              order_by=["attributes.start_time DESC"], max_results=200)
     for run in runs:
-        if run.info.run_id != current_run and any(k.endswith(".success_rate") for k in run.data.metrics):
+        tags = run.data.tags
+        if run.info.run_id == current_run or tags.get("regression") == "true" or tags.get("healthy") == "false":
+            continue
+        if any(k.endswith(".success_rate") for k in run.data.metrics):
             return run.info.run_id, dict(run.data.metrics)
     return None, {}
 
@@ -77,8 +99,9 @@ def log_groups(mlflow, groups: dict[str, dict[str, float]], table: pa.Table) -> 
     mlflow.log_table(data=table.select(cols).to_pandas(), artifact_file="scores/scores.json")
 
 
-def regression_check(mlflow, cfg_regression, groups: dict[str, dict[str, float]], run_id: str) -> list[str]:
-    """Compare with the baseline; tags the run and returns the regressions found."""
+def regression_check(mlflow, cfg_regression, groups: dict[str, dict[str, float]],
+                     run_id: str) -> tuple[list[str], dict[str, float]]:
+    """Compare with the baseline; tags the run; returns (the regressions found, the baseline's metrics)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
@@ -87,11 +110,14 @@ def regression_check(mlflow, cfg_regression, groups: dict[str, dict[str, float]]
     if not base:
         mlflow.set_tag("regression", "no_baseline")
         logger.warning("regression check: no baseline run with group metrics (%s)", cfg_regression.baseline)
-        return []
+        return [], {}
     found = compare(flat_metrics(groups), base, cfg_regression.threshold)
     mlflow.set_tags({"regression": "true" if found else "false", "regression_baseline": base_id,
                      "regression_details": "; ".join(found)[:5000]})
-    return found
+    if not found:
+        logger.info("regression check: no regression against baseline run %s (threshold %.0f%%)", base_id,
+                    100 * cfg_regression.threshold)
+    return found, base
 
 
 def summary(groups: dict[str, dict[str, Any]]) -> str:

@@ -127,7 +127,8 @@ def write_report(fs, root: str, table: pa.Table, groups: dict, title: str) -> st
     page = build_html(rows, contacts, score_plots(rows), title, groups)
     dest = storage.join(root, "report", "index.html")
     storage.put_bytes(fs, page.encode(), dest, root)
-    logger.info("report: %s (%d videos)", storage.full_uri(fs, dest), len(rows))
+    ok = sum(r["status"] == "ok" for r in rows)
+    logger.info("report: %s (%d videos, %d failed rows)", storage.full_uri(fs, dest), ok, len(rows) - ok)
     return dest
 
 

@@ -6,8 +6,12 @@ here and spread the result into `map_batches`.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import threading
 import warnings
-from typing import Any
+from typing import Any, Iterator
 
 
 def actor_pool(ray, *, size: int, num_gpus: float, num_cpus: float, max_restarts: int, max_task_retries: int) -> dict[str, Any]:
@@ -17,3 +21,46 @@ def actor_pool(ray, *, size: int, num_gpus: float, num_cpus: float, max_restarts
     warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")
     return dict(compute=ray.data.ActorPoolStrategy(size=size), num_gpus=num_gpus, num_cpus=num_cpus,
                 max_restarts=max_restarts, max_task_retries=max_task_retries)
+
+
+# Ray 2.60 passes Ray Data's map worker its constructor arguments as object refs and logs, from the driver's C++ core
+# worker, one error-level line per actor of a pool with max_restarts > 0 (ray-project/ray#53727). Ray Data holds those
+# refs for the whole execution, so the note is harmless here; users read it as a failure.
+RESTART_NOTE = b"has constructor arguments in the object store and max_restarts > 0"
+
+
+@contextlib.contextmanager
+def without_actor_restart_note(note: bytes = RESTART_NOTE) -> Iterator[None]:
+    """Pass the process's stderr (fd 2, which C++ writes to directly) through a filter that drops lines holding
+    `note`; everything else reaches the real stderr unchanged, in order. Restored on exit."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no usable stderr: nothing to filter
+        yield
+        return
+    read_fd, write_fd = os.pipe()
+
+    def pump() -> None:
+        buf = b""
+        with os.fdopen(read_fd, "rb", buffering=0) as src:
+            while chunk := src.read(65536):
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                out = b"".join(line + b"\n" for line in lines if note not in line)
+                if out:
+                    os.write(saved, out)
+        if buf and note not in buf:
+            os.write(saved, buf)
+
+    thread = threading.Thread(target=pump, name="stderr-filter", daemon=True)
+    thread.start()
+    os.dup2(write_fd, 2)
+    os.close(write_fd)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # closes the pipe's last write end: the pump drains and ends
+        thread.join(timeout=10)
+        os.close(saved)

@@ -24,7 +24,7 @@ from . import metadata, storage
 from .manifest import COLUMNS, expand_samplers
 
 logger = logging.getLogger(__name__)
-INTERNAL = ("_id", "_status", "_error", "_params", "_pair")
+INTERNAL = ("_id", "_status", "_error", "_params", "_pair", "_sampler")
 
 
 def passthrough_columns(table: pa.Table) -> list[str]:
@@ -40,6 +40,8 @@ def resolve_rows(batch: pa.Table, *, defaults: Mapping[str, Any], model: Mapping
     src, resolved = [], []
     for i, row in enumerate(batch.to_pylist()):
         for r in expand_samplers(row, defaults, spec, samplers, spatial_factor, bspec, bivdiff_defaults):
+            if r["params_json"]:
+                r["sampler"] = json.loads(r["params_json"]).get("sampler")
             if r["status"] == "pending" and (row.get("id") in duplicate_ids or r["id"] in duplicate_ids):
                 r.update(status="failed", error=f"id: {row.get('id') or r['id']!r} appears in more than one manifest row; "
                          "ids must be unique", params_json=None)
@@ -51,8 +53,9 @@ def resolve_rows(batch: pa.Table, *, defaults: Mapping[str, Any], model: Mapping
                 src.append(i)
                 resolved.append(r)
     out = batch.take(pa.array(src, type=pa.int64()))
-    for name, key in (("_id", "id"), ("_status", "status"), ("_error", "error"), ("_params", "params_json"), ("_pair", "pair_id")):
-        out = out.append_column(pa.field(name, pa.string()), pa.array([r[key] for r in resolved], type=pa.string()))
+    for name, key in (("_id", "id"), ("_status", "status"), ("_error", "error"), ("_params", "params_json"), ("_pair", "pair_id"),
+                      ("_sampler", "sampler")):
+        out = out.append_column(pa.field(name, pa.string()), pa.array([r.get(key) for r in resolved], type=pa.string()))
     return out
 
 
@@ -87,12 +90,14 @@ class VideoGenerator:
     def __init__(self, model: Mapping[str, Any], output: str, run_id: str, code_version: str, sampler_batch: int = 1,
                  scorer: str | None = None, bivdiff: Mapping[str, Any] | None = None, bivdiff_stage1_batch: int = 8):
         from pipelines.backbones.common import resolve_placement
+        from pipelines.cli import quiet_libraries
 
+        quiet_libraries()  # no per-file load bars or advisory warnings in the worker logs the driver prints
         self.spec = ModelSpec(**model)
         self.bivdiff_spec = BivdiffSpec(**bivdiff) if bivdiff else BivdiffSpec(device=self.spec.device, dtype=self.spec.dtype)
         self.model_json, self.bivdiff_json = spec_json(self.spec), spec_json(self.bivdiff_spec)
         self.device = resolve_placement(self.spec.device, self.spec.dtype)[0]
-        self._backbone = self._bivdiff = self._scorer = None
+        self._backbone = self._bivdiff = self._scorer = self._scorer_error = None
         self.scorer_source = scorer
         self.fs, self.root = storage.filesystem(output)
         self.run_id, self.code_version, self.sampler_batch = run_id, code_version, sampler_batch
@@ -116,10 +121,17 @@ class VideoGenerator:
 
     @property
     def scorer(self):
-        if self._scorer is None and self.scorer_source:
+        """The CLIP scorer, loaded on first use; a load failure is remembered and raised again for every video (the
+        caller turns it into `score_error`, never into a lost video)."""
+        if self._scorer is None and self._scorer_error is None:
             from .scoring import ClipScorer
 
-            self._scorer = ClipScorer(self.scorer_source, self.device)
+            try:
+                self._scorer = ClipScorer(self.scorer_source, self.device)
+            except Exception as err:  # noqa: BLE001
+                self._scorer_error = f"{type(err).__name__} while loading the scorer: {' '.join(str(err).split())[:300]}"
+        if self._scorer_error:
+            raise RuntimeError(self._scorer_error)
         return self._scorer
 
     def _meta(self, rid: str, status: str, error: str | None, params=None, **extra) -> dict:
@@ -185,7 +197,8 @@ class VideoGenerator:
         try:
             params = resolve_bivdiff_params(given)
         except ValueError as err:
-            return self._meta(rid, "failed", str(err), prompt=given.get("prompt"), kind="bivdiff")
+            return self._meta(rid, "failed", str(err), prompt=given.get("prompt"), sampler=given.get("sampler"),
+                              task=given.get("task"), kind="bivdiff")
         try:
             loaded = read_row_inputs(params)
             result = self.bivdiff.run(params, loaded=loaded)
@@ -198,7 +211,7 @@ class VideoGenerator:
 
     def _scores(self, result) -> dict:
         """Quality scores of a published video; a scoring failure leaves them null with the reason."""
-        if self.scorer is None:
+        if not self.scorer_source:
             return {}
         try:
             return self.scorer.score(result.frames, result.params.prompt)
@@ -214,7 +227,8 @@ class VideoGenerator:
         pending = []
         for i, r in enumerate(rows):
             if r["_status"] != "pending":
-                meta[i] = self._meta(r["_id"], "failed", r["_error"], prompt=r.get("prompt") if isinstance(r.get("prompt"), str) else None,
+                text = {k: r.get(k) if isinstance(r.get(k), str) else None for k in ("prompt", "task")}
+                meta[i] = self._meta(r["_id"], "failed", r["_error"], sampler=r.get("_sampler"), **text,
                                      kind="bivdiff" if r.get("task") is not None else None)
                 continue
             given = json.loads(r["_params"])
@@ -226,7 +240,7 @@ class VideoGenerator:
                 self.backbone.check_frames(params.frames)
                 pending.append((i, r["_id"], params))
             except ValueError as err:
-                meta[i] = self._meta(r["_id"], "failed", str(err), prompt=r.get("prompt"))
+                meta[i] = self._meta(r["_id"], "failed", str(err), prompt=r.get("prompt"), sampler=given.get("sampler"))
         for group in batches([p for _, _, p in pending], self.sampler_batch):
             meta.update(self._sample([pending[g] for g in group]))
         for i, r in enumerate(rows):

@@ -13,6 +13,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import pyarrow as pa
 
+from pipelines import presets
 from pipelines.config import BivdiffSpec, ModelSpec, resolve_bivdiff_params, resolve_params
 
 # column -> accepted Arrow kinds
@@ -146,8 +147,9 @@ def is_bivdiff(row: Mapping[str, Any]) -> bool:
 
 def resolve_row(row: Mapping[str, Any], defaults: Mapping[str, Any], model: ModelSpec, spatial_factor: int = 8,
                 bivdiff: BivdiffSpec | None = None, bivdiff_defaults: Mapping[str, Any] | None = None) -> dict:
-    """-> {"id", "status": "pending"|"failed", "error", "params_json"} for one manifest row; `params_json` carries
-    "kind": "bivdiff" for BIVDiff rows."""
+    """-> {"id", "status": "pending"|"failed", "error", "params_json", "sampler"} for one manifest row; `params_json`
+    carries "kind": "bivdiff" for BIVDiff rows; a failed row keeps the sampler it asked for (or the default), so that
+    its failure counts against that sampler's success rate."""
     given = row.get("id")
     try:
         if is_bivdiff(row):
@@ -164,7 +166,11 @@ def resolve_row(row: Mapping[str, Any], defaults: Mapping[str, Any], model: Mode
         # a stable, safe key for the failed row even when the given id itself is the problem
         raw = json.dumps({"id": given, "prompt": row.get("prompt")}, sort_keys=True, default=str)
         rid = given if isinstance(given, str) and ID_RE.match(given) and ".." not in given else "invalid-" + hashlib.sha256(raw.encode()).hexdigest()[:20]
-        return {"id": rid, "status": "failed", "error": str(err), "params_json": None}
+        sampler = row.get("sampler")
+        if not isinstance(sampler, str):
+            sampler = ((bivdiff_defaults or {}).get("sampler") or presets.BIVDIFF_DEFAULTS["sampler"] if is_bivdiff(row)
+                       else defaults.get("sampler") or presets.DEFAULT_SAMPLER)
+        return {"id": rid, "status": "failed", "error": str(err), "params_json": None, "sampler": sampler}
 
 
 def expand_samplers(row: Mapping[str, Any], defaults: Mapping[str, Any], model: ModelSpec, samplers: Sequence[str] | None,

@@ -19,6 +19,8 @@ from typing import Callable, TypeVar
 
 import fsspec
 
+from pipelines.outputs import filesystem  # noqa: F401 - one S3 endpoint rule for the CLIs and the job
+
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -30,18 +32,6 @@ STAGING = ".staging"
 
 def storage_env() -> dict[str, str]:
     return {k: os.environ[k] for k in ENV_VARS if os.environ.get(k)}
-
-
-def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(fs, path) for a URI or local path; S3 gets the endpoint from the environment."""
-    kwargs = {}
-    if uri.startswith(("s3://", "s3a://")):
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        if endpoint:
-            kwargs["client_kwargs"] = {"endpoint_url": endpoint}
-        kwargs["skip_instance_cache"] = False
-    fs, path = fsspec.core.url_to_fs(uri, **kwargs)
-    return fs, path
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:

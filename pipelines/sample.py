@@ -8,7 +8,8 @@
         --sampler ivmixed --seed 23523 --out horses.mp4
 
 `--sampler standard` with the same seed gives the plain DDIM video from the same initial noise.
-Bad input exits with status 2 and a one-line reason before any model is loaded.
+Bad input (parameters, the output path, a model path that does not exist) exits with status 2 and a one-line
+reason before any model is loaded; a model that cannot be loaded exits 2 the same way.
 """
 from __future__ import annotations
 
@@ -16,54 +17,83 @@ import argparse
 import logging
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np
 
 from . import presets
+from .cli import EXIT_CODES, check_source, load_models, progress_bar, quiet_libraries, tiny_kind
 from .config import ModelSpec, resolve_params
+from .outputs import check_output, write_atomic
 
 logger = logging.getLogger("pipelines.sample")
+
+
+def _defaults_help() -> str:
+    return "; ".join(f"{n}: {b.frames} frames x {b.height}x{b.width}, {b.steps} steps, {b.fps} fps"
+                     for n, b in presets.BACKBONES.items())
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m pipelines.sample", description="Generate one video with an image+video mixing sampler.",
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="presets: " + "; ".join(f"{p.name}: {p.description}" for p in presets.PRESETS.values()))
+                                 epilog=f"{LAPTOP}\n\n{EXIT_CODES}\n\n--list-presets and --list-backbones describe the choices.")
     m = ap.add_argument_group("models (hub ids or local folders)")
-    m.add_argument("--backbone", default="animatediff", choices=sorted(presets.BACKBONES))
+    m.add_argument("--backbone", default="animatediff", choices=sorted(presets.BACKBONES), help="video model family (default animatediff)")
     m.add_argument("--model-dir", help="folder written by `python -m pipelines.tiny BACKBONE DIR` (sets base, motion adapter, image model)")
-    m.add_argument("--base", help="VDM base pipeline")
+    m.add_argument("--base", help="VDM base pipeline (default: the backbone's, see --list-backbones)")
     m.add_argument("--motion-adapter")
     m.add_argument("--unet", help="VDM UNet folder loaded on its own (videocrafter2: the VC UNet)")
     m.add_argument("--image-model", help="IDM pipeline (or a UNet folder)")
     m.add_argument("--vae", help="VAE source (default: the base pipeline's)")
     m.add_argument("--lora", help="LoRA for the image model (file, folder or hub id)")
-    m.add_argument("--lora-scale", type=float, default=1.0)
-    m.add_argument("--dtype", default=presets.DEFAULT_DTYPE, choices=["auto", "float32", "float16", "bfloat16"])
-    m.add_argument("--device", default=presets.DEFAULT_DEVICE)
-    s = ap.add_argument_group("sampling (unset flags take the preset's value)")
-    s.add_argument("--prompt", required=True)
-    s.add_argument("--negative-prompt")
-    s.add_argument("--sampler", default=presets.DEFAULT_SAMPLER, help=f"preset: {', '.join(presets.PRESETS)}")
+    m.add_argument("--lora-scale", type=float, default=1.0, help="default 1.0")
+    m.add_argument("--dtype", default=presets.DEFAULT_DTYPE, choices=["auto", "float32", "float16", "bfloat16"],
+                   help="auto: float16 on CUDA, float32 on CPU")
+    m.add_argument("--device", default=presets.DEFAULT_DEVICE, help="auto: cuda if available, else cpu")
+    s = ap.add_argument_group("sampling (unset flags take the preset's or the backbone's value)")
+    s.add_argument("--prompt")
+    s.add_argument("--negative-prompt", help="default ''")
+    s.add_argument("--sampler", default=presets.DEFAULT_SAMPLER, help=f"preset (default {presets.DEFAULT_SAMPLER}): {', '.join(presets.PRESETS)}")
     s.add_argument("--variant", help="grammar pattern overriding the preset's, e.g. 'down:IV-IV', 'up:IV-IV@main=V'")
-    s.add_argument("--steps", type=int)
+    s.add_argument("--steps", type=int, help="defaults per backbone: " + _defaults_help())
     s.add_argument("--frames", type=int)
     s.add_argument("--height", type=int)
     s.add_argument("--width", type=int)
     s.add_argument("--fps", type=int)
-    s.add_argument("--guidance", type=float, help="main-step CFG scale")
-    s.add_argument("--idm-guidance", help="zigzag CFG of IDM sub-steps: W or BEGIN,END[,RHO] (Karras ramp)")
-    s.add_argument("--vdm-guidance", help="zigzag CFG of VDM sub-steps: W or BEGIN,END[,RHO]")
-    s.add_argument("--interval", help="steps with the zigzag: 'a..b' step indices or '0.0..0.5' fractions")
+    s.add_argument("--guidance", type=float, help="main-step CFG scale (default 7.5; videocrafter2 and ivmixed_vc_v1: 9.0)")
+    s.add_argument("--idm-guidance", help="zigzag CFG of IDM sub-steps: W or BEGIN,END[,RHO] (Karras ramp; default 4)")
+    s.add_argument("--vdm-guidance", help="zigzag CFG of VDM sub-steps: W or BEGIN,END[,RHO] (default 4)")
+    s.add_argument("--interval", help="steps with the zigzag: 'a..b' step indices or '0.0..0.5' fractions (default all)")
     s.add_argument("--zz", type=int, help="substitute the IDM letters by the VDM when step %% zz == zz-1")
-    s.add_argument("--seed", type=int)
+    s.add_argument("--seed", type=int, help=f"initial-noise seed (default {presets.DEFAULT_SEED}; the *_v1 presets: 23523)")
     o = ap.add_argument_group("output")
-    o.add_argument("--output-type", default="mp4", choices=["mp4", "latent"])
-    o.add_argument("--out", required=True, help="output path (.mp4, or .npy for --output-type latent)")
-    o.add_argument("-q", "--quiet", action="store_true")
+    o.add_argument("--output-type", default="mp4", choices=["mp4", "latent"], help="default mp4")
+    o.add_argument("--out", help="output path or fsspec URI (s3://...): .mp4, or .npy for --output-type latent")
+    o.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log lines; errors and the result only")
+    o.add_argument("--list-presets", action="store_true", help="print the sampler presets and exit")
+    o.add_argument("--list-backbones", action="store_true", help="print the backbones with their default models and exit")
     return ap
+
+
+LAPTOP = ("On a laptop (CPU, tiny random models): python -m pipelines.tiny animatediff .cache/tiny/animatediff, then add\n"
+          "--model-dir .cache/tiny/animatediff --steps 6 --frames 8 --height 64 --width 64 (the backbone's defaults,\n"
+          "16 x 512 x 512 and 50 steps, take over an hour on a CPU even with tiny models).")
+
+
+def list_presets() -> str:
+    rows = [f"{p.name:<15} {p.variant:<28} {'/'.join(p.backbones) or 'any backbone':<14} {p.description}"
+            for p in presets.PRESETS.values()]
+    return "\n".join(rows)
+
+
+def list_backbones() -> str:
+    out = []
+    for name, b in presets.BACKBONES.items():
+        models = ", ".join(f"{k}={v}" for k, v in (("base", b.base), ("unet", b.unet), ("motion_adapter", b.motion_adapter),
+                                                   ("image_model", b.image_model)) if v)
+        out.append(f"{name:<14} {b.frames} x {b.height}x{b.width}, {b.steps} steps, {b.fps} fps; {models}")
+    return "\n".join(out)
 
 
 PARAM_FLAGS = ("negative_prompt", "sampler", "variant", "steps", "frames", "height", "width", "fps", "guidance",
@@ -77,27 +107,25 @@ def _spec(args: argparse.Namespace) -> ModelSpec:
             raise ValueError("--model-dir: give either --model-dir or --base/--motion-adapter/--unet/--image-model")
         if not os.path.isdir(args.model_dir):
             raise ValueError(f"--model-dir: {args.model_dir!r} is not a folder")
-        return ModelSpec.from_model_dir(args.backbone, args.model_dir, **common)
-    return ModelSpec(backbone=args.backbone, base=args.base, motion_adapter=args.motion_adapter, unet=args.unet,
-                     image_model=args.image_model, **common)
+        kind = tiny_kind(args.model_dir)
+        if kind is not None and kind != args.backbone:
+            raise ValueError(f"--model-dir: {args.model_dir!r} holds tiny {kind} models; pass --backbone {kind}"
+                             if kind in presets.BACKBONES else
+                             f"--model-dir: {args.model_dir!r} holds a tiny {kind} set, not a {args.backbone} backbone")
+        spec = ModelSpec.from_model_dir(args.backbone, args.model_dir, **common)
+    else:
+        spec = ModelSpec(backbone=args.backbone, base=args.base, motion_adapter=args.motion_adapter, unet=args.unet,
+                         image_model=args.image_model, **common)
+    from .backbones.common import resolve_placement
 
-
-def _write_atomic(path: str, write) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=os.path.splitext(path)[1], dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    resolve_placement(spec.device, spec.dtype)  # device/dtype errors first: they need no file
+    for name in ("base", "motion_adapter", "unet", "image_model", "vae", "lora"):
+        check_source(name, getattr(spec, name))
+    return spec
 
 
 def write_output(path: str, output_type: str, latents, frames, fps: int) -> None:
-    """Atomically write `latents` as float32 .npy (output_type "latent") or `frames` as an mp4."""
+    """Write `latents` as float32 .npy (output_type "latent") or `frames` as an mp4, atomically, to a path or URI."""
     from .video import write_mp4
 
     if output_type == "latent":
@@ -107,27 +135,60 @@ def write_output(path: str, output_type: str, latents, frames, fps: int) -> None
     else:
         def save(tmp: str) -> None:
             write_mp4(frames, tmp, fps)
-    _write_atomic(path, save)
+    write_atomic(path, save)
+
+
+def _warn_if_slow(spec: ModelSpec, params) -> None:
+    from .backbones.common import resolve_placement
+
+    if resolve_placement(spec.device, spec.dtype)[0].type == "cpu" and params.frames * params.height * params.width * params.steps > 8 * 128 * 128 * 25:
+        logger.warning("sampling %d x %dx%d for %d steps on the CPU is slow (the full default size takes over an hour even "
+                       "with tiny models); on a laptop pass --steps 6 --frames 8 --height 64 --width 64",
+                       params.frames, params.height, params.width, params.steps)
 
 
 def run(args: argparse.Namespace) -> dict:
     from .backbones import load_backbone
     from .generate import generate
 
+    if not args.prompt:
+        raise ValueError("--prompt: required")
+    if not args.out:
+        raise ValueError("--out: required (a .mp4 path, or .npy with --output-type latent)")
     spec = _spec(args)
     params = resolve_params({"prompt": args.prompt, **{k: getattr(args, k) for k in PARAM_FLAGS}}, backbone=spec.backbone)
+    check_output(args.out, args.output_type)
+    _warn_if_slow(spec, params)
     start = time.perf_counter()
-    backbone = load_backbone(spec)
+    logger.info("loading %s models", spec.backbone)
+    backbone = load_models(lambda: load_backbone(spec))
     load_s = time.perf_counter() - start
-    result = generate(backbone, [params], decode=args.output_type == "mp4")[0]
+    bar = progress_bar(params.steps, "sampling", args.quiet)
+
+    def step(info: dict) -> None:
+        bar.set_postfix_str(f"model calls {sum(info['calls'].values())}", refresh=False)
+        bar.update(1)
+
+    try:
+        result = generate(backbone, [params], decode=args.output_type == "mp4", callback=step)[0]
+    finally:
+        bar.close()
     write_output(args.out, args.output_type, result.latents, result.frames, params.fps)
     return {"out": args.out, "calls": result.calls, "nfe": result.nfe, "seconds": result.seconds, "load_seconds": load_s,
             "params": params}
 
 
+def configure_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_libraries()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.list_presets or args.list_backbones:
+        print(list_presets() if args.list_presets else list_backbones())
+        return 0
+    configure_logging(args.quiet)
     try:
         out = run(args)
     except ValueError as err:

@@ -308,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--with-bin", action="store_true", help="also write .bin copies of the diffusers weights (official code)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from .cli import quiet_libraries
+
+    quiet_libraries()
     BUILDERS[args.backbone](args.out_dir, args.seed)
     if args.with_bin:
         logger.info("wrote %d .bin copies", len(add_bin_copies(args.out_dir)))

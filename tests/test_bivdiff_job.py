@@ -68,6 +68,9 @@ def test_bivdiff_manifest_through_the_job(s3_endpoint, tmp_path, tiny_ad_dir, mo
     assert meta["badtask"]["error"].startswith("task: unknown 'prompt2prompt'")
     assert meta["nomask"]["error"].startswith("mask_video: task 'inpaint' needs a mask video")
     assert meta["gone"]["error"] == "mask_video: 's3://clips/gone-mask.mp4' does not exist"  # found before any actor
+    # rows that fail validation keep what they asked for (their failure counts against that task and preset)
+    assert [(meta[i]["task"], meta[i]["sampler"]) for i in ("badtask", "nomask", "gone")] == [
+        ("prompt2prompt", "bivdiff"), ("inpaint", "bivdiff"), ("inpaint", "bivdiff")]
     assert meta["canny"]["clipsim"] is not None  # scored against the VDM prompt
 
     from mlflow.tracking import MlflowClient

@@ -4,8 +4,9 @@
         --prompt "a silver robot dancing on the beach" --out out.mp4
 
 Models default to the official ones (SD-1.5, ControlNet v1.1, InstructPix2Pix, SD inpainting, ZeroScope v2);
-`--model-dir DIR` reads the layout of `python -m pipelines.tiny bivdiff DIR`. Bad input exits with status 2 and a
-one-line reason before any model is loaded (a bad video: before any model runs).
+`--model-dir DIR` reads the layout of `python -m pipelines.tiny bivdiff DIR`. Bad input (parameters, outputs,
+model paths, videos) exits with status 2 and a one-line reason before any model is loaded; so does a model that
+cannot be loaded.
 """
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ import sys
 import time
 
 from .. import presets
+from ..cli import EXIT_CODES, check_source, load_models, progress_bar, tiny_kind
 from ..config import BivdiffSpec, resolve_bivdiff_params
-from ..sample import _write_atomic, write_output
+from ..outputs import check_output, write_atomic
+from ..sample import configure_logging, write_output
 
 logger = logging.getLogger("pipelines.bivdiff")
 
@@ -26,7 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m pipelines.bivdiff", description="Edit or re-render one video with BIVDiff.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="tasks: " + "; ".join(f"{t.name} (alpha {t.alpha:g}): {t.description}" for t in presets.BIVDIFF_TASKS.values()))
+        epilog="tasks: " + "; ".join(f"{t.name} (alpha {t.alpha:g}): {t.description}" for t in presets.BIVDIFF_TASKS.values())
+        + "\n\ndefaults: " + ", ".join(f"{k} {v}" for k, v in presets.BIVDIFF_DEFAULTS.items())
+        + " (alpha: the task's)\n\nOn a laptop: python -m pipelines.tiny bivdiff .cache/tiny/bivdiff, then add "
+        "--model-dir .cache/tiny/bivdiff --steps 5 --idm-steps 2 --frames 4 --height 64 --width 64\n\n" + EXIT_CODES)
     t = ap.add_argument_group("task and inputs (fsspec URIs: local paths, s3://, gs://, ...)")
     t.add_argument("--task", required=True, choices=sorted(presets.BIVDIFF_TASKS))
     t.add_argument("--video", dest="source_video", help="source video (external: the edited frames: mp4, PNG folder or .npy)")
@@ -70,9 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fps", type=int, help="output mp4 frame rate (8)")
     o = ap.add_argument_group("output")
     o.add_argument("--output-type", default="mp4", choices=["mp4", "latent"])
-    o.add_argument("--out", required=True, help="output path (.mp4, or .npy for --output-type latent)")
+    o.add_argument("--out", required=True, help="output path or fsspec URI: .mp4, or .npy for --output-type latent")
     o.add_argument("--save-stage1", help="also write the stage-1 frames as an mp4 here")
-    o.add_argument("-q", "--quiet", action="store_true")
+    o.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log lines; errors and the result only")
     return ap
 
 
@@ -81,21 +87,39 @@ PARAM_FLAGS = ("task", "source_video", "mask_video", "condition_video", "prompt"
                "width", "seed", "guidance", "idm_guidance", "image_guidance", "noise", "frame_joint_norm", "fps")
 
 
+MODEL_FLAGS = ("video_model", "video_unet", "motion_adapter", "image_model", "controlnet", "instruct_pix2pix", "inpainting")
+TINY_VDMS = ("zeroscope", "modelscope")  # the tiny set's video_model/ is a ModelScope-architecture pipeline
+
+
 def _spec(args: argparse.Namespace, task: presets.BivdiffTask) -> BivdiffSpec:
     common = dict(vdm=args.vdm, dtype=args.dtype, device=args.device)
     if args.model_dir:
+        given = [f"--{k.replace('_', '-')}" for k in MODEL_FLAGS if getattr(args, k)]
+        if given:
+            raise ValueError(f"--model-dir: give either --model-dir or {', '.join(given)}")
         if not os.path.isdir(args.model_dir):
             raise ValueError(f"--model-dir: {args.model_dir!r} is not a folder")
-        spec = BivdiffSpec.from_model_dir(args.model_dir, **common)
-    else:
-        spec = BivdiffSpec(video_model=args.video_model, video_unet=args.video_unet, motion_adapter=args.motion_adapter,
-                           **({"image_model": args.image_model} if args.image_model else {}), **common)
+        kind = tiny_kind(args.model_dir)
+        if kind not in (None, "bivdiff"):
+            raise ValueError(f"--model-dir: {args.model_dir!r} holds tiny {kind} models; write a BIVDiff set with "
+                             "`python -m pipelines.tiny bivdiff DIR`")
+        if args.vdm not in TINY_VDMS:
+            raise ValueError(f"--vdm: the tiny BIVDiff set's video model has the ModelScope architecture ({' or '.join(TINY_VDMS)}); "
+                             f"{args.vdm} needs its own models (--video-model, "
+                             f"{'--video-unet' if args.vdm == 'videocrafter2' else '--motion-adapter'}) instead of --model-dir")
+        return BivdiffSpec.from_model_dir(args.model_dir, **common)
+    spec = BivdiffSpec(video_model=args.video_model, video_unet=args.video_unet, motion_adapter=args.motion_adapter,
+                       **({"image_model": args.image_model} if args.image_model else {}), **common)
     over = {"instruct_pix2pix": args.instruct_pix2pix, "inpainting": args.inpainting}
     if args.controlnet and task.condition:
         over[f"controlnet_{task.condition}"] = args.controlnet
     from dataclasses import replace
 
-    return replace(spec, **{k: v for k, v in over.items() if v})
+    spec = replace(spec, **{k: v for k, v in over.items() if v})
+    for name in ("video_model", "video_unet", "motion_adapter", "image_model"):
+        check_source(name, getattr(spec, name))
+    check_source("task model", spec.task_model(task))
+    return spec
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -105,20 +129,39 @@ def run(args: argparse.Namespace) -> dict:
 
     params = resolve_bivdiff_params({k: getattr(args, k) for k in PARAM_FLAGS})
     spec = _spec(args, params.spec_task)
+    check_output(args.out, args.output_type)
+    if args.save_stage1:
+        check_output(args.save_stage1, "mp4", "--save-stage1")
     loaded = read_row_inputs(params)  # a bad video fails here, before any model loads
     start = time.perf_counter()
-    worker = BIVDiff(spec, stage1_batch=args.stage1_batch)
+    logger.info("loading BIVDiff models (video model: %s)", spec.vdm)
+    worker = load_models(lambda: BIVDiff(spec, stage1_batch=args.stage1_batch))
     load_s = time.perf_counter() - start
-    result = worker.run(params, decode=args.output_type == "mp4", loaded=loaded)
+    branches = (params.alpha > 0) + (params.alpha < 1)  # a branch of weight 0 is not computed
+    bars = []  # opened at the first move, after stage 1
+
+    def step(info: dict) -> None:
+        if not bars:
+            bars.append(progress_bar(params.steps * (branches + 1), "inversion + smoothing", args.quiet))
+        bars[0].set_postfix_str(info["stage"], refresh=False)
+        bars[0].update(1)
+
+    if params.spec_task.idm != "external":
+        logger.info("stage 1: %s on %d frames", params.task, params.frames)
+    try:
+        result = worker.run(params, decode=args.output_type == "mp4", loaded=loaded, callback=step)
+    finally:
+        for bar in bars:
+            bar.close()
     write_output(args.out, args.output_type, result.latents, result.frames, params.fps)
     if args.save_stage1:
-        _write_atomic(args.save_stage1, lambda tmp: write_mp4(result.stage1, tmp, params.fps))
+        write_atomic(args.save_stage1, lambda tmp: write_mp4(result.stage1, tmp, params.fps))
     return {"out": args.out, "result": result, "load_seconds": load_s}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(args.quiet)
     try:
         out = run(args)
     except ValueError as err:

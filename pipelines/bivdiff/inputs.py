@@ -18,9 +18,9 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 
 
 def _fs(uri: str):
-    import fsspec
+    from ..outputs import filesystem
 
-    return fsspec.core.url_to_fs(uri)
+    return filesystem(uri)
 
 
 def _decode_video(data: bytes, suffix: str) -> np.ndarray:

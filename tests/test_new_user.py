@@ -1,0 +1,283 @@
+"""What a new user hits (README quick start, both CLIs, the job): bad outputs and model paths refused before any model
+loads, outputs through fsspec, a scorer that cannot load, the nightly regression alarm, a quiet console, small things.
+Every test runs the real command or the real job."""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import stat
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from operators.metadata import read_latest
+
+from .jobutil import ROOT, job_env, parent_runs, run_job, tiny_config
+from .test_s3_mlflow import CREDS, s3_bucket, s3_endpoint  # noqa: F401 - the moto server fixture
+
+SMALL = ["--steps", "2", "--frames", "2", "--height", "64", "--width", "64"]
+# what a user reads as failure or noise (each was seen on the console before)
+NOISE = ("core_worker.cc", "restart will fail", "Token authentication is enabled", "Progress bars disabled",
+         "requires torchvision", "should be kept in float32", "Loading weights", "Writing model shards",
+         "Token indices sequence length", "Execution plan of Dataset", "Creating initial MLflow database")
+
+
+def cli(module: str, *args: str, cwd: str = ROOT, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout,
+                          env=env or job_env())
+
+
+def in_process(module: str, *args: str) -> subprocess.CompletedProcess:
+    """The CLI's own main() in this process (no interpreter start-up): its exit status and what it printed."""
+    import contextlib
+    import importlib
+    import io
+
+    main = importlib.import_module(module if module != "pipelines.bivdiff" else "pipelines.bivdiff.__main__").main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = main(list(args))
+        except SystemExit as stop:  # argparse: --help, usage errors
+            rc = stop.code
+    return subprocess.CompletedProcess([module, *args], rc, out.getvalue(), err.getvalue())
+
+
+def one_error_line(r: subprocess.CompletedProcess, *expected: str) -> str:
+    """Exit 2 with exactly one `error:` line that names what is wrong, and no model was loaded."""
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-3000:]
+    assert all(e in lines[0] for e in expected), lines[0]
+    return lines[0]
+
+
+# ---- 1. outputs --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("out, extra, expected", [
+    ("v.gif", [], "does not end in .mp4"),
+    ("v", [], "does not end in .mp4"),
+    ("x.mp4", ["--output-type", "latent"], "does not end in .npy"),
+    ("sub/", [], "give a file name ending in .mp4"),
+    ("blocker/x.mp4", [], "is a file, not a folder"),
+])
+def test_a_bad_out_is_refused_before_any_model_loads(tmp_path, tiny_ad_dir, out, extra, expected):
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    (tmp_path / "dir.mp4").mkdir()
+    r = in_process("pipelines.sample", "--model-dir", tiny_ad_dir, "--prompt", "x", *SMALL, "--out", f"{tmp_path}/{out}", *extra)
+    one_error_line(r, "--out:", expected)
+    assert sorted(os.listdir(tmp_path)) == ["blocker", "dir.mp4"]  # nothing written, not even a 0-byte file
+
+
+def test_a_folder_named_like_a_video_is_refused(tmp_path, tiny_ad_dir):
+    (tmp_path / "dir.mp4").mkdir()
+    r = in_process("pipelines.sample", "--model-dir", tiny_ad_dir, "--prompt", "x", *SMALL, "--out", str(tmp_path / "dir.mp4"))
+    one_error_line(r, "--out:", "is a folder")
+
+
+def test_the_cli_writes_through_fsspec_to_s3_with_the_jobs_file_mode(s3_endpoint, tmp_path, tiny_ad_dir, monkeypatch):  # noqa: F811
+    from pipelines.video import read_mp4
+
+    fs = s3_bucket(s3_endpoint, "renders", monkeypatch)
+    env = job_env(**CREDS, AWS_ENDPOINT_URL=s3_endpoint)
+    r = cli("pipelines.sample", "--model-dir", tiny_ad_dir, "--prompt", "x", *SMALL, "-q", "--out", "s3://renders/a/v.mp4",
+            cwd=str(tmp_path), env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "wrote s3://renders/a/v.mp4" in r.stdout and os.listdir(tmp_path) == []  # no ./s3:/ folder
+    local = tmp_path / "got.mp4"
+    fs.get_file("renders/a/v.mp4", str(local))
+    assert read_mp4(str(local))[0].shape == (2, 64, 64, 3)
+    # a bucket that does not exist is bad input, found before loading
+    r = cli("pipelines.sample", "--model-dir", tiny_ad_dir, "--prompt", "x", *SMALL, "--out", "s3://no-such-bucket/v.mp4",
+            env=env)
+    one_error_line(r, "--out:", "no-such-bucket")
+    # a local file gets 0666 less the umask, like the job's files (mkstemp alone would leave 0600)
+    r = cli("pipelines.sample", "--model-dir", tiny_ad_dir, "--prompt", "x", *SMALL, "-q", "--output-type", "latent",
+            "--out", str(tmp_path / "deep" / "x.npy"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(tmp_path / "deep" / "x.npy").st_mode) == 0o666 & ~umask
+    assert sorted(os.listdir(tmp_path / "deep")) == ["x.npy"]
+
+
+# ---- 4. model errors ---------------------------------------------------------------------------------------------
+def test_model_errors_are_one_line(tmp_path, tiny_ad_dir):
+    base = ["--prompt", "x", *SMALL, "--out", str(tmp_path / "v.mp4")]
+    one_error_line(in_process("pipelines.sample", "--base", str(tmp_path / "typo" / "base"), *base),
+                   "base:", "is not an existing file or folder")
+    one_error_line(in_process("pipelines.sample", "--backbone", "modelscope", "--model-dir", tiny_ad_dir, *base),
+                   "--model-dir:", "holds tiny animatediff models; pass --backbone animatediff")
+    one_error_line(in_process("pipelines.sample", "--model-dir", tiny_ad_dir, "--lora", str(tmp_path / "lora.safetensors"), *base),
+                   "lora:", "lora.safetensors")
+    # a well-formed hub id that is not in the (offline) cache: loading fails, still one line
+    r = cli("pipelines.sample", "--base", "someone/not-cached", "-q", *base)
+    line = one_error_line(r, "models: could not be loaded")
+    assert len(line) < 700 and "Traceback" not in r.stderr
+    assert not (tmp_path / "v.mp4").exists()
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--video-unet", "x"], "--model-dir: give either --model-dir or --video-unet"),
+    (["--video-model", "x", "--image-model", "y"], "--video-model, --image-model"),
+    (["--motion-adapter", "x"], "--motion-adapter"),
+    (["--vdm", "videocrafter2"], "--vdm: the tiny BIVDiff set's video model has the ModelScope architecture"),
+    (["--vdm", "animatediff"], "animatediff needs its own models (--video-model, --motion-adapter)"),
+])
+def test_bivdiff_model_dir_refuses_what_it_would_ignore(tmp_path, extra, expected):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "src.npy").write_bytes(b"")
+    r = in_process("pipelines.bivdiff", "--task", "external", "--model-dir", str(tmp_path / "models"), "--video",
+            str(tmp_path / "src.npy"), "--out", str(tmp_path / "o.mp4"), *extra)
+    one_error_line(r, expected)
+
+
+# ---- 5. the README's laptop commands -----------------------------------------------------------------------------
+def readme_laptop_commands() -> list[str]:
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    block = re.search(r"<!-- laptop -->\s*```bash\n(.*?)```", text, re.S)
+    assert block, "the README lost its laptop block"
+    return [line for line in block.group(1).splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_the_readmes_first_commands_run_on_a_laptop_with_progress(tmp_path):
+    commands = readme_laptop_commands()
+    assert len(commands) == 2 and "pipelines.tiny" in commands[0] and "pipelines.sample" in commands[1]
+    for command in commands:
+        argv = shlex.split(command)
+        assert argv[0] == "python"
+        r = subprocess.run([sys.executable, *argv[1:]], capture_output=True, text=True, cwd=tmp_path, env=job_env(),
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert not [n for n in NOISE if n in r.stderr], r.stderr[-3000:]
+    assert re.search(r"sampling: 100%\|.*\| 6/6 .*model calls 26", r.stderr), r.stderr[-2000:]  # the per-step bar
+    out = argv[argv.index("--out") + 1]
+    assert (tmp_path / out).stat().st_size > 0 and "wrote" in r.stdout
+
+
+# ---- 7. help and listings ----------------------------------------------------------------------------------------
+def test_help_shows_defaults_exit_codes_and_listings():
+    h = " ".join(in_process("pipelines.sample", "--help").stdout.split())  # argparse wraps lines
+    assert "exit status: 0" in h and "animatediff: 16 frames x 512x512, 50 steps, 8 fps" in h
+    assert "default 0" in h and "default 7.5" in h and "--steps 6 --frames 8 --height 64 --width 64" in h
+    presets = in_process("pipelines.sample", "--list-presets").stdout.splitlines()
+    assert [p.split()[0] for p in presets] == ["standard", "ivmixed", "ivmixed_ad_v1", "ivmixed_ms_v1", "ivmixed_vc_v1"]
+    assert "ivmixed_ms_v1" in presets[3] and "modelscope" in presets[3]
+    backbones = in_process("pipelines.sample", "--list-backbones").stdout
+    assert "zeroscope" in backbones and "adamdad/videocrafterv2_diffusers" in backbones
+    assert "exit status: 0" in in_process("pipelines.bivdiff", "--help").stdout
+    from jobs.generate import build_parser
+
+    job = " ".join(build_parser().format_help().split())
+    assert "3 a quality regression" in job and "2 bad input" in job
+
+
+# ---- 2, 4: job-level refusals before any generation --------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_cache(tiny_ad_dir):
+    return os.path.dirname(tiny_ad_dir)
+
+
+def _manifest(path, n: int = 3, **cols) -> str:
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(n)], "prompt": [f"prompt {i}" for i in range(n)], **cols}), path)
+    return str(path)
+
+
+def test_job_refuses_foreign_presets_and_a_scorer_that_cannot_load(tmp_path, tiny_cache):
+    manifest = _manifest(tmp_path / "m.parquet")
+    db = ["--mlflow-uri", f"sqlite:///{tmp_path / 'db.sqlite'}"]
+    r = run_job("--config", tiny_config(tmp_path / "a.yaml", tiny_cache), "--manifest", manifest, "--output",
+                str(tmp_path / "out"), "--samplers", "standard,ivmixed_ms_v1", *db)
+    assert r.returncode == 2 and "--samplers: ivmixed_ms_v1 reproduce(s) another backbone's code (modelscope)" in r.stderr
+    cfg = tiny_config(tmp_path / "b.yaml", tiny_cache, scores={"enabled": True, "tiny": False,
+                                                             "clip_model": str(tmp_path / "no-clip")})
+    r = run_job("--config", cfg, "--manifest", manifest, "--output", str(tmp_path / "out"), *db)
+    assert r.returncode == 2 and "error: scores.clip_model:" in r.stderr and "no-clip" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "out").exists()  # refused before any video
+
+
+def test_a_scorer_that_fails_in_the_actor_keeps_every_video(tmp_path, tiny_ad_dir):
+    """The actor's scorer cannot load (e.g. a node without the CLIP files): rows stay ok, videos stay, scores are
+    null with the reason (the operator called as Ray Data calls it)."""
+    from dataclasses import asdict
+
+    from operators.generate import VideoGenerator, resolve_rows
+    from pipelines.config import ModelSpec
+
+    spec = asdict(ModelSpec.from_model_dir("animatediff", tiny_ad_dir, device="cpu", dtype="float32"))
+    batch = resolve_rows(pa.table({"id": ["a", "b"], "prompt": ["one", "two"]}),
+                         defaults={"steps": 2, "frames": 2, "height": 64, "width": 64}, model=spec)
+    gen = VideoGenerator(spec, str(tmp_path / "out"), "run", "test", sampler_batch=2, scorer=str(tmp_path / "no-clip"))
+    rows = gen(batch).to_pylist()
+    assert [r["status"] for r in rows] == ["ok", "ok"], rows
+    assert all(r["clipsim"] is None and "while loading the scorer" in r["score_error"] for r in rows)
+    assert sorted(os.listdir(tmp_path / "out" / "videos")) == ["a.mp4", "b.mp4"]
+
+
+# ---- 3, 6, 7: the nightly alarm, a quiet console, the small things -----------------------------------------------
+def test_nightly_alarm_quiet_console_and_small_things(tmp_path, tiny_cache):
+    from mlflow.tracking import MlflowClient
+
+    home, cwd = tmp_path / "ivmix-home", tmp_path / "cwd"
+    cwd.mkdir()
+    env = job_env(IVMIX_HOME=str(home))
+    cfg = tiny_config(tmp_path / "job.yaml", tiny_cache, defaults={"steps": 2, "frames": 4, "height": 32, "width": 32},
+                      commit={"progress_seconds": 0})
+    good = _manifest(tmp_path / "good.parquet")
+    bad = _manifest(tmp_path / "bad.parquet", height=[65, 66, 67])  # every row fails validation
+
+    def night(name, manifest, *extra):
+        return subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "generate.py"), "--config", cfg, "--manifest",
+                               manifest, "--output", str(tmp_path / name), "--experiment", "nightly", *extra],
+                              capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+
+    r = night("n1", good, "--limit", "2", "--baseline", "last")
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "manifest: 3 rows (--limit 2: the first 2); 0 ids already committed" in r.stderr
+    assert r.stderr.count("progress: 2/2 rows (2 ok, 0 failed)") == 1  # the last line is not logged twice
+    assert "(2 videos, 0 failed rows)" in r.stderr
+    assert not [n for n in NOISE if n in r.stderr], r.stderr[-4000:]
+    # MLflow lives in one per-user folder, never in the current one
+    assert os.listdir(cwd) == [] and sorted(os.listdir(home)) == ["mlartifacts", "mlflow.db"]
+
+    r = night("n1", good, "--limit", "2")  # a rerun with nothing to do says so and starts no Ray
+    assert r.returncode == 0 and "nothing to do: every row of the first 2 is committed ok" in r.stderr
+    assert "starting Ray" not in r.stderr
+
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    (first,) = parent_runs(client, "nightly")
+    assert first.data.tags["healthy"] == "true"
+
+    # a night where every row fails is a regression (success rate), and the failed rows keep their sampler
+    r = night("n2", bad, "--baseline", "last")
+    assert r.returncode == 3, r.stderr[-4000:]
+    assert "ivmixed success_rate: 0 vs baseline 1" in r.stderr
+    assert {(m["status"], m["sampler"]) for m in read_latest(str(tmp_path / "n2")).to_pylist()} == {("failed", "ivmixed")}
+    # the regressed night never becomes the baseline: the next bad night compares with the first one and fails too
+    r = night("n3", bad, "--baseline", "last")
+    assert r.returncode == 3, r.stderr[-4000:]
+    runs = {x.data.tags["output"].rsplit("/", 1)[-1]: x for x in parent_runs(client, "nightly")}
+    assert runs["n3"].data.tags["regression_baseline"] == first.info.run_id
+    assert runs["n2"].data.tags["healthy"] == runs["n3"].data.tags["healthy"] == "false"
+
+    # an unknown baseline run is bad input, found before any video
+    r = night("n4", good, "--baseline", "0123456789abcdef")
+    assert r.returncode == 2 and "error: --baseline: no MLflow run '0123456789abcdef'" in r.stderr
+    assert not (tmp_path / "n4").exists()
+
+
+def test_a_sampler_missing_from_the_night_is_a_regression():
+    from jobs import quality
+
+    base = {"standard.success_rate": 1.0, "standard.clipsim_mean": 0.3, "ivmixed.success_rate": 1.0}
+    found = quality.compare({"standard.success_rate": 1.0, "standard.clipsim_mean": 0.3}, base, 0.05)
+    assert found == ["ivmixed: no rows in this run (the baseline had them, success rate 1)"]
+    found = quality.compare({"standard.success_rate": 0.0, "ivmixed.success_rate": 1.0}, base, 0.05)
+    assert found == ["standard clipsim_mean: no scored video in this run (baseline 0.3)",
+                     "standard success_rate: 0 vs baseline 1 (threshold 5%)"]
+    groups = {"standard": {"n": 2.0, "success_rate": 0.98}}
+    assert not quality.healthy(groups, [], {"standard.success_rate": 1.0})  # within the threshold, still below
+    assert quality.healthy(groups, [], {"standard.success_rate": 0.9}) and not quality.healthy(groups, ["x"], {})
