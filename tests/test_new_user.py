@@ -281,3 +281,22 @@ def test_a_sampler_missing_from_the_night_is_a_regression():
     groups = {"standard": {"n": 2.0, "success_rate": 0.98}}
     assert not quality.healthy(groups, [], {"standard.success_rate": 1.0})  # within the threshold, still below
     assert quality.healthy(groups, [], {"standard.success_rate": 0.9}) and not quality.healthy(groups, ["x"], {})
+
+
+def test_every_shipped_job_config_loads():
+    import argparse
+
+    from jobs import config as job_config
+    from jobs.generate import build_parser
+
+    folder = os.path.join(ROOT, "jobs", "configs")
+    names = sorted(os.listdir(folder))
+    assert {"tiny.yaml", "tiny-bivdiff.yaml", "animatediff.yaml", "bivdiff.yaml"} <= set(names)
+    for name in names:
+        args: argparse.Namespace = build_parser().parse_args(["--config", os.path.join(folder, name), "--manifest", "m",
+                                                              "--output", "o"])
+        cfg = job_config.load(args)
+        assert cfg.mlflow_uri  # a default store is always chosen
+    tiny = job_config.load(build_parser().parse_args(["--config", os.path.join(folder, "tiny-bivdiff.yaml"), "--manifest",
+                                                      "m", "--output", "o"]))
+    assert tiny.bivdiff.tiny and tiny.bivdiff.defaults["steps"] == 5 and tiny.tiny == "animatediff"
