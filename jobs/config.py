@@ -13,7 +13,8 @@ from typing import Any, Mapping
 import yaml
 
 from pipelines import presets
-from pipelines.config import BIVDIFF_FIELDS, PARAM_NAMES, BivdiffSpec, ModelSpec, resolve_bivdiff_params, resolve_params
+from pipelines.config import (BIVDIFF_FIELDS, PARAM_NAMES, BivdiffSpec, Limits, ModelSpec, resolve_bivdiff_params,
+                              resolve_params)
 
 MODEL_KEYS = tuple(f.name for f in fields(ModelSpec))
 BIVDIFF_MODEL_KEYS = tuple(f.name for f in fields(BivdiffSpec) if f.name not in ("device", "dtype"))
@@ -27,9 +28,12 @@ class ComputeConfig:
     batch_size: int = 1  # rows per actor call (Ray batch); videos are heavy, keep it small
     sampler_batch: int = 1  # rows sampled together in one batched sampler call inside an actor
     cpus_per_actor: float = 1.0  # leave CPUs for read/resolve tasks (pain point 3)
-    max_restarts: int = 3  # capped actor restarts (Ray Data's default is unlimited)
-    max_task_retries: int = 3
+    max_restarts: int = 16  # restarts of one actor over the run (each batch is retried at most max_task_retries times)
+    max_task_retries: int = 1  # a batch whose worker died runs once more; then its rows run one at a time (README)
     autoscaling: bool = False  # the cluster adds nodes on demand: a pool bigger than today's cluster only warns
+    memory_budget_gb: float | None = None  # what one sampler call may allocate; None: 90% of what the device has free
+    row_timeout_s: float | None = None  # a row running longer fails and its actor is replaced; None: from its size
+    retry_poisoned: bool = False  # rerun rows that killed their worker twice in an earlier run (else: failed again)
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cuda", "cpu"):
@@ -39,6 +43,11 @@ class ComputeConfig:
                 raise ValueError(f"compute.{name}: must be an integer >= 1, got {getattr(self, name)!r}")
         if self.max_restarts < 0 or self.max_task_retries < 0:
             raise ValueError("compute.max_restarts / max_task_retries: must be >= 0")
+        for name in ("memory_budget_gb", "row_timeout_s"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
+                raise ValueError(f"compute.{name}: must be a number > 0 (or absent), got {v!r}")
+
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,7 @@ class CommitConfig:
     every_rows: int = 16  # rows per metadata part (a part is the commit marker of its videos)
     every_seconds: float = 60.0  # ...or this long since the last part, whichever comes first
     progress_seconds: float = 30.0  # progress log line / MLflow progress metrics
+    lease_ttl_s: float = 300.0  # a run's lease on its output prefix goes stale this long after its last heartbeat
 
 
 @dataclass(frozen=True)
@@ -76,7 +86,7 @@ class BivdiffSection:
     stage1_batch: int = 8  # frames per stage-1 pipeline call for rows with noise shared/per_frame
 
 
-def _bivdiff_section(raw: Any) -> BivdiffSection:
+def _bivdiff_section(raw: Any, limits: Limits) -> BivdiffSection:
     if raw is None:
         return BivdiffSection()
     if not isinstance(raw, Mapping):
@@ -97,7 +107,7 @@ def _bivdiff_section(raw: Any) -> BivdiffSection:
         raise ValueError(f"config 'bivdiff.defaults': unknown key(s) {unknown}; known: {list(BIVDIFF_DEFAULT_KEYS)}")
     try:
         spec = BivdiffSpec(**raw)
-        resolve_bivdiff_params({"task": "external", "source_video": "validation.npy"}, defaults)
+        resolve_bivdiff_params({"task": "external", "source_video": "validation.npy"}, defaults, limits=limits)
     except ValueError as err:
         raise ValueError(f"config 'bivdiff': {err}") from None
     return BivdiffSection(spec=spec, tiny=tiny, defaults=defaults, stage1_batch=stage1_batch)
@@ -122,6 +132,7 @@ class JobConfig:
     scores: ScoresConfig = ScoresConfig()
     regression: RegressionConfig = RegressionConfig()
     bivdiff: BivdiffSection = BivdiffSection()
+    limits: Limits = Limits()
 
     def record(self) -> dict:
         """Plain nested values (for the resolved-config artifact and MLflow params)."""
@@ -154,7 +165,7 @@ def _section(name: str, raw: Any, cls) -> Any:
 
 
 TOP_KEYS = ("model", "tiny", "tiny_cache", "defaults", "compute", "commit", "mlflow", "manifest", "output", "limit",
-            "fail_on_error", "samplers", "scores", "regression", "bivdiff")
+            "fail_on_error", "samplers", "scores", "regression", "bivdiff", "limits")
 
 
 def load(args: argparse.Namespace) -> JobConfig:
@@ -172,6 +183,8 @@ def load(args: argparse.Namespace) -> JobConfig:
         raise ValueError(f"config: unknown top-level key(s) {unknown}; known: {list(TOP_KEYS)}")
     compute = _section("compute", raw.get("compute"), ComputeConfig)
     cli_compute = {k: getattr(args, k) for k in ("device", "num_actors", "batch_size", "sampler_batch") if getattr(args, k, None) is not None}
+    if getattr(args, "retry_poisoned", False):
+        cli_compute["retry_poisoned"] = True
     compute = replace(compute, **cli_compute)
     commit = _section("commit", raw.get("commit"), CommitConfig)
     model_raw = dict(raw.get("model") or {})
@@ -190,12 +203,16 @@ def load(args: argparse.Namespace) -> JobConfig:
         model = ModelSpec.from_model_dir(tiny, os.path.join(tiny_cache, tiny), **model_raw)
     else:
         model = ModelSpec(**model_raw)
+    try:
+        limits = _section("limits", raw.get("limits"), Limits)
+    except ValueError as err:
+        raise ValueError(str(err) if str(err).startswith(("config", "limits")) else f"config 'limits': {err}") from None
     defaults = dict(raw.get("defaults") or {})
     unknown = sorted(set(defaults) - set(PARAM_NAMES) - {"prompt"})
     if unknown:
         raise ValueError(f"config 'defaults': unknown key(s) {unknown}; known: {[n for n in PARAM_NAMES if n != 'prompt']}")
     try:
-        resolve_params({"prompt": "validation"}, defaults, backbone=model.backbone)
+        resolve_params({"prompt": "validation"}, defaults, backbone=model.backbone, limits=limits)
     except ValueError as err:
         raise ValueError(f"config 'defaults': {err}") from None
     mlflow_raw = dict(raw.get("mlflow") or {})
@@ -236,9 +253,9 @@ def load(args: argparse.Namespace) -> JobConfig:
                                                         if not p.backbones or model.backbone in p.backbones))
         samplers = tuple(samplers)
     return JobConfig(
-        bivdiff=_bivdiff_section(raw.get("bivdiff")),
+        bivdiff=_bivdiff_section(raw.get("bivdiff"), limits),
         samplers=samplers, scores=scores, regression=regression,
-        manifest=manifest, output=output.rstrip("/"), model=model, tiny=tiny, tiny_cache=tiny_cache,
+        manifest=manifest, output=output.rstrip("/"), model=model, tiny=tiny, tiny_cache=tiny_cache, limits=limits,
         defaults=defaults, compute=compute, commit=commit,
         mlflow_uri=args.mlflow_uri or mlflow_raw.get("uri") or os.environ.get("MLFLOW_TRACKING_URI") or default_mlflow_uri(),
         experiment=args.experiment or mlflow_raw.get("experiment") or JobConfig.experiment,

@@ -31,6 +31,7 @@ if ROOT not in sys.path:
 from jobs import config as job_config  # noqa: E402
 from jobs import setup, tracking  # noqa: E402
 from operators.compute import without_actor_restart_note  # noqa: E402
+from operators.generate import RUN_DIR  # noqa: E402
 from operators import metadata, storage  # noqa: E402
 from operators.manifest import ManifestError, duplicated, read_schema  # noqa: E402
 
@@ -56,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--sampler-batch", type=int, help="rows sampled together in one batched call")
     ap.add_argument("--limit", type=int, help="only the first N manifest rows")
     ap.add_argument("--fail-on-error", action="store_true", help="exit 1 if any row failed")
+    ap.add_argument("--retry-poisoned", action="store_true",
+                    help="run again the rows that killed their worker twice in an earlier run (default: record them failed)")
     ap.add_argument("--samplers", help="A/B: comma-separated presets; every row once per sampler, same seed and noise")
     ap.add_argument("--scores", action="store_true", help="compute CLIPSIM, frame consistency and flicker per video")
     ap.add_argument("--baseline", help="regression check against an MLflow run id, or 'last' (the newest healthy run: "
@@ -92,6 +95,9 @@ def submission_id() -> str | None:
         return None
 
 
+FAILURE_CAUSES = {"worker died": "rows_worker_died", "row_timeout_s:": "rows_timed_out", "memory:": "rows_out_of_memory"}
+
+
 class Progress:
     """Rows done/failed, videos per hour and ETA from committed results (our own log line, not Ray's bars)."""
 
@@ -100,6 +106,8 @@ class Progress:
         self.seconds, self.nfe = 0.0, 0
         self.start = time.monotonic()
         self.logged: tuple[int, int] | None = None  # (ok, failed) of the last line logged
+        self.step = 0  # MLflow progress step
+        self.causes = dict.fromkeys(FAILURE_CAUSES.values(), 0)  # failed rows by cause (README, "Reliability")
 
     def log(self, final: bool = False) -> None:
         """Log the progress line, unless the final one would repeat the last one logged."""
@@ -108,13 +116,16 @@ class Progress:
             self.logged = (self.ok, self.failed)
 
     def add(self, table) -> None:
-        for status, secs, nfe in zip(table.column("status").to_pylist(), table.column("seconds").to_pylist(), table.column("nfe").to_pylist()):
+        for status, secs, nfe, error in zip(*(table.column(c).to_pylist() for c in ("status", "seconds", "nfe", "error"))):
             if status == "ok":
                 self.ok += 1
                 self.seconds += secs or 0.0
                 self.nfe += nfe or 0
             else:
                 self.failed += 1
+                cause = next((m for p, m in FAILURE_CAUSES.items() if (error or "").startswith(p)), None)
+                if cause:
+                    self.causes[cause] += 1
 
     def metrics(self) -> dict[str, float]:
         elapsed = max(time.monotonic() - self.start, 1e-9)
@@ -122,7 +133,7 @@ class Progress:
         return {"rows_ok": self.ok, "rows_failed": self.failed, "rows_done": done,
                 "videos_per_hour": 3600.0 * self.ok / elapsed,
                 "seconds_per_video": self.seconds / self.ok if self.ok else 0.0,
-                "nfe_per_video": self.nfe / self.ok if self.ok else 0.0, "elapsed_seconds": elapsed}
+                "nfe_per_video": self.nfe / self.ok if self.ok else 0.0, "elapsed_seconds": elapsed, **self.causes}
 
     def line(self) -> str:
         m = self.metrics()
@@ -154,6 +165,7 @@ def _init_ray():
         ray.init(address=address, **kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # progress is our own log line (pain point 10)
+    ctx.max_errored_blocks = -1  # a batch lost with its worker must not end the run: _pipeline retries its rows
     return ray
 
 
@@ -180,7 +192,9 @@ def check_capacity(compute: job_config.ComputeConfig, resources: dict, device: s
 
 def run(cfg: job_config.JobConfig, n_rows: int, ids_dup: set[str], bivdiff_rows: bool = False) -> int:
     fs, root = storage.filesystem(cfg.output)
-    done = metadata.committed_ok(fs, root)
+    done, poisoned = metadata.committed(fs, root)
+    if cfg.compute.retry_poisoned:
+        poisoned = set()
     limit = min(n_rows, cfg.limit or n_rows)
     total = limit * len(cfg.samplers or [None])
     logger.info("manifest: %d rows%s; %d ids already committed under %s", n_rows,
@@ -200,7 +214,23 @@ def run(cfg: job_config.JobConfig, n_rows: int, ids_dup: set[str], bivdiff_rows:
         logger.info("nothing to do: every row%s is committed ok under %s", f" of the first {limit}" if limit < n_rows else "",
                     cfg.output)
         return 0
-    fs.makedirs(root, exist_ok=True)
+    from operators.lease import Lease, LeaseHeld
+
+    lease = Lease(fs, root, cfg.run_name or f"{os.path.basename(root) or 'run'}@{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}",
+                  cfg.commit.lease_ttl_s)
+    try:
+        lease.acquire()  # before anything is written or cleared: a second driver on this prefix stops here
+    except LeaseHeld as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        return _execute(cfg, mlflow, fs, root, done, ids_dup, total, model, bivdiff, scorer, poisoned)
+    finally:
+        lease.release()
+
+
+def _execute(cfg, mlflow, fs, root, done, ids_dup, total, model, bivdiff, scorer, poisoned) -> int:
+    """The run proper, with the output's lease held."""
     storage.clear_staging(fs, root)
     logger.info("starting Ray and %d actor(s); each loads its models once", cfg.compute.num_actors)
     ray = _init_ray()
@@ -238,7 +268,8 @@ def run(cfg: job_config.JobConfig, n_rows: int, ids_dup: set[str], bivdiff_rows:
         writer = metadata.MetadataWriter(fs, root, f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{run_id[:8]}")
         try:
             with without_actor_restart_note():
-                _pipeline(ray, cfg, model, bivdiff, fs, root, done, ids_dup, run_id, version, progress, writer, device, scorer)
+                _pipeline(ray, cfg, model, bivdiff, fs, root, done, ids_dup, run_id, version, progress, writer, device, scorer,
+                          poisoned)
         except BaseException:
             status = "FAILED"
             writer.flush()  # whatever finished is committed; a rerun resumes from it
@@ -251,6 +282,9 @@ def run(cfg: job_config.JobConfig, n_rows: int, ids_dup: set[str], bivdiff_rows:
             mlflow.set_tag("job_status", status)
         regressions = _quality(mlflow, cfg, fs, root, run_id)
         storage.clear_staging(fs, root)
+        scratch = storage.join(root, RUN_DIR, run_id)
+        if fs.exists(scratch):
+            fs.rm(scratch, recursive=True)
     if regressions:
         logger.error("quality regression against the baseline: %s", "; ".join(regressions))
         return 3
@@ -260,53 +294,86 @@ def run(cfg: job_config.JobConfig, n_rows: int, ids_dup: set[str], bivdiff_rows:
     return 0
 
 
-def _pipeline(ray, cfg, model, bivdiff, fs, root, done, ids_dup, run_id, version, progress, writer, device, scorer) -> None:
+def _pipeline(ray, cfg, model, bivdiff, fs, root, done, ids_dup, run_id, version, progress, writer, device, scorer,
+              poisoned) -> None:
+    """Pass 1 runs every row in its batches. Batches lost with their worker (killed for memory, a crash, a node gone,
+    a row past its time) come back as Ray Data errored blocks: pass 2 runs their rows again one at a time on fresh
+    actors, and pass 3 records whatever was lost again as failed rows with the reason (README, "Reliability")."""
     import mlflow
 
-    from operators.compute import actor_pool
-    from operators.generate import VideoGenerator, resolve_rows
+    from operators.compute import ErroredBlocks, actor_pool
+    from operators.generate import VideoGenerator, lost_rows, resolve_rows
 
     env = storage.storage_env()
     if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:  # local Ray: make the project importable in workers
         env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
     runtime_env = {"env_vars": env}
     mfs, mpath = storage.filesystem(cfg.manifest)
-    ds = ray.data.read_parquet(mpath, filesystem=storage.arrow_filesystem(mfs), runtime_env=runtime_env, num_cpus=READ_CPUS)
-    if cfg.limit:
-        ds = ds.limit(cfg.limit)
-    ds = ds.map_batches(resolve_rows, batch_format="pyarrow", batch_size=512, num_cpus=READ_CPUS, runtime_env=runtime_env,
-                        fn_kwargs={"defaults": dict(cfg.defaults), "model": _model_dict(model),
-                                   "done": frozenset(done), "duplicate_ids": frozenset(ids_dup), "samplers": cfg.samplers,
-                                   "bivdiff": _model_dict(bivdiff), "bivdiff_defaults": dict(cfg.bivdiff.defaults)})
-    # one actor call per block: rows stream to the driver as they finish and spread over the whole pool
-    ds = ds.repartition(target_num_rows_per_block=cfg.compute.batch_size)
-    gpu = device == "cuda"
-    ds = ds.map_batches(
-        VideoGenerator,
-        fn_constructor_kwargs={"model": _model_dict(model), "output": cfg.output, "run_id": run_id,
-                               "code_version": version, "sampler_batch": cfg.compute.sampler_batch, "scorer": scorer,
-                               "bivdiff": _model_dict(bivdiff), "bivdiff_stage1_batch": cfg.bivdiff.stage1_batch},
-        batch_size=cfg.compute.batch_size,
-        batch_format="pyarrow",
-        runtime_env=runtime_env,
-        **actor_pool(ray, size=cfg.compute.num_actors, num_gpus=1 if gpu else 0, num_cpus=cfg.compute.cpus_per_actor,
-                     max_restarts=cfg.compute.max_restarts, max_task_retries=cfg.compute.max_task_retries),
-    )
-    last_commit = last_log = time.monotonic()
-    step = 0
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        writer.add(batch)
-        progress.add(batch)
-        now = time.monotonic()
-        if writer.pending >= cfg.commit.every_rows or now - last_commit >= cfg.commit.every_seconds:
-            writer.flush()
-            last_commit = now
-        if now - last_log >= cfg.commit.progress_seconds:
-            progress.log()
-            mlflow.log_metrics({k: float(v) for k, v in progress.metrics().items()}, step=step)
-            step += 1
-            last_log = now
-    writer.flush()
+    resolve_kwargs = {"defaults": dict(cfg.defaults), "model": _model_dict(model), "done": frozenset(done),
+                      "duplicate_ids": frozenset(ids_dup), "samplers": cfg.samplers, "bivdiff": _model_dict(bivdiff),
+                      "bivdiff_defaults": dict(cfg.bivdiff.defaults), "limits": _model_dict(cfg.limits),
+                      "poisoned": frozenset(poisoned)}
+    seen: set[str] = set()  # ids this run has recorded (the retry passes skip them)
+
+    def resolved():
+        ds = ray.data.read_parquet(mpath, filesystem=storage.arrow_filesystem(mfs), runtime_env=runtime_env, num_cpus=READ_CPUS)
+        if cfg.limit:
+            ds = ds.limit(cfg.limit)
+        return ds.map_batches(resolve_rows, batch_format="pyarrow", batch_size=512, num_cpus=READ_CPUS, runtime_env=runtime_env,
+                              fn_kwargs={**resolve_kwargs, "seen": frozenset(seen)})
+
+    def consume(ds) -> ErroredBlocks:
+        last_commit = last_log = time.monotonic()
+        with ErroredBlocks() as errors:
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                writer.add(batch)
+                progress.add(batch)
+                seen.update(batch.column("id").to_pylist())
+                now = time.monotonic()
+                if writer.pending >= cfg.commit.every_rows or now - last_commit >= cfg.commit.every_seconds:
+                    writer.flush()
+                    last_commit = now
+                if now - last_log >= cfg.commit.progress_seconds:
+                    progress.log()
+                    mlflow.log_metrics({k: float(v) for k, v in progress.metrics().items()}, step=progress.step)
+                    progress.step += 1
+                    last_log = now
+        writer.flush()
+        return errors
+
+    def generation(batch_size: int, sampler_batch: int) -> ErroredBlocks:
+        # one actor call per block: rows stream to the driver as they finish and spread over the whole pool
+        ds = resolved().repartition(target_num_rows_per_block=batch_size)
+        ds = ds.map_batches(
+            VideoGenerator,
+            fn_constructor_kwargs={"model": _model_dict(model), "output": cfg.output, "run_id": run_id,
+                                   "code_version": version, "sampler_batch": sampler_batch, "scorer": scorer,
+                                   "bivdiff": _model_dict(bivdiff), "bivdiff_stage1_batch": cfg.bivdiff.stage1_batch,
+                                   "limits": _model_dict(cfg.limits), "memory_budget_gb": cfg.compute.memory_budget_gb,
+                                   "row_timeout_s": cfg.compute.row_timeout_s},
+            batch_size=batch_size,
+            batch_format="pyarrow",
+            runtime_env=runtime_env,
+            **actor_pool(ray, size=cfg.compute.num_actors, num_gpus=1 if device == "cuda" else 0,
+                         num_cpus=cfg.compute.cpus_per_actor, max_restarts=cfg.compute.max_restarts,
+                         max_task_retries=cfg.compute.max_task_retries),
+        )
+        return consume(ds)
+
+    errors = generation(cfg.compute.batch_size, cfg.compute.sampler_batch)
+    if errors.count:
+        logger.warning("%d batch(es) were lost with their worker (%s); running their rows again one at a time on fresh "
+                       "actors", errors.count, errors.summary())
+        errors = generation(1, 1)
+    if errors.count:
+        reason = (f"{metadata.WORKER_DIED} ({errors.summary()}); it was lost in its batch and again "
+                  "when run alone")
+        logger.warning("%d row batch(es) lost again; recording their rows as failed", errors.count)
+        errors = consume(resolved().map_batches(lost_rows, batch_format="pyarrow", num_cpus=READ_CPUS, runtime_env=runtime_env,
+                                                fn_kwargs={"model": _model_dict(model), "bivdiff": _model_dict(bivdiff),
+                                                           "run_id": run_id, "code_version": version, "reason": reason}))
+        if errors.count:  # not even the failures could be recorded: a fault outside the rows (e.g. the manifest)
+            raise RuntimeError(f"{errors.count} block(s) could not be processed: {errors.summary()}")
 
 
 def _quality(mlflow, cfg, fs, root, run_id) -> list[str]:

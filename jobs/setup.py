@@ -61,5 +61,6 @@ def anything_to_do(cfg: job_config.JobConfig, n_rows: int, model: ModelSpec, biv
     if cfg.limit:
         table = table.slice(0, cfg.limit)
     kwargs = dict(defaults=dict(cfg.defaults), model=asdict(model), done=frozenset(done), duplicate_ids=frozenset(ids_dup),
-                  samplers=cfg.samplers, bivdiff=asdict(bivdiff), bivdiff_defaults=dict(cfg.bivdiff.defaults))
+                  samplers=cfg.samplers, bivdiff=asdict(bivdiff), bivdiff_defaults=dict(cfg.bivdiff.defaults),
+                  limits=asdict(cfg.limits))
     return any(resolve_rows(table.slice(i, PLAN_CHUNK), **kwargs).num_rows for i in range(0, table.num_rows, PLAN_CHUNK))

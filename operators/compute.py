@@ -7,6 +7,7 @@ here and spread the result into `map_batches`.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import threading
@@ -64,3 +65,41 @@ def without_actor_restart_note(note: bytes = RESTART_NOTE) -> Iterator[None]:
         os.dup2(saved, 2)  # closes the pipe's last write end: the pump drains and ends
         thread.join(timeout=10)
         os.close(saved)
+
+
+ERRORED_BLOCK_LOGGER = "ray.data._internal.execution.streaming_executor_state"
+
+
+class ErroredBlocks(logging.Handler):
+    """Counts the blocks Ray Data gave up on while `DataContext.max_errored_blocks` lets the run go on (a batch whose
+    actor died past its task retries), and keeps the reason. Ray Data only logs these, with a traceback: while this
+    context is open they are counted here instead and the driver says what it does about them."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.ERROR)
+        self.count = 0
+        self.reasons: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "Ignoring this exception" not in record.getMessage():
+            return
+        self.count += 1
+        err = record.exc_info[1] if record.exc_info else None
+        text = " ".join(str(err).split()) if err is not None else record.getMessage()
+        self.reasons.append(f"{type(err).__name__ if err is not None else 'error'}: {text[:200]}")
+        logging.getLogger(__name__).debug("errored block", exc_info=record.exc_info)
+
+    def summary(self) -> str:
+        return self.reasons[0] if self.reasons else "unknown"
+
+    def __enter__(self) -> "ErroredBlocks":
+        log = logging.getLogger(ERRORED_BLOCK_LOGGER)
+        self._propagate = log.propagate
+        log.addHandler(self)
+        log.propagate = False
+        return self
+
+    def __exit__(self, *exc) -> None:
+        log = logging.getLogger(ERRORED_BLOCK_LOGGER)
+        log.removeHandler(self)
+        log.propagate = self._propagate

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import pyarrow as pa
 
 from pipelines import presets
-from pipelines.config import BivdiffSpec, ModelSpec, resolve_bivdiff_params, resolve_params
+from pipelines.config import DEFAULT_LIMITS, BivdiffSpec, Limits, ModelSpec, resolve_bivdiff_params, resolve_params
 
 # column -> accepted Arrow kinds
 COLUMNS: dict[str, tuple[str, ...]] = {
@@ -146,19 +146,20 @@ def is_bivdiff(row: Mapping[str, Any]) -> bool:
 
 
 def resolve_row(row: Mapping[str, Any], defaults: Mapping[str, Any], model: ModelSpec, spatial_factor: int = 8,
-                bivdiff: BivdiffSpec | None = None, bivdiff_defaults: Mapping[str, Any] | None = None) -> dict:
+                bivdiff: BivdiffSpec | None = None, bivdiff_defaults: Mapping[str, Any] | None = None, *,
+                limits: Limits = DEFAULT_LIMITS) -> dict:
     """-> {"id", "status": "pending"|"failed", "error", "params_json", "sampler"} for one manifest row; `params_json`
     carries "kind": "bivdiff" for BIVDiff rows; a failed row keeps the sampler it asked for (or the default), so that
     its failure counts against that sampler's success rate."""
     given = row.get("id")
     try:
         if is_bivdiff(row):
-            params = resolve_bivdiff_params({k: row.get(k) for k in BIVDIFF_ROW_COLUMNS}, bivdiff_defaults)
+            params = resolve_bivdiff_params({k: row.get(k) for k in BIVDIFF_ROW_COLUMNS}, bivdiff_defaults, limits=limits)
             record = {**params.record(), "kind": "bivdiff"}
             rid = check_id(given) if given is not None else derived_id(record, bivdiff or BivdiffSpec())
             return {"id": rid, "status": "pending", "error": None, "params_json": json.dumps(record, sort_keys=True)}
         params = resolve_params({k: row.get(k) for k in ("prompt", *PARAM_COLUMNS)}, defaults,
-                                backbone=model.backbone, spatial_factor=spatial_factor)
+                                backbone=model.backbone, spatial_factor=spatial_factor, limits=limits)
         record = params.record()
         rid = check_id(given) if given is not None else derived_id(record, model)
         return {"id": rid, "status": "pending", "error": None, "params_json": json.dumps(record, sort_keys=True)}
@@ -175,22 +176,22 @@ def resolve_row(row: Mapping[str, Any], defaults: Mapping[str, Any], model: Mode
 
 def expand_samplers(row: Mapping[str, Any], defaults: Mapping[str, Any], model: ModelSpec, samplers: Sequence[str] | None,
                     spatial_factor: int = 8, bivdiff: BivdiffSpec | None = None,
-                    bivdiff_defaults: Mapping[str, Any] | None = None) -> list[dict]:
+                    bivdiff_defaults: Mapping[str, Any] | None = None, *, limits: Limits = DEFAULT_LIMITS) -> list[dict]:
     """One resolved row per sampler of an A/B group (else one row). Rows of a group share the prompt, the seed
     (so the same initial noise) and `pair_id`; their ids are `<pair_id>-<sampler>`. BIVDiff rows are never expanded."""
     if is_bivdiff(row):
-        r = resolve_row(row, defaults, model, spatial_factor, bivdiff, bivdiff_defaults)
+        r = resolve_row(row, defaults, model, spatial_factor, bivdiff, bivdiff_defaults, limits=limits)
         if row.get("samplers"):
             r.update(status="failed", params_json=None,
                      error="samplers: A/B sampler groups are for generation rows; a BIVDiff row names its preset in 'sampler'")
         return [{**r, "pair_id": None}]
     group = row.get("samplers") or samplers
     if not group:
-        return [{**resolve_row(row, defaults, model, spatial_factor), "pair_id": None}]
+        return [{**resolve_row(row, defaults, model, spatial_factor, limits=limits), "pair_id": None}]
     if isinstance(group, str) or not all(isinstance(s, str) for s in group) or len(set(group)) != len(group):
-        bad = resolve_row({**row, "prompt": None}, defaults, model, spatial_factor)
+        bad = resolve_row({**row, "prompt": None}, defaults, model, spatial_factor, limits=limits)
         return [{**bad, "error": f"samplers: must be a list of distinct preset names, got {group!r}", "pair_id": None}]
-    first = resolve_row({**row, "sampler": group[0]}, defaults, model, spatial_factor)
+    first = resolve_row({**row, "sampler": group[0]}, defaults, model, spatial_factor, limits=limits)
     if first["status"] == "failed":
         return [{**first, "pair_id": None}]
     seed = json.loads(first["params_json"])["seed"]  # a preset's own default seed must not split the pair
@@ -198,7 +199,8 @@ def expand_samplers(row: Mapping[str, Any], defaults: Mapping[str, Any], model: 
                                         **{k: row.get(k) for k in PARAM_COLUMNS if k != "sampler"}}, model)
     out = []
     for name in group:
-        r = resolve_row({**row, "sampler": name, "seed": seed, "id": f"{pair}-{name}"}, defaults, model, spatial_factor)
+        r = resolve_row({**row, "sampler": name, "seed": seed, "id": f"{pair}-{name}"}, defaults, model, spatial_factor,
+                        limits=limits)
         out.append({**r, "pair_id": pair})
     return out
 

@@ -138,13 +138,19 @@ def read_latest(output: str) -> pa.Table | None:
     return latest(read_parts(fs, root))
 
 
-def committed_ok(fs, root: str) -> set[str]:
-    """Ids whose newest row says ok and whose video is present: what a re-run skips."""
-    table = read_parts(fs, root, ["id", "status", "finished_at"])
+WORKER_DIED = "worker died while generating this row"  # the error of a row that killed its worker twice
+
+
+def committed(fs, root: str) -> tuple[set[str], set[str]]:
+    """(ids whose newest row says ok and whose video is present: what a re-run skips, ids whose newest row says that
+    the row killed its worker twice: what a re-run records failed again without running it)."""
+    table = read_parts(fs, root, ["id", "status", "error", "finished_at"])
     if table is None:
-        return set()
+        return set(), set()
     cur = latest(table)
-    ok = {i for i, s in zip(cur.column("id").to_pylist(), cur.column("status").to_pylist()) if s == "ok"}
+    ids, status, errors = (cur.column(c).to_pylist() for c in ("id", "status", "error"))
+    poisoned = {i for i, s, e in zip(ids, status, errors) if s == "failed" and (e or "").startswith(WORKER_DIED)}
+    ok = {i for i, s in zip(ids, status) if s == "ok"}
     vdir = videos_dir(root)
     present = set()
     if fs.exists(vdir):
@@ -152,4 +158,4 @@ def committed_ok(fs, root: str) -> set[str]:
     missing = ok - present
     if missing:
         logger.warning("%d id(s) marked ok have no video; they will be generated again", len(missing))
-    return ok & present
+    return ok & present, poisoned

@@ -72,6 +72,36 @@ def spec_fingerprint(spec) -> str:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """Upper bounds of one row (job config `limits:`; the CLIs use these defaults). A row over them fails alone, before
+    any model work: no row may ask a worker for more than it can hold (README, "Reliability")."""
+
+    max_frames: int = 256
+    max_height: int = 2048
+    max_width: int = 2048
+    max_steps: int = 1000
+    max_pixels: int = 2**26  # frames x height x width: 64 frames at 1024 x 1024, 256 at 512 x 512
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"limits.{f.name}: must be an integer >= 1, got {v!r}")
+
+    def check(self, frames: int, height: int, width: int, steps: int) -> None:
+        for name, value in (("frames", frames), ("height", height), ("width", width), ("steps", steps)):
+            bound = getattr(self, f"max_{name}")
+            if value > bound:
+                raise ValueError(f"{name}: at most {bound} (limits.max_{name}), got {value}")
+        if frames * height * width > self.max_pixels:
+            raise ValueError(f"frames: {frames} x {height} x {width} = {frames * height * width:,} pixels exceed "
+                             f"limits.max_pixels = {self.max_pixels:,}")
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass(frozen=True)
 class GenParams:
     """Everything that determines one video, resolved and validated."""
 
@@ -145,7 +175,7 @@ def _present(value: Any) -> bool:
 
 
 def resolve_params(row: Mapping[str, Any], defaults: Mapping[str, Any] | None = None, *,
-                   backbone: str = "animatediff", spatial_factor: int = 8) -> GenParams:
+                   backbone: str = "animatediff", spatial_factor: int = 8, limits: Limits = DEFAULT_LIMITS) -> GenParams:
     """Merge preset < variant options < job defaults < row values, then validate every field.
 
     Unknown keys are ignored here (manifest columns pass through to metadata); absent or null values
@@ -185,6 +215,7 @@ def resolve_params(row: Mapping[str, Any], defaults: Mapping[str, Any] | None = 
     frames = _int("frames", values["frames"], 1)
     height = _int("height", values["height"], 1)
     width = _int("width", values["width"], 1)
+    limits.check(frames, height, width, steps)
     for name, v in (("height", height), ("width", width)):
         if v % spatial_factor:
             raise ValueError(f"{name}: must be a multiple of the VAE factor {spatial_factor}, got {v}")
@@ -330,7 +361,7 @@ def _string(name: str, value: Any, *, allow_empty: bool = True) -> str:
 
 
 def resolve_bivdiff_params(row: Mapping[str, Any], defaults: Mapping[str, Any] | None = None, *,
-                           spatial_factor: int = 8) -> BivdiffParams:
+                           spatial_factor: int = 8, limits: Limits = DEFAULT_LIMITS) -> BivdiffParams:
     """Merge task defaults < BIVDIFF_DEFAULTS < job defaults < row values; ValueError naming the parameter.
 
     `prompt` fills idm_prompt and vdm_prompt when they are absent; tasks with quality tags default the
@@ -376,6 +407,7 @@ def resolve_bivdiff_params(row: Mapping[str, Any], defaults: Mapping[str, Any] |
         ("fps", 1, 240), ("seed", 0, MAX_SEED - 1))}
     ints["stride"] = _int("stride", merged.get("stride") if "stride" in row or "stride" in defaults or task.idm != "external"
                           else 1, 1, 1000)
+    limits.check(ints["frames"], ints["height"], ints["width"], max(ints["steps"], ints["idm_steps"]))
     if 1000 % ints["steps"]:
         raise ValueError(f"steps: the SD DDIM grid (leading spacing) needs a divisor of 1000, got {ints['steps']}")
     for name in ("height", "width"):

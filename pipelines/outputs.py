@@ -10,6 +10,7 @@ import tempfile
 from typing import Callable
 
 SUFFIXES = {"mp4": ".mp4", "latent": ".npy"}
+S3_ATTEMPTS = 10
 
 
 def filesystem(uri: str):
@@ -23,6 +24,8 @@ def filesystem(uri: str):
         if endpoint:
             kwargs["client_kwargs"] = {"endpoint_url": endpoint}
         kwargs["skip_instance_cache"] = False
+        # throttling (503 SlowDown) and dropped connections: the S3 client's own retries, exponential backoff with jitter
+        kwargs["config_kwargs"] = {"retries": {"max_attempts": S3_ATTEMPTS, "mode": "standard"}}
     return fsspec.core.url_to_fs(uri, **kwargs)
 
 

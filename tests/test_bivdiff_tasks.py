@@ -243,7 +243,7 @@ def test_cli(tiny_bivdiff, videos, tmp_path):
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     # what the console shows without -q: progress, one truncation note, nothing that reads as a failure
-    assert "inversion + smoothing: 100%" in r.stderr and r.stderr.count("were truncated") == 1, r.stderr[-3000:]
+    assert "inversion + smoothing: 100%" in r.stderr and r.stderr.count("CLIP tokens are truncated") == 1, r.stderr[-3000:]
     for noise in ("Token indices sequence length", "The following part of your input was truncated", "Loading weights",
                   "requires torchvision", "should be kept in float32"):
         assert noise not in r.stderr, r.stderr[-3000:]

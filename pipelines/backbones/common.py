@@ -42,13 +42,20 @@ def place(module, device: torch.device, dtype: torch.dtype):
     return module.eval().requires_grad_(False)
 
 
+_TRUNCATED: set[str] = set()  # texts already reported as truncated in this process
+
+
 def encode_prompts(tokenizer, text_encoder, texts: Sequence[str], device: torch.device) -> torch.Tensor:
     """CLIP last hidden state for each text, padded/truncated to the tokenizer's max length (as diffusers)."""
     max_len = tokenizer.model_max_length
     tokens = tokenizer(list(texts), padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
     full = tokenizer(list(texts), padding="longest", return_tensors="pt").input_ids
     if full.shape[-1] > max_len:
-        logger.warning("%d prompt(s) longer than %d CLIP tokens were truncated", int((full != tokenizer.pad_token_id).sum(-1).gt(max_len).sum()), max_len)
+        long = sorted(t for t, n in zip(texts, (full != tokenizer.pad_token_id).sum(-1).tolist()) if n > max_len)
+        if long and not _TRUNCATED:  # said once per process (every long text is truncated the same way)
+            logger.warning("prompts longer than %d CLIP tokens are truncated to %d, as diffusers does (first: %r); "
+                           "said once", max_len, max_len, long[0][:60] + "…")
+        _TRUNCATED.update(long)
     mask = None
     if getattr(text_encoder.config, "use_attention_mask", False):
         mask = tokens.attention_mask.to(device)

@@ -1,0 +1,268 @@
+"""One row can never sink a run: bounded parameters, the memory pre-check, a row that kills every worker it lands on,
+a straggler, an actor killed from outside, two drivers on one output, a throttling and connection-cutting object
+store, a node lost. Real Ray (local, or a multi-node `ray.cluster_utils.Cluster`), real moto server, no mocks."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from operators.metadata import read_latest, read_parts
+from operators.storage import filesystem
+from pipelines.config import Limits, resolve_params
+
+from .jobutil import BIN, ROOT, free_port, job_cmd, job_env, parent_runs, run_job, sha256_file, tiny_config, wait_http
+
+TINY = {"steps": 2, "frames": 4, "height": 32, "width": 32}
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tiny_ad_dir):
+    return os.path.dirname(tiny_ad_dir)
+
+
+def _manifest(path, rows: list[dict]) -> str:
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return str(path)
+
+
+def test_every_size_parameter_is_bounded():
+    with pytest.raises(ValueError, match=r"^height: at most 2048 \(limits.max_height\), got 100000$"):
+        resolve_params({"prompt": "x", "height": 100000, "width": 100000})
+    with pytest.raises(ValueError, match=r"^frames: at most 256"):
+        resolve_params({"prompt": "x", "frames": 10_000})
+    with pytest.raises(ValueError, match=r"^frames: 128 x 1024 x 1024 = 134,217,728 pixels exceed limits.max_pixels"):
+        resolve_params({"prompt": "x", "frames": 128, "height": 1024, "width": 1024})
+    raised = Limits(max_pixels=2**28)  # a job config's `limits:` can raise them
+    assert resolve_params({"prompt": "x", "frames": 128, "height": 1024, "width": 1024}, limits=raised).frames == 128
+    with pytest.raises(ValueError, match="limits.max_steps: must be an integer >= 1"):
+        Limits(max_steps=0)
+
+
+def test_poison_rows_and_a_straggler_never_sink_the_run(tmp_path, tiny_cache):
+    """Among ordinary rows: one that kills every worker it lands on, one that stalls, one too big for the memory
+    budget, one over the size bounds. The run ends 0 with every ordinary row ok; a rerun makes no new video."""
+    rows = [{"id": f"ok-{i}", "prompt": f"A calm lake number {i}."} for i in range(4)]
+    rows[1:1] = [{"id": "kill", "prompt": "POISON: a row that kills its worker."}]
+    rows[3:3] = [{"id": "slow", "prompt": "SLOW: a row that stalls."}]
+    rows += [{"id": "big", "prompt": "A row too big for the budget.", "height": 512, "width": 512},
+             {"id": "huge", "prompt": "A row over the bounds.", "height": 100000, "width": 100000}]
+    manifest = _manifest(tmp_path / "m.parquet", [{"height": None, "width": None, **r} for r in rows])
+    cfg = tiny_config(tmp_path / "job.yaml", tiny_cache, defaults=TINY, scores={"enabled": False},
+                      compute={"batch_size": 2, "sampler_batch": 1, "memory_budget_gb": 0.05, "row_timeout_s": 8,
+                               "max_task_retries": 1})
+    out, db = tmp_path / "out", tmp_path / "mlflow.db"
+    env = job_env(IVMIX_FAULTS="kill=POISON;sleep=SLOW:120")
+    args = ("--config", cfg, "--manifest", manifest, "--output", str(out), "--mlflow-uri", f"sqlite:///{db}", "--experiment", "r")
+    start = time.monotonic()
+    r = run_job(*args, env=env)
+    first_s = time.monotonic() - start
+    assert r.returncode == 0, r.stderr[-5000:]
+    meta = {m["id"]: m for m in read_latest(str(out)).to_pylist()}
+    assert {i: meta[i]["status"] for i in meta} == {**{f"ok-{i}": "ok" for i in range(4)}, "kill": "failed",
+                                                    "slow": "failed", "big": "failed", "huge": "failed"}
+    assert meta["kill"]["error"].startswith("worker died while generating this row (") and meta["kill"]["sampler"] == "ivmixed"
+    assert meta["slow"]["error"].startswith("row_timeout_s: still running after 8 s; its worker was ended and replaced")
+    assert meta["big"]["error"].startswith("memory: 4 frames at 512x512 need about ") and "compute.memory_budget_gb" in meta["big"]["error"]
+    assert meta["huge"]["error"] == "height: at most 2048 (limits.max_height), got 100000"
+    assert sorted(os.listdir(out / "videos")) == [f"ok-{i}.mp4" for i in range(4)]
+    assert "running their rows again one at a time on fresh actors" in r.stderr
+    ids = read_parts(*filesystem(str(out))).column("id").to_pylist()
+    assert sorted(ids) == sorted(meta)  # exactly one committed row per id
+    assert not (out / ".runs").exists() and not (out / "_lease.json").exists()  # scratch and lease gone at the end
+
+    from mlflow.tracking import MlflowClient
+
+    (run,) = parent_runs(MlflowClient(f"sqlite:///{db}"), "r")
+    m = run.data.metrics
+    assert (m["rows_ok"], m["rows_failed"], m["rows_worker_died"], m["rows_timed_out"], m["rows_out_of_memory"]) == (4, 4, 1, 1, 1)
+
+    videos = {p: sha256_file(str(out / "videos" / p)) for p in os.listdir(out / "videos")}
+    start = time.monotonic()
+    r = run_job(*args, env=env)
+    rerun_s = time.monotonic() - start
+    assert r.returncode == 0, r.stderr[-5000:]
+    again = {m["id"]: m for m in read_latest(str(out)).to_pylist()}
+    assert again["kill"]["error"].startswith("worker died while generating this row in an earlier run; not run again")
+    assert {p: sha256_file(str(out / "videos" / p)) for p in os.listdir(out / "videos")} == videos  # no new video
+    print(f"first run {first_s:.0f} s, rerun {rerun_s:.0f} s")
+
+
+def _actor_pids() -> list[int]:
+    out = subprocess.run(["pgrep", "-f", "MapWorker"], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out if int(p) != os.getpid()]
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise TimeoutError(what)
+
+
+def test_an_actor_killed_mid_run_is_replaced_and_the_run_completes(tmp_path, tiny_cache):
+    n = 6
+    manifest = _manifest(tmp_path / "m.parquet", [{"id": f"v{i}", "prompt": f"prompt {i}", "seed": i} for i in range(n)])
+    cfg = tiny_config(tmp_path / "job.yaml", tiny_cache, defaults={**TINY, "steps": 8}, scores={"enabled": False},
+                      compute={"batch_size": 1, "sampler_batch": 1}, commit={"every_rows": 1, "every_seconds": 1})
+    out = tmp_path / "out"
+    proc = subprocess.Popen(job_cmd("--config", cfg, "--manifest", manifest, "--output", str(out), "--mlflow-uri",
+                                    f"sqlite:///{tmp_path / 'db'}"), env=job_env(), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _wait_for(lambda: (out / "metadata").exists() and os.listdir(out / "metadata"), 240, "no row committed")
+        pids = _wait_for(_actor_pids, 30, "no actor process")
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        _, err = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err[-4000:]
+    meta = read_latest(str(out)).to_pylist()
+    assert sorted(m["id"] for m in meta) == [f"v{i}" for i in range(n)] and all(m["status"] == "ok" for m in meta)
+    ids = read_parts(*filesystem(str(out))).column("id").to_pylist()
+    assert len(ids) == n and sorted(os.listdir(out / "videos")) == [f"v{i}.mp4" for i in range(n)]
+
+
+def test_a_second_driver_on_the_same_output_refuses(tmp_path, tiny_cache):
+    n = 6
+    manifest = _manifest(tmp_path / "m.parquet", [{"id": f"v{i}", "prompt": f"prompt {i}"} for i in range(n)])
+    cfg = tiny_config(tmp_path / "job.yaml", tiny_cache, defaults={**TINY, "steps": 8}, scores={"enabled": False},
+                      compute={"batch_size": 1, "sampler_batch": 1})
+    out = tmp_path / "out"
+    common = ("--config", cfg, "--manifest", manifest, "--output", str(out), "--mlflow-uri", f"sqlite:///{tmp_path / 'db'}")
+    first = subprocess.Popen(job_cmd(*common, "--run-name", "first-night"), env=job_env(), cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _wait_for(lambda: (out / "_lease.json").exists(), 120, "the first driver took no lease")
+        second = run_job(*common, "--run-name", "second-night")
+        _, err = first.communicate(timeout=400)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert "error: --output: another run is writing" in second.stderr and "run first-night on" in second.stderr
+    assert first.returncode == 0, err[-4000:]
+    ids = read_parts(*filesystem(str(out))).column("id").to_pylist()
+    assert sorted(ids) == [f"v{i}" for i in range(n)]  # one committed row per id, all from the first driver
+    assert all(m["status"] == "ok" for m in read_latest(str(out)).to_pylist())
+
+
+def test_a_stale_lease_is_taken_over_and_a_fresh_one_is_not(tmp_path):
+    from operators.lease import Lease, LeaseHeld
+
+    fs, root = filesystem(str(tmp_path / "out"))
+    fs.makedirs(root)
+    stale = {"token": "x", "run": "crashed", "host": "h", "pid": 1, "heartbeat": time.time() - 1000, "ttl_s": 300}
+    (tmp_path / "out" / "_lease.json").write_text(json.dumps(stale))
+    lease = Lease(fs, root, "mine", ttl_s=300).acquire()
+    try:
+        with pytest.raises(LeaseHeld, match="run mine on"):
+            Lease(fs, root, "other", ttl_s=300).acquire()
+    finally:
+        lease.release()
+    assert not (tmp_path / "out" / "_lease.json").exists()
+    # a fresh lease whose holder ran on this host and is gone (a killed driver) is taken at once
+    import socket
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    fresh = {**stale, "host": socket.gethostname(), "pid": dead.pid, "heartbeat": time.time()}
+    (tmp_path / "out" / "_lease.json").write_text(json.dumps(fresh))
+    Lease(fs, root, "next", ttl_s=300).acquire().release()
+
+
+@pytest.fixture
+def faulty_s3(tmp_path_factory):
+    """moto's server behind the fault-injecting proxy (every 4th request 503 SlowDown, every 7th PUT cut)."""
+    from .test_s3_mlflow import _start, _stop
+
+    logs = tmp_path_factory.mktemp("faulty")
+    moto_port, proxy_port = free_port(), free_port()
+    moto = _start([os.path.join(BIN, "moto_server"), "-H", "127.0.0.1", "-p", str(moto_port)], job_env(),
+                  open(logs / "moto.log", "w"))
+    proxy = _start([sys.executable, os.path.join(ROOT, "tests", "faultproxy.py"), "--upstream",
+                    f"http://127.0.0.1:{moto_port}", "--port", str(proxy_port), "--every-503", "4", "--cut-put", "7"],
+                   job_env(), open(logs / "proxy.log", "w"))
+    try:
+        wait_http(f"http://127.0.0.1:{moto_port}/moto-api/")
+        yield f"http://127.0.0.1:{moto_port}", f"http://127.0.0.1:{proxy_port}"
+    finally:
+        _stop(proxy)
+        _stop(moto)
+
+
+@pytest.mark.slow
+def test_uploads_survive_throttling_and_cut_connections(faulty_s3, tmp_path, tiny_cache, monkeypatch):
+    from .test_s3_mlflow import CREDS, s3_bucket
+
+    direct, proxied = faulty_s3
+    fs = s3_bucket(direct, "flaky", monkeypatch)
+    n = 8
+    manifest = _manifest(tmp_path / "m.parquet", [{"id": f"v{i}", "prompt": f"prompt {i}"} for i in range(n)])
+    cfg = tiny_config(tmp_path / "job.yaml", tiny_cache, defaults=TINY, compute={"batch_size": 2, "sampler_batch": 2})
+    r = run_job("--config", cfg, "--manifest", manifest, "--output", "s3://flaky/run", "--mlflow-uri",
+                f"sqlite:///{tmp_path / 'db'}", env=job_env(**CREDS, AWS_ENDPOINT_URL=proxied))
+    assert r.returncode == 0, r.stderr[-5000:]
+    stats = subprocess.run(["curl", "-s", "-X", "STATS", proxied], capture_output=True, text=True).stdout
+    assert "'503': 0" not in stats and "'cut': 0" not in stats, stats  # faults were injected
+    meta = read_latest("s3://flaky/run").to_pylist()  # read straight from moto (this process's settings)
+    assert sorted(m["id"] for m in meta) == [f"v{i}" for i in range(n)] and all(m["status"] == "ok" for m in meta)
+    import hashlib
+
+    for m in meta:
+        data = fs.cat_file(f"flaky/run/videos/{m['id']}.mp4")
+        assert len(data) == m["bytes"] and hashlib.sha256(data).hexdigest() == m["sha256"]
+
+
+@pytest.mark.slow
+def test_a_node_lost_mid_run(tmp_path, tiny_cache):
+    """Two worker nodes (ray.cluster_utils.Cluster); the node that hosts the actor is removed mid-run: the run ends
+    on the other node with one committed ok row and one video per id."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    try:
+        nodes = [cluster.add_node(num_cpus=2) for _ in range(2)]
+        cluster.wait_for_nodes()
+        n = 8
+        manifest = _manifest(tmp_path / "m.parquet", [{"id": f"v{i}", "prompt": f"prompt {i}"} for i in range(n)])
+        cfg = tiny_config(tmp_path / "job.yaml", tiny_cache, defaults={**TINY, "steps": 8}, scores={"enabled": False},
+                          compute={"batch_size": 1, "sampler_batch": 1, "cpus_per_actor": 1},
+                          commit={"every_rows": 1, "every_seconds": 1})
+        out = tmp_path / "out"
+        proc = subprocess.Popen(job_cmd("--config", cfg, "--manifest", manifest, "--output", str(out), "--mlflow-uri",
+                                        f"sqlite:///{tmp_path / 'db'}"), env=job_env(RAY_ADDRESS=cluster.address),
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            _wait_for(lambda: (out / "metadata").exists() and os.listdir(out / "metadata"), 300, "no row committed")
+            ray.init(address=cluster.address)
+            from ray.util.state import list_actors
+
+            alive = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "MapWorker" in a.class_name]
+            host = next(node for node in nodes if node.node_id == alive[0].node_id)
+            cluster.remove_node(host)
+            _, err = proc.communicate(timeout=500)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            ray.shutdown()
+        assert proc.returncode == 0, err[-4000:]
+        ids = read_parts(*filesystem(str(out))).column("id").to_pylist()
+        assert sorted(ids) == [f"v{i}" for i in range(n)]
+        assert all(m["status"] == "ok" for m in read_latest(str(out)).to_pylist())
+        assert sorted(os.listdir(out / "videos")) == [f"v{i}.mp4" for i in range(n)]
+    finally:
+        cluster.shutdown()
