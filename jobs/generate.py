@@ -276,15 +276,13 @@ def _execute(cfg, mlflow, fs, root, done, ids_dup, total, model, bivdiff, scorer
             raise
         finally:
             m = progress.metrics()
-            mlflow.log_metrics({k: float(v) for k, v in m.items()})
+            mlflow.log_metrics({k: float(v) for k, v in m.items()}, step=progress.step)  # the latest step: the final value
             progress.log(final=True)
             _log_run_metadata(mlflow, fs, root, writer)
             mlflow.set_tag("job_status", status)
         regressions = _quality(mlflow, cfg, fs, root, run_id)
         storage.clear_staging(fs, root)
-        scratch = storage.join(root, RUN_DIR, run_id)
-        if fs.exists(scratch):
-            fs.rm(scratch, recursive=True)
+        _remove_scratch(fs, root, run_id)
     if regressions:
         logger.error("quality regression against the baseline: %s", "; ".join(regressions))
         return 3
@@ -374,6 +372,16 @@ def _pipeline(ray, cfg, model, bivdiff, fs, root, done, ids_dup, run_id, version
                                                            "run_id": run_id, "code_version": version, "reason": reason}))
         if errors.count:  # not even the failures could be recorded: a fault outside the rows (e.g. the manifest)
             raise RuntimeError(f"{errors.count} block(s) could not be processed: {errors.summary()}")
+
+
+def _remove_scratch(fs, root: str, run_id: str) -> None:
+    """This run's scratch (`OUTPUT/.runs/<run>/`: timeout marks), and the folder when no other run left one."""
+    scratch = storage.join(root, RUN_DIR, run_id)
+    if fs.exists(scratch):
+        fs.rm(scratch, recursive=True)
+    parent = storage.join(root, RUN_DIR)
+    if storage.is_local(fs) and fs.exists(parent) and not fs.ls(parent):
+        fs.rmdir(parent)
 
 
 def _quality(mlflow, cfg, fs, root, run_id) -> list[str]:
