@@ -29,25 +29,26 @@ def test_bivdiff_manifest_through_the_job(s3_endpoint, tmp_path, tiny_ad_dir, mo
 
     manifest = tmp_path / "edits.parquet"
     pq.write_table(pa.table({
-        "id": ["canny", "inpaint", "ext", "short", "badtask", "nomask", "gen", "gone"],
-        "task": ["controlnet-canny", "inpaint", "external", "outpaint-vertical", "prompt2prompt", "inpaint", None, "inpaint"],
+        "id": ["canny", "inpaint", "ext", "short", "badtask", "nomask", "gen", "gone", "poison"],
+        "task": ["controlnet-canny", "inpaint", "external", "outpaint-vertical", "prompt2prompt", "inpaint", None, "inpaint",
+                 "external"],
         "source_video": ["s3://clips/bear.mp4", "s3://clips/bear.mp4", str(npy), "s3://clips/short.mp4",
-                         "s3://clips/bear.mp4", "s3://clips/bear.mp4", None, "s3://clips/bear.mp4"],
-        "mask_video": [None, "s3://clips/bear-mask.mp4", None, None, None, None, None, "s3://clips/gone-mask.mp4"],
-        "prompt": ["a bear walking through a snow mountain", None, None, None, None, None, "A cat on a sofa.", None],
-        "vdm_prompt": [None, None, "a square", None, None, None, None, None],
-        "alpha": pa.array([None, None, 0.5, None, None, None, None, None], pa.float64()),
-        "sampler": [None, None, "bivdiff_compat", None, None, None, None, None],
+                         "s3://clips/bear.mp4", "s3://clips/bear.mp4", None, "s3://clips/bear.mp4", str(npy)],
+        "mask_video": [None, "s3://clips/bear-mask.mp4", None, None, None, None, None, "s3://clips/gone-mask.mp4", None],
+        "prompt": ["a bear walking through a snow mountain", None, None, None, None, None, "A cat on a sofa.", None, None],
+        "vdm_prompt": [None, None, "a square", None, None, None, None, None, "POISON: kills its worker"],
+        "alpha": pa.array([None, None, 0.5, None, None, None, None, None, None], pa.float64()),
+        "sampler": [None, None, "bivdiff_compat", None, None, None, None, None, None],
     }), manifest)
     out, db = tmp_path / "out", tmp_path / "mlflow.db"
     cfg = tiny_config(tmp_path / "job.yaml", os.path.dirname(tiny_ad_dir),
                       bivdiff={"tiny": True, "defaults": {"frames": 4, "height": 64, "width": 64, "steps": 5, "idm_steps": 2}})
-    env = job_env(**CREDS, AWS_ENDPOINT_URL=s3_endpoint)
+    env = job_env(**CREDS, AWS_ENDPOINT_URL=s3_endpoint, IVMIX_FAULTS="kill=POISON")  # a row that kills every worker
     args = ("--config", cfg, "--manifest", str(manifest), "--output", str(out), "--mlflow-uri", f"sqlite:///{db}",
             "--experiment", "edits")
     r = run_job(*args, env=env)
     assert r.returncode == 0, r.stderr[-5000:]
-    assert "progress: 8/8 rows (4 ok, 4 failed)" in r.stderr
+    assert "progress: 9/9 rows (4 ok, 5 failed)" in r.stderr
 
     meta = {m["id"]: m for m in read_latest(str(out)).to_pylist()}
     assert sorted(os.listdir(out / "videos")) == ["canny.mp4", "ext.mp4", "gen.mp4", "inpaint.mp4"]
@@ -72,6 +73,7 @@ def test_bivdiff_manifest_through_the_job(s3_endpoint, tmp_path, tiny_ad_dir, mo
     assert [(meta[i]["task"], meta[i]["sampler"]) for i in ("badtask", "nomask", "gone")] == [
         ("prompt2prompt", "bivdiff"), ("inpaint", "bivdiff"), ("inpaint", "bivdiff")]
     assert meta["canny"]["clipsim"] is not None  # scored against the VDM prompt
+    assert meta["poison"]["error"].startswith("worker died while generating this row (") and meta["poison"]["task"] == "external"
 
     from mlflow.tracking import MlflowClient
 
@@ -80,4 +82,4 @@ def test_bivdiff_manifest_through_the_job(s3_endpoint, tmp_path, tiny_ad_dir, mo
     assert run.data.params["bivdiff.spec.vdm"] == "zeroscope" and run.data.metrics["rows_ok"] == 4
 
     r = run_job(*args, env=env)  # resume: committed videos are kept, only the failed rows run again
-    assert r.returncode == 0 and "progress: 4/4 rows (0 ok, 4 failed)" in r.stderr, r.stderr[-3000:]
+    assert r.returncode == 0 and "progress: 5/5 rows (0 ok, 5 failed)" in r.stderr, r.stderr[-3000:]

@@ -269,3 +269,26 @@ def test_a_node_lost_mid_run(tmp_path, tiny_cache):
         assert sorted(os.listdir(out / "videos")) == [f"v{i}.mp4" for i in range(n)]
     finally:
         cluster.shutdown()
+
+
+def test_a_batch_that_cannot_fit_is_split_and_a_row_that_cannot_fit_fails(tmp_path, tiny_ad_dir):
+    """The memory pre-check in the operator itself (called as Ray Data calls it): a budget between what one row and
+    what two rows need splits the batch (both ok); a budget under one row fails each row with both numbers."""
+    from dataclasses import asdict
+
+    from operators.generate import VideoGenerator, resolve_rows
+    from pipelines import memory
+    from pipelines.config import ModelSpec
+
+    spec = asdict(ModelSpec.from_model_dir("animatediff", tiny_ad_dir, device="cpu", dtype="float32"))
+    batch = resolve_rows(pa.table({"id": ["a", "b"], "prompt": ["one", "two"]}), defaults=TINY, model=spec)
+    probe = VideoGenerator(spec, str(tmp_path / "probe"), "run", "test")
+    one, two = (memory.estimate(probe.backbone, b, 4, 32, 32).total for b in (1, 2))
+    assert one < two
+    split = VideoGenerator(spec, str(tmp_path / "split"), "run", "test", sampler_batch=2, memory_budget_gb=(one + two) / 2 / 2**30)
+    assert [r["status"] for r in split(batch).to_pylist()] == ["ok", "ok"]
+    tight = VideoGenerator(spec, str(tmp_path / "tight"), "run", "test", sampler_batch=2, memory_budget_gb=one / 2 / 2**30)
+    rows = tight(batch).to_pylist()
+    assert [r["status"] for r in rows] == ["failed", "failed"] and all(
+        r["error"].startswith("memory: 4 frames at 32x32 need about ") and "compute.memory_budget_gb" in r["error"] for r in rows)
+    assert not (tmp_path / "tight" / "videos").exists()
