@@ -213,7 +213,7 @@ def run(cfg: job_config.JobConfig, n_rows: int, ids_dup: set[str], bivdiff_rows:
     if done and not setup.anything_to_do(cfg, n_rows, model, bivdiff, done, ids_dup):
         logger.info("nothing to do: every row%s is committed ok under %s", f" of the first {limit}" if limit < n_rows else "",
                     cfg.output)
-        return 0
+        return _check_only(cfg, mlflow, fs, root, model, bivdiff) if cfg.regression.baseline else 0
     from operators.lease import Lease, LeaseHeld
 
     lease = Lease(fs, root, cfg.run_name or f"{os.path.basename(root) or 'run'}@{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}",
@@ -227,6 +227,38 @@ def run(cfg: job_config.JobConfig, n_rows: int, ids_dup: set[str], bivdiff_rows:
         return _execute(cfg, mlflow, fs, root, done, ids_dup, total, model, bivdiff, scorer, poisoned)
     finally:
         lease.release()
+
+
+def _mlflow_run(mlflow, cfg, fs, root, model, bivdiff, device: str):
+    """The job's MLflow run, opened with the resolved config as params, the tags and the config artifact."""
+    version, git_sha = code_version()
+    run_name = cfg.run_name or f"{os.path.basename(root) or 'run'}-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}"
+    mlrun = mlflow.start_run(run_name=run_name)
+    record = cfg.record()
+    record["model"]["device"] = device
+    record["bivdiff"]["spec"] = _model_dict(bivdiff)
+    mlflow.log_params(_flat("", {k: v for k, v in record.items() if k != "commit"}, {}))
+    mlflow.set_tags({"manifest": cfg.manifest, "output": storage.full_uri(fs, root), "git_sha": git_sha or "unknown",
+                     "code_version": version, "ray_submission_id": submission_id() or "local", "backbone": model.backbone})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "job_config.yaml")
+        import yaml
+
+        with open(path, "w") as f:
+            yaml.safe_dump(record, f, sort_keys=False)
+        mlflow.log_artifact(path, "config")
+    return mlrun
+
+
+def _check_only(cfg, mlflow, fs, root, model, bivdiff) -> int:
+    """Nothing to generate but a baseline to compare with: the quality stage over the committed metadata, no Ray."""
+    with _mlflow_run(mlflow, cfg, fs, root, model, bivdiff, "none") as mlrun:
+        mlflow.set_tag("job_status", "FINISHED")
+        regressions = _quality(mlflow, cfg, fs, root, mlrun.info.run_id)
+    if regressions:
+        logger.error("quality regression against the baseline: %s", "; ".join(regressions))
+        return 3
+    return 0
 
 
 def _execute(cfg, mlflow, fs, root, done, ids_dup, total, model, bivdiff, scorer, poisoned) -> int:
@@ -244,25 +276,9 @@ def _execute(cfg, mlflow, fs, root, done, ids_dup, total, model, bivdiff, scorer
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    version, git_sha = code_version()
-
-    run_name = cfg.run_name or f"{os.path.basename(root) or 'run'}-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}"
-    with mlflow.start_run(run_name=run_name) as mlrun:
+    version = code_version()[0]
+    with _mlflow_run(mlflow, cfg, fs, root, model, bivdiff, device) as mlrun:
         run_id = mlrun.info.run_id
-        record = cfg.record()
-        record["model"]["device"] = device
-        record["bivdiff"]["spec"] = _model_dict(bivdiff)
-        mlflow.log_params(_flat("", {k: v for k, v in record.items() if k != "commit"}, {}))
-        mlflow.set_tags({"manifest": cfg.manifest, "output": storage.full_uri(fs, root), "git_sha": git_sha or "unknown",
-                         "code_version": version, "ray_submission_id": submission_id() or "local", "backbone": model.backbone})
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "job_config.yaml")
-            import yaml
-
-            with open(path, "w") as f:
-                yaml.safe_dump(record, f, sort_keys=False)
-            mlflow.log_artifact(path, "config")
-
         status = "FINISHED"
         progress = Progress(max(total - len(done), 0))
         writer = metadata.MetadataWriter(fs, root, f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{run_id[:8]}")
