@@ -111,7 +111,7 @@ def _spec(args: argparse.Namespace) -> ModelSpec:
         if kind is not None and kind != args.backbone:
             raise ValueError(f"--model-dir: {args.model_dir!r} holds tiny {kind} models; pass --backbone {kind}"
                              if kind in presets.BACKBONES else
-                             f"--model-dir: {args.model_dir!r} holds a tiny {kind} set, not a {args.backbone} backbone")
+                             f"--model-dir: {args.model_dir!r} holds a tiny {kind} set, not the models of a video backbone")
         spec = ModelSpec.from_model_dir(args.backbone, args.model_dir, **common)
     else:
         spec = ModelSpec(backbone=args.backbone, base=args.base, motion_adapter=args.motion_adapter, unet=args.unet,
