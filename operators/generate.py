@@ -18,6 +18,7 @@ import signal
 import tempfile
 import threading
 import time
+import traceback
 from typing import Any, Mapping
 
 import pyarrow as pa
@@ -307,6 +308,7 @@ class VideoGenerator:
         except Exception as err:  # noqa: BLE001 - errors become row values
             logger.exception("batch of %d row(s) failed", len(items))
             error = f"{type(err).__name__}: {err}"
+            traceback.clear_frames(err.__traceback__)  # a log handler may keep the traceback: drop the tensors it holds
         if error is not None:
             if self.device.type == "cuda":
                 import torch

@@ -292,3 +292,32 @@ def test_a_batch_that_cannot_fit_is_split_and_a_row_that_cannot_fit_fails(tmp_pa
     assert [r["status"] for r in rows] == ["failed", "failed"] and all(
         r["error"].startswith("memory: 4 frames at 32x32 need about ") and "compute.memory_budget_gb" in r["error"] for r in rows)
     assert not (tmp_path / "tight" / "videos").exists()
+
+
+def test_a_failed_batch_frees_its_tensors_before_the_rows_are_retried_alone(tmp_path, tiny_ad_dir, monkeypatch):
+    """A batched call that runs out of memory: the single-row retries start only after the failed call's tensors are
+    gone (no live traceback holds them), so the retry does not meet the same out-of-memory."""
+    import weakref
+    from dataclasses import asdict
+
+    import torch
+
+    import pipelines.generate as gen_module
+    from operators.generate import VideoGenerator, resolve_rows
+    from pipelines.config import ModelSpec
+
+    real, held, alive_at_retry = gen_module.generate, [], []
+
+    def generate(backbone, rows, **kw):
+        if len(rows) > 1:
+            activations = torch.zeros(1 << 20)  # what the failed call had allocated
+            held.append(weakref.ref(activations))
+            raise RuntimeError("CUDA out of memory (simulated)")
+        alive_at_retry.append(held[0]() is not None)
+        return real(backbone, rows, **kw)
+
+    monkeypatch.setattr(gen_module, "generate", generate)
+    spec = asdict(ModelSpec.from_model_dir("animatediff", tiny_ad_dir, device="cpu", dtype="float32"))
+    batch = resolve_rows(pa.table({"id": ["a", "b"], "prompt": ["one", "two"]}), defaults=TINY, model=spec)
+    rows = VideoGenerator(spec, str(tmp_path / "out"), "run", "test", sampler_batch=2)(batch).to_pylist()
+    assert [r["status"] for r in rows] == ["ok", "ok"] and alive_at_retry == [False, False]
