@@ -167,7 +167,7 @@ class VideoGenerator:
         quiet_libraries()  # no per-file load bars or advisory warnings in the worker logs the driver prints
         self.rec = Recorder(model, bivdiff, run_id, code_version)
         self.spec, self.bivdiff_spec = self.rec.spec, self.rec.bivdiff_spec
-        self.device = resolve_placement(self.spec.device, self.spec.dtype)[0]
+        self.device, self.dtype = resolve_placement(self.spec.device, self.spec.dtype)
         self._backbone = self._bivdiff = self._scorer = self._scorer_error = None
         self.scorer_source = scorer
         self.fs, self.root = storage.filesystem(output)
@@ -201,7 +201,7 @@ class VideoGenerator:
             from .scoring import ClipScorer
 
             try:
-                self._scorer = ClipScorer(self.scorer_source, self.device)
+                self._scorer = ClipScorer(self.scorer_source, self.device, self.dtype)
             except Exception as err:  # noqa: BLE001
                 self._scorer_error = f"{type(err).__name__} while loading the scorer: {' '.join(str(err).split())[:300]}"
         if self._scorer_error:

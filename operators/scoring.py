@@ -19,11 +19,14 @@ def _features(out) -> torch.Tensor:
 
 
 class ClipScorer:
-    def __init__(self, source: str, device: torch.device | str = "cpu"):
+    """CLIP in the run's dtype on the run's device (transformers 5 would keep a checkpoint's stored dtype, e.g. float16
+    on a CPU); features are compared in float32."""
+
+    def __init__(self, source: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         from transformers import AutoImageProcessor, CLIPModel, CLIPTokenizer
 
-        self.device = torch.device(device)
-        self.model = CLIPModel.from_pretrained(source).to(self.device).eval().requires_grad_(False)
+        self.device, self.dtype = torch.device(device), dtype
+        self.model = CLIPModel.from_pretrained(source, dtype=dtype).to(self.device).eval().requires_grad_(False)
         self.tokenizer = CLIPTokenizer.from_pretrained(source)
         proc = AutoImageProcessor.from_pretrained(source)
         self.mean = torch.tensor(proc.image_mean, device=self.device).view(1, 3, 1, 1)
@@ -46,7 +49,7 @@ class ClipScorer:
         x = F.interpolate(x, size=(max(self.crop[0], round(h * scale)), max(self.crop[1], round(w * scale))),
                           mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
         top, left = (x.shape[-2] - self.crop[0]) // 2, (x.shape[-1] - self.crop[1]) // 2
-        x = (x[..., top : top + self.crop[0], left : left + self.crop[1]] - self.mean) / self.std
+        x = ((x[..., top : top + self.crop[0], left : left + self.crop[1]] - self.mean) / self.std).to(self.dtype)
         return torch.cat([_features(self.model.get_image_features(pixel_values=x[i : i + chunk])).float()
                           for i in range(0, x.shape[0], chunk)])
 

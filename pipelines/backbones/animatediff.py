@@ -12,7 +12,7 @@ import torch
 
 from ..config import ModelSpec
 from ..sampling import CFGDenoiser, Denoiser
-from .common import BackboneBase, encode_prompts, framewise_eps, load_image_model, place, resolve_placement
+from .common import BackboneBase, encode_prompts, framewise_eps, load_image_model, load_vae, place, resolve_placement
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ class AnimateDiff(BackboneBase):
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> "AnimateDiff":
-        from diffusers import AutoencoderKL, DDIMScheduler, MotionAdapter, UNet2DConditionModel, UNetMotionModel
+        from diffusers import DDIMScheduler, MotionAdapter, UNet2DConditionModel, UNetMotionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
         device, dtype = resolve_placement(spec.device, spec.dtype)
@@ -35,7 +35,7 @@ class AnimateDiff(BackboneBase):
                     spec.base, spec.motion_adapter, spec.image_model, device, dtype)
         tokenizer = CLIPTokenizer.from_pretrained(spec.base, subfolder="tokenizer")
         text_encoder = CLIPTextModel.from_pretrained(spec.base, subfolder="text_encoder")
-        vae = AutoencoderKL.from_pretrained(spec.vae or spec.base, subfolder="vae")
+        vae = load_vae(spec)
         base_unet = UNet2DConditionModel.from_pretrained(spec.base, subfolder="unet")
         adapter = MotionAdapter.from_pretrained(spec.motion_adapter)
         unet = UNetMotionModel.from_unet2d(base_unet, adapter)

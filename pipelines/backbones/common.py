@@ -201,14 +201,31 @@ def _optional(loader, path: str, subfolder: str):
         return None
 
 
+def load_vae(spec):
+    """`spec.vae` — a standalone VAE (config at its root, like `stabilityai/sd-vae-ft-mse`) or a pipeline with `vae/`,
+    hub id or folder — else the base pipeline's `vae/`. diffusers falls back to a folder's root only for local folders;
+    a hub id is tried at its root first, then as a pipeline."""
+    from diffusers import AutoencoderKL
+
+    if not spec.vae:
+        return AutoencoderKL.from_pretrained(spec.base, subfolder="vae")
+    if os.path.isdir(spec.vae):
+        root = os.path.isfile(os.path.join(spec.vae, "config.json"))
+        return AutoencoderKL.from_pretrained(spec.vae, subfolder=None if root else "vae")
+    try:
+        return AutoencoderKL.from_pretrained(spec.vae)
+    except OSError:
+        return AutoencoderKL.from_pretrained(spec.vae, subfolder="vae")
+
+
 def load_base_components(spec) -> dict:
     """tokenizer, text encoder, VAE and scheduler config of the VDM's base pipeline folder or hub id."""
-    from diffusers import AutoencoderKL, DDIMScheduler
+    from diffusers import DDIMScheduler
     from transformers import CLIPTextModel, CLIPTokenizer
 
     return dict(tokenizer=CLIPTokenizer.from_pretrained(spec.base, subfolder="tokenizer"),
                 text_encoder=CLIPTextModel.from_pretrained(spec.base, subfolder="text_encoder"),
-                vae=AutoencoderKL.from_pretrained(spec.vae or spec.base, subfolder="vae"),
+                vae=load_vae(spec),
                 scheduler_config=DDIMScheduler.load_config(spec.base, subfolder="scheduler"))
 
 
