@@ -49,7 +49,6 @@ class ComputeConfig:
                 raise ValueError(f"compute.{name}: must be a number > 0 (or absent), got {v!r}")
 
 
-
 @dataclass(frozen=True)
 class CommitConfig:
     every_rows: int = 16  # rows per metadata part (a part is the commit marker of its videos)
@@ -203,10 +202,7 @@ def load(args: argparse.Namespace) -> JobConfig:
         model = ModelSpec.from_model_dir(tiny, os.path.join(tiny_cache, tiny), **model_raw)
     else:
         model = ModelSpec(**model_raw)
-    try:
-        limits = _section("limits", raw.get("limits"), Limits)
-    except ValueError as err:
-        raise ValueError(str(err) if str(err).startswith(("config", "limits")) else f"config 'limits': {err}") from None
+    limits = _section("limits", raw.get("limits"), Limits)  # its own errors name the key: limits.max_height: ...
     defaults = dict(raw.get("defaults") or {})
     unknown = sorted(set(defaults) - set(PARAM_NAMES) - {"prompt"})
     if unknown:

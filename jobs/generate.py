@@ -210,29 +210,27 @@ def run(cfg: job_config.JobConfig, n_rows: int, ids_dup: set[str], bivdiff_rows:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    run_name = cfg.run_name or f"{os.path.basename(root) or 'run'}-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}"
     if done and not setup.anything_to_do(cfg, n_rows, model, bivdiff, done, ids_dup):
         logger.info("nothing to do: every row%s is committed ok under %s", f" of the first {limit}" if limit < n_rows else "",
                     cfg.output)
-        return _check_only(cfg, mlflow, fs, root, model, bivdiff) if cfg.regression.baseline else 0
+        return _check_only(cfg, mlflow, fs, root, model, bivdiff, run_name) if cfg.regression.baseline else 0
     from operators.lease import Lease, LeaseHeld
 
-    lease = Lease(fs, root, cfg.run_name or f"{os.path.basename(root) or 'run'}@{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}",
-                  cfg.commit.lease_ttl_s)
+    lease = Lease(fs, root, run_name, cfg.commit.lease_ttl_s)
     try:
         lease.acquire()  # before anything is written or cleared: a second driver on this prefix stops here
     except LeaseHeld as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
-        return _execute(cfg, mlflow, fs, root, done, ids_dup, total, model, bivdiff, scorer, poisoned)
+        return _execute(cfg, mlflow, fs, root, done, ids_dup, total, model, bivdiff, scorer, poisoned, run_name)
     finally:
         lease.release()
 
 
-def _mlflow_run(mlflow, cfg, fs, root, model, bivdiff, device: str):
+def _mlflow_run(mlflow, cfg, fs, root, model, bivdiff, device: str, run_name: str, version: str, git_sha: str | None):
     """The job's MLflow run, opened with the resolved config as params, the tags and the config artifact."""
-    version, git_sha = code_version()
-    run_name = cfg.run_name or f"{os.path.basename(root) or 'run'}-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}"
     mlrun = mlflow.start_run(run_name=run_name)
     record = cfg.record()
     record["model"]["device"] = device
@@ -250,9 +248,9 @@ def _mlflow_run(mlflow, cfg, fs, root, model, bivdiff, device: str):
     return mlrun
 
 
-def _check_only(cfg, mlflow, fs, root, model, bivdiff) -> int:
+def _check_only(cfg, mlflow, fs, root, model, bivdiff, run_name: str) -> int:
     """Nothing to generate but a baseline to compare with: the quality stage over the committed metadata, no Ray."""
-    with _mlflow_run(mlflow, cfg, fs, root, model, bivdiff, "none") as mlrun:
+    with _mlflow_run(mlflow, cfg, fs, root, model, bivdiff, "none", run_name, *code_version()) as mlrun:
         mlflow.set_tag("job_status", "FINISHED")
         regressions = _quality(mlflow, cfg, fs, root, mlrun.info.run_id)
     if regressions:
@@ -261,7 +259,7 @@ def _check_only(cfg, mlflow, fs, root, model, bivdiff) -> int:
     return 0
 
 
-def _execute(cfg, mlflow, fs, root, done, ids_dup, total, model, bivdiff, scorer, poisoned) -> int:
+def _execute(cfg, mlflow, fs, root, done, ids_dup, total, model, bivdiff, scorer, poisoned, run_name: str) -> int:
     """The run proper, with the output's lease held."""
     storage.clear_staging(fs, root)
     logger.info("starting Ray and %d actor(s); each loads its models once", cfg.compute.num_actors)
@@ -276,8 +274,8 @@ def _execute(cfg, mlflow, fs, root, done, ids_dup, total, model, bivdiff, scorer
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    version = code_version()[0]
-    with _mlflow_run(mlflow, cfg, fs, root, model, bivdiff, device) as mlrun:
+    version, git_sha = code_version()
+    with _mlflow_run(mlflow, cfg, fs, root, model, bivdiff, device, run_name, version, git_sha) as mlrun:
         run_id = mlrun.info.run_id
         status = "FINISHED"
         progress = Progress(max(total - len(done), 0))

@@ -53,8 +53,6 @@ def resolve_rows(batch: pa.Table, *, defaults: Mapping[str, Any], model: Mapping
         for r in expand_samplers(row, defaults, spec, samplers, spatial_factor, bspec, bivdiff_defaults, limits=lim):
             if r["id"] in seen:
                 continue
-            if r["params_json"]:
-                r["sampler"] = json.loads(r["params_json"]).get("sampler")
             if r["status"] == "pending" and r["id"] in poisoned:
                 r.update(status="failed", params_json=None,
                          error=f"{metadata.WORKER_DIED} in an earlier run; not run again (--retry-poisoned runs it)")
@@ -122,9 +120,8 @@ class Recorder:
     def unresolved(self, r: Mapping[str, Any], error: str) -> dict:
         """A failed row from a resolved manifest row (the `_`-columns of `resolve_rows`) that never reached a model."""
         text = {k: r.get(k) if isinstance(r.get(k), str) else None for k in ("prompt", "task")}
-        params = json.loads(r["_params"]) if r.get("_params") else {}
-        sampler = r.get("_sampler") or params.get("sampler")
-        return self.row(r["_id"], "failed", error, sampler=sampler, **text, kind="bivdiff" if r.get("task") is not None else None)
+        return self.row(r["_id"], "failed", error, sampler=r.get("_sampler"), **text,
+                        kind="bivdiff" if r.get("task") is not None else None)
 
 
 def lost_rows(batch: pa.Table, *, model: Mapping[str, Any], bivdiff: Mapping[str, Any] | None, run_id: str,

@@ -149,20 +149,22 @@ def resolve_row(row: Mapping[str, Any], defaults: Mapping[str, Any], model: Mode
                 bivdiff: BivdiffSpec | None = None, bivdiff_defaults: Mapping[str, Any] | None = None, *,
                 limits: Limits = DEFAULT_LIMITS) -> dict:
     """-> {"id", "status": "pending"|"failed", "error", "params_json", "sampler"} for one manifest row; `params_json`
-    carries "kind": "bivdiff" for BIVDiff rows; a failed row keeps the sampler it asked for (or the default), so that
-    its failure counts against that sampler's success rate."""
+    carries "kind": "bivdiff" for BIVDiff rows; "sampler" is the resolved preset, and a failed row keeps the one it asked
+    for (or the default), so that its failure counts against that sampler's success rate."""
     given = row.get("id")
     try:
         if is_bivdiff(row):
             params = resolve_bivdiff_params({k: row.get(k) for k in BIVDIFF_ROW_COLUMNS}, bivdiff_defaults, limits=limits)
             record = {**params.record(), "kind": "bivdiff"}
             rid = check_id(given) if given is not None else derived_id(record, bivdiff or BivdiffSpec())
-            return {"id": rid, "status": "pending", "error": None, "params_json": json.dumps(record, sort_keys=True)}
+            return {"id": rid, "status": "pending", "error": None, "params_json": json.dumps(record, sort_keys=True),
+                    "sampler": params.sampler}
         params = resolve_params({k: row.get(k) for k in ("prompt", *PARAM_COLUMNS)}, defaults,
                                 backbone=model.backbone, spatial_factor=spatial_factor, limits=limits)
         record = params.record()
         rid = check_id(given) if given is not None else derived_id(record, model)
-        return {"id": rid, "status": "pending", "error": None, "params_json": json.dumps(record, sort_keys=True)}
+        return {"id": rid, "status": "pending", "error": None, "params_json": json.dumps(record, sort_keys=True),
+                "sampler": params.sampler}
     except ValueError as err:
         # a stable, safe key for the failed row even when the given id itself is the problem
         raw = json.dumps({"id": given, "prompt": row.get("prompt")}, sort_keys=True, default=str)

@@ -19,12 +19,12 @@ from typing import Callable, TypeVar
 
 import fsspec
 
-from pipelines.outputs import filesystem  # noqa: F401 - one S3 endpoint rule for the CLIs and the job
+from pipelines.outputs import filesystem, is_local  # noqa: F401 - one S3 endpoint rule for the CLIs and the job
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# forwarded to Ray workers so every process sees the same store
+# forwarded to Ray workers so every process sees the same store (and the same drill hooks, IVMIX_FAULTS)
 ENV_VARS = ("IVMIX_FAULTS", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
             "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "HF_HOME", "HF_HUB_OFFLINE", "HF_TOKEN")
 STAGING = ".staging"
@@ -32,10 +32,6 @@ STAGING = ".staging"
 
 def storage_env() -> dict[str, str]:
     return {k: os.environ[k] for k in ENV_VARS if os.environ.get(k)}
-
-
-def is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
 def join(*parts: str) -> str:

@@ -55,8 +55,8 @@ def _one_line(err: BaseException) -> str:
 
 def quiet_libraries() -> None:
     """Silence what a user would read as failure or noise: the libraries' per-file load bars, advisory warnings
-    (a missing optional torchvision, diffusers' dtype-cast note, tokenizer length notes) and Ray's startup chatter.
-    Our own log lines (progress, truncated prompts, results) stay."""
+    (a missing optional torchvision, diffusers' dtype-cast note, tokenizer length notes) and the S3 clients' INFO lines.
+    Our own log lines (progress, truncated prompts, results) stay; Ray's are the job's business (jobs/generate.py)."""
     for name in ("aiobotocore", "botocore", "s3fs", "fsspec", "urllib3", "httpx"):
         logging.getLogger(name).setLevel(logging.WARNING)
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")

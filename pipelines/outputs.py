@@ -36,7 +36,7 @@ def _fs(uri: str):
         raise ValueError(f"cannot write to {uri!r}: {err}") from None
 
 
-def _local(fs) -> bool:
+def is_local(fs) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
@@ -49,7 +49,7 @@ def check_output(uri: str, output_type: str, flag: str = "--out") -> None:
     if not uri.lower().endswith(suffix):
         raise ValueError(f"{flag}: --output-type {output_type} writes a {suffix} file; {uri!r} does not end in {suffix}")
     fs, path = _fs(uri)
-    if not _local(fs):
+    if not is_local(fs):
         bucket = path.split("/")[0]
         try:
             found = fs.exists(bucket)
@@ -74,7 +74,7 @@ def write_atomic(uri: str, write: Callable[[str], None]) -> None:
     """`write(local_path)` fills a temporary file that then appears under `uri` whole, or not at all."""
     fs, path = _fs(uri)
     suffix = os.path.splitext(path)[1]
-    if _local(fs):
+    if is_local(fs):
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=suffix, dir=folder)
