@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: venv demo test test-all bench tiny clean
+.PHONY: venv demo test test-all bench bench-memory gpu-check tiny clean
 
 venv: $(STAMP)
 
@@ -37,6 +37,14 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/engine_overhead.py
 	$(BIN)/python benchmarks/pipeline_overhead.py
 	$(BIN)/python benchmarks/bivdiff_stages.py
+
+# peak memory of the published architectures at 16 x 512 x 512 on the CPU (~25 min, ~20 GB of random models in .cache)
+bench-memory: $(STAMP)
+	$(BIN)/python benchmarks/memory.py --json outputs/memory.json
+
+# one command on a GPU machine (~8 min on an H100/H200): seconds per video, ms per call, peak memory, videos per hour
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py --json outputs/gpu_check.json
 
 tiny: $(STAMP)
 	$(BIN)/python -m pipelines.tiny animatediff .cache/tiny/animatediff

@@ -13,11 +13,11 @@ from typing import Any, Mapping
 import yaml
 
 from pipelines import presets
-from pipelines.config import (BIVDIFF_FIELDS, PARAM_NAMES, BivdiffSpec, Limits, ModelSpec, resolve_bivdiff_params,
+from pipelines.config import (BIVDIFF_FIELDS, PARAM_NAMES, PLACEMENT, BivdiffSpec, Limits, ModelSpec, resolve_bivdiff_params,
                               resolve_params)
 
 MODEL_KEYS = tuple(f.name for f in fields(ModelSpec))
-BIVDIFF_MODEL_KEYS = tuple(f.name for f in fields(BivdiffSpec) if f.name not in ("device", "dtype"))
+BIVDIFF_MODEL_KEYS = tuple(f.name for f in fields(BivdiffSpec) if f.name not in PLACEMENT)
 BIVDIFF_DEFAULT_KEYS = tuple(k for k in BIVDIFF_FIELDS if k not in ("task", "source_video", "mask_video", "condition_video"))
 
 

@@ -268,7 +268,7 @@ def _execute(cfg, mlflow, fs, root, done, ids_dup, total, model, bivdiff, scorer
     if device == "auto":
         device = "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
     model = replace(model, device=device)
-    bivdiff = replace(bivdiff, device=device, dtype=model.dtype)
+    bivdiff = replace(bivdiff, device=device, dtype=model.dtype, decode_chunk=model.decode_chunk)
     try:
         check_capacity(cfg.compute, ray.cluster_resources(), device)
     except ValueError as err:

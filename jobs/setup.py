@@ -22,7 +22,7 @@ def models(cfg: job_config.JobConfig, bivdiff_rows: bool) -> tuple[ModelSpec, Bi
     model, bivdiff = cfg.model, cfg.bivdiff.spec
     if cfg.tiny:  # build first, then read the folder's layout (which optional parts it has)
         folder = os.path.abspath(ensure_tiny(cfg.tiny, os.path.join(cfg.tiny_cache, cfg.tiny)))
-        keep = {k: getattr(model, k) for k in ("vae", "lora", "lora_scale", "dtype", "device")}
+        keep = {k: getattr(model, k) for k in ("vae", "lora", "lora_scale", "dtype", "device", "decode_chunk")}
         model = ModelSpec.from_model_dir(cfg.tiny, folder, **keep)
     if cfg.bivdiff.tiny and bivdiff_rows:
         folder = os.path.abspath(ensure_tiny("bivdiff", os.path.join(cfg.tiny_cache, "bivdiff")))

@@ -102,7 +102,8 @@ class Recorder:
 
     def __init__(self, model: Mapping[str, Any], bivdiff: Mapping[str, Any] | None, run_id: str, code_version: str):
         self.spec = ModelSpec(**model)
-        self.bivdiff_spec = BivdiffSpec(**bivdiff) if bivdiff else BivdiffSpec(device=self.spec.device, dtype=self.spec.dtype)
+        self.bivdiff_spec = BivdiffSpec(**bivdiff) if bivdiff else BivdiffSpec(device=self.spec.device, dtype=self.spec.dtype,
+                                                                             decode_chunk=self.spec.decode_chunk)
         self.model_json, self.bivdiff_json = spec_json(self.spec), spec_json(self.bivdiff_spec)
         self.run_id, self.code_version = run_id, code_version
 
@@ -210,7 +211,7 @@ class VideoGenerator:
         """None if `batch` videos like `p` fit what the device has free, else the reason with both numbers."""
         from pipelines import memory
 
-        need = memory.estimate(backbone, batch, p.frames, p.height, p.width)
+        need = memory.estimate(backbone, batch, p.frames, p.height, p.width, backbone.decode_chunk)
         budget = memory.budget(self.device, self.memory_budget_gb)
         if need.total <= budget:
             return None

@@ -16,6 +16,7 @@ from .grammar import Interval, Variant, parse_variant
 from .schedule import CFGRamp, is_finite_number
 
 DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
+PLACEMENT = ("device", "dtype", "decode_chunk")  # how a model set runs, not which one: not in its fingerprint
 MAX_SEED = 2**63 - 1
 
 
@@ -33,8 +34,10 @@ class ModelSpec:
     lora_scale: float = 1.0
     dtype: str = presets.DEFAULT_DTYPE
     device: str = presets.DEFAULT_DEVICE
+    decode_chunk: int = presets.DEFAULT_DECODE_CHUNK  # frames per VAE decode call (README "Memory")
 
     def __post_init__(self) -> None:
+        check_decode_chunk(self.decode_chunk)
         if self.backbone not in presets.BACKBONES:
             raise ValueError(f"backbone: unknown {self.backbone!r}; choose one of {sorted(presets.BACKBONES)}")
         if self.dtype not in DTYPE_NAMES:
@@ -63,8 +66,13 @@ class ModelSpec:
 
 
 def spec_json(spec) -> str:
-    """A model spec (ModelSpec or BivdiffSpec) as sorted JSON without its device/dtype placement."""
-    return json.dumps({k: v for k, v in asdict(spec).items() if k not in ("device", "dtype")}, sort_keys=True)
+    """A model spec (ModelSpec or BivdiffSpec) as sorted JSON without its placement (device, dtype, decode chunk)."""
+    return json.dumps({k: v for k, v in asdict(spec).items() if k not in PLACEMENT}, sort_keys=True)
+
+
+def check_decode_chunk(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"decode_chunk: must be an integer >= 1, got {value!r}")
 
 
 def spec_fingerprint(spec) -> str:
@@ -258,8 +266,10 @@ class BivdiffSpec:
     inpainting: str = presets.BIVDIFF_MODELS["inpainting"]
     dtype: str = presets.DEFAULT_DTYPE
     device: str = presets.DEFAULT_DEVICE
+    decode_chunk: int = presets.DEFAULT_DECODE_CHUNK
 
     def __post_init__(self) -> None:
+        check_decode_chunk(self.decode_chunk)
         if self.vdm not in presets.BIVDIFF_VDMS:
             raise ValueError(f"vdm: BIVDiff's video model must be one of {presets.BIVDIFF_VDMS}, got {self.vdm!r}")
         if self.dtype not in DTYPE_NAMES:
@@ -279,7 +289,7 @@ class BivdiffSpec:
         """The backbone that serves the VDM (stage 2 video chain and stage 3) and the SD inversion UNet."""
         return ModelSpec(backbone=self.vdm, base=self.video_model, unet=self.video_unet,
                          motion_adapter=self.motion_adapter, image_model=self.image_model,
-                         dtype=self.dtype, device=self.device)
+                         dtype=self.dtype, device=self.device, decode_chunk=self.decode_chunk)
 
     def task_model(self, task: "presets.BivdiffTask") -> str | None:
         if task.idm == "controlnet":

@@ -12,6 +12,9 @@ from .schedule import CFGRamp
 
 DEFAULT_DEVICE = "auto"  # "auto": cuda if available, else cpu
 DEFAULT_DTYPE = "auto"  # "auto": float16 on cuda, float32 elsewhere
+# frames per VAE decode call: the float32 decode of 16 frames at 512 x 512 at once needs far more than a 24 GB GPU
+# has left beside the weights (benchmarks/memory.py, README "Memory")
+DEFAULT_DECODE_CHUNK = 4
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", default=presets.DEFAULT_DTYPE, choices=["auto", "float32", "float16", "bfloat16"],
                    help="auto: float16 on CUDA, float32 on CPU")
     m.add_argument("--device", default=presets.DEFAULT_DEVICE, help="auto: cuda if available, else cpu")
+    m.add_argument("--decode-chunk", type=int, default=presets.DEFAULT_DECODE_CHUNK,
+                   help=f"frames per VAE decode call (default {presets.DEFAULT_DECODE_CHUNK}; lower it if decoding runs out of memory)")
     s = ap.add_argument_group("sampling (unset flags take the preset's or the backbone's value)")
     s.add_argument("--prompt")
     s.add_argument("--negative-prompt", help="default ''")
@@ -101,7 +103,8 @@ PARAM_FLAGS = ("negative_prompt", "sampler", "variant", "steps", "frames", "heig
 
 
 def _spec(args: argparse.Namespace) -> ModelSpec:
-    common = dict(vae=args.vae, lora=args.lora, lora_scale=args.lora_scale, dtype=args.dtype, device=args.device)
+    common = dict(vae=args.vae, lora=args.lora, lora_scale=args.lora_scale, dtype=args.dtype, device=args.device,
+                  decode_chunk=args.decode_chunk)
     if args.model_dir:
         if any((args.base, args.motion_adapter, args.image_model, args.unet)):
             raise ValueError("--model-dir: give either --model-dir or --base/--motion-adapter/--unet/--image-model")

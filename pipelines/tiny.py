@@ -139,7 +139,7 @@ def _pipeline_folder(path: str, *, unet, vae, text_encoder, tokenizer) -> None:
         json.dump(cfg, f, indent=2)
 
 
-def _build_aside(out_dir: str, kind: str, seed: int, fill) -> str:
+def _build_aside(out_dir: str, kind: str, seed: int, fill, **facts) -> str:
     """Run fill(tmp) in a sibling temp folder, write tiny.json last, then rename it to out_dir (never half-built)."""
     parent = os.path.dirname(os.path.abspath(out_dir)) or "."
     os.makedirs(parent, exist_ok=True)
@@ -147,14 +147,14 @@ def _build_aside(out_dir: str, kind: str, seed: int, fill) -> str:
     try:
         fill(tmp)
         with open(os.path.join(tmp, "tiny.json"), "w") as f:
-            json.dump({"model": kind, "seed": seed}, f)
+            json.dump({"model": kind, "seed": seed, **facts}, f)
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("wrote tiny %s models to %s", kind, out_dir)
+    logger.info("wrote %s %s models to %s", "full-size" if facts.get("full_size") else "tiny", kind, out_dir)
     return out_dir
 
 
@@ -300,18 +300,37 @@ def add_bin_copies(folder: str) -> list[str]:
     return written
 
 
+def build_full_size(kind: str, out_dir: str, seed: int = 0, dtype: str = "float16") -> str:
+    """Random-weight models at the published sizes, in the published folder layouts (pipelines/published.py LAYOUTS):
+    `.bin`-only where the hub repository is, a root-level VAE folder (`vae/`) for `--vae`. Same tiny.json marker."""
+    from .published import LAYOUTS, write_layout
+
+    if kind not in LAYOUTS:
+        raise ValueError(f"--full-size: no published layout for {kind!r}; choose one of {sorted(LAYOUTS)}")
+    torch_dtype = getattr(torch, dtype)
+    return _build_aside(out_dir, kind, seed, lambda tmp: write_layout(kind, tmp, torch_dtype, seed),
+                        full_size=True, dtype=dtype)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipelines.tiny", description=__doc__.split("\n\n")[0])
     ap.add_argument("backbone", choices=sorted(BUILDERS))
     ap.add_argument("out_dir")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--with-bin", action="store_true", help="also write .bin copies of the diffusers weights (official code)")
+    ap.add_argument("--full-size", action="store_true",
+                    help="random weights at the published sizes and layouts of the default models (GBs; see README)")
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                    help="weights dtype of --full-size folders (default float16, as published)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from .cli import quiet_libraries
 
     quiet_libraries()
-    BUILDERS[args.backbone](args.out_dir, args.seed)
+    if args.full_size:
+        build_full_size(args.backbone, args.out_dir, args.seed, args.dtype)
+    else:
+        BUILDERS[args.backbone](args.out_dir, args.seed)
     if args.with_bin:
         logger.info("wrote %d .bin copies", len(add_bin_copies(args.out_dir)))
     return 0

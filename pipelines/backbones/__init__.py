@@ -8,18 +8,18 @@ from .common import BackboneBase
 def load_backbone(spec: ModelSpec) -> BackboneBase:
     """Load the models a spec names (hub ids or local folders) onto its device."""
     if spec.backbone == "animatediff":
-        from .animatediff import AnimateDiff
-
-        return AnimateDiff.from_spec(spec)
-    if spec.backbone in ("modelscope", "zeroscope"):
+        from .animatediff import AnimateDiff as cls
+    elif spec.backbone in ("modelscope", "zeroscope"):
         from .modelscope import ModelScope, ZeroScope
 
-        return (ZeroScope if spec.backbone == "zeroscope" else ModelScope).from_spec(spec)
-    if spec.backbone == "videocrafter2":
-        from .videocrafter2 import VideoCrafter2
-
-        return VideoCrafter2.from_spec(spec)
-    raise ValueError(f"backbone: no adapter for {spec.backbone!r}")
+        cls = ZeroScope if spec.backbone == "zeroscope" else ModelScope
+    elif spec.backbone == "videocrafter2":
+        from .videocrafter2 import VideoCrafter2 as cls
+    else:
+        raise ValueError(f"backbone: no adapter for {spec.backbone!r}")
+    backbone = cls.from_spec(spec)
+    backbone.decode_chunk = spec.decode_chunk
+    return backbone
 
 
 __all__ = ["load_backbone", "BackboneBase"]

@@ -12,9 +12,31 @@ import torch
 
 from ..config import ModelSpec
 from ..sampling import CFGDenoiser, Denoiser
-from .common import BackboneBase, encode_prompts, framewise_eps, load_image_model, load_vae, place, resolve_placement
+from .common import (BackboneBase, encode_prompts, framewise_eps, load_image_model, load_pretrained, load_vae, place,
+                     resolve_placement)
 
 logger = logging.getLogger(__name__)
+
+
+def motion_unet(unet, adapter):
+    """UNetMotionModel from the base UNet's and the adapter's tensors, built on the meta device and filled tensor by
+    tensor (each copied into a fresh allocation, its source released), so host RAM stays near the weights' size.
+    `UNetMotionModel.from_unet2d` builds a float32 model first (2x the float16 weights and more); it is used for
+    layouts whose keys do not line up. Copies, not views, keep the output bit-identical to diffusers' pipeline."""
+    from diffusers import UNetMotionModel
+
+    with torch.device("meta"):
+        model = UNetMotionModel.from_unet2d(unet, adapter, load_weights=False)
+    state = {**unet.state_dict(), **{k: v for k, v in adapter.state_dict().items() if ".motion_modules." in k}}
+    if state.keys() != model.state_dict().keys():
+        logger.debug("motion UNet keys differ from the base UNet's and the adapter's; copying through from_unet2d")
+        return UNetMotionModel.from_unet2d(unet, adapter)
+    del unet, adapter  # the state dict now holds the only references: each source goes once it is copied
+    filled = {}
+    for key in list(state):
+        filled[key] = state.pop(key).clone()
+    model.load_state_dict(filled, assign=True)
+    return model
 
 
 class AnimateDiff(BackboneBase):
@@ -34,14 +56,13 @@ class AnimateDiff(BackboneBase):
         logger.info("loading AnimateDiff: base=%s motion_adapter=%s image_model=%s on %s/%s",
                     spec.base, spec.motion_adapter, spec.image_model, device, dtype)
         tokenizer = CLIPTokenizer.from_pretrained(spec.base, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(spec.base, subfolder="text_encoder")
+        text_encoder = load_pretrained(CLIPTextModel, spec.base, dtype, subfolder="text_encoder")
         vae = load_vae(spec)
-        base_unet = UNet2DConditionModel.from_pretrained(spec.base, subfolder="unet")
-        adapter = MotionAdapter.from_pretrained(spec.motion_adapter)
-        unet = UNetMotionModel.from_unet2d(base_unet, adapter)
+        unet = motion_unet(load_pretrained(UNet2DConditionModel, spec.base, dtype, subfolder="unet"),
+                           load_pretrained(MotionAdapter, spec.motion_adapter, dtype))
         scheduler_config = DDIMScheduler.load_config(spec.base, subfolder="scheduler")
         image_unet, image_tokenizer, image_text_encoder, image_scheduler_config = load_image_model(
-            spec.image_model, spec.lora, spec.lora_scale)
+            spec.image_model, spec.lora, spec.lora_scale, dtype)
         for m in (text_encoder, unet, image_unet, image_text_encoder):
             if m is not None:
                 place(m, device, dtype)

@@ -35,11 +35,18 @@ def resolve_placement(device: str, dtype: str) -> tuple[torch.device, torch.dtyp
 
 
 def place(module, device: torch.device, dtype: torch.dtype):
-    """Move to device; cast only when the dtype differs (diffusers warns on no-op dtype casts)."""
+    """Move to device; cast only when the dtype differs (loaders already read weights in the run dtype)."""
     module.to(device)
     if next(module.parameters()).dtype != dtype:
         module.to(dtype)
     return module.eval().requires_grad_(False)
+
+
+def load_pretrained(cls, source: str, dtype: torch.dtype, **kwargs):
+    """`cls.from_pretrained` straight into `dtype`: no float32 copy in host RAM and no cast afterwards (diffusers
+    calls the argument torch_dtype, transformers dtype). Pickled `.bin` weights load too (torch >= 2.6 declared)."""
+    key = "dtype" if cls.__module__.startswith("transformers") else "torch_dtype"
+    return cls.from_pretrained(source, **{key: dtype}, **kwargs)
 
 
 _TRUNCATED: set[str] = set()  # texts already reported as truncated in this process
@@ -97,6 +104,7 @@ class BackboneBase:
         self.spatial_factor = 2 ** (len(vae.config.block_out_channels) - 1)
 
     name: str
+    decode_chunk: int = 16  # frames per VAE call; load_backbone sets the spec's
 
     def check_frames(self, frames: int) -> None:  # pragma: no cover - overridden where limited
         return None
@@ -160,14 +168,18 @@ class BackboneBase:
             return image, image
         if preset.split_tables:
             return down, image
-        if not down.same_as(image):
+        if not torch.equal(down.alphas_cumprod, image.alphas_cumprod):
             raise ValueError("image and video models use different noise schedules (ᾱ tables); "
                              "IV-Mixed needs one shared schedule (spec §4.3)")
+        if not down.same_as(image):  # same β, another set_alpha_to_one: only the ᾱ "below zero" of the last step differs
+            logger.info("the image model's scheduler sets set_alpha_to_one differently; every move reads the video "
+                        "model's table (its last step ends at ᾱ=%.6g)", float(down.below_zero))
         return down, down
 
-    def decode(self, latents: torch.Tensor, chunk: int = 16) -> torch.Tensor:
-        """(B, C, F, h, w) latents -> (B, F, H, W, 3) float32 frames in [0, 1] (as AnimateDiffPipeline 'np')."""
-        return decode_latents(self.vae, latents, self.device, chunk)
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, F, h, w) latents -> (B, F, H, W, 3) float32 frames in [0, 1] (as AnimateDiffPipeline 'np'),
+        `decode_chunk` frames per VAE call (frames are independent: the chunk trades memory for speed)."""
+        return decode_latents(self.vae, latents, self.device, self.decode_chunk)
 
 
 @torch.inference_mode()
@@ -189,63 +201,63 @@ def _unet_source(path: str) -> tuple[str, str | None]:
     return path, "unet"
 
 
-def _optional(loader, path: str, subfolder: str):
+def _optional(loader, path: str, subfolder: str, **kwargs):
     """Load a pipeline sub-component if the source has it (local folder check; hub: try)."""
     if os.path.isdir(path):
         if not os.path.isdir(os.path.join(path, subfolder)):
             return None
-        return loader(path, subfolder=subfolder)
+        return loader(path, subfolder=subfolder, **kwargs)
     try:
-        return loader(path, subfolder=subfolder)
+        return loader(path, subfolder=subfolder, **kwargs)
     except (OSError, ValueError):
         return None
 
 
-def load_vae(spec):
-    """`spec.vae` — a standalone VAE (config at its root, like `stabilityai/sd-vae-ft-mse`) or a pipeline with `vae/`,
+def load_vae(spec, dtype: torch.dtype = torch.float32):
+    """In `dtype` (float32: every backbone decodes in float32, README "Real checkpoints"). `spec.vae` — a standalone VAE (config at its root, like `stabilityai/sd-vae-ft-mse`) or a pipeline with `vae/`,
     hub id or folder — else the base pipeline's `vae/`. diffusers falls back to a folder's root only for local folders;
     a hub id is tried at its root first, then as a pipeline."""
     from diffusers import AutoencoderKL
 
     if not spec.vae:
-        return AutoencoderKL.from_pretrained(spec.base, subfolder="vae")
+        return load_pretrained(AutoencoderKL, spec.base, dtype, subfolder="vae")
     if os.path.isdir(spec.vae):
         root = os.path.isfile(os.path.join(spec.vae, "config.json"))
-        return AutoencoderKL.from_pretrained(spec.vae, subfolder=None if root else "vae")
+        return load_pretrained(AutoencoderKL, spec.vae, dtype, subfolder=None if root else "vae")
     try:
-        return AutoencoderKL.from_pretrained(spec.vae)
+        return load_pretrained(AutoencoderKL, spec.vae, dtype)
     except OSError:
-        return AutoencoderKL.from_pretrained(spec.vae, subfolder="vae")
+        return load_pretrained(AutoencoderKL, spec.vae, dtype, subfolder="vae")
 
 
-def load_base_components(spec) -> dict:
-    """tokenizer, text encoder, VAE and scheduler config of the VDM's base pipeline folder or hub id."""
+def load_base_components(spec, dtype: torch.dtype) -> dict:
+    """tokenizer, text encoder (in `dtype`), VAE (float32) and scheduler config of the VDM's base pipeline."""
     from diffusers import DDIMScheduler
     from transformers import CLIPTextModel, CLIPTokenizer
 
     return dict(tokenizer=CLIPTokenizer.from_pretrained(spec.base, subfolder="tokenizer"),
-                text_encoder=CLIPTextModel.from_pretrained(spec.base, subfolder="text_encoder"),
+                text_encoder=load_pretrained(CLIPTextModel, spec.base, dtype, subfolder="text_encoder"),
                 vae=load_vae(spec),
                 scheduler_config=DDIMScheduler.load_config(spec.base, subfolder="scheduler"))
 
 
-def load_own_text_image_model(spec, backbone: str) -> dict:
+def load_own_text_image_model(spec, backbone: str, dtype: torch.dtype) -> dict:
     """The IDM for backbones whose IDM must use its own text encoder (ModelScope, VideoCrafter2)."""
-    unet, tok, te, sched = load_image_model(spec.image_model, spec.lora, spec.lora_scale)
+    unet, tok, te, sched = load_image_model(spec.image_model, spec.lora, spec.lora_scale, dtype)
     if te is None:
         raise ValueError(f"image_model: {backbone}'s IDM uses its own text encoder; {spec.image_model!r} has none")
     return dict(image_unet=unet, image_tokenizer=tok, image_text_encoder=te, image_scheduler_config=sched)
 
 
-def load_image_model(path: str, lora: str | None, lora_scale: float):
-    """The IDM: (unet, tokenizer | None, text_encoder | None, scheduler config | None), LoRA fused if given."""
+def load_image_model(path: str, lora: str | None, lora_scale: float, dtype: torch.dtype):
+    """The IDM in `dtype`: (unet, tokenizer | None, text_encoder | None, scheduler config | None), LoRA fused if given."""
     from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     src, sub = _unet_source(path)
-    unet = UNet2DConditionModel.from_pretrained(src, subfolder=sub)
+    unet = load_pretrained(UNet2DConditionModel, src, dtype, subfolder=sub)
     tokenizer = _optional(CLIPTokenizer.from_pretrained, path, "tokenizer") if sub else None
-    text_encoder = _optional(CLIPTextModel.from_pretrained, path, "text_encoder") if sub else None
+    text_encoder = _optional(CLIPTextModel.from_pretrained, path, "text_encoder", dtype=dtype) if sub else None
     scheduler_config = _optional(DDIMScheduler.load_config, path, "scheduler") if sub else None
     if lora:
         load_lora_into_unet(unet, lora, lora_scale)

@@ -7,7 +7,7 @@ import logging
 import torch
 
 from ..config import ModelSpec
-from .common import (BackboneBase, load_base_components, load_own_text_image_model, place,
+from .common import (BackboneBase, load_base_components, load_own_text_image_model, load_pretrained, place,
                      resolve_placement)
 
 logger = logging.getLogger(__name__)
@@ -22,11 +22,11 @@ class ModelScope(BackboneBase):
 
         device, dtype = resolve_placement(spec.device, spec.dtype)
         logger.info("loading ModelScope: base=%s image_model=%s on %s/%s", spec.base, spec.image_model, device, dtype)
-        parts = {**load_base_components(spec), **load_own_text_image_model(spec, "ModelScope"),
-                 "unet": UNet3DConditionModel.from_pretrained(spec.base, subfolder="unet")}
+        parts = {**load_base_components(spec, dtype), **load_own_text_image_model(spec, "ModelScope", dtype),
+                 "unet": load_pretrained(UNet3DConditionModel, spec.base, dtype, subfolder="unet")}
         for name in ("text_encoder", "unet", "image_unet", "image_text_encoder"):
             place(parts[name], device, dtype)
-        place(parts["vae"], device, torch.float32)  # fp32 decode (backbones spec C.7)
+        place(parts["vae"], device, torch.float32)  # fp32 decode (the ModelScope pipeline upcasts too)
         return cls(**parts, device=device, dtype=dtype)
 
     def vdm_eps(self, emb: torch.Tensor, frames: int, fps: int):

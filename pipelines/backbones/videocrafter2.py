@@ -7,7 +7,7 @@ import logging
 import torch
 
 from ..config import ModelSpec
-from .common import (BackboneBase, load_base_components, load_own_text_image_model, place,
+from .common import (BackboneBase, load_base_components, load_own_text_image_model, load_pretrained, place,
                      resolve_placement)
 
 logger = logging.getLogger(__name__)
@@ -23,13 +23,15 @@ class VideoCrafter2(BackboneBase):
         device, dtype = resolve_placement(spec.device, spec.dtype)
         logger.info("loading VideoCrafter2: unet=%s base=%s image_model=%s on %s/%s", spec.unet, spec.base,
                     spec.image_model, device, dtype)
-        unet, info = UNet3DVideoCrafterConditionModel.from_pretrained(spec.unet, output_loading_info=True)
+        unet, info = load_pretrained(UNet3DVideoCrafterConditionModel, spec.unet, dtype, output_loading_info=True)
         if info["missing_keys"] or info["unexpected_keys"]:  # spec A.6 pitfall 1: never run without fps weights
             raise ValueError(f"unet: {spec.unet!r} does not match the VideoCrafter2 layout "
                              f"(missing {info['missing_keys'][:4]}, unexpected {info['unexpected_keys'][:4]})")
-        parts = {**load_base_components(spec), **load_own_text_image_model(spec, "VideoCrafter2"), "unet": unet}
-        for name in ("text_encoder", "unet", "image_unet", "image_text_encoder", "vae"):
-            place(parts[name], device, dtype)  # the VC code keeps every model, the VAE too, in the run dtype (spec B.6)
+        parts = {**load_base_components(spec, dtype), **load_own_text_image_model(spec, "VideoCrafter2", dtype), "unet": unet}
+        for name in ("text_encoder", "unet", "image_unet", "image_text_encoder"):
+            place(parts[name], device, dtype)
+        # the VC code decodes in the run dtype; every backbone here decodes in float32 (README "Real checkpoints")
+        place(parts["vae"], device, torch.float32)
         return cls(**parts, device=device, dtype=dtype)
 
     def _dpm(self, steps: int):

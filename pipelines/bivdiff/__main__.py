@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--inpainting", help="SD inpainting pipeline")
     m.add_argument("--dtype", default=presets.DEFAULT_DTYPE, choices=["auto", "float32", "float16", "bfloat16"])
     m.add_argument("--device", default=presets.DEFAULT_DEVICE)
+    m.add_argument("--decode-chunk", type=int, default=presets.DEFAULT_DECODE_CHUNK,
+                   help=f"frames per VAE decode call (default {presets.DEFAULT_DECODE_CHUNK})")
     s = ap.add_argument_group("sampling (unset flags take the preset's or task's value)")
     s.add_argument("--preset", dest="sampler", choices=sorted(presets.BIVDIFF_PRESETS))
     s.add_argument("--alpha", type=float, help="weight of the image-model inversion (task default: spec §3)")
@@ -92,7 +94,7 @@ TINY_VDMS = ("zeroscope", "modelscope")  # the tiny set's video_model/ is a Mode
 
 
 def _spec(args: argparse.Namespace, task: presets.BivdiffTask) -> BivdiffSpec:
-    common = dict(vdm=args.vdm, dtype=args.dtype, device=args.device)
+    common = dict(vdm=args.vdm, dtype=args.dtype, device=args.device, decode_chunk=args.decode_chunk)
     if args.model_dir:
         given = [f"--{k.replace('_', '-')}" for k in MODEL_FLAGS if getattr(args, k)]
         if given:

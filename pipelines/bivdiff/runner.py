@@ -60,11 +60,12 @@ class BIVDiff:
         from diffusers import AutoencoderKL
 
         from ..backbones import load_backbone
-        from ..backbones.common import place
+        from ..backbones.common import load_pretrained, place
 
         self.spec = spec
         self.backbone = bb = load_backbone(spec.model_spec())
-        self.vae = place(AutoencoderKL.from_pretrained(spec.image_model, subfolder="vae"), bb.device, torch.float32)
+        self.vae = place(load_pretrained(AutoencoderKL, spec.image_model, torch.float32, subfolder="vae"), bb.device,
+                         torch.float32)
         self.space = LatentSpace.from_vae_config(self.vae.config)
         if self.space.shift_factor:
             raise ValueError("image_model: VAEs with a shift_factor are not SD-1.5 latent spaces (spec §4)")
@@ -142,4 +143,4 @@ class BIVDiff:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         from ..backbones.common import decode_latents
 
-        return decode_latents(self.vae, latents, self.device)
+        return decode_latents(self.vae, latents, self.device, self.spec.decode_chunk)

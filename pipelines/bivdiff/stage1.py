@@ -91,10 +91,11 @@ class Stage1:
     def _load(self, task, source: str):
         import diffusers
 
-        quiet = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        # read straight into the run dtype (no float32 copy, no cast warning)
+        quiet = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False, torch_dtype=self.dtype)
         logger.info("loading stage-1 %s model %s", task.idm, source)
         if task.idm == "controlnet":
-            controlnet = diffusers.ControlNetModel.from_pretrained(source)
+            controlnet = diffusers.ControlNetModel.from_pretrained(source, torch_dtype=self.dtype)
             pipe = diffusers.StableDiffusionControlNetPipeline.from_pretrained(
                 self.spec.image_model, controlnet=controlnet, **self.components, **quiet)
         elif task.idm == "instruct_pix2pix":
