@@ -164,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     decode = {k.split(":")[1]: r["peak_bytes"] for (b, k), r in by.items() if k.startswith("decode")}
     rows = []
     for name in args.backbones.split(","):
+        if (name, "vdm") not in by or (name, "load") not in by:
+            continue  # --kinds left a part out: no projection
         vdm, load = by[(name, "vdm")], by[(name, "load")]
         call = max(vdm["peak_bytes"], idm["peak_bytes"] if idm else 0)  # the IDM (SD-1.5 architecture) is shared
         weights = load["weights_bytes"]  # bfloat16 weights + the float32 VAE: what a float16 GPU actor holds

@@ -4,16 +4,20 @@ so that a row which cannot fit fails alone with both numbers instead of killing 
 The estimate is first order and errs high: fp32 latents with their working copies; the largest UNet call's activations
 (CFG-doubled batch, frames folded for the image model, the feature maps of every level kept for the skip connections,
 attention through memory-efficient kernels so no quadratic term); the VAE decode of one chunk in float32. Weights are
-already resident when it is used, so the budget is the memory free at that moment."""
+already resident when it is used, so the budget is the memory free at that moment. The copy counts are calibrated on
+the published architectures at 16 x 512 x 512 (`benchmarks/memory.py`, README "Real checkpoints and memory"): one
+video's CFG-doubled UNet call measured 2.11 GiB (AnimateDiff VDM), 2.36 GiB (SD-1.5 IDM), 2.71 GiB (ModelScope
+VDM) and 2.67 GiB (VideoCrafter2 VDM); the float32 decode 1.48, 3.51 and 12.29 GiB for chunks of 1, 4 and 16 frames."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 
-ACTIVATION_COPIES = 6  # live tensors per UNet level during one forward (resnet temporaries, skips, attention in/out)
+ACTIVATION_COPIES = 20  # live tensors per UNet level during one forward (resnet temporaries, skips, attention in/out)
 LATENT_COPIES = 8  # x, ε, the CFG pair, move temporaries, the decoded float copy
-DECODE_COPIES = 4  # the VAE decoder's live maps at its widest, full-resolution level
+DECODE_COPIES = 6  # the VAE decoder's live maps per frame at its widest, full-resolution level
+DECODE_FIXED = 6  # plus a working set that does not grow with the chunk (mid-block attention, conv scratch)
 MARGIN = 1.1
 
 
@@ -25,7 +29,8 @@ class Estimate:
 
     @property
     def total(self) -> int:
-        return int(MARGIN * (self.latents + self.model_call + self.decode))
+        """Latents live throughout; the decode runs after the last model call has freed its activations."""
+        return int(MARGIN * (self.latents + max(self.model_call, self.decode)))
 
     def describe(self) -> str:
         return (f"about {gib(self.total)} (latents {gib(self.latents)}, one model call {gib(self.model_call)}, "
@@ -54,7 +59,7 @@ def estimate(backbone, batch: int, frames: int, height: int, width: int, decode_
         calls.append(_unet_call(backbone.image_unet, 2 * batch * frames, h, w, dtype_bytes))
     vae_full = backbone.vae.config.block_out_channels[0]  # the decoder's full-resolution level (SD: 128 channels)
     chunk = min(decode_chunk, batch * frames)
-    decode = DECODE_COPIES * chunk * height * width * vae_full * 4  # the VAE decodes in float32
+    decode = (DECODE_COPIES * chunk + DECODE_FIXED) * height * width * vae_full * 4  # the VAE decodes in float32
     return Estimate(latents, max(calls), decode)
 
 

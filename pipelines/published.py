@@ -148,9 +148,17 @@ def write_random(c: Component, dest: str, dtype: torch.dtype, bin_only: bool, se
     config.json put back verbatim (the loader reads what the hub serves). Returns the parameter count."""
     torch.manual_seed(seed)
     model = c.build("cpu").to(dtype)
-    model.save_pretrained(dest, safe_serialization=not bin_only)
+    model.save_pretrained(dest)
     n = count(model)[0]
     del model
+    if bin_only:  # pickled like the hub repository (transformers 5 writes safetensors whatever it is asked)
+        from safetensors.torch import load_file
+
+        for name, pickled in (("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
+                              ("model.safetensors", "pytorch_model.bin")):
+            if os.path.isfile(os.path.join(dest, name)):
+                torch.save(load_file(os.path.join(dest, name)), os.path.join(dest, pickled))
+                os.remove(os.path.join(dest, name))
     shutil.copyfile(os.path.join(c.folder, "config.json"), os.path.join(dest, "config.json"))
     return n
 

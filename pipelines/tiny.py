@@ -6,6 +6,10 @@ writes DIR/base (a StableDiffusionPipeline folder: unet, vae, text_encoder, toke
 DIR/motion_adapter and DIR/image_model (a second pipeline folder with a different UNet and text
 encoder). They load through the same `from_pretrained` code as real checkpoints. Nothing is
 downloaded: the CLIP tokenizer is a byte-level BPE vocabulary written here.
+
+    python -m pipelines.tiny animatediff DIR --full-size [--dtype float16]
+
+writes random weights at the published sizes instead, in the published repositories' layouts (`pipelines/published.py`).
 """
 from __future__ import annotations
 

@@ -9,6 +9,8 @@ from diffusers import AnimateDiffPipeline, DDIMInverseScheduler, DDIMScheduler, 
 from pipelines.config import resolve_params
 from pipelines.generate import generate
 
+from .reference import cfg_values, encode
+
 PROMPT = "Two horses race across a grassy field at sunset."
 
 
@@ -34,10 +36,11 @@ def test_standard_equals_diffusers_animatediff_pipeline(ad_backbone, ad_pipe, sm
     ref_latents = ad_pipe(**kw, generator=torch.Generator("cpu").manual_seed(seed), output_type="latent").frames
     ref_frames = ad_pipe(**kw, generator=torch.Generator("cpu").manual_seed(seed), output_type="np").frames
     assert ours.latents.shape == ref_latents.shape == (1, 4, small["frames"], 8, 8)
-    assert rel(ours.latents, ref_latents) < 1e-4
+    assert torch.equal(ours.latents, ref_latents)  # README: relative error 0
     ref_frames = torch.from_numpy(ref_frames[0])  # (F, H, W, 3) in [0, 1]
     assert ours.frames.shape == ref_frames.shape
-    assert (ours.frames - ref_frames).abs().max().item() < 1e-4
+    # decoded 4 frames per VAE call (decode_chunk) against diffusers' 16: float32 rounding of the batched convs only
+    assert (ours.frames - ref_frames).abs().max().item() < 1e-6
     assert ours.calls == {"I": 0, "V": small["steps"]}
 
 
@@ -46,17 +49,16 @@ def test_standard_equals_diffusers_animatediff_pipeline(ad_backbone, ad_pipe, sm
 # DDIMInverseScheduler.step called with the code's timestep arguments, raw UNet calls, CFG written out.
 
 
-def _official_loop(bb, tiny_dir, params, *, legacy: bool):
-    from pipelines.backbones.common import encode_prompts
-
+def _official_loop(bb, tiny_dir, params, *, legacy: bool, idm_guidance=4, vdm_guidance=4, guidance=7.5):
+    """CFG values, text embeddings and schedulers come from the inputs and diffusers, not from the project."""
     n, frames = params.steps, params.frames
     ddim = DDIMScheduler.from_pretrained(os.path.join(tiny_dir, "base"), subfolder="scheduler",
                                          clip_sample=False, timestep_spacing="linspace", steps_offset=1)
     inv = DDIMInverseScheduler.from_pretrained(os.path.join(tiny_dir, "image_model"), subfolder="scheduler")
     ddim.set_timesteps(n)
     inv.set_timesteps(n)
-    emb_v = encode_prompts(bb.tokenizer, bb.text_encoder, ["", params.prompt], bb.device)
-    emb_i = emb_v if legacy else encode_prompts(bb.image_tokenizer, bb.image_text_encoder, ["", params.prompt], bb.device)
+    emb_v = encode(bb.tokenizer, bb.text_encoder, ["", params.prompt])
+    emb_i = emb_v if legacy else encode(bb.image_tokenizer, bb.image_text_encoder, ["", params.prompt])
     emb_v, emb_i = emb_v.repeat_interleave(frames, 0), emb_i.repeat_interleave(frames, 0)
 
     def vdm(x, t, w):
@@ -72,7 +74,7 @@ def _official_loop(bb, tiny_dir, params, *, legacy: bool):
 
     x = torch.randn((1, 4, frames, params.height // 8, params.width // 8), generator=torch.Generator("cpu").manual_seed(params.seed))
     delta = 1000 // n
-    w_i, w_v = params.idm_guidance.values(n), params.vdm_guidance.values(n)
+    w_i, w_v = cfg_values(idm_guidance, n), cfg_values(vdm_guidance, n)
     with torch.inference_mode():
         for i, t in enumerate(ddim.timesteps.tolist()):
             p, pp = max(0, t - delta), max(0, t - 2 * delta)
@@ -85,7 +87,7 @@ def _official_loop(bb, tiny_dir, params, *, legacy: bool):
             if legacy or t > 0:
                 x = inv.step(idm(x, pp, -w_i[i]), p, x).prev_sample
                 x = inv.step(vdm(x, p, -w_v[i]), t, x).prev_sample
-            x = ddim.step(vdm(x, t, params.guidance), t, x).prev_sample
+            x = ddim.step(vdm(x, t, guidance), t, x).prev_sample
     return x
 
 
@@ -98,7 +100,7 @@ def _official_loop(bb, tiny_dir, params, *, legacy: bool):
 def test_ivmixed_presets_equal_an_independent_official_style_loop(ad_backbone, tiny_ad_dir, small, sampler, legacy, extra):
     params = resolve_params(dict(prompt=PROMPT, sampler=sampler, seed=7, **small, **extra))
     ours = generate(ad_backbone, [params], decode=False)[0]
-    ref = _official_loop(ad_backbone, tiny_ad_dir, params, legacy=legacy)
+    ref = _official_loop(ad_backbone, tiny_ad_dir, params, legacy=legacy, **extra)
     assert rel(ours.latents, ref) < 1e-4
     n = small["steps"]
     assert ours.total_calls == (5 * n if legacy else n + 4 * (n - 1))
@@ -130,7 +132,7 @@ def test_seed_fully_determines_the_initial_noise(ad_backbone, small):
     b = resolve_params(dict(prompt=PROMPT, seed=6, **small))
     first = generate(ad_backbone, [a, b], decode=False)
     second = generate(ad_backbone, [b, a], decode=False)
-    assert torch.equal(first[0].latents, second[1].latents) or rel(first[0].latents, second[1].latents) < 1e-6
+    assert rel(first[0].latents, second[1].latents) < 1e-6  # float32 rounding of the batched matmuls at most
     assert rel(first[0].latents, first[1].latents) > 1e-2
 
 

@@ -111,7 +111,7 @@ def test_bin_only_folders_load(tiny_ad_dir, tmp_path):
 
 # -- slow: full-size random models in the published layouts ---------------------------------------------------------
 
-SMALL = ["--steps", "2", "--frames", "2", "--height", "64", "--width", "64", "--device", "cpu", "--dtype", "float32", "-q"]
+SMALL = ["--steps", "2", "--frames", "2", "--height", "64", "--width", "64", "--device", "cpu", "--dtype", "bfloat16", "-q"]
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +151,7 @@ def test_full_size_bivdiff_vdm_samples(full_size, vdm, tmp_path):
 
     folder = full_size("bivdiff")
     src = tmp_path / "src.npy"
-    np.save(src, np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8))
+    np.save(src, np.random.default_rng(0).random((8, 64, 64, 3), dtype=np.float32))  # frames 0 and 4 are used
     if vdm in ("zeroscope", "modelscope"):
         models = ["--model-dir", folder, "--vdm", vdm]
     else:
@@ -162,6 +162,23 @@ def test_full_size_bivdiff_vdm_samples(full_size, vdm, tmp_path):
                     if vdm == "videocrafter2" else
                     ["--video-model", os.path.join(other, "base"), "--motion-adapter", os.path.join(other, "motion_adapter")])]
     out = tmp_path / "b.mp4"
-    _cli("pipelines.bivdiff", "--task", "controlnet-canny", "--source-video", str(src), "--prompt", "a fox",
-         "--out", str(out), *models, *SMALL)
+    _cli("pipelines.bivdiff", "--task", "controlnet-canny", "--video", str(src), "--prompt", "a fox",
+         "--out", str(out), *models, "--idm-steps", "2", *SMALL)
+    assert out.stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["instruct-pix2pix", "inpaint"])
+def test_full_size_bivdiff_task_models_load_and_run(full_size, task, tmp_path):
+    """The InstructPix2Pix (Euler ancestral scheduler) and inpainting (.bin-only UNet, 9 channels) pipelines at full size."""
+    import numpy as np
+
+    folder = full_size("bivdiff")
+    rng = np.random.default_rng(0)
+    src, mask = tmp_path / "src.npy", tmp_path / "mask.npy"
+    np.save(src, rng.random((8, 64, 64, 3), dtype=np.float32))
+    np.save(mask, (rng.random((8, 64, 64, 3)) > 0.5).astype(np.float32))
+    out = tmp_path / "t.mp4"
+    _cli("pipelines.bivdiff", "--task", task, "--video", str(src), "--prompt", "a fox", "--out", str(out),
+         "--model-dir", folder, *(["--mask-video", str(mask)] if task == "inpaint" else []), "--idm-steps", "2", *SMALL)
     assert out.stat().st_size > 0

@@ -96,11 +96,27 @@ def test_resolve_rows_drops_committed_and_fails_duplicates():
     assert out.column("note").to_pylist() == [2, 3, 4]
 
 
-@pytest.mark.parametrize("name", ["chronomagic_bench_150.parquet", "vbench_all_dimension_gpt_longer.parquet"])
-def test_real_benchmark_prompt_sets_validate(name):
-    path = os.path.join(SHARED, "data", "prompts", name)
+def benchmark_like_rows() -> pa.Table:
+    """Rows shaped like the public benchmark sets (ChronoMagic-Bench, VBench GPT-longer and Chinese): ids with dashes,
+    underscores and dots, prompts of 80+ CLIP tokens, CJK text, quotes and a colon, extra string columns."""
+    long = ("In a still frame, a weathered stop sign stands prominently at a quiet intersection, its red paint slightly "
+            "faded and edges rusted, evoking a sense of time passed. " * 3).strip()
+    return pa.table({
+        "id": ["chronomagic-3d_printing_19", "vbench-gptlong-0001", "vbench-cn-0001", "vbench.v2.0007"],
+        "prompt": ["Time-lapse of a 3D printing process: from an empty build plate to a finished model.", long,
+                   "在静止的画面中，一个停车标志", 'A toilet\'s "floral" design, frozen in time'],
+        "source": ["ChronoMagic-Bench", "VBench (GPT-4o enhanced)", "VBench (Chinese translation)", "VBench-2.0"],
+        "dimension": [None, "temporal_flickering", "temporal_flickering", "human_anatomy"],
+    })
+
+
+@pytest.mark.parametrize("name", ["built", "chronomagic_bench_150.parquet", "vbench_all_dimension_gpt_longer.parquet"])
+def test_benchmark_prompt_sets_validate(name, tmp_path):
+    """The built rows always run; the real sets run too where the shared data sits beside the checkout (never in a
+    user's clone, so the built rows carry the check)."""
+    path = write(tmp_path, benchmark_like_rows()) if name == "built" else os.path.join(SHARED, "data", "prompts", name)
     if not os.path.exists(path):
-        pytest.skip("shared prompt sets not present")
+        pytest.skip("the real prompt sets are not beside this checkout; the 'built' case covers the same shapes")
     schema, rows = read_schema(path)
     table = pq.read_table(path)
     resolved = [resolve_row(r, {}, SPEC) for r in table.to_pylist()]

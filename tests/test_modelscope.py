@@ -10,6 +10,7 @@ from pipelines.config import ModelSpec, resolve_params
 from pipelines.generate import build_plan, generate
 
 from .conftest import rel, tiny_backbone_fixtures
+from .reference import encode
 
 PROMPT = "A red kite dances over a windy beach."
 
@@ -38,7 +39,6 @@ def _official_ms_loop(bb, ms_dir, params):
     move there with the scheduler, and resize back."""
     from diffusers import DDIMInverseScheduler, DDIMScheduler
 
-    from pipelines.backbones.common import encode_prompts
 
     n, f = params.steps, params.frames
     ddim = DDIMScheduler.from_pretrained(os.path.join(ms_dir, "base"), subfolder="scheduler", clip_sample=False,
@@ -46,8 +46,8 @@ def _official_ms_loop(bb, ms_dir, params):
     inv = DDIMInverseScheduler.from_pretrained(os.path.join(ms_dir, "image_model"), subfolder="scheduler")
     ddim.set_timesteps(n)
     inv.set_timesteps(n)
-    emb_v = encode_prompts(bb.tokenizer, bb.text_encoder, ["", params.prompt], bb.device)
-    emb_i = encode_prompts(bb.image_tokenizer, bb.image_text_encoder, ["", params.prompt], bb.device).repeat_interleave(f, 0)
+    emb_v = encode(bb.tokenizer, bb.text_encoder, ["", params.prompt])
+    emb_i = encode(bb.image_tokenizer, bb.image_text_encoder, ["", params.prompt]).repeat_interleave(f, 0)
 
     def vdm(x, t, w):
         u, c = bb.unet(torch.cat([x, x]), t, encoder_hidden_states=emb_v).sample.chunk(2)
@@ -70,8 +70,63 @@ def _official_ms_loop(bb, ms_dir, params):
             x = ddim.step(vdm(x, p, 4.0), p, x).prev_sample
             x = idm_step(x, pp, -4.0, inv, p)
             x = inv.step(vdm(x, p, -4.0), t, x).prev_sample
-            x = ddim.step(vdm(x, t, params.guidance), t, x).prev_sample
+            x = ddim.step(vdm(x, t, 7.5), t, x).prev_sample  # the ModelScope code's main CFG
     return x
+
+
+def _clean_loop(bb, ms_dir, params):
+    """The clean `ivmixed` zigzag (README presets): IDM at t moving t -> t-Δ, VDM at t-Δ moving on, the two inverse
+    moves back with CFG -4, then the main DDIM step (CFG 7.5); no resize; the exact-identity zigzag at t = 0 skipped."""
+    from diffusers import DDIMInverseScheduler, DDIMScheduler
+
+    n, f = params.steps, params.frames
+    ddim = DDIMScheduler.from_pretrained(os.path.join(ms_dir, "base"), subfolder="scheduler", clip_sample=False,
+                                         timestep_spacing="linspace", steps_offset=1)
+    inv = DDIMInverseScheduler.from_pretrained(os.path.join(ms_dir, "base"), subfolder="scheduler")
+    ddim.set_timesteps(n)
+    inv.set_timesteps(n)
+    emb_v = encode(bb.tokenizer, bb.text_encoder, ["", params.prompt])
+    emb_i = encode(bb.image_tokenizer, bb.image_text_encoder, ["", params.prompt]).repeat_interleave(f, 0)
+
+    def vdm(x, t, w):
+        u, c = bb.unet(torch.cat([x, x]), t, encoder_hidden_states=emb_v).sample.chunk(2)
+        return u + w * (c - u)
+
+    def idm(x, t, w):
+        b, ch, _, h, wd = x.shape
+        flat = torch.cat([x, x]).permute(0, 2, 1, 3, 4).reshape(2 * b * f, ch, h, wd)
+        out = bb.image_unet(flat, t, encoder_hidden_states=emb_i).sample
+        u, c = out.reshape(2 * b, f, ch, h, wd).permute(0, 2, 1, 3, 4).chunk(2)
+        return u + w * (c - u)
+
+    x = torch.randn((1, 4, f, params.height // 8, params.width // 8), generator=torch.Generator("cpu").manual_seed(params.seed))
+    delta = 1000 // n
+    with torch.inference_mode():
+        for t in ddim.timesteps.tolist():
+            p, pp = max(0, t - delta), max(0, t - 2 * delta)
+            if t > 0:
+                x = ddim.step(idm(x, t, 4.0), t, x).prev_sample
+                x = ddim.step(vdm(x, p, 4.0), p, x).prev_sample
+                x = inv.step(idm(x, pp, -4.0), p, x).prev_sample
+                x = inv.step(vdm(x, p, -4.0), t, x).prev_sample
+            x = ddim.step(vdm(x, t, 7.5), t, x).prev_sample
+    return x
+
+
+def test_ivmixed_clean_equals_an_independent_loop(ms, ms_dir):
+    p = resolve_params(dict(prompt=PROMPT, sampler="ivmixed", seed=4, steps=4, frames=3, height=64, width=64),
+                       backbone="modelscope")
+    ours = generate(ms, [p], decode=False)[0]
+    assert rel(ours.latents, _clean_loop(ms, ms_dir, p)) < 1e-4
+    assert ours.calls == {"I": 6, "V": 10}  # t = 0 is the last grid point: its zigzag is skipped
+
+
+def test_a_batched_row_equals_the_row_alone(ms):
+    rows = [resolve_params(dict(prompt=prompt, seed=s, steps=3, frames=2, height=64, width=64), backbone="modelscope")
+            for prompt, s in ((PROMPT, 1), ("A red kite over a beach.", 2))]
+    together = generate(ms, rows, decode=False)
+    for row, res in zip(rows, together):
+        assert rel(res.latents, generate(ms, [row], decode=False)[0].latents) < 1e-5
 
 
 @pytest.mark.parametrize("size", [64, 128])  # latents 8x8 and 16x16: the IDM path resizes to 64x64 and back
@@ -106,3 +161,10 @@ def test_vdm_temporal_layers_are_live_and_idm_is_framewise(ms):
     with torch.inference_mode():
         v0, v1 = (ms.unet(z, 500, encoder_hidden_states=emb).sample for z in (x, y))
     assert (v0[:, :, 3] - v1[:, :, 3]).abs().max() > 1e-3
+    # the IDM denoiser the sampler uses sees each frame alone: changing frame 0 leaves frames 1..3 bit-identical
+    idm = ms.denoisers([PROMPT], [""], frames=4, idm_text="own", fps=8)["I"]
+    w = torch.tensor([4.0])
+    with torch.inference_mode():
+        i0, i1 = (idm(z[:1], 500, w) for z in (x, y))
+    assert (i0[:, :, 0] - i1[:, :, 0]).abs().max() > 1e-3
+    assert torch.equal(i0[:, :, 1:], i1[:, :, 1:])

@@ -1,0 +1,25 @@
+"""Independent building blocks for the reference loops: written from the papers and diffusers' documented behaviour,
+importing nothing from the project (a reference never calls the code under test, not even its helpers)."""
+from __future__ import annotations
+
+from fractions import Fraction
+
+import torch
+
+
+def encode(tokenizer, text_encoder, texts: list[str]) -> torch.Tensor:
+    """What diffusers' pipelines feed the UNet: ids padded/truncated to the tokenizer's max length, last hidden state."""
+    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    with torch.inference_mode():
+        return text_encoder(ids)[0]
+
+
+def cfg_values(spec, n: int) -> list[float]:
+    """Per-step CFG of a `W` or `BEGIN,END[,RHO]` spec (README): the Karras ramp
+    w_i = (b^(1/ρ) + i/(n-1)·(e^(1/ρ) - b^(1/ρ)))^ρ, ρ = 7 unless given; a single number is constant."""
+    parts = [float(Fraction(p)) for p in str(spec).split(",")]
+    if len(parts) == 1:
+        return [parts[0]] * n
+    b, e, rho = (parts + [7.0])[:3]
+    return [float((b ** (1 / rho) + i / max(n - 1, 1) * (e ** (1 / rho) - b ** (1 / rho))) ** rho) for i in range(n)]
