@@ -86,12 +86,27 @@ def test_job_end_to_end(tmp_path, tiny_cache):
     assert len(runs) == 1
     run = runs[0]
     assert run.data.metrics["rows_ok"] == 4 and run.data.metrics["rows_failed"] == 3
-    assert run.data.metrics["nfe_per_video"] > 0 and run.data.metrics["videos_per_hour"] > 0
+    # ivmixed 6 steps: 6 + 4 x 5 calls (r1 and the derived-id row), standard 6 (r2), ivmixed_ad_v1 interval 0..2: 6 + 4 x 3
+    assert run.data.metrics["nfe_per_video"] == 2 * (26 + 6 + 18 + 26) / 4 == sum(by_id[i]["nfe"] for i in ok) / 4
+    assert run.data.metrics["videos_per_hour"] > 0
     assert run.data.params["defaults.steps"] == "6" and run.data.params["model.backbone"] == "animatediff"
     assert run.data.tags["manifest"] == str(manifest) and run.data.tags["ray_submission_id"] == "local"
     assert run.info.run_id == by_id["r1"]["run_id"]
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "config")} | {a.path for a in client.list_artifacts(run.info.run_id, "metadata")}
     assert arts == {"config/job_config.yaml", "metadata/metadata.parquet"}
+    head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    tags = run.data.tags
+    assert (tags["git_sha"], tags["code_version"], tags["backbone"], tags["job_status"]) == (
+        head or "unknown", by_id["r1"]["code_version"], "animatediff", "FINISHED")
+    metrics = run.data.metrics
+    assert metrics["seconds_per_video"] == pytest.approx(sum(by_id[i]["seconds"] for i in ok) / 4, rel=1e-6)
+    assert metrics["elapsed_seconds"] >= sum(by_id[i]["seconds"] for i in ok)  # one actor: the rows ran one after another
+
+    # README: --fail-on-error exits 1 when a row failed; the committed rows are not generated again
+    r = run_job("--config", cfg, "--manifest", str(manifest), "--output", str(out), "--mlflow-uri", f"sqlite:///{db}",
+                "--experiment", "e2e", "--fail-on-error")
+    assert r.returncode == 1 and "progress: 3/3 rows (0 ok, 3 failed)" in r.stderr, r.stderr[-3000:]
+    assert sorted(os.listdir(out / "videos")) == sorted(f"{i}.mp4" for i in ok)
 
 
 @pytest.mark.parametrize("make, message", [
@@ -174,7 +189,7 @@ def test_killed_job_resumes_exactly_once(tmp_path, tiny_cache):
     assert read_parts(fs, root).num_rows == n
 
 
-def test_capacity_check_refuses_pools_that_cannot_run():
+def test_capacity_check_refuses_pools_that_cannot_run(caplog):
     from jobs.config import ComputeConfig
     from jobs.generate import check_capacity
 
@@ -187,4 +202,6 @@ def test_capacity_check_refuses_pools_that_cannot_run():
     with pytest.raises(ValueError, match="GPUs"):
         check_capacity(ComputeConfig(num_actors=4, cpus_per_actor=1), {"CPU": 64, "GPU": 2}, "cuda")
     # an autoscaling cluster may start with no GPU workers at all: warn, don't refuse
-    check_capacity(ComputeConfig(num_actors=4, cpus_per_actor=1, autoscaling=True), {"CPU": 1}, "cuda")
+    with caplog.at_level("WARNING", logger="jobs.generate"):
+        check_capacity(ComputeConfig(num_actors=4, cpus_per_actor=1, autoscaling=True), {"CPU": 1}, "cuda")
+    assert "cluster is smaller than the pool right now (autoscaling expected)" in caplog.text and "GPU" in caplog.text

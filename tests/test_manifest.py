@@ -203,3 +203,13 @@ def test_missing_bivdiff_inputs_fail_at_resolution(tmp_path):
     out = resolve_rows(batch, defaults={}, model={"device": "cpu"})
     assert out.column("_status").to_pylist() == ["pending", "failed"]
     assert out.column("_error").to_pylist()[1] == f"mask_video: {str(tmp_path / 'nope.mp4')!r} does not exist"
+
+
+def test_a_manifest_samplers_column_wins_over_the_configs():
+    """README: `samplers` in the job config (or --samplers) applies to every row; a row's own `samplers` list wins."""
+    batch = pa.table({"id": ["a", "b"], "prompt": ["x", "y"],
+                      "samplers": pa.array([["ivmixed_ad_v1", "standard"], None], pa.list_(pa.string()))})
+    out = resolve_rows(batch, defaults={"steps": 4}, model={"device": "cpu"}, samplers=("standard", "ivmixed"))
+    got = sorted(zip(out.column("_id").to_pylist(), out.column("_sampler").to_pylist()))
+    assert got == [("a-ivmixed_ad_v1", "ivmixed_ad_v1"), ("a-standard", "standard"),
+                   ("b-ivmixed", "ivmixed"), ("b-standard", "standard")]

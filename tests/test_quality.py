@@ -113,11 +113,28 @@ def test_job_scores_pairs_report_and_regression_check(tmp_path, tiny_ad_dir):
     client = MlflowClient(db)
     exp = client.get_experiment_by_name("q").experiment_id
     (parent,) = parent_runs(client, "q")
-    assert parent.data.metrics["standard.success_rate"] == 1.0 and "ivmixed.clipsim_p95" in parent.data.metrics
+    assert parent.data.metrics["standard.success_rate"] == 1.0
+    clip = sorted(m["clipsim"] for m in meta if m["sampler"] == "ivmixed")  # 5 values: p95 sits 0.8 past the 4th
+    assert parent.data.metrics["ivmixed.clipsim_p95"] == pytest.approx(clip[3] + 0.8 * (clip[4] - clip[3]), rel=1e-9)
+    assert parent.data.metrics["ivmixed.clipsim_mean"] == pytest.approx(sum(clip) / 5, rel=1e-9)
     nested = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(x.data.tags["sampler"] for x in nested) == ["ivmixed", "standard"]
     arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"report", "videos", "scores", "metadata", "config"} <= arts
+    # the per-video score table holds every row with its scores; every row has its contact sheet where contact_uri says
+    import json
+
+    with open(client.download_artifacts(parent.info.run_id, "scores/scores.json", str(tmp_path))) as f:
+        table = json.load(f)
+    scores = [dict(zip(table["columns"], row)) for row in table["data"]]
+    by_score_id = {x["id"]: x for x in scores}
+    assert sorted(by_score_id) == sorted(m["id"] for m in meta) and len(scores) == len(meta)
+    for m in meta:  # MLflow's JSON table keeps 10 significant digits
+        assert by_score_id[m["id"]]["sampler"] == m["sampler"]
+        assert by_score_id[m["id"]]["clipsim"] == pytest.approx(m["clipsim"], rel=1e-8)
+    for m in meta:
+        assert m["contact_uri"] == f"file://{tmp_path / 'night1'}/contact/{m['id']}.png"
+        assert (tmp_path / "night1" / "contact" / f"{m['id']}.png").read_bytes()[:4] == b"\x89PNG"
 
     # the report in a real browser: every video and image resolves
     port = free_port()

@@ -69,3 +69,21 @@ def test_the_scorer_runs_in_the_run_dtype_whatever_the_checkpoint_stores(tmp_pat
     assert {p.dtype for p in scorer.model.parameters()} == {dtype}
     got = scorer.score(torch.rand(3, 32, 32, 3, generator=torch.Generator().manual_seed(0)), "a cat")
     assert all(np.isfinite(v) for v in got.values())
+
+
+def test_image_model_as_a_bare_unet_folder(tiny_ad_dir, ad_backbone):
+    """README: --image-model may be a UNet folder on its own. With the legacy AnimateDiff preset (the IDM reads the
+    VDM's text embeddings) it samples exactly as the full image-model pipeline with the same UNet."""
+    import os
+
+    import torch
+
+    from pipelines.backbones import load_backbone
+    from pipelines.config import ModelSpec, resolve_params
+    from pipelines.generate import generate
+
+    spec = ModelSpec.from_model_dir("animatediff", tiny_ad_dir, device="cpu", dtype="float32")
+    bare = load_backbone(ModelSpec(**{**spec.__dict__, "image_model": os.path.join(tiny_ad_dir, "image_model", "unet")}))
+    assert bare.image_text_encoder is None
+    p = resolve_params(dict(prompt="a kite", sampler="ivmixed_ad_v1", steps=3, frames=2, height=64, width=64))
+    assert torch.equal(generate(bare, [p], decode=False)[0].latents, generate(ad_backbone, [p], decode=False)[0].latents)

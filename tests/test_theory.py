@@ -74,7 +74,18 @@ def test_guidance_moves_the_mean_toward_the_condition():
     x = torch.randn(1, 1, 1, 50, 50, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     plain = run("standard", {"I": model, "V": model}, x, guidance=1.0).mean().item()
     ivmix = run("IV-IV", {"I": model, "V": model}, x, guidance=1.0, w=1.0).mean().item()
-    assert plain == pytest.approx(1.0, abs=0.1)
+    # every DDIM step is affine and the same for each element, so the output mean is the sampler run on the input's
+    # mean: diffusers' DDIMScheduler on that one number, with the exact ε of N(1, 0.5²), is the reference
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler(**SD15, timestep_spacing="linspace")
+    sched.set_timesteps(50)
+    ab = sched.alphas_cumprod.double()
+    m = torch.full((1,), x.mean().item(), dtype=torch.float64)
+    for t in sched.timesteps.tolist():
+        a = ab[t]
+        m = sched.step((1 - a).sqrt() * (m - a.sqrt()) / (a * 0.25 + 1 - a), t, m).prev_sample
+    assert plain == pytest.approx(m.item(), abs=1e-6)  # 0.963: the linspace grid's label shift (README) lowers it
     assert ivmix > plain + 0.1  # spec §4.2: the round trips add guidance beyond the main step's
 
 
