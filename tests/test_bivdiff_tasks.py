@@ -129,6 +129,62 @@ def test_stage1_controlnet_is_the_diffusers_pipeline_on_canny_maps(worker, video
     assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 1
 
 
+def _quiet(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _as_uint8(images) -> np.ndarray:
+    return (np.clip(np.stack(images), 0, 1) * 255).round().astype(np.uint8)
+
+
+def test_stage1_instruct_pix2pix_is_the_diffusers_pipeline(worker, videos):
+    """InstructPix2Pix with the edit instruction + POS tags, the NEG tags, CFG 7.5 and image guidance 1.5 (spec §3),
+    one CPU generator seeded `seed` drawn on frame after frame."""
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+    from PIL import Image
+
+    from pipelines.bivdiff.inputs import read_row_inputs
+
+    p = resolve_bivdiff_params(_row("instruct-pix2pix", videos, frames=2))
+    source, _, _ = read_row_inputs(p)
+    ours = worker.stage1.run(p, source, None, None)
+    pipe = _quiet(StableDiffusionInstructPix2PixPipeline.from_pretrained(
+        worker.spec.instruct_pix2pix, safety_checker=None, feature_extractor=None, requires_safety_checker=False))
+    g = torch.Generator("cpu").manual_seed(42)
+    ref = [pipe(prompt="make it snowy" + presets.BIVDIFF_POS, negative_prompt=presets.BIVDIFF_NEG,
+                image=Image.fromarray(source[i]), num_inference_steps=2, guidance_scale=7.5, image_guidance_scale=1.5,
+                generator=g, output_type="np").images[0] for i in range(2)]
+    assert np.abs(ours.astype(int) - _as_uint8(ref).astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("task", ["inpaint", "outpaint-horizontal", "outpaint-vertical"])
+def test_stage1_inpainting_is_the_diffusers_pipeline_with_its_mask_convention(worker, videos, task):
+    """diffusers' inpainting pipeline repaints white mask pixels: the mask video as given (white = fill), and for
+    outpainting a mask written here by hand (top and bottom quarters, or left and right quarters, white)."""
+    from diffusers import StableDiffusionInpaintPipeline
+    from PIL import Image
+
+    from pipelines.bivdiff.inputs import read_row_inputs
+
+    p = resolve_bivdiff_params(_row(task, videos, frames=2))
+    source, mask, _ = read_row_inputs(p)
+    ours = worker.stage1.run(p, source, mask, None)
+    if task != "inpaint":
+        mask = np.zeros((2, 64, 64, 3), np.uint8)
+        if task == "outpaint-horizontal":
+            mask[:, :16], mask[:, 48:] = 255, 255
+        else:
+            mask[:, :, :16], mask[:, :, 48:] = 255, 255
+    pipe = _quiet(StableDiffusionInpaintPipeline.from_pretrained(
+        worker.spec.inpainting, safety_checker=None, feature_extractor=None, requires_safety_checker=False))
+    g = torch.Generator("cpu").manual_seed(42)
+    ref = [pipe(prompt="", negative_prompt="", image=Image.fromarray(source[i]), mask_image=Image.fromarray(mask[i]),
+                height=64, width=64, num_inference_steps=2, guidance_scale=7.5, generator=g, output_type="np").images[0]
+           for i in range(2)]
+    assert np.abs(ours.astype(int) - _as_uint8(ref).astype(int)).max() <= 1
+
+
 def test_canny_and_outpaint_masks():
     from pipelines.bivdiff.stage1 import canny, outpaint_mask
 
@@ -326,3 +382,28 @@ def test_reduced_precision_worker_runs_every_stage(tiny_bivdiff, videos):
         assert torch.isfinite(r.frames).all() and r.latents.dtype == torch.float32
     assert next(w.stage1.pipeline(presets.BIVDIFF_TASKS["inpaint"]).vae.parameters()).dtype == torch.bfloat16
     assert next(w.vae.parameters()).dtype == torch.float32
+
+
+def _ffmpeg_frames(path: str, w: int, h: int) -> np.ndarray:
+    """Every frame decoded by the ffmpeg binary itself (raw RGB24 on a pipe), not through the project's readers."""
+    import imageio_ffmpeg
+
+    raw = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", path, "-f", "rawvideo", "-pix_fmt", "rgb24",
+                          "-"], capture_output=True, check=True).stdout
+    return np.frombuffer(raw, np.uint8).reshape(-1, h, w, 3)
+
+
+def test_frame_selection_and_resize_match_an_independent_decode(videos):
+    """Frames 0, k, 2k, ... of the source (stride k), then a direct bilinear resize (no crop): checked against ffmpeg's
+    own decode and PIL's antialiased bilinear resize."""
+    from PIL import Image
+
+    from pipelines.bivdiff.inputs import read_frames
+
+    every = _ffmpeg_frames(videos["source"], 80, 48)
+    assert every.shape[0] == 16
+    same_size, _ = read_frames("source_video", videos["source"], frames=4, stride=4, height=48, width=80)
+    assert np.array_equal(same_size, every[[0, 4, 8, 12]])
+    resized, _ = read_frames("source_video", videos["source"], frames=3, stride=5, height=64, width=64)
+    ref = np.stack([np.asarray(Image.fromarray(every[i]).resize((64, 64), Image.BILINEAR)) for i in (0, 5, 10)])
+    assert np.abs(resized.astype(int) - ref.astype(int)).max() <= 2
