@@ -58,34 +58,24 @@ def _transformers(c: Component) -> torch.nn.Module:
     return getattr(transformers, c.cls)(config_cls.from_dict(c.config()))
 
 
-def scheduler_config(repo: str) -> dict:
-    """A repository's published `scheduler/scheduler_config.json` (any scheduler class)."""
-    with open(os.path.join(CONFIGS, repo.replace("/", "--"), "scheduler", "scheduler_config.json")) as f:
-        return json.load(f)
-
-
-def _c(repo: str, sub: str | None, cls: str) -> Component:
-    return Component(repo, sub, cls)
-
-
 SD15, RV51, RV60 = ("stable-diffusion-v1-5/stable-diffusion-v1-5", "SG161222/Realistic_Vision_V5.1_noVAE",
                     "SG161222/Realistic_Vision_V6.0_B1_noVAE")
 MS, ZS, VC2 = "ali-vilab/text-to-video-ms-1.7b", "cerspense/zeroscope_v2_576w", "adamdad/videocrafterv2_diffusers"
+IP2P, INPAINT = "timbrooks/instruct-pix2pix", "stable-diffusion-v1-5/stable-diffusion-inpainting"
 
 
 def sd_pipeline(repo: str) -> dict[str, Component]:
-    return {"unet": _c(repo, "unet", "UNet2DConditionModel"), "vae": _c(repo, "vae", "AutoencoderKL"),
-            "text_encoder": _c(repo, "text_encoder", "CLIPTextModel")}
+    return {"unet": Component(repo, "unet", "UNet2DConditionModel"), "vae": Component(repo, "vae", "AutoencoderKL"),
+            "text_encoder": Component(repo, "text_encoder", "CLIPTextModel")}
 
 
 def video_pipeline(repo: str) -> dict[str, Component]:
-    return {"unet": _c(repo, "unet", "UNet3DConditionModel"), "vae": _c(repo, "vae", "AutoencoderKL"),
-            "text_encoder": _c(repo, "text_encoder", "CLIPTextModel")}
+    return {"unet": Component(repo, "unet", "UNet3DConditionModel"), "vae": Component(repo, "vae", "AutoencoderKL"),
+            "text_encoder": Component(repo, "text_encoder", "CLIPTextModel")}
 
 
 # Repositories whose published weights are pickled `.bin` only (no safetensors): the full-size layouts copy that.
-BIN_ONLY = {ZS: ("unet", "vae", "text_encoder"), RV60: ("unet",),
-            "stable-diffusion-v1-5/stable-diffusion-inpainting": ("unet",)}
+BIN_ONLY = {ZS: ("unet", "vae", "text_encoder"), RV60: ("unet",), INPAINT: ("unet",)}
 
 # What `--full-size` writes per kind: folder -> (repository, its components). model_index.json and the scheduler
 # config are the repository's files in model_configs/; the tokenizer is the offline byte-level one (the real CLIP
@@ -94,47 +84,44 @@ LAYOUTS: dict[str, dict[str, tuple[str, dict[str, Component]]]] = {
     "animatediff": {
         "base": (RV51, sd_pipeline(RV51)),
         "motion_adapter": ("guoyww/animatediff-motion-adapter-v1-5-3",
-                           {"": _c("guoyww/animatediff-motion-adapter-v1-5-3", None, "MotionAdapter")}),
+                           {"": Component("guoyww/animatediff-motion-adapter-v1-5-3", None, "MotionAdapter")}),
         "image_model": (SD15, sd_pipeline(SD15)),
-        "vae": ("stabilityai/sd-vae-ft-mse", {"": _c("stabilityai/sd-vae-ft-mse", None, "AutoencoderKL")}),
+        "vae": ("stabilityai/sd-vae-ft-mse", {"": Component("stabilityai/sd-vae-ft-mse", None, "AutoencoderKL")}),
     },
     "modelscope": {"base": (MS, video_pipeline(MS)), "image_model": (SD15, sd_pipeline(SD15))},
     "videocrafter2": {
         "base": (ZS, {k: v for k, v in video_pipeline(ZS).items() if k != "unet"}),  # VC2 reads VAE/text/scheduler
-        "unet": (VC2, {"": _c(VC2, None, "UNet3DVideoCrafterConditionModel")}),
+        "unet": (VC2, {"": Component(VC2, None, "UNet3DVideoCrafterConditionModel")}),
         "image_model": (RV60, sd_pipeline(RV60)),
     },
     "bivdiff": {
         "image_model": (SD15, sd_pipeline(SD15)),
         "video_model": (ZS, video_pipeline(ZS)),
         "controlnet": ("lllyasviel/control_v11p_sd15_canny",
-                       {"": _c("lllyasviel/control_v11p_sd15_canny", None, "ControlNetModel")}),
-        "instruct_pix2pix": ("timbrooks/instruct-pix2pix",
-                             {**sd_pipeline(SD15), "unet": _c("timbrooks/instruct-pix2pix", "unet", "UNet2DConditionModel")}),
-        "inpainting": ("stable-diffusion-v1-5/stable-diffusion-inpainting",
-                       {**sd_pipeline(SD15),
-                        "unet": _c("stable-diffusion-v1-5/stable-diffusion-inpainting", "unet", "UNet2DConditionModel")}),
+                       {"": Component("lllyasviel/control_v11p_sd15_canny", None, "ControlNetModel")}),
+        "instruct_pix2pix": (IP2P, {**sd_pipeline(SD15), "unet": Component(IP2P, "unet", "UNet2DConditionModel")}),
+        "inpainting": (INPAINT, {**sd_pipeline(SD15), "unet": Component(INPAINT, "unet", "UNet2DConditionModel")}),
     },
 }
 
 # Every default model of every backbone, BIVDiff task and the scorer (meta-device facts, README "Real checkpoints").
 DEFAULT_MODELS: dict[str, Component] = {
-    "sd15.unet": _c(SD15, "unet", "UNet2DConditionModel"), "sd15.vae": _c(SD15, "vae", "AutoencoderKL"),
-    "sd15.text_encoder": _c(SD15, "text_encoder", "CLIPTextModel"),
-    "rv51.unet": _c(RV51, "unet", "UNet2DConditionModel"), "rv51.vae": _c(RV51, "vae", "AutoencoderKL"),
-    "rv51.text_encoder": _c(RV51, "text_encoder", "CLIPTextModel"),
-    "rv60.unet": _c(RV60, "unet", "UNet2DConditionModel"),
-    "motion_adapter.v1-5-3": _c("guoyww/animatediff-motion-adapter-v1-5-3", None, "MotionAdapter"),
-    "motion_adapter.v1-5-2": _c("guoyww/animatediff-motion-adapter-v1-5-2", None, "MotionAdapter"),
-    "ms.unet": _c(MS, "unet", "UNet3DConditionModel"), "ms.vae": _c(MS, "vae", "AutoencoderKL"),
-    "ms.text_encoder": _c(MS, "text_encoder", "CLIPTextModel"),
-    "zeroscope.unet": _c(ZS, "unet", "UNet3DConditionModel"),
-    "vc2.unet": _c(VC2, None, "UNet3DVideoCrafterConditionModel"),
-    "controlnet.canny": _c("lllyasviel/sd-controlnet-canny", None, "ControlNetModel"),
-    "ip2p.unet": _c("timbrooks/instruct-pix2pix", "unet", "UNet2DConditionModel"),
-    "inpainting.unet": _c("stable-diffusion-v1-5/stable-diffusion-inpainting", "unet", "UNet2DConditionModel"),
-    "sd_vae_ft_mse": _c("stabilityai/sd-vae-ft-mse", None, "AutoencoderKL"),
-    "clip_scorer": _c("openai/clip-vit-base-patch32", None, "CLIPModel"),
+    "sd15.unet": Component(SD15, "unet", "UNet2DConditionModel"), "sd15.vae": Component(SD15, "vae", "AutoencoderKL"),
+    "sd15.text_encoder": Component(SD15, "text_encoder", "CLIPTextModel"),
+    "rv51.unet": Component(RV51, "unet", "UNet2DConditionModel"), "rv51.vae": Component(RV51, "vae", "AutoencoderKL"),
+    "rv51.text_encoder": Component(RV51, "text_encoder", "CLIPTextModel"),
+    "rv60.unet": Component(RV60, "unet", "UNet2DConditionModel"),
+    "motion_adapter.v1-5-3": Component("guoyww/animatediff-motion-adapter-v1-5-3", None, "MotionAdapter"),
+    "motion_adapter.v1-5-2": Component("guoyww/animatediff-motion-adapter-v1-5-2", None, "MotionAdapter"),
+    "ms.unet": Component(MS, "unet", "UNet3DConditionModel"), "ms.vae": Component(MS, "vae", "AutoencoderKL"),
+    "ms.text_encoder": Component(MS, "text_encoder", "CLIPTextModel"),
+    "zeroscope.unet": Component(ZS, "unet", "UNet3DConditionModel"),
+    "vc2.unet": Component(VC2, None, "UNet3DVideoCrafterConditionModel"),
+    "controlnet.canny": Component("lllyasviel/sd-controlnet-canny", None, "ControlNetModel"),
+    "ip2p.unet": Component(IP2P, "unet", "UNet2DConditionModel"),
+    "inpainting.unet": Component(INPAINT, "unet", "UNet2DConditionModel"),
+    "sd_vae_ft_mse": Component("stabilityai/sd-vae-ft-mse", None, "AutoencoderKL"),
+    "clip_scorer": Component("openai/clip-vit-base-patch32", None, "CLIPModel"),
 }
 
 
@@ -174,7 +161,8 @@ def write_layout(kind: str, out_dir: str, dtype: torch.dtype, seed: int = 0) -> 
             bin_only = (comp.sub or "") in BIN_ONLY.get(comp.repo, ())
             n = write_random(comp, os.path.join(root, sub), dtype, bin_only, seed + 100 * i + j)
             written[f"{folder}/{sub}".rstrip("/")] = n
-            logger.info("wrote %s/%s (%s, %.1f M parameters%s)", folder, sub, comp.repo, n / 1e6, ", .bin" if bin_only else "")
+            logger.info("wrote %s/%s (%s, %.1f M parameters%s)", folder, sub, comp.repo, n / 1e6,
+                        ", .bin" if bin_only else "")
         if "text_encoder" in parts:
             build_tokenizer(os.path.join(root, "tokenizer"))
         for name in ("model_index.json", os.path.join("scheduler", "scheduler_config.json")):

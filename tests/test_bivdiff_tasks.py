@@ -202,16 +202,33 @@ def test_canny_and_outpaint_masks():
     assert v[:, :12].all() and v[:, 36:].all() and not v[:, 12:36].any()
 
 
-def test_stages_2_3_match_an_independent_diffusers_computation(worker, videos, tiny_bivdiff):
-    """Compat preset, α = 0.3, external frames: SD VAE posterior sample (CPU generator seed + 1) -> image and video
-    inversions over the literal (e, min(998, e + Δ)) pairs with diffusers UNets called directly, conditioned on the
-    negative prompt -> mix -> diffusers' TextToVideoSDPipeline from those latents with a DDIM scheduler in the SD config."""
+class _JointNorm(torch.nn.Module):
+    """GroupNorm statistics over the whole (1, C, F, h, w) video instead of each frame (the official inflated UNet's
+    resnet and output norms), for a batch that holds one video's frames."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x):
+        y = torch.nn.functional.group_norm(x.permute(1, 0, 2, 3)[None], self.norm.num_groups, self.norm.weight,
+                                           self.norm.bias, self.norm.eps)
+        return y[0].permute(1, 0, 2, 3)
+
+
+@pytest.mark.parametrize("sampler, joint", [("bivdiff_compat", False), ("bivdiff_compat", True), ("bivdiff", False)])
+def test_stages_2_3_match_an_independent_diffusers_computation(worker, videos, tiny_bivdiff, sampler, joint):
+    """α = 0.3, external frames: SD VAE posterior sample (CPU generator seed + 1) -> image and video inversions with
+    diffusers UNets called directly -> mix -> diffusers' TextToVideoSDPipeline from those latents with a DDIM scheduler
+    in the SD config. Compat (the shipped default: frame-joint GroupNorm on): the literal (e, min(998, e + Δ)) pairs,
+    conditioned on the negative prompt. Clean: 0 -> 1 -> 1 + Δ ... mirroring the smoothing grid, on the null text."""
     from diffusers import (AutoencoderKL, DDIMScheduler, TextToVideoSDPipeline, UNet2DConditionModel)
+    from diffusers.models.resnet import ResnetBlock2D
     from transformers import CLIPTextModel, CLIPTokenizer
 
     p = resolve_bivdiff_params({"task": "external", "source_video": videos["npy"], "vdm_prompt": "a dog",
-                                "negative_prompt": "blurry", "alpha": 0.3, "sampler": "bivdiff_compat",
-                                "frame_joint_norm": False, **{k: v for k, v in SMALL.items() if k != "idm_steps"}})
+                                "negative_prompt": "blurry", "alpha": 0.3, "sampler": sampler,
+                                "frame_joint_norm": joint, **{k: v for k, v in SMALL.items() if k != "idm_steps"}})
     ours = worker.run(p, decode=False).latents
 
     im, vm = os.path.join(tiny_bivdiff, "image_model"), os.path.join(tiny_bivdiff, "video_model")
@@ -222,16 +239,22 @@ def test_stages_2_3_match_an_independent_diffusers_computation(worker, videos, t
         z0 = z0.permute(1, 0, 2, 3).unsqueeze(0)  # (1, 4, F, 8, 8)
         tok_i, te_i = CLIPTokenizer.from_pretrained(im, subfolder="tokenizer"), CLIPTextModel.from_pretrained(im, subfolder="text_encoder")
         unet_i = UNet2DConditionModel.from_pretrained(im, subfolder="unet")
+        if joint:
+            for block in [m for m in unet_i.modules() if isinstance(m, ResnetBlock2D)]:
+                block.norm1, block.norm2 = _JointNorm(block.norm1), _JointNorm(block.norm2)
+            unet_i.conv_norm_out = _JointNorm(unet_i.conv_norm_out)
         t2v = TextToVideoSDPipeline.from_pretrained(vm)
         t2v.scheduler = DDIMScheduler.from_config(DDIMScheduler.load_config(im, subfolder="scheduler"))
         t2v.set_progress_bar_config(disable=True)
         ids = lambda tok, s: tok([s], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids  # noqa: E731
-        emb_i = te_i(ids(tok_i, "blurry"))[0].repeat(4, 1, 1)
-        emb_v = t2v.text_encoder(ids(t2v.tokenizer, "blurry"))[0]
+        text = "blurry" if sampler == "bivdiff_compat" else ""
+        emb_i = te_i(ids(tok_i, text))[0].repeat(4, 1, 1)
+        emb_v = t2v.text_encoder(ids(t2v.tokenizer, text))[0]
         a = t2v.scheduler.alphas_cumprod  # float32 arithmetic as the official code: the tiny VDM amplifies rounding
         u = v = z0
-        for e in range(1, 982, 200):  # 5 steps: Δ = 200
-            n = min(998, e + 200)
+        pairs = ([(e, min(998, e + 200)) for e in range(1, 982, 200)] if sampler == "bivdiff_compat"  # 5 steps: Δ = 200
+                 else [(0, 1)] + [(e, e + 200) for e in range(1, 602, 200)])  # ends at 801, the smoothing's first step
+        for e, n in pairs:
             ei = unet_i(u[0].permute(1, 0, 2, 3), e, encoder_hidden_states=emb_i).sample.permute(1, 0, 2, 3)[None]
             ev = t2v.unet(v, e, encoder_hidden_states=emb_v).sample
             step = lambda x, eps: a[n].sqrt() * ((x - (1 - a[e]).sqrt() * eps) / a[e].sqrt()) + (1 - a[n]).sqrt() * eps  # noqa: E731
@@ -243,6 +266,9 @@ def test_stages_2_3_match_an_independent_diffusers_computation(worker, videos, t
     err = ((ours - ref).norm() / ref.norm()).item()
     # measured 4.8e-5 (float32 rounding, amplified by the tiny random VDM); a wrong grid end, embedding or mix is > 1e-2
     assert err < 5e-4, err
+    if joint:  # the joint norm really changes the result, so the reference can tell it from per-frame norms
+        plain = worker.run(resolve_bivdiff_params({**p.record(), "frame_joint_norm": False}), decode=False).latents
+        assert ((plain - ours).norm() / ours.norm()).item() > 1e-2
 
 
 def test_latent_space_guard_refuses_a_vdm_with_another_vae(tiny_bivdiff, tmp_path):

@@ -205,3 +205,16 @@ def test_capacity_check_refuses_pools_that_cannot_run(caplog):
     with caplog.at_level("WARNING", logger="jobs.generate"):
         check_capacity(ComputeConfig(num_actors=4, cpus_per_actor=1, autoscaling=True), {"CPU": 1}, "cuda")
     assert "cluster is smaller than the pool right now (autoscaling expected)" in caplog.text and "GPU" in caplog.text
+
+
+def test_a_pool_that_cannot_run_exits_2_before_anything_is_written(tmp_path, tiny_cache):
+    """README: exit 2 for a pool the cluster cannot hold (64 one-CPU actors on this machine's local Ray), through the
+    real job, before a video or a metadata part exists."""
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"prompt": ["A red kite over a beach."]}), manifest)
+    out, db = tmp_path / "out", tmp_path / "mlflow.db"
+    cfg = tiny_config(tmp_path / "job.yaml", tiny_cache, compute={"num_actors": 64, "cpus_per_actor": 1})
+    r = run_job("--config", cfg, "--manifest", str(manifest), "--output", str(out), "--mlflow-uri", f"sqlite:///{db}")
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "compute: 64 actors x 1 CPU leave less than" in r.stderr
+    assert not (out / "videos").exists() and not (out / "metadata").exists()
