@@ -20,6 +20,23 @@ def cluster_env(tmp_path_factory):
     return job_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
 
 
+def _wait_for_job_agent(address: str, env: dict, timeout: float = 180) -> None:
+    """The dashboard answers before the head's job agent has registered; until then a submission fails with Ray's
+    "No available agent to submit job, please try again later" (seen on a loaded machine). Submit a no-op job until
+    one is accepted and has finished."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        r = subprocess.run([os.path.join(BIN, "ray"), "job", "submit", "--address", address, "--", "true"], env=env,
+                           capture_output=True, text=True, timeout=120)
+        if r.returncode == 0:
+            return
+        if "No available agent" not in r.stdout + r.stderr or time.monotonic() > deadline:
+            raise RuntimeError(f"the cluster's job agent did not come up: {(r.stdout + r.stderr)[-2000:]}")
+        time.sleep(2)
+
+
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory, cluster_env):
     """A head node owned by this fixture: `ray start --block` in its own process group, stopped by signalling
@@ -33,6 +50,7 @@ def ray_cluster(tmp_path_factory, cluster_env):
     proc = subprocess.Popen(start, env=cluster_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_http(f"http://127.0.0.1:{dash}/api/version", timeout=120)
+        _wait_for_job_agent(f"http://127.0.0.1:{dash}", cluster_env)
         yield f"http://127.0.0.1:{dash}"
     finally:
         for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):

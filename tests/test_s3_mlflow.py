@@ -107,3 +107,18 @@ def test_job_writes_to_s3_and_logs_to_an_mlflow_server(s3_endpoint, mlflow_serve
     r = run_job("--config", cfg, "--manifest", "s3://ivmix/prompts/nightly.parquet", "--output", "s3://ivmix/runs/2026-11-24",
                 "--mlflow-uri", mlflow_server, "--experiment", "nightly", env=env)
     assert r.returncode == 0 and "progress: 1/1 rows (0 ok, 1 failed)" in r.stderr
+
+
+def test_aws_endpoint_url_s3_wins_over_aws_endpoint_url(s3_endpoint, monkeypatch):
+    """README: the S3 endpoint comes from AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL (the AWS SDKs' own precedence)."""
+    import s3fs
+
+    from pipelines.outputs import filesystem
+
+    ours = s3_bucket(s3_endpoint, "precedence", monkeypatch)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs, path = filesystem("s3://precedence/a.txt")
+    fs.pipe_file(path, b"written through AWS_ENDPOINT_URL_S3")
+    assert ours.cat_file("precedence/a.txt") == b"written through AWS_ENDPOINT_URL_S3"
