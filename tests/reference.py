@@ -23,3 +23,22 @@ def cfg_values(spec, n: int) -> list[float]:
         return [parts[0]] * n
     b, e, rho = (parts + [7.0])[:3]
     return [float((b ** (1 / rho) + i / max(n - 1, 1) * (e ** (1 / rho) - b ** (1 / rho))) ** rho) for i in range(n)]
+
+
+def video_cfg(unet, emb: torch.Tensor):
+    """ε̂ = u + w (c − u) of a video UNet on (B, C, F, h, w), both CFG halves in one call (negatives first)."""
+    def eps(x, t, w):
+        u, c = unet(torch.cat([x, x]), t, encoder_hidden_states=emb).sample.chunk(2)
+        return u + w * (c - u)
+    return eps
+
+
+def framewise_cfg(unet, emb: torch.Tensor):
+    """The same for an image UNet with the frames folded into the batch; `emb` holds one row per folded frame."""
+    def eps(x, t, w):
+        b, ch, f, h, wd = x.shape
+        flat = torch.cat([x, x]).permute(0, 2, 1, 3, 4).reshape(2 * b * f, ch, h, wd)
+        out = unet(flat, t, encoder_hidden_states=emb).sample
+        u, c = out.reshape(2 * b, f, ch, h, wd).permute(0, 2, 1, 3, 4).chunk(2)
+        return u + w * (c - u)
+    return eps

@@ -9,7 +9,7 @@ from diffusers import AnimateDiffPipeline, DDIMInverseScheduler, DDIMScheduler, 
 from pipelines.config import resolve_params
 from pipelines.generate import generate
 
-from .reference import cfg_values, encode
+from .reference import cfg_values, encode, framewise_cfg, video_cfg
 
 PROMPT = "Two horses race across a grassy field at sunset."
 
@@ -61,16 +61,7 @@ def _official_loop(bb, tiny_dir, params, *, legacy: bool, idm_guidance=4, vdm_gu
     emb_i = emb_v if legacy else encode(bb.image_tokenizer, bb.image_text_encoder, ["", params.prompt])
     emb_v, emb_i = emb_v.repeat_interleave(frames, 0), emb_i.repeat_interleave(frames, 0)
 
-    def vdm(x, t, w):
-        u, c = bb.unet(torch.cat([x, x]), t, encoder_hidden_states=emb_v).sample.chunk(2)
-        return u + w * (c - u)
-
-    def idm(x, t, w):
-        b, ch, f, h, wd = x.shape
-        flat = torch.cat([x, x]).permute(0, 2, 1, 3, 4).reshape(2 * b * f, ch, h, wd)
-        out = bb.image_unet(flat, t, encoder_hidden_states=emb_i).sample
-        u, c = out.reshape(2 * b, f, ch, h, wd).permute(0, 2, 1, 3, 4).chunk(2)
-        return u + w * (c - u)
+    vdm, idm = video_cfg(bb.unet, emb_v), framewise_cfg(bb.image_unet, emb_i)
 
     x = torch.randn((1, 4, frames, params.height // 8, params.width // 8), generator=torch.Generator("cpu").manual_seed(params.seed))
     delta = 1000 // n

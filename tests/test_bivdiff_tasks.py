@@ -138,6 +138,30 @@ def _as_uint8(images) -> np.ndarray:
     return (np.clip(np.stack(images), 0, 1) * 255).round().astype(np.uint8)
 
 
+@pytest.mark.parametrize("task", ["controlnet-depth", "controlnet-pose"])
+def test_stage1_depth_and_pose_feed_their_condition_frames_to_the_diffusers_pipeline(worker, videos, task):
+    """Precomputed condition maps (the condition video, else the source) go to diffusers' ControlNet pipeline as they
+    are, frame by frame, with the POS/NEG tags and one generator seeded `seed`."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+    from PIL import Image
+
+    from pipelines.bivdiff.inputs import read_row_inputs
+
+    p = resolve_bivdiff_params(_row(task, videos, frames=2))
+    source, _, condition = read_row_inputs(p)
+    maps = source if condition is None else condition
+    ours = worker.stage1.run(p, source, None, condition)
+    model = worker.spec.controlnet_depth if task == "controlnet-depth" else worker.spec.controlnet_pose
+    pipe = _quiet(StableDiffusionControlNetPipeline.from_pretrained(
+        worker.spec.image_model, controlnet=ControlNetModel.from_pretrained(model), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False))
+    g = torch.Generator("cpu").manual_seed(42)
+    ref = [pipe(prompt="a robot dancing" + presets.BIVDIFF_POS, negative_prompt=presets.BIVDIFF_NEG,
+                image=Image.fromarray(maps[i]), num_inference_steps=2, guidance_scale=7.5, generator=g, height=64,
+                width=64, output_type="np").images[0] for i in range(2)]
+    assert np.abs(ours.astype(int) - _as_uint8(ref).astype(int)).max() <= 1
+
+
 def test_stage1_instruct_pix2pix_is_the_diffusers_pipeline(worker, videos):
     """InstructPix2Pix with the edit instruction + POS tags, the NEG tags, CFG 7.5 and image guidance 1.5 (spec §3),
     one CPU generator seeded `seed` drawn on frame after frame."""

@@ -38,6 +38,9 @@ def test_job_end_to_end(tmp_path, tiny_cache):
         "status": ["kept", None, None, None, None, None, None],  # clashes with a metadata column: passed through renamed
     }), manifest)
     out, db = tmp_path / "out", tmp_path / "mlflow.db"
+    # a video uploaded by a killed run but never committed (in no metadata part): regenerated to the same key (README)
+    (out / "videos").mkdir(parents=True)
+    (out / "videos" / "r1.mp4").write_bytes(b"stale upload from a killed run")
     cfg = tiny_config(tmp_path / "job.yaml", tiny_cache)
     r = run_job("--config", cfg, "--manifest", str(manifest), "--output", str(out), "--mlflow-uri", f"sqlite:///{db}",
                 "--experiment", "e2e")
@@ -55,7 +58,7 @@ def test_job_end_to_end(tmp_path, tiny_cache):
     hostile = [e for i, e in failed.items() if i.startswith("invalid-")]
     assert len(hostile) == 1 and hostile[0].startswith("id:")
 
-    # videos: exactly the ok rows, decodable, with each row's frames and size
+    # videos: exactly the ok rows (r1's stale upload replaced, no second copy), decodable, with each row's frames and size
     assert sorted(os.listdir(out / "videos")) == sorted(f"{i}.mp4" for i in ok)
     for i in ok:
         m = by_id[i]
@@ -218,3 +221,4 @@ def test_a_pool_that_cannot_run_exits_2_before_anything_is_written(tmp_path, tin
     assert r.returncode == 2, r.stderr[-3000:]
     assert "compute: 64 actors x 1 CPU leave less than" in r.stderr
     assert not (out / "videos").exists() and not (out / "metadata").exists()
+

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipelines.config import ModelSpec, resolve_params
+from pipelines.config import resolve_params
 from pipelines.generate import build_plan, generate
 
 from .conftest import rel, tiny_backbone_fixtures
-from .reference import encode
+from .reference import encode, framewise_cfg, video_cfg
 
 PROMPT = "A red kite dances over a windy beach."
 
@@ -34,24 +34,27 @@ def test_standard_equals_diffusers_text_to_video_pipeline(ms, ms_dir):
     assert rel(ours.latents, ref) < 1e-4
 
 
+def _setup(bb, ms_dir, params, inverse_table: str):
+    """diffusers' DDIM (the VDM's config, linspace grid) and DDIMInverse (from `inverse_table`'s folder) schedulers,
+    and both models' text embeddings written directly."""
+    from diffusers import DDIMInverseScheduler, DDIMScheduler
+
+    ddim = DDIMScheduler.from_pretrained(os.path.join(ms_dir, "base"), subfolder="scheduler", clip_sample=False,
+                                         timestep_spacing="linspace", steps_offset=1)
+    inv = DDIMInverseScheduler.from_pretrained(os.path.join(ms_dir, inverse_table), subfolder="scheduler")
+    ddim.set_timesteps(params.steps)
+    inv.set_timesteps(params.steps)
+    emb_v = encode(bb.tokenizer, bb.text_encoder, ["", params.prompt])
+    emb_i = encode(bb.image_tokenizer, bb.image_text_encoder, ["", params.prompt]).repeat_interleave(params.frames, 0)
+    return ddim, inv, emb_v, emb_i
+
+
 def _official_ms_loop(bb, ms_dir, params):
     """Backbones spec C.6, sub-steps 1-5 in the code's order; the IDM sub-steps fold frames, resize to 64x64,
     move there with the scheduler, and resize back."""
-    from diffusers import DDIMInverseScheduler, DDIMScheduler
-
-
     n, f = params.steps, params.frames
-    ddim = DDIMScheduler.from_pretrained(os.path.join(ms_dir, "base"), subfolder="scheduler", clip_sample=False,
-                                         timestep_spacing="linspace", steps_offset=1)
-    inv = DDIMInverseScheduler.from_pretrained(os.path.join(ms_dir, "image_model"), subfolder="scheduler")
-    ddim.set_timesteps(n)
-    inv.set_timesteps(n)
-    emb_v = encode(bb.tokenizer, bb.text_encoder, ["", params.prompt])
-    emb_i = encode(bb.image_tokenizer, bb.image_text_encoder, ["", params.prompt]).repeat_interleave(f, 0)
-
-    def vdm(x, t, w):
-        u, c = bb.unet(torch.cat([x, x]), t, encoder_hidden_states=emb_v).sample.chunk(2)
-        return u + w * (c - u)
+    ddim, inv, emb_v, emb_i = _setup(bb, ms_dir, params, "image_model")
+    vdm = video_cfg(bb.unet, emb_v)
 
     def idm_step(x, t, w, sched, move_t):
         b, ch, _, h, wd = x.shape
@@ -77,27 +80,9 @@ def _official_ms_loop(bb, ms_dir, params):
 def _clean_loop(bb, ms_dir, params):
     """The clean `ivmixed` zigzag (README presets): IDM at t moving t -> t-Δ, VDM at t-Δ moving on, the two inverse
     moves back with CFG -4, then the main DDIM step (CFG 7.5); no resize; the exact-identity zigzag at t = 0 skipped."""
-    from diffusers import DDIMInverseScheduler, DDIMScheduler
-
     n, f = params.steps, params.frames
-    ddim = DDIMScheduler.from_pretrained(os.path.join(ms_dir, "base"), subfolder="scheduler", clip_sample=False,
-                                         timestep_spacing="linspace", steps_offset=1)
-    inv = DDIMInverseScheduler.from_pretrained(os.path.join(ms_dir, "base"), subfolder="scheduler")
-    ddim.set_timesteps(n)
-    inv.set_timesteps(n)
-    emb_v = encode(bb.tokenizer, bb.text_encoder, ["", params.prompt])
-    emb_i = encode(bb.image_tokenizer, bb.image_text_encoder, ["", params.prompt]).repeat_interleave(f, 0)
-
-    def vdm(x, t, w):
-        u, c = bb.unet(torch.cat([x, x]), t, encoder_hidden_states=emb_v).sample.chunk(2)
-        return u + w * (c - u)
-
-    def idm(x, t, w):
-        b, ch, _, h, wd = x.shape
-        flat = torch.cat([x, x]).permute(0, 2, 1, 3, 4).reshape(2 * b * f, ch, h, wd)
-        out = bb.image_unet(flat, t, encoder_hidden_states=emb_i).sample
-        u, c = out.reshape(2 * b, f, ch, h, wd).permute(0, 2, 1, 3, 4).chunk(2)
-        return u + w * (c - u)
+    ddim, inv, emb_v, emb_i = _setup(bb, ms_dir, params, "base")
+    vdm, idm = video_cfg(bb.unet, emb_v), framewise_cfg(bb.image_unet, emb_i)
 
     x = torch.randn((1, 4, f, params.height // 8, params.width // 8), generator=torch.Generator("cpu").manual_seed(params.seed))
     delta = 1000 // n
