@@ -86,22 +86,17 @@ def measure(kind: str, backbone_name: str, folder: str, frames: int, size: int) 
     out = {"backbone": backbone_name, "kind": kind, "weights_bytes": _weights(bb)}
     if kind == "load":
         return {**out, "peak_bytes": load_peak, "seconds": load_s, "ratio": load_peak / out["weights_bytes"]}
-    f, h = bb.spatial_factor, size // bb.spatial_factor
+    h = size // bb.spatial_factor
     x = torch.randn(2, bb.latent_channels, frames, h, h)  # CFG-doubled batch of one video
     if kind in ("vdm", "idm"):
-        emb_v, emb_i = bb.own_text_embeddings(["a prompt"], [""], frames, "own") if backbone_name != "animatediff" else (None, None)
-        if emb_v is None:
-            from pipelines.backbones.common import encode_prompts
-
-            emb_v = encode_prompts(bb.tokenizer, bb.text_encoder, ["", "a prompt"], bb.device).to(bb.dtype)
-            emb_i = emb_v.repeat_interleave(frames, dim=0)
         from pipelines.backbones.common import framewise_eps
 
+        # VDM (2, L, Dv) and IDM (2 x frames, L, Di) conditioning, each model with its own text encoder
+        emb_v, emb_i = bb.own_text_embeddings(["a prompt"], [""], frames, "own")
         eps = bb.vdm_eps(emb_v, frames, 24) if kind == "vdm" else framewise_eps(bb.image_unet, emb_i, bb.dtype)
         peak, secs = _peak_during(lambda: eps(x.to(bb.dtype), 500))
-        est = memory.estimate(bb, 1, frames, size, size, 1)
-        unet_est = est.model_call
-        return {**out, "peak_bytes": peak, "seconds": secs, "estimate_bytes": unet_est}
+        return {**out, "peak_bytes": peak, "seconds": secs,
+                "estimate_bytes": memory.estimate(bb, 1, frames, size, size, 1).model_call}
     if kind.startswith("decode"):
         chunk = int(kind.split(":")[1])
         bb.decode_chunk = chunk

@@ -8,7 +8,7 @@ from typing import Sequence
 
 import torch
 
-from ..presets import Preset
+from ..presets import DEFAULT_DECODE_CHUNK, Preset
 from ..schedule import AlphaTable
 
 logger = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ class BackboneBase:
         self.spatial_factor = 2 ** (len(vae.config.block_out_channels) - 1)
 
     name: str
-    decode_chunk: int = 16  # frames per VAE call; load_backbone sets the spec's
+    decode_chunk: int = DEFAULT_DECODE_CHUNK  # frames per VAE call; load_backbone sets the spec's
 
     def check_frames(self, frames: int) -> None:  # pragma: no cover - overridden where limited
         return None
@@ -213,11 +213,14 @@ def _optional(loader, path: str, subfolder: str, **kwargs):
         return None
 
 
-def load_vae(spec, dtype: torch.dtype = torch.float32):
-    """In `dtype` (float32: every backbone decodes in float32, README "Real checkpoints"). `spec.vae` — a standalone VAE (config at its root, like `stabilityai/sd-vae-ft-mse`) or a pipeline with `vae/`,
-    hub id or folder — else the base pipeline's `vae/`. diffusers falls back to a folder's root only for local folders;
-    a hub id is tried at its root first, then as a pipeline."""
+def load_vae(spec):
+    """The VAE in float32 (every backbone decodes in float32, README "Real checkpoints and memory"): `spec.vae` — a
+    standalone VAE (config at its root, like `stabilityai/sd-vae-ft-mse`) or a pipeline with `vae/`, hub id or folder —
+    else the base pipeline's `vae/`. diffusers falls back to a folder's root only for local folders; a hub id is tried
+    at its root first, then as a pipeline."""
     from diffusers import AutoencoderKL
+
+    dtype = torch.float32
 
     if not spec.vae:
         return load_pretrained(AutoencoderKL, spec.base, dtype, subfolder="vae")
