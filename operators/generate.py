@@ -15,6 +15,7 @@ import logging
 import os
 import posixpath
 import signal
+import socket
 import tempfile
 import threading
 import time
@@ -30,6 +31,7 @@ from . import metadata, storage
 from .manifest import COLUMNS, expand_samplers
 
 logger = logging.getLogger(__name__)
+WORKER = f"{socket.gethostname()}:{os.getpid()}"  # evaluated in each worker process that imports this module
 INTERNAL = ("_id", "_status", "_error", "_params", "_pair", "_sampler")
 
 
@@ -111,6 +113,7 @@ class Recorder:
         kind = extra.pop("kind", None)  # for rows without resolved params
         bv = isinstance(params, BivdiffParams) or kind == "bivdiff"
         row = {"id": rid, "status": status, "error": error, "code_version": self.code_version, "run_id": self.run_id,
+               "worker": WORKER,
                "backbone": f"bivdiff/{self.bivdiff_spec.vdm}" if bv else self.spec.backbone,
                "model_spec": self.bivdiff_json if bv else self.model_json, "finished_at": metadata.now()}
         if params is not None:

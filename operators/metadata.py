@@ -29,6 +29,7 @@ FIELDS = [
     ("video_uri", pa.string()), ("bytes", pa.int64()), ("sha256", pa.string()), ("contact_uri", pa.string()),
     ("seconds", pa.float64()), ("model_calls", pa.int64()), ("calls_idm", pa.int64()), ("calls_vdm", pa.int64()),
     ("nfe", pa.int64()), ("code_version", pa.string()), ("run_id", pa.string()),
+    ("worker", pa.string()),  # host:pid of the process that made the row (one actor of the pool, or the driver's task)
     ("finished_at", pa.timestamp("us", tz="UTC")),
     ("pair_id", pa.string()),  # rows of one A/B group (same prompt, seed and initial noise, several samplers)
     ("clipsim", pa.float64()), ("frame_consistency", pa.float64()), ("flicker", pa.float64()),

@@ -17,6 +17,25 @@ from .test_bivdiff_tasks import synthetic_frames
 from .test_s3_mlflow import CREDS, s3_bucket, s3_endpoint  # noqa: F401 - the moto server fixture
 
 
+def clip_reference(clip_dir: str, row: dict, other_prompt: str, out) -> tuple[float, float, float]:
+    """(the row's clipsim, an independent CLIPSIM of its contact-sheet frames vs its prompt, the same vs other_prompt)."""
+    import torch
+    from PIL import Image
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    sheet = np.asarray(Image.open(out / "contact" / f"{row['id']}.png").convert("RGB"))
+    h, w = row["height"], row["width"]
+    frames = [sheet[r * h:(r + 1) * h, c * w:(c + 1) * w] for r in range(sheet.shape[0] // h)
+              for c in range(sheet.shape[1] // w)][: row["frames"]]
+    model, tok = CLIPModel.from_pretrained(clip_dir).eval(), CLIPTokenizer.from_pretrained(clip_dir)
+    pixels = CLIPImageProcessor.from_pretrained(clip_dir)(images=frames, return_tensors="pt").pixel_values
+    ids = tok([row["prompt"], other_prompt], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        out_ = model(input_ids=ids, pixel_values=pixels)
+        cos = (out_.logits_per_image / model.logit_scale.exp()).mean(0)
+    return row["clipsim"], float(cos[0]), float(cos[1])
+
+
 def test_bivdiff_manifest_through_the_job(s3_endpoint, tmp_path, tiny_ad_dir, monkeypatch):  # noqa: F811
     fs = s3_bucket(s3_endpoint, "clips", monkeypatch)
     mask = np.zeros((16, 48, 80, 3), np.float32)
@@ -72,7 +91,11 @@ def test_bivdiff_manifest_through_the_job(s3_endpoint, tmp_path, tiny_ad_dir, mo
     # rows that fail validation keep what they asked for (their failure counts against that task and preset)
     assert [(meta[i]["task"], meta[i]["sampler"]) for i in ("badtask", "nomask", "gone")] == [
         ("prompt2prompt", "bivdiff"), ("inpaint", "bivdiff"), ("inpaint", "bivdiff")]
-    assert meta["canny"]["clipsim"] is not None  # scored against the VDM prompt
+    # CLIPSIM against the VDM prompt ("a square"), not the empty IDM prompt: recomputed here with transformers' own
+    # CLIPImageProcessor (PIL resize) and CLIPModel on the frames of the lossless contact sheet (the actor scored its float
+    # frames before the uint8 rounding: a small difference, far below the gap between the two prompts)
+    ours, theirs, other = clip_reference(os.path.join(os.path.dirname(tiny_ad_dir), "clip"), meta["ext"], "", out)
+    assert abs(ours - theirs) < 2e-3 and abs(other - theirs) > 0.02, (ours, theirs, other)  # measured: 4e-4 and 0.08
     assert meta["poison"]["error"].startswith("worker died while generating this row (") and meta["poison"]["task"] == "external"
 
     from mlflow.tracking import MlflowClient

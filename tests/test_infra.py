@@ -49,8 +49,11 @@ def dockerfile_args():
         return dict(re.findall(r"^ARG (\w+)=(\S+)", f.read(), re.M))
 
 
-# KubeRay ray.io/v1 (v1.4.2 CRDs): the fields these manifests use, with the CRD's types and enums.
-# additionalProperties: false catches misspelt fields; rayStartParams values must be strings in the CRD.
+# A hand transcription, not the CRD: the fields of KubeRay's ray.io/v1 RayCluster / RayJob (v1.4.2) that these manifests
+# use, with the types and enums the published CRD gives them (the CRD files are ~1 MB of generated YAML that no package
+# registry serves, so they are not vendored). It catches misspelt or misplaced fields (additionalProperties: false) and
+# wrong types (rayStartParams values are strings in the CRD); it cannot catch a field KubeRay dropped or renamed. The
+# full check is `kubectl apply --dry-run=server -f infra/k8s/` on a cluster with the operator (infra/README.md).
 STR_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
 POD_TEMPLATE = {"type": "object", "required": ["spec"]}
 RAY_CLUSTER_SPEC = {

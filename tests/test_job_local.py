@@ -41,7 +41,8 @@ def test_job_end_to_end(tmp_path, tiny_cache):
     # a video uploaded by a killed run but never committed (in no metadata part): regenerated to the same key (README)
     (out / "videos").mkdir(parents=True)
     (out / "videos" / "r1.mp4").write_bytes(b"stale upload from a killed run")
-    cfg = tiny_config(tmp_path / "job.yaml", tiny_cache)
+    # two actors share the run (one row per actor call, so that both get rows): 2 x 0.5 CPU + the read task's 1 CPU
+    cfg = tiny_config(tmp_path / "job.yaml", tiny_cache, compute={"num_actors": 2, "cpus_per_actor": 0.5, "batch_size": 1})
     r = run_job("--config", cfg, "--manifest", str(manifest), "--output", str(out), "--mlflow-uri", f"sqlite:///{db}",
                 "--experiment", "e2e")
     assert r.returncode == 0, r.stderr[-4000:]
@@ -52,6 +53,8 @@ def test_job_end_to_end(tmp_path, tiny_cache):
     ok = sorted(i for i, m in by_id.items() if m["status"] == "ok")
     derived = [i for i in ok if i.startswith("h")]
     assert ok == sorted(["r1", "r2", "r3", *derived]) and len(derived) == 1
+    workers = {by_id[i]["worker"] for i in ok}  # host:pid of the actor that made each video
+    assert len(workers) == 2 and all(w.rsplit(":", 1)[1].isdigit() and int(w.rsplit(":", 1)[1]) != os.getpid() for w in workers)
     failed = {i: m["error"] for i, m in by_id.items() if m["status"] == "failed"}
     assert failed["r4"].startswith("height:") and "multiple of the VAE factor 8" in failed["r4"]
     assert failed["r7"].startswith("prompt:")
