@@ -15,7 +15,9 @@ import torch
 
 from .config import GenParams
 from .grammar import Plan, compile_plan
-from .sampling import RowNoise, sample_plan
+from . import presets
+from .sampling import RowNoise, sample_plan, sde_dpmpp_2m
+from .schedule import AlphaTable, dpm_timesteps, timesteps
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +39,38 @@ class VideoResult:
         return 2 * self.total_calls
 
 
+def main_solver(backbone) -> str:
+    """The backbone code's main solver ("ddim" or "sde-dpmpp2m"): the one place that reads it (presets.BACKBONES)."""
+    return presets.BACKBONES[backbone.name].main_solver if backbone.name in presets.BACKBONES else "ddim"
+
+
+def main_grid(backbone, preset, steps: int) -> list[int]:
+    """The main solver's timesteps: the preset's DDIM grid, or the DPM-Solver grid of the VDM's scheduler config."""
+    cfg = backbone.scheduler_config
+    n_train = int(cfg.get("num_train_timesteps", 1000))
+    if main_solver(backbone) == "sde-dpmpp2m":
+        return dpm_timesteps(steps, cfg.get("timestep_spacing", "linspace"), n_train, int(cfg.get("steps_offset", 0)))
+    return timesteps(steps, preset.timestep_spacing, n_train, preset.steps_offset)
+
+
+def move_tables(backbone, preset) -> tuple:
+    """(table of denoise moves, table of inversion moves): one shared table, unless the preset reproduces code that reads
+    the IDM's table for inversions (`split_tables`) or for the whole zigzag (`zigzag_on_image_table`); the one place
+    that reads these preset flags (docs/algorithms.md "Presets")."""
+    down, image = backbone.video_table(), backbone.image_table()
+    if preset.zigzag_on_image_table:
+        return image, image
+    if preset.split_tables:
+        return down, image
+    if not torch.equal(down.alphas_cumprod, image.alphas_cumprod):
+        raise ValueError("image and video models use different noise schedules (ᾱ tables); "
+                         "IV-Mixed needs one shared schedule (docs/algorithms.md)")
+    if not down.same_as(image):  # same β, another set_alpha_to_one: only the ᾱ "below zero" of the last step differs
+        logger.info("the image model's scheduler sets set_alpha_to_one differently; every move reads the video "
+                    "model's table (its last step ends at ᾱ=%.6g)", float(down.below_zero))
+    return down, down
+
+
 def build_plan(backbone, rows: Sequence[GenParams]) -> Plan:
     """Compile the plan of a structurally uniform batch (raises ValueError otherwise)."""
     if not rows:
@@ -49,8 +83,8 @@ def build_plan(backbone, rows: Sequence[GenParams]) -> Plan:
         if v % backbone.spatial_factor:
             raise ValueError(f"{name}: must be a multiple of the VAE factor {backbone.spatial_factor}, got {v}")
     backbone.check_frames(p.frames)
-    down, up = backbone.tables(preset)
-    ts = backbone.main_timesteps(preset, p.steps)
+    down, up = move_tables(backbone, preset)
+    ts = main_grid(backbone, preset, p.steps)
     return compile_plan(p.parsed, timesteps=ts, down_table=down, up_table=up,
                         guidance=[r.guidance for r in rows], idm_guidance=[r.idm_guidance for r in rows],
                         vdm_guidance=[r.vdm_guidance for r in rows], interval=p.interval, zz=p.zz,
@@ -69,7 +103,13 @@ def generate(backbone, rows: Sequence[GenParams], *, decode: bool = True,
     with torch.inference_mode():
         models = backbone.denoisers([r.prompt for r in rows], [r.negative_prompt for r in rows],
                                     frames=p.frames, idm_text=p.preset.idm_text, fps=p.fps)
-        main_step = backbone.main_solver(rows, [s.t for s in plan.steps], shape)
+        main_step = None
+        if main_solver(backbone) == "sde-dpmpp2m":  # its SDE noise: row b's own stream seeded seed_b + 1 (README "Noise")
+            table = AlphaTable.from_scheduler_config(backbone.scheduler_config)
+            sde = RowNoise([r.seed + 1 for r in rows])
+            c, f, h, w = shape
+            main_step = sde_dpmpp_2m(table.alphas_cumprod, [s.t for s in plan.steps],
+                                     lambda x: sde.draw((f, c, h, w), x.device).permute(0, 2, 1, 3, 4).to(x.dtype))
         x, calls = sample_plan(models, x, plan, noise=noise, callback=callback, main_step=main_step)
         frames = backbone.decode(x) if decode else None
     latents = x.float().cpu()

@@ -81,6 +81,21 @@ def timesteps(num_steps: int, spacing: str = "linspace", num_train_timesteps: in
     return [int(t) for t in ts]
 
 
+def dpm_timesteps(num_steps: int, spacing: str = "linspace", num_train_timesteps: int = 1000, steps_offset: int = 0) -> list[int]:
+    """The descending grid of an N-step DPM-Solver run: N + 1 evenly placed levels without the last one (diffusers'
+    `DPMSolverMultistepScheduler.set_timesteps`; it differs from the DDIM grid above)."""
+    if spacing == "linspace":
+        ts = np.linspace(0, num_train_timesteps - 1, num_steps + 1).round()[::-1][:-1].astype(np.int64)
+    elif spacing == "leading":
+        ts = (np.arange(0, num_steps + 1) * (num_train_timesteps // (num_steps + 1))).round()[::-1][:-1].astype(np.int64)
+        ts = ts + steps_offset
+    elif spacing == "trailing":
+        ts = np.arange(num_train_timesteps, 0, -num_train_timesteps / num_steps).round().astype(np.int64) - 1
+    else:
+        raise ValueError(f"timestep_spacing must be one of {SPACINGS}, got {spacing!r}")
+    return [int(t) for t in ts]
+
+
 def ddim_move(x: torch.Tensor, eps: torch.Tensor, a_from: torch.Tensor, a_to: torch.Tensor) -> torch.Tensor:
     """Deterministic DDIM move (η = 0) from level ᾱ=a_from to ᾱ=a_to along ε (Song et al. eq. 12).
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pipelines import presets
+from pipelines.generate import main_grid, move_tables
 from pipelines.published import CONFIGS, DEFAULT_MODELS, LAYOUTS, count
 
 SD_UNET = 859_520_964  # SD-1.5 UNet2DConditionModel, as published (model card / diffusers docs)
@@ -124,12 +125,12 @@ CASES = [(b, p) for b in ("animatediff", "modelscope", "videocrafter2") for p, p
 def test_every_backbone_and_preset_builds_from_the_published_scheduler_configs(backbone, preset):
     bb = backbone_on_meta(backbone)
     p = presets.PRESETS[preset]
-    down, up = bb.tables(p)
+    down, up = move_tables(bb, p)
     truth = scaled_linear_alphas_cumprod()
     for table in (down, up):
         np.testing.assert_allclose(table.alphas_cumprod.double().numpy(), truth, rtol=2e-6)
         assert float(table.below_zero) == pytest.approx(truth[0], rel=1e-6)  # set_alpha_to_one false everywhere
-    grid = bb.main_timesteps(p, 50)
+    grid = main_grid(bb, p, 50)
     if presets.BACKBONES[backbone].main_solver == "ddim":
         assert grid == [int(t) for t in np.linspace(0, 999, 50).round()[::-1]]  # linspace, as the AD/MS code
     else:  # DPM-Solver++ over the zeroscope config: diffusers' default linspace grid of 51 points, last dropped
@@ -146,12 +147,12 @@ def test_schedules_that_differ_only_in_set_alpha_to_one_share_the_video_models_t
     bb = backbone_on_meta("animatediff")
     bb.image_scheduler_config = {**bb.image_scheduler_config, "set_alpha_to_one": True, "_class_name": "EulerDiscreteScheduler"}
     with caplog.at_level("INFO"):
-        down, up = bb.tables(presets.PRESETS["ivmixed"])
+        down, up = move_tables(bb, presets.PRESETS["ivmixed"])
     assert down is up and float(down.below_zero) == pytest.approx(scaled_linear_alphas_cumprod()[0])
     assert "set_alpha_to_one" in caplog.text
     bb.image_scheduler_config = {**bb.image_scheduler_config, "beta_end": 0.02}
     with pytest.raises(ValueError, match="different noise schedules"):
-        bb.tables(presets.PRESETS["ivmixed"])
+        move_tables(bb, presets.PRESETS["ivmixed"])
 
 
 def test_the_clip_scorer_is_vit_b32():

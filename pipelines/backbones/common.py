@@ -8,7 +8,7 @@ from typing import Sequence
 
 import torch
 
-from ..presets import DEFAULT_DECODE_CHUNK, Preset
+from ..presets import DEFAULT_DECODE_CHUNK
 from ..schedule import AlphaTable
 
 logger = logging.getLogger(__name__)
@@ -112,11 +112,10 @@ class BackboneBase:
     def image_table(self) -> AlphaTable:
         return AlphaTable.from_scheduler_config(self.image_scheduler_config)
 
-    def main_scheduler_config(self, preset: Preset) -> dict:
-        """The VDM's DDIM config with the preset's grid (spec §5: clip_sample=False, linspace, offset 1)."""
+    def video_table(self) -> AlphaTable:
+        """The VDM's ᾱ table (its scheduler config; DDIM's construction, clip_sample off)."""
         cfg = {k: v for k, v in self.scheduler_config.items() if not k.startswith("_")}
-        cfg.update(timestep_spacing=preset.timestep_spacing, steps_offset=preset.steps_offset, clip_sample=False)
-        return cfg
+        return AlphaTable.from_scheduler_config({**cfg, "clip_sample": False})
 
     def encode_text(self, texts: Sequence[str], model: str = "V") -> torch.Tensor:
         """(B, L, D) embeddings of `texts` from the VDM's ("V") or the IDM's own ("I") text encoder, in the run dtype."""
@@ -147,34 +146,6 @@ class BackboneBase:
         emb_v, emb_i = self.own_text_embeddings(prompts, negatives, frames, idm_text)
         return {"V": CFGDenoiser(self.vdm_eps(emb_v, frames, fps)),
                 "I": CFGDenoiser(framewise_eps(self.image_unet, emb_i, self.dtype))}
-
-    def main_timesteps(self, preset: Preset, steps: int) -> list[int]:
-        """The main solver's grid (DDIM; adapters with another solver override this)."""
-        from ..schedule import timesteps
-
-        return timesteps(steps, preset.timestep_spacing, int(self.scheduler_config.get("num_train_timesteps", 1000)),
-                         preset.steps_offset)
-
-    def main_solver(self, rows, grid: list[int], shape: tuple):
-        """A replacement for the main DDIM move, or None (DDIM)."""
-        return None
-
-    def tables(self, preset: Preset) -> tuple[AlphaTable, AlphaTable]:
-        """(table for denoise moves, table for inversion moves). One shared table unless the preset
-        reproduces code that reads the IDM's table for inversions (spec §9.2 item 1)."""
-        down = AlphaTable.from_scheduler_config(self.main_scheduler_config(preset))
-        image = self.image_table()
-        if preset.zigzag_on_image_table:
-            return image, image
-        if preset.split_tables:
-            return down, image
-        if not torch.equal(down.alphas_cumprod, image.alphas_cumprod):
-            raise ValueError("image and video models use different noise schedules (ᾱ tables); "
-                             "IV-Mixed needs one shared schedule (spec §4.3)")
-        if not down.same_as(image):  # same β, another set_alpha_to_one: only the ᾱ "below zero" of the last step differs
-            logger.info("the image model's scheduler sets set_alpha_to_one differently; every move reads the video "
-                        "model's table (its last step ends at ᾱ=%.6g)", float(down.below_zero))
-        return down, down
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, C, F, h, w) latents -> (B, F, H, W, 3) float32 frames in [0, 1] (as AnimateDiffPipeline 'np'),

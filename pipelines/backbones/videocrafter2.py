@@ -1,5 +1,5 @@
 """VideoCrafter2 backbone (backbones spec B): the VC UNet (fps-conditioned UNet3D), zeroscope's VAE, text encoder,
-tokenizer and scheduler config, an SD-family IDM with its own text encoder, SDE-DPM-Solver++ (order 2) main steps."""
+tokenizer and scheduler config, an SD-family IDM with its own text encoder, SDE-DPM-Solver++ (order 2) main steps (`sampling.sde_dpmpp_2m`, chosen by `presets.BACKBONES`)."""
 from __future__ import annotations
 
 import logging
@@ -33,30 +33,6 @@ class VideoCrafter2(BackboneBase):
         # the VC code decodes in the run dtype; every backbone here decodes in float32 (README "Real checkpoints")
         place(parts["vae"], device, torch.float32)
         return cls(**parts, device=device, dtype=dtype)
-
-    def _dpm(self, steps: int):
-        from diffusers import DPMSolverMultistepScheduler
-
-        cfg = {k: v for k, v in self.scheduler_config.items() if not k.startswith("_")}
-        sched = DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="sde-dpmsolver++")
-        sched.set_timesteps(steps)
-        return sched
-
-    def main_timesteps(self, preset, steps: int) -> list[int]:
-        return [int(t) for t in self._dpm(steps).timesteps]
-
-    def main_solver(self, rows, grid: list[int], shape: tuple):
-        """SDE-DPM-Solver++ steps; row b's SDE noise comes from a CPU generator seeded seed_b + 1, one
-        (F, C, h, w) draw per main step (spec E.3), so a row's video depends only on its own seed."""
-        sched = self._dpm(len(grid))
-        gens = [torch.Generator("cpu").manual_seed(r.seed + 1) for r in rows]
-        c, f, h, w = shape
-
-        def step(x: torch.Tensor, eps: torch.Tensor, i: int) -> torch.Tensor:
-            z = torch.stack([torch.randn((f, c, h, w), generator=g, dtype=torch.float32).permute(1, 0, 2, 3) for g in gens])
-            return sched.step(eps, grid[i], x, variance_noise=z.to(x.device)).prev_sample.to(x.dtype)
-
-        return step
 
     def vdm_eps(self, emb: torch.Tensor, frames: int, fps: int):
         """The VC UNet is conditioned on fps (the code: 24)."""
