@@ -12,13 +12,15 @@ from typing import Any, Mapping
 
 import yaml
 
+from pipelines import params as schema
 from pipelines import presets
-from pipelines.config import (BIVDIFF_FIELDS, PARAM_NAMES, PLACEMENT, BivdiffSpec, Limits, ModelSpec, resolve_bivdiff_params,
-                              resolve_params)
+from pipelines.config import PLACEMENT, BivdiffSpec, Limits, ModelSpec, resolve_bivdiff_params, resolve_params
 
 MODEL_KEYS = tuple(f.name for f in fields(ModelSpec))
 BIVDIFF_MODEL_KEYS = tuple(f.name for f in fields(BivdiffSpec) if f.name not in PLACEMENT)
-BIVDIFF_DEFAULT_KEYS = tuple(k for k in BIVDIFF_FIELDS if k not in ("task", "source_video", "mask_video", "condition_video"))
+DEFAULT_KEYS = tuple(k for k in schema.names(schema.GENERATION) if k != "prompt")  # a job-wide prompt makes no sense
+BIVDIFF_DEFAULT_KEYS = tuple(k for k in schema.names(schema.BIVDIFF) if k not in ("task", "source_video", "mask_video",
+                                                                                   "condition_video"))
 
 
 @dataclass(frozen=True)
@@ -204,9 +206,9 @@ def load(args: argparse.Namespace) -> JobConfig:
         model = ModelSpec(**model_raw)
     limits = _section("limits", raw.get("limits"), Limits)  # its own errors name the key: limits.max_height: ...
     defaults = dict(raw.get("defaults") or {})
-    unknown = sorted(set(defaults) - set(PARAM_NAMES) - {"prompt"})
+    unknown = sorted(set(defaults) - set(DEFAULT_KEYS) - {"prompt"})
     if unknown:
-        raise ValueError(f"config 'defaults': unknown key(s) {unknown}; known: {[n for n in PARAM_NAMES if n != 'prompt']}")
+        raise ValueError(f"config 'defaults': unknown key(s) {unknown}; known: {list(DEFAULT_KEYS)}")
     try:
         resolve_params({"prompt": "validation"}, defaults, backbone=model.backbone, limits=limits)
     except ValueError as err:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import posixpath
 from typing import Any
 
 import numpy as np
@@ -126,3 +127,25 @@ def summary(groups: dict[str, dict[str, Any]]) -> str:
         scores = ", ".join(f"{n} {s[n + '_mean']:.3f}" for n in SCORES if n + "_mean" in s)
         parts.append(f"{g}: {s['success_rate']:.0%} ok" + (f", {scores}" if scores else ""))
     return "; ".join(parts)
+
+
+def finish(mlflow, cfg, fs, root, run_id) -> list[str]:
+    """Per-sampler aggregates over the output's current metadata (all attempts), nested runs, score table,
+    and the regression check when a baseline is configured."""
+    from jobs import report
+    from operators import metadata
+
+    current = metadata.latest(metadata.read_parts(fs, root))
+    if current is None or current.num_rows == 0:
+        mlflow.set_tag("healthy", "false")
+        return []
+    groups = aggregate(current)
+    log_groups(mlflow, groups, current)
+    logger.info("quality: %s", summary(groups))
+    path = report.write_report(fs, root, current, groups, f"ivmix run {posixpath.basename(root) or root}")
+    report.log_report(mlflow, fs, root, path, current)
+    found, baseline = [], {}
+    if cfg.regression.baseline:
+        found, baseline = regression_check(mlflow, cfg.regression, groups, run_id)
+    mlflow.set_tag("healthy", str(healthy(groups, found, baseline)).lower())
+    return found

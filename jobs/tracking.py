@@ -1,10 +1,15 @@
-"""MLflow set-up for the driver: the tracking store (an embedded SQLite file keeps its artifacts beside it, never in
-the current folder) and the up-front check of a named regression baseline. Only `jobs/generate.py` calls this."""
+"""MLflow for the driver: the tracking store (an embedded SQLite file keeps its artifacts beside it, never in the
+current folder), the up-front check of a named regression baseline, the run with its params, tags and config artifact,
+the progress counters and metrics, the run's metadata artifact. Only the driver (`jobs/`) talks to MLflow."""
 from __future__ import annotations
 
+import datetime as dt
+import json
 import logging
 import os
 import pathlib
+import tempfile
+import time
 
 logger = logging.getLogger(__name__)
 SQLITE = "sqlite:///"
@@ -41,3 +46,116 @@ def check_baseline(mlflow, cfg) -> None:
     except mlflow.exceptions.MlflowException:
         raise ValueError(f"--baseline: no MLflow run {baseline!r} at {cfg.mlflow_uri}; give a run id of experiment "
                          f"{cfg.experiment!r} or 'last'") from None
+
+
+FAILURE_CAUSES = {"worker died": "rows_worker_died", "row_timeout_s:": "rows_timed_out", "memory:": "rows_out_of_memory"}
+
+
+class Progress:
+    """Rows done/failed, videos per hour and ETA from committed results (our own log line, not Ray's bars)."""
+
+    def __init__(self, total: int):
+        self.total, self.ok, self.failed = total, 0, 0
+        self.seconds, self.nfe = 0.0, 0
+        self.start = time.monotonic()
+        self.logged: tuple[int, int] | None = None  # (ok, failed) of the last line logged
+        self.step = 0  # MLflow progress step
+        self.causes = dict.fromkeys(FAILURE_CAUSES.values(), 0)  # failed rows by cause (README, "Reliability")
+
+    def log(self, final: bool = False) -> None:
+        """Log the progress line, unless the final one would repeat the last one logged."""
+        if not (final and self.logged == (self.ok, self.failed)):
+            logger.info(self.line())
+            self.logged = (self.ok, self.failed)
+
+    def add(self, table) -> None:
+        for status, secs, nfe, error in zip(*(table.column(c).to_pylist() for c in ("status", "seconds", "nfe", "error"))):
+            if status == "ok":
+                self.ok += 1
+                self.seconds += secs or 0.0
+                self.nfe += nfe or 0
+            else:
+                self.failed += 1
+                cause = next((m for p, m in FAILURE_CAUSES.items() if (error or "").startswith(p)), None)
+                if cause:
+                    self.causes[cause] += 1
+
+    def metrics(self) -> dict[str, float]:
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        done = self.ok + self.failed
+        return {"rows_ok": self.ok, "rows_failed": self.failed, "rows_done": done,
+                "videos_per_hour": 3600.0 * self.ok / elapsed,
+                "seconds_per_video": self.seconds / self.ok if self.ok else 0.0,
+                "nfe_per_video": self.nfe / self.ok if self.ok else 0.0, "elapsed_seconds": elapsed, **self.causes}
+
+    def line(self) -> str:
+        m = self.metrics()
+        done = self.ok + self.failed
+        rate = done / m["elapsed_seconds"]
+        left = max(self.total - done, 0)
+        eta = str(dt.timedelta(seconds=int(left / rate))) if rate > 0 else "?"
+        return (f"progress: {done}/{self.total} rows ({self.ok} ok, {self.failed} failed), "
+                f"{m['videos_per_hour']:.1f} videos/h, ETA {eta}")
+
+
+def flat(prefix: str, value, out: dict) -> dict:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            flat(f"{prefix}.{k}" if prefix else k, v, out)
+    else:
+        out[prefix] = "" if value is None else str(value)[:500]
+    return out
+
+
+def open_run(mlflow, ctx, git_sha: str | None):
+    """The job's MLflow run, opened with the resolved config as params, the tags and the config artifact."""
+    from dataclasses import asdict
+
+    from operators import storage
+    from pipelines.params import BIVDIFF, GENERATION
+
+    cfg, fs, root, version = ctx.cfg, ctx.fs, ctx.root, ctx.version
+    mlrun = mlflow.start_run(run_name=ctx.run_name)
+    record = cfg.record()
+    record["model"]["device"] = ctx.device
+    record["bivdiff"]["spec"] = asdict(ctx.resolver.setups[BIVDIFF].spec)
+    mlflow.log_params(flat("", {k: v for k, v in record.items() if k != "commit"}, {}))
+    mlflow.set_tags({"manifest": cfg.manifest, "output": storage.full_uri(fs, root), "git_sha": git_sha or "unknown",
+                     "code_version": version, "ray_submission_id": submission_id() or "local",
+                     "backbone": ctx.resolver.setups[GENERATION].spec.backbone})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "job_config.yaml")
+        import yaml
+
+        with open(path, "w") as f:
+            yaml.safe_dump(record, f, sort_keys=False)
+        mlflow.log_artifact(path, "config")
+    return mlrun
+
+
+def log_run_metadata(mlflow, fs, root, writer) -> None:
+    """This run's metadata rows as one Parquet artifact."""
+    if not writer.parts:
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables = []
+    for p in writer.parts:
+        with fs.open(p, "rb") as f:
+            tables.append(pq.read_table(f))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "metadata.parquet")
+        pq.write_table(pa.concat_tables(tables, promote_options="permissive"), path)
+        mlflow.log_artifact(path, "metadata")
+
+
+def submission_id() -> str | None:
+    """The Ray job submission id when running under `ray job submit`."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return None
+    try:
+        return json.loads(raw).get("metadata", {}).get("job_submission_id")
+    except ValueError:
+        return None

@@ -13,49 +13,12 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import pyarrow as pa
 
-from pipelines import presets
-from pipelines.config import DEFAULT_LIMITS, BivdiffSpec, Limits, ModelSpec, resolve_bivdiff_params, resolve_params
+from pipelines import params as schema
 
-# column -> accepted Arrow kinds
-COLUMNS: dict[str, tuple[str, ...]] = {
-    "prompt": ("string",),
-    "id": ("string",),
-    "negative_prompt": ("string",),
-    "seed": ("integer",),
-    "sampler": ("string",),
-    "variant": ("string",),
-    "steps": ("integer",),
-    "frames": ("integer",),
-    "height": ("integer",),
-    "width": ("integer",),
-    "fps": ("integer",),
-    "guidance": ("integer", "floating"),
-    "idm_guidance": ("string", "integer", "floating"),
-    "vdm_guidance": ("string", "integer", "floating"),
-    "interval": ("string",),
-    "zz": ("integer",),
-    "samplers": ("list<string>",),  # A/B: one output row per sampler, same prompt and seed
-}
-# BIVDiff rows: a non-null `task` makes the row a BIVDiff edit/re-render of `source_video` (spec bivdiff.md §2.7)
-BIVDIFF_COLUMNS: dict[str, tuple[str, ...]] = {
-    "task": ("string",),
-    "source_video": ("string",),
-    "mask_video": ("string",),
-    "condition_video": ("string",),
-    "idm_prompt": ("string",),
-    "vdm_prompt": ("string",),
-    "inversion_prompt": ("string",),
-    "alpha": ("integer", "floating"),
-    "stride": ("integer",),
-    "idm_steps": ("integer",),
-    "image_guidance": ("integer", "floating"),
-    "noise": ("string",),
-    "frame_joint_norm": ("bool",),
-}
-COLUMNS.update(BIVDIFF_COLUMNS)
-PARAM_COLUMNS = tuple(c for c in COLUMNS if c not in ("prompt", "id", "samplers") and c not in BIVDIFF_COLUMNS)
-BIVDIFF_ROW_COLUMNS = ("prompt", "negative_prompt", "seed", "sampler", "steps", "frames", "height", "width", "fps",
-                       "guidance", "idm_guidance", *BIVDIFF_COLUMNS)
+from .kinds import KINDS, Resolver, kind_of
+
+# column -> accepted Arrow kinds: every parameter's (pipelines/params.py), plus the row id and the A/B sampler list
+COLUMNS: dict[str, tuple[str, ...]] = {"id": ("string",), **schema.manifest_columns(), "samplers": ("list<string>",)}
 # a manifest may not choose models or files: these columns are refused by name
 FORBIDDEN = ("backbone", "base", "motion_adapter", "image_model", "vae", "lora", "model", "model_dir", "checkpoint")
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -135,76 +98,57 @@ def check_id(value: Any) -> str:
     return value
 
 
-def derived_id(params_record: Mapping[str, Any], model: ModelSpec | BivdiffSpec) -> str:
+def derived_id(params_record: Mapping[str, Any], model) -> str:
     """Deterministic id from the prompt, every resolved parameter and the model set."""
     blob = json.dumps({"params": params_record, "model": model.fingerprint()}, sort_keys=True, default=str)
     return "h" + hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def is_bivdiff(row: Mapping[str, Any]) -> bool:
-    return row.get("task") is not None
-
-
-def resolve_row(row: Mapping[str, Any], defaults: Mapping[str, Any], model: ModelSpec, spatial_factor: int = 8,
-                bivdiff: BivdiffSpec | None = None, bivdiff_defaults: Mapping[str, Any] | None = None, *,
-                limits: Limits = DEFAULT_LIMITS) -> dict:
-    """-> {"id", "status": "pending"|"failed", "error", "params_json", "sampler"} for one manifest row; `params_json`
-    carries "kind": "bivdiff" for BIVDiff rows; "sampler" is the resolved preset, and a failed row keeps the one it asked
-    for (or the default), so that its failure counts against that sampler's success rate."""
-    given = row.get("id")
+def resolve_row(row: Mapping[str, Any], resolver: Resolver) -> dict:
+    """-> {"id", "kind", "status": "pending"|"failed", "error", "params_json", "sampler"} for one manifest row;
+    "sampler" is the resolved preset, and a failed row keeps the one it asked for (or the default), so that its failure
+    counts against that sampler's success rate."""
+    given, kind = row.get("id"), KINDS[kind_of(row)]
+    setup = resolver.setups[kind.name]
     try:
-        if is_bivdiff(row):
-            params = resolve_bivdiff_params({k: row.get(k) for k in BIVDIFF_ROW_COLUMNS}, bivdiff_defaults, limits=limits)
-            record = {**params.record(), "kind": "bivdiff"}
-            rid = check_id(given) if given is not None else derived_id(record, bivdiff or BivdiffSpec())
-            return {"id": rid, "status": "pending", "error": None, "params_json": json.dumps(record, sort_keys=True),
-                    "sampler": params.sampler}
-        params = resolve_params({k: row.get(k) for k in ("prompt", *PARAM_COLUMNS)}, defaults,
-                                backbone=model.backbone, spatial_factor=spatial_factor, limits=limits)
+        params = kind.resolve(row, setup, resolver.limits)
         record = params.record()
-        rid = check_id(given) if given is not None else derived_id(record, model)
-        return {"id": rid, "status": "pending", "error": None, "params_json": json.dumps(record, sort_keys=True),
-                "sampler": params.sampler}
+        rid = check_id(given) if given is not None else derived_id({**record, **kind.id_salt}, setup.spec)
+        return {"id": rid, "kind": kind.name, "status": "pending", "error": None,
+                "params_json": json.dumps(record, sort_keys=True), "sampler": params.sampler}
     except ValueError as err:
         # a stable, safe key for the failed row even when the given id itself is the problem
         raw = json.dumps({"id": given, "prompt": row.get("prompt")}, sort_keys=True, default=str)
         rid = given if isinstance(given, str) and ID_RE.match(given) and ".." not in given else "invalid-" + hashlib.sha256(raw.encode()).hexdigest()[:20]
         sampler = row.get("sampler")
         if not isinstance(sampler, str):
-            sampler = ((bivdiff_defaults or {}).get("sampler") or presets.BIVDIFF_DEFAULTS["sampler"] if is_bivdiff(row)
-                       else defaults.get("sampler") or presets.DEFAULT_SAMPLER)
-        return {"id": rid, "status": "failed", "error": str(err), "params_json": None, "sampler": sampler}
+            sampler = setup.defaults.get("sampler") or kind.default_sampler
+        return {"id": rid, "kind": kind.name, "status": "failed", "error": str(err), "params_json": None, "sampler": sampler}
 
 
-def expand_samplers(row: Mapping[str, Any], defaults: Mapping[str, Any], model: ModelSpec, samplers: Sequence[str] | None,
-                    spatial_factor: int = 8, bivdiff: BivdiffSpec | None = None,
-                    bivdiff_defaults: Mapping[str, Any] | None = None, *, limits: Limits = DEFAULT_LIMITS) -> list[dict]:
+def expand_samplers(row: Mapping[str, Any], resolver: Resolver) -> list[dict]:
     """One resolved row per sampler of an A/B group (else one row). Rows of a group share the prompt, the seed
-    (so the same initial noise) and `pair_id`; their ids are `<pair_id>-<sampler>`. BIVDiff rows are never expanded."""
-    if is_bivdiff(row):
-        r = resolve_row(row, defaults, model, spatial_factor, bivdiff, bivdiff_defaults, limits=limits)
-        if row.get("samplers"):
-            r.update(status="failed", params_json=None,
-                     error="samplers: A/B sampler groups are for generation rows; a BIVDiff row names its preset in 'sampler'")
-        return [{**r, "pair_id": None}]
-    group = row.get("samplers") or samplers
+    (so the same initial noise) and `pair_id`; their ids are `<pair_id>-<sampler>`. Only generation rows expand."""
+    group = row.get("samplers") or (resolver.samplers if KINDS[kind_of(row)].ab_groups else None)
     if not group:
-        return [{**resolve_row(row, defaults, model, spatial_factor, limits=limits), "pair_id": None}]
+        return [{**resolve_row(row, resolver), "pair_id": None}]
+    if not KINDS[kind_of(row)].ab_groups:
+        return [{**resolve_row(row, resolver), "status": "failed", "params_json": None, "pair_id": None,
+                 "error": "samplers: A/B sampler groups are for generation rows; a BIVDiff row names its preset in 'sampler'"}]
     if isinstance(group, str) or not all(isinstance(s, str) for s in group) or len(set(group)) != len(group):
-        bad = resolve_row({**row, "prompt": None}, defaults, model, spatial_factor, limits=limits)
+        bad = resolve_row({**row, "prompt": None}, resolver)
         return [{**bad, "error": f"samplers: must be a list of distinct preset names, got {group!r}", "pair_id": None}]
-    first = resolve_row({**row, "sampler": group[0]}, defaults, model, spatial_factor, limits=limits)
+    first = resolve_row({**row, "sampler": group[0]}, resolver)
     if first["status"] == "failed":
         return [{**first, "pair_id": None}]
     seed = json.loads(first["params_json"])["seed"]  # a preset's own default seed must not split the pair
     pair = row.get("id") or derived_id({"prompt": row.get("prompt"), "samplers": list(group), "seed": seed,
-                                        **{k: row.get(k) for k in PARAM_COLUMNS if k != "sampler"}}, model)
-    out = []
-    for name in group:
-        r = resolve_row({**row, "sampler": name, "seed": seed, "id": f"{pair}-{name}"}, defaults, model, spatial_factor,
-                        limits=limits)
-        out.append({**r, "pair_id": pair})
-    return out
+                                        **{k: row.get(k) for k in PAIR_COLUMNS}}, resolver.setups[first["kind"]].spec)
+    return [{**resolve_row({**row, "sampler": name, "seed": seed, "id": f"{pair}-{name}"}, resolver), "pair_id": pair}
+            for name in group]
+
+
+PAIR_COLUMNS = tuple(n for n in schema.names(schema.GENERATION) if n not in ("prompt", "sampler"))  # hashed into pair ids
 
 
 def duplicated(ids: Iterable[Any]) -> set[str]:

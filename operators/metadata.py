@@ -15,16 +15,14 @@ from typing import Any, Iterable, Mapping
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines import params as schema
+
 from . import storage
 
 logger = logging.getLogger(__name__)
 
-FIELDS = [
-    ("id", pa.string()), ("status", pa.string()), ("error", pa.string()),
-    ("prompt", pa.string()), ("negative_prompt", pa.string()), ("seed", pa.int64()),
-    ("sampler", pa.string()), ("variant", pa.string()), ("steps", pa.int64()), ("frames", pa.int64()),
-    ("height", pa.int64()), ("width", pa.int64()), ("fps", pa.int64()), ("guidance", pa.float64()),
-    ("idm_guidance", pa.string()), ("vdm_guidance", pa.string()), ("interval", pa.string()), ("zz", pa.int64()),
+# the columns every row has; each kind's parameters (pipelines/params.py) sit between `error` and these
+RUN_FIELDS = [
     ("backbone", pa.string()), ("model_spec", pa.string()),
     ("video_uri", pa.string()), ("bytes", pa.int64()), ("sha256", pa.string()), ("contact_uri", pa.string()),
     ("seconds", pa.float64()), ("model_calls", pa.int64()), ("calls_idm", pa.int64()), ("calls_vdm", pa.int64()),
@@ -34,14 +32,10 @@ FIELDS = [
     ("pair_id", pa.string()),  # rows of one A/B group (same prompt, seed and initial noise, several samplers)
     ("clipsim", pa.float64()), ("frame_consistency", pa.float64()), ("flicker", pa.float64()),
     ("score_error", pa.string()),  # why the scores are null (the video is kept)
-    # BIVDiff rows (null on generation rows); `prompt` holds their vdm_prompt, `sampler` their preset
-    ("task", pa.string()), ("source_video", pa.string()), ("mask_video", pa.string()), ("condition_video", pa.string()),
-    ("idm_prompt", pa.string()), ("vdm_prompt", pa.string()), ("inversion_prompt", pa.string()), ("alpha", pa.float64()),
-    ("stride", pa.int64()), ("idm_steps", pa.int64()), ("image_guidance", pa.float64()), ("noise", pa.string()),
-    ("frame_joint_norm", pa.bool_()),
 ]
-SCHEMA = pa.schema(FIELDS)
-NAMES = tuple(SCHEMA.names)
+SCHEMAS = {kind: pa.schema([("id", pa.string()), ("status", pa.string()), ("error", pa.string()),
+                            *schema.metadata_fields(kind), *RUN_FIELDS]) for kind in schema.KINDS}
+NAMES = tuple(dict.fromkeys(n for s in SCHEMAS.values() for n in s.names))  # every column of either kind
 
 
 def now() -> dt.datetime:
@@ -53,9 +47,9 @@ def passthrough_name(name: str) -> str:
     return f"manifest_{name}" if name in NAMES else name
 
 
-def to_table(rows: list[Mapping[str, Any]], extra: pa.Table | None = None) -> pa.Table:
-    """Metadata rows (dicts over NAMES) plus passthrough manifest columns, aligned by position."""
-    table = pa.Table.from_pylist([{k: r.get(k) for k in NAMES} for r in rows], schema=SCHEMA)
+def to_table(rows: list[Mapping[str, Any]], extra: pa.Table | None = None, kind: str = schema.GENERATION) -> pa.Table:
+    """Metadata rows of one kind (dicts over its columns) plus passthrough manifest columns, aligned by position."""
+    table = pa.Table.from_pylist([{k: r.get(k) for k in SCHEMAS[kind].names} for r in rows], schema=SCHEMAS[kind])
     if extra is not None:
         for name, col in zip(extra.column_names, extra.columns):
             table = table.append_column(passthrough_name(name), col)

@@ -1,23 +1,25 @@
-"""Frozen, validated configuration: which models to load (`ModelSpec`) and one video's parameters (`GenParams`).
+"""Frozen configuration: which models to load (`ModelSpec`, `BivdiffSpec`), a row's bounds (`Limits`, `Structure`) and
+one video's resolved parameters (`GenParams`, `BivdiffParams`).
 
-`resolve_params` is the single validator used by the CLI, the Ray job and manifest rows, so a bad
-value gets the same `ValueError` (naming the parameter) wherever it comes from.
+`resolve_params` / `resolve_bivdiff_params` merge the defaults and validate once (types and bounds from the one
+declaration of each parameter, `pipelines/params.py`), for the CLIs, the job's defaults and manifest rows alike, so a
+bad value gets the same one-line `ValueError` wherever it comes from. `from_record` rebuilds resolved parameters
+from their metadata record without validating again.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
+from . import params as schema
 from . import presets
 from .grammar import Interval, Variant, parse_variant
 from .schedule import CFGRamp, is_finite_number
 
 DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
 PLACEMENT = ("device", "dtype", "decode_chunk")  # how a model set runs, not which one: not in its fingerprint
-MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,23 @@ DEFAULT_LIMITS = Limits()
 
 
 @dataclass(frozen=True)
+class Structure:
+    """What a model set allows structurally: sizes in multiples of its VAE factor, at most `max_frames` frames (a motion
+    adapter's positional table). Read from config files without weights (`backbones.structure`), or from a loaded
+    backbone; `check` is the one place these rules live."""
+
+    spatial_factor: int = 8
+    max_frames: int | None = None
+
+    def check(self, frames: int, height: int, width: int) -> None:
+        for name, v in (("height", height), ("width", width)):
+            if v % self.spatial_factor:
+                raise ValueError(f"{name}: must be a multiple of the VAE factor {self.spatial_factor}, got {v}")
+        if self.max_frames is not None and frames > self.max_frames:
+            raise ValueError(f"frames: the motion adapter handles at most {self.max_frames} frames, got {frames}")
+
+
+@dataclass(frozen=True)
 class GenParams:
     """Everything that determines one video, resolved and validated."""
 
@@ -129,6 +148,8 @@ class GenParams:
     interval: Interval
     zz: int | None
 
+    kind = schema.GENERATION
+
     @property
     def preset(self) -> presets.Preset:
         return presets.PRESETS[self.sampler]
@@ -138,7 +159,7 @@ class GenParams:
         return parse_variant(self.variant).variant
 
     def batch_key(self) -> tuple:
-        """Rows with equal keys can share one batched sampler call (spec: same size, frames, steps, variant)."""
+        """Rows with equal keys can share one batched sampler call (same size, frames, steps, variant)."""
         return (self.sampler, self.variant, self.steps, self.frames, self.height, self.width,
                 self.interval, self.zz, self.fps)  # fps: VideoCrafter2 conditions on it
 
@@ -150,48 +171,28 @@ class GenParams:
         out["interval"] = self.interval.text()
         return out
 
-
-PARAM_NAMES = tuple(f.name for f in fields(GenParams))
-
-
-def _int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-            value = int(value)
-        else:
-            raise ValueError(f"{name}: must be an integer, got {value!r}")
-    value = int(value)
-    if value < lo or (hi is not None and value > hi):
-        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise ValueError(f"{name}: must be {bound}, got {value}")
-    return value
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> "GenParams":
+        """The resolved parameters back from `record()` (no second validation: the record was made by resolve_params)."""
+        out = {f.name: record[f.name] for f in fields(cls)}
+        out.update(idm_guidance=CFGRamp.parse(out["idm_guidance"]), vdm_guidance=CFGRamp.parse(out["vdm_guidance"]),
+                   interval=Interval.parse(out["interval"]))
+        return cls(**out)
 
 
-def _float(name: str, value: Any) -> float:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}: must be a number, got {value!r}") from None
-    if isinstance(value, bool) or not math.isfinite(out):
-        raise ValueError(f"{name}: must be a finite number, got {value!r}")
-    return out
-
-
-def _present(value: Any) -> bool:
+def _present(row: Mapping[str, Any] | None) -> dict[str, Any]:
     """Only None (an absent key or a null Parquet cell read through Arrow) means 'use the default'; NaN is an error."""
-    return value is not None
+    return {k: v for k, v in (row or {}).items() if v is not None}
 
 
-def resolve_params(row: Mapping[str, Any], defaults: Mapping[str, Any] | None = None, *,
-                   backbone: str = "animatediff", spatial_factor: int = 8, limits: Limits = DEFAULT_LIMITS) -> GenParams:
+def resolve_params(row: Mapping[str, Any], defaults: Mapping[str, Any] | None = None, *, backbone: str = "animatediff",
+                   structure: Structure = Structure(), limits: Limits = DEFAULT_LIMITS) -> GenParams:
     """Merge preset < variant options < job defaults < row values, then validate every field.
 
     Unknown keys are ignored here (manifest columns pass through to metadata); absent or null values
     take the default. Raises ValueError naming the parameter.
     """
-    defaults = {k: v for k, v in (defaults or {}).items() if _present(v)}
-    row = {k: v for k, v in row.items() if _present(v)}
-    merged = {**defaults, **row}
+    merged = {**_present(defaults), **_present(row)}
     sampler = merged.get("sampler", presets.DEFAULT_SAMPLER)
     if sampler not in presets.PRESETS:
         raise ValueError(f"sampler: unknown preset {sampler!r}; choose one of {sorted(presets.PRESETS)}")
@@ -202,8 +203,8 @@ def resolve_params(row: Mapping[str, Any], defaults: Mapping[str, Any] | None = 
     bb = presets.BACKBONES[backbone]
     base = {"negative_prompt": presets.DEFAULT_NEGATIVE_PROMPT, "seed": presets.DEFAULT_SEED,
             "steps": bb.steps, "frames": bb.frames, "height": bb.height, "width": bb.width, "fps": bb.fps,
-            "guidance": bb.guidance if bb.guidance is not None else preset.guidance, "idm_guidance": preset.idm_guidance, "vdm_guidance": preset.vdm_guidance,
-            "interval": preset.interval, "zz": preset.zz, **preset.overrides}
+            "guidance": bb.guidance if bb.guidance is not None else preset.guidance, "idm_guidance": preset.idm_guidance,
+            "vdm_guidance": preset.vdm_guidance, "interval": preset.interval, "zz": preset.zz, **preset.overrides}
     pattern = merged.get("variant", preset.variant)
     if not isinstance(pattern, str):
         raise ValueError(f"variant: must be a string pattern, got {pattern!r}")
@@ -211,44 +212,20 @@ def resolve_params(row: Mapping[str, Any], defaults: Mapping[str, Any] | None = 
         parsed = parse_variant(pattern)
     except ValueError as err:
         raise ValueError(f"variant: {err}") from None
-    values = {**base, **parsed.params, **merged}
-
-    prompt = values.get("prompt")
-    if not isinstance(prompt, str) or not prompt.strip():
+    values = schema.validate(schema.GENERATION, {**base, **parsed.params, **merged, "sampler": sampler,
+                                                 "variant": parsed.variant.pattern()})
+    if not values["prompt"].strip():
         raise ValueError("prompt: must be a non-empty string")
-    negative = values["negative_prompt"]
-    if not isinstance(negative, str):
-        raise ValueError(f"negative_prompt: must be a string, got {negative!r}")
-    steps = _int("steps", values["steps"], 1, 1000)
-    frames = _int("frames", values["frames"], 1)
-    height = _int("height", values["height"], 1)
-    width = _int("width", values["width"], 1)
-    limits.check(frames, height, width, steps)
-    for name, v in (("height", height), ("width", width)):
-        if v % spatial_factor:
-            raise ValueError(f"{name}: must be a multiple of the VAE factor {spatial_factor}, got {v}")
-    fps = _int("fps", values["fps"], 1, 240)
-    seed = _int("seed", values["seed"], 0, MAX_SEED)
-    guidance = _float("guidance", values["guidance"])
-    ramps = {}
-    for name in ("idm_guidance", "vdm_guidance"):
-        try:
-            ramps[name] = CFGRamp.parse(values[name])
-        except ValueError as err:
-            raise ValueError(f"{name}: {err}") from None
+    limits.check(values["frames"], values["height"], values["width"], values["steps"])
+    structure.check(values["frames"], values["height"], values["width"])
     try:
-        interval = Interval.parse(values["interval"])
-        interval.check(steps)
+        values["interval"].check(values["steps"])
     except ValueError as err:
         raise ValueError(f"interval: {err}") from None
-    zz = values.get("zz")
-    zz = None if zz is None else _int("zz", zz, 1)
-    return GenParams(prompt=prompt, negative_prompt=negative, seed=seed, sampler=sampler,
-                     variant=parsed.variant.pattern(), steps=steps, frames=frames, height=height,
-                     width=width, fps=fps, guidance=guidance, interval=interval, zz=zz, **ramps)
+    return GenParams(**values)
 
 
-# ---- BIVDiff (spec bivdiff.md) ------------------------------------------------------------------------------------
+# ---- BIVDiff (docs/algorithms.md) -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class BivdiffSpec:
     """Models of a BIVDiff worker (job-level, like ModelSpec): the stage-3 VDM, the SD image model (inversion UNet,
@@ -302,7 +279,7 @@ class BivdiffSpec:
 
 @dataclass(frozen=True)
 class BivdiffParams:
-    """Everything that determines one BIVDiff video (spec §2.7 inputs, §3 values), resolved and validated."""
+    """Everything that determines one BIVDiff video (docs/algorithms.md "BIVDiff"), resolved and validated."""
 
     task: str
     source_video: str | None
@@ -311,7 +288,7 @@ class BivdiffParams:
     idm_prompt: str
     vdm_prompt: str
     negative_prompt: str
-    inversion_prompt: str  # clean preset only; compat inverts under the negative prompt (spec §2.3 step 2)
+    inversion_prompt: str  # clean preset only; compat inverts under the negative prompt
     alpha: float
     sampler: str  # "bivdiff" | "bivdiff_compat"
     frame_joint_norm: bool
@@ -328,6 +305,8 @@ class BivdiffParams:
     fps: int
     noise: str  # stage-1 noise: "independent" (one generator across frames, official) | "shared" | "per_frame" (stage1.py)
 
+    kind = schema.BIVDIFF
+
     @property
     def preset(self) -> "presets.BivdiffPreset":
         return presets.BIVDIFF_PRESETS[self.sampler]
@@ -335,11 +314,6 @@ class BivdiffParams:
     @property
     def spec_task(self) -> "presets.BivdiffTask":
         return presets.BIVDIFF_TASKS[self.task]
-
-    @property
-    def prompt(self) -> str:
-        """The caption of the output video (metadata and CLIP scores): the VDM prompt."""
-        return self.vdm_prompt
 
     def stage1_prompts(self) -> tuple[str, str]:
         tags = self.spec_task.quality_tags
@@ -352,81 +326,57 @@ class BivdiffParams:
     def inversion_text(self) -> str:
         return self.negative_prompt if self.preset.compat else self.inversion_prompt
 
+    @property
+    def prompt(self) -> str:
+        """The caption of the output video (metadata and CLIP scores): the VDM prompt."""
+        return self.vdm_prompt
+
     def record(self) -> dict[str, Any]:
         """Plain values; `prompt` = the VDM prompt, `idm_guidance` as text (the metadata column generation rows share)."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
-        out["prompt"] = self.prompt
+        out["prompt"] = self.vdm_prompt
         out["idm_guidance"] = f"{self.idm_guidance:g}"
         return out
 
-
-BIVDIFF_FIELDS = tuple(f.name for f in fields(BivdiffParams))
-NOISE_POLICIES = ("independent", "shared", "per_frame")
-
-
-def _string(name: str, value: Any, *, allow_empty: bool = True) -> str:
-    if not isinstance(value, str) or (not allow_empty and not value.strip()):
-        raise ValueError(f"{name}: must be a {'' if allow_empty else 'non-empty '}string, got {value!r}")
-    return value
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> "BivdiffParams":
+        out = {f.name: record[f.name] for f in fields(cls)}
+        return cls(**{**out, "idm_guidance": float(out["idm_guidance"])})
 
 
 def resolve_bivdiff_params(row: Mapping[str, Any], defaults: Mapping[str, Any] | None = None, *,
-                           spatial_factor: int = 8, limits: Limits = DEFAULT_LIMITS) -> BivdiffParams:
+                           structure: Structure = Structure(), limits: Limits = DEFAULT_LIMITS) -> BivdiffParams:
     """Merge task defaults < BIVDIFF_DEFAULTS < job defaults < row values; ValueError naming the parameter.
 
     `prompt` fills idm_prompt and vdm_prompt when they are absent; tasks with quality tags default the
-    negative prompt to the official NEG string (spec §2.2)."""
-    defaults = {k: v for k, v in (defaults or {}).items() if _present(v) and k in BIVDIFF_FIELDS}
-    row = {k: v for k, v in row.items() if _present(v)}
-    merged = {**presets.BIVDIFF_DEFAULTS, **defaults, **row}
-    task_name = merged.get("task")
-    if task_name not in presets.BIVDIFF_TASKS:
-        raise ValueError(f"task: unknown {task_name!r}; choose one of {sorted(presets.BIVDIFF_TASKS)}")
-    task = presets.BIVDIFF_TASKS[task_name]
-    sampler = merged["sampler"]
-    if sampler not in presets.BIVDIFF_PRESETS:
-        raise ValueError(f"sampler: BIVDiff rows take {sorted(presets.BIVDIFF_PRESETS)}, got {sampler!r}")
-    preset = presets.BIVDIFF_PRESETS[sampler]
-    uris = {}
+    negative prompt to the official NEG string."""
+    declared = schema.names(schema.BIVDIFF)
+    merged = {**presets.BIVDIFF_DEFAULTS, **{k: v for k, v in _present(defaults).items() if k in declared}, **_present(row)}
+    task = presets.BIVDIFF_TASKS.get(merged.get("task"))
+    if task is None:
+        raise ValueError(f"task: unknown {merged.get('task')!r}; choose one of {sorted(presets.BIVDIFF_TASKS)}")
+    if merged["sampler"] not in presets.BIVDIFF_PRESETS:
+        raise ValueError(f"sampler: BIVDiff rows take {sorted(presets.BIVDIFF_PRESETS)}, got {merged['sampler']!r}")
+    prompt = merged.get("prompt", "")
+    given_stride = "stride" in _present(row) or "stride" in _present(defaults)
+    v = schema.validate(schema.BIVDIFF, {
+        "prompt": prompt, "idm_prompt": merged.get("idm_prompt", prompt), "vdm_prompt": merged.get("vdm_prompt", prompt),
+        "negative_prompt": presets.BIVDIFF_NEG if task.quality_tags else "", "inversion_prompt": "", "alpha": task.alpha,
+        "frame_joint_norm": presets.BIVDIFF_PRESETS[merged["sampler"]].frame_joint_norm, **merged,
+        "stride": merged["stride"] if given_stride or task.idm != "external" else 1})
     for name in ("source_video", "mask_video", "condition_video"):
-        v = merged.get(name)
-        uris[name] = None if v is None else _string(name, v, allow_empty=False)
-    needs_source = not (task.condition in ("depth", "pose") and uris["condition_video"])
-    if needs_source and uris["source_video"] is None:
+        if v[name] is not None and not v[name].strip():
+            raise ValueError(f"{name}: must be a non-empty string, got {v[name]!r}")
+    if not (task.condition in ("depth", "pose") and v["condition_video"]) and v["source_video"] is None:
         raise ValueError(f"source_video: task {task.name!r} needs a source video (an fsspec URI)")
-    if task.mask == "video" and uris["mask_video"] is None:
+    if task.mask == "video" and v["mask_video"] is None:
         raise ValueError(f"mask_video: task {task.name!r} needs a mask video (white = region to fill)")
     for name, used in (("mask_video", task.mask == "video"), ("condition_video", task.condition in ("depth", "pose"))):
-        if uris[name] is not None and not used:
+        if v[name] is not None and not used:
             raise ValueError(f"{name}: task {task.name!r} does not use a {name.replace('_', ' ')}")
-    prompt = merged.get("prompt")
-    if prompt is not None:
-        _string("prompt", prompt)
-    idm_prompt = _string("idm_prompt", merged.get("idm_prompt", prompt if prompt is not None else ""))
-    vdm_prompt = _string("vdm_prompt", merged.get("vdm_prompt", prompt if prompt is not None else ""))
-    negative = _string("negative_prompt", merged.get("negative_prompt", presets.BIVDIFF_NEG if task.quality_tags else ""))
-    inversion = _string("inversion_prompt", merged.get("inversion_prompt", ""))
-    alpha = _float("alpha", merged.get("alpha", task.alpha))
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha: must lie in [0, 1] (weight of the image-model inversion), got {alpha}")
-    joint = merged.get("frame_joint_norm", preset.frame_joint_norm)
-    if not isinstance(joint, bool):
-        raise ValueError(f"frame_joint_norm: must be true or false, got {joint!r}")
-    ints = {name: _int(name, merged[name], lo, hi) for name, lo, hi in (
-        ("steps", 1, 1000), ("idm_steps", 1, 1000), ("frames", 1, 1024), ("height", 8, 8192), ("width", 8, 8192),
-        ("fps", 1, 240), ("seed", 0, MAX_SEED - 1))}
-    ints["stride"] = _int("stride", merged.get("stride") if "stride" in row or "stride" in defaults or task.idm != "external"
-                          else 1, 1, 1000)
-    limits.check(ints["frames"], ints["height"], ints["width"], max(ints["steps"], ints["idm_steps"]))
-    if 1000 % ints["steps"]:
-        raise ValueError(f"steps: the SD DDIM grid (leading spacing) needs a divisor of 1000, got {ints['steps']}")
-    for name in ("height", "width"):
-        if ints[name] % spatial_factor:
-            raise ValueError(f"{name}: must be a multiple of the VAE factor {spatial_factor}, got {ints[name]}")
-    floats = {name: _float(name, merged[name]) for name in ("guidance", "idm_guidance", "image_guidance")}
-    noise = merged["noise"]
-    if noise not in NOISE_POLICIES:
-        raise ValueError(f"noise: must be one of {NOISE_POLICIES}, got {noise!r}")
-    return BivdiffParams(task=task.name, **uris, idm_prompt=idm_prompt, vdm_prompt=vdm_prompt, negative_prompt=negative,
-                         inversion_prompt=inversion, alpha=alpha, sampler=sampler, frame_joint_norm=joint, noise=noise,
-                         **ints, **floats)
+    limits.check(v["frames"], v["height"], v["width"], max(v["steps"], v["idm_steps"]))
+    if 1000 % v["steps"]:
+        raise ValueError(f"steps: the SD DDIM grid (leading spacing) needs a divisor of 1000, got {v['steps']}")
+    structure.check(v["frames"], v["height"], v["width"])
+    del v["prompt"]
+    return BivdiffParams(**v)

@@ -79,10 +79,7 @@ def build_plan(backbone, rows: Sequence[GenParams]) -> Plan:
         raise ValueError("rows in one batch must share sampler, variant, steps, frames, size, interval and zz")
     p = rows[0]
     preset = p.preset
-    for name, v in (("height", p.height), ("width", p.width)):
-        if v % backbone.spatial_factor:
-            raise ValueError(f"{name}: must be a multiple of the VAE factor {backbone.spatial_factor}, got {v}")
-    backbone.check_frames(p.frames)
+    backbone.check(p)
     down, up = move_tables(backbone, preset)
     ts = main_grid(backbone, preset, p.steps)
     return compile_plan(p.parsed, timesteps=ts, down_table=down, up_table=up,

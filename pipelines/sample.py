@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 
+from . import params as schema
 from . import presets
 from .cli import EXIT_CODES, check_source, load_models, progress_bar, quiet_libraries, tiny_kind
 from .config import ModelSpec, resolve_params
@@ -54,21 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--decode-chunk", type=int, default=presets.DEFAULT_DECODE_CHUNK,
                    help=f"frames per VAE decode call (default {presets.DEFAULT_DECODE_CHUNK}; lower it if decoding runs out of memory)")
     s = ap.add_argument_group("sampling (unset flags take the preset's or the backbone's value)")
-    s.add_argument("--prompt")
-    s.add_argument("--negative-prompt", help="default ''")
-    s.add_argument("--sampler", default=presets.DEFAULT_SAMPLER, help=f"preset (default {presets.DEFAULT_SAMPLER}): {', '.join(presets.PRESETS)}")
-    s.add_argument("--variant", help="grammar pattern overriding the preset's, e.g. 'down:IV-IV', 'up:IV-IV@main=V'")
-    s.add_argument("--steps", type=int, help="defaults per backbone: " + _defaults_help())
-    s.add_argument("--frames", type=int)
-    s.add_argument("--height", type=int)
-    s.add_argument("--width", type=int)
-    s.add_argument("--fps", type=int)
-    s.add_argument("--guidance", type=float, help="main-step CFG scale (default 7.5; videocrafter2 and ivmixed_vc_v1: 9.0)")
-    s.add_argument("--idm-guidance", help="zigzag CFG of IDM sub-steps: W or BEGIN,END[,RHO] (Karras ramp; default 4)")
-    s.add_argument("--vdm-guidance", help="zigzag CFG of VDM sub-steps: W or BEGIN,END[,RHO] (default 4)")
-    s.add_argument("--interval", help="steps with the zigzag: 'a..b' step indices or '0.0..0.5' fractions (default all)")
-    s.add_argument("--zz", type=int, help="substitute the IDM letters by the VDM when step %% zz == zz-1")
-    s.add_argument("--seed", type=int, help=f"initial-noise seed (default {presets.DEFAULT_SEED}; the *_v1 presets: 23523)")
+    schema.add_flags(s, schema.GENERATION, extra_help={"steps": "; defaults per backbone: " + _defaults_help()})
     o = ap.add_argument_group("output")
     o.add_argument("--output-type", default="mp4", choices=["mp4", "latent"], help="default mp4")
     o.add_argument("--out", help="output path or fsspec URI (s3://...): .mp4, or .npy for --output-type latent")
@@ -96,10 +83,6 @@ def list_backbones() -> str:
                                                    ("image_model", b.image_model)) if v)
         out.append(f"{name:<14} {b.frames} x {b.height}x{b.width}, {b.steps} steps, {b.fps} fps; {models}")
     return "\n".join(out)
-
-
-PARAM_FLAGS = ("negative_prompt", "sampler", "variant", "steps", "frames", "height", "width", "fps", "guidance",
-               "idm_guidance", "vdm_guidance", "interval", "zz", "seed")
 
 
 def _spec(args: argparse.Namespace) -> ModelSpec:
@@ -159,7 +142,7 @@ def run(args: argparse.Namespace) -> dict:
     if not args.out:
         raise ValueError("--out: required (a .mp4 path, or .npy with --output-type latent)")
     spec = _spec(args)
-    params = resolve_params({"prompt": args.prompt, **{k: getattr(args, k) for k in PARAM_FLAGS}}, backbone=spec.backbone)
+    params = resolve_params(schema.from_args(args, schema.GENERATION), backbone=spec.backbone)
     check_output(args.out, args.output_type)
     _warn_if_slow(spec, params)
     start = time.perf_counter()

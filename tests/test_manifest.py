@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from operators.generate import resolve_rows
+from operators.kinds import Resolver
 from operators.manifest import ManifestError, check_id, read_schema, resolve_row
 from operators.metadata import latest, to_table
 from pipelines.config import BivdiffSpec, ModelSpec
@@ -15,6 +16,7 @@ from pipelines.config import BivdiffSpec, ModelSpec
 from .conftest import SHARED
 
 SPEC = ModelSpec(device="cpu")
+RESOLVER = Resolver.build(SPEC)
 
 
 def write(tmp_path, table, name="m.parquet"):
@@ -73,23 +75,23 @@ def test_hostile_ids_are_refused(bad):
 
 
 def test_resolve_row_derives_stable_ids_and_fails_bad_rows():
-    a = resolve_row({"prompt": "a cat", "steps": 4}, {}, SPEC)
-    b = resolve_row({"prompt": "a cat", "steps": 4}, {}, SPEC)
-    c = resolve_row({"prompt": "a cat", "steps": 5}, {}, SPEC)
-    d = resolve_row({"prompt": "a cat", "steps": 4}, {}, ModelSpec(lora="x"))
+    a = resolve_row({"prompt": "a cat", "steps": 4}, RESOLVER)
+    b = resolve_row({"prompt": "a cat", "steps": 4}, RESOLVER)
+    c = resolve_row({"prompt": "a cat", "steps": 5}, RESOLVER)
+    d = resolve_row({"prompt": "a cat", "steps": 4}, Resolver.build(ModelSpec(lora="x")))
     assert a["status"] == "pending" and a["id"] == b["id"] != c["id"] != d["id"] and a["id"].startswith("h")
     check_id(a["id"])
-    bad = resolve_row({"prompt": "a cat", "id": "../../etc"}, {}, SPEC)
+    bad = resolve_row({"prompt": "a cat", "id": "../../etc"}, RESOLVER)
     assert bad["status"] == "failed" and bad["error"].startswith("id:") and bad["id"].startswith("invalid-")
     check_id(bad["id"])
-    bad = resolve_row({"prompt": "a cat", "height": 65, "id": "ok-id"}, {}, SPEC)
+    bad = resolve_row({"prompt": "a cat", "height": 65, "id": "ok-id"}, RESOLVER)
     assert bad["status"] == "failed" and bad["id"] == "ok-id" and "height" in bad["error"]
-    assert resolve_row({"prompt": None}, {}, SPEC)["status"] == "failed"
+    assert resolve_row({"prompt": None}, RESOLVER)["status"] == "failed"
 
 
 def test_resolve_rows_drops_committed_and_fails_duplicates():
     batch = pa.table({"id": ["a", "b", "c", "c"], "prompt": ["x", "y", "z", "w"], "note": [1, 2, 3, 4]})
-    out = resolve_rows(batch, defaults={"steps": 4}, model={"device": "cpu"}, done=frozenset({"a"}), duplicate_ids=frozenset({"c"}))
+    out = resolve_rows(batch, Resolver.build({"device": "cpu"}, defaults={"steps": 4}), done=frozenset({"a"}), duplicate_ids=frozenset({"c"}))
     assert out.column("_id").to_pylist() == ["b", "c", "c"]
     assert out.column("_status").to_pylist() == ["pending", "failed", "failed"]
     assert "more than one manifest row" in out.column("_error").to_pylist()[1]
@@ -119,7 +121,7 @@ def test_benchmark_prompt_sets_validate(name, tmp_path):
         pytest.skip("the real prompt sets are not beside this checkout; the 'built' case covers the same shapes")
     schema, rows = read_schema(path)
     table = pq.read_table(path)
-    resolved = [resolve_row(r, {}, SPEC) for r in table.to_pylist()]
+    resolved = [resolve_row(r, RESOLVER) for r in table.to_pylist()]
     assert rows == table.num_rows and all(r["status"] == "pending" for r in resolved)
     assert [r["id"] for r in resolved] == table.column("id").to_pylist()  # dotted ids are valid keys
 
@@ -136,7 +138,7 @@ def test_latest_keeps_the_newest_row_per_id():
 
 def test_resolve_rows_when_everything_is_already_done():
     batch = pa.table({"id": ["a", "b"], "prompt": ["x", "y"]})
-    out = resolve_rows(batch, defaults={}, model={"device": "cpu"}, done=frozenset({"a", "b"}))
+    out = resolve_rows(batch, Resolver.build({"device": "cpu"}), done=frozenset({"a", "b"}))
     assert out.num_rows == 0 and "_status" in out.column_names
 
 
@@ -159,16 +161,17 @@ def test_bivdiff_rows_in_manifests(tmp_path):
         "prompt": [None, None, "a cat", "a bear"],
         "samplers": pa.array([None, None, ["standard", "ivmixed"], ["bivdiff", "bivdiff_compat"]], pa.list_(pa.string())),
     })
-    out = resolve_rows(batch, defaults={"steps": 4}, model={"device": "cpu"}, bivdiff_defaults={"steps": 10})
+    out = resolve_rows(batch, Resolver.build({"device": "cpu"}, defaults={"steps": 4}, bivdiff_defaults={"steps": 10}))
     ids, status, errors = (out.column(c).to_pylist() for c in ("_id", "_status", "_error"))
     assert ids == ["e1", "e2", "g1-standard", "g1-ivmixed", "e3"]
     assert status == ["pending", "failed", "pending", "pending", "failed"]
     assert errors[1].startswith("mask_video: task 'inpaint' needs a mask video")
     assert errors[4].startswith("samplers: A/B sampler groups are for generation rows")
     e1 = json.loads(out.column("_params").to_pylist()[0])
-    assert e1["kind"] == "bivdiff" and e1["steps"] == 10 and e1["stride"] == 1 and e1["alpha"] == 1.0
-    a = resolve_row({"task": "external", "source_video": "x.npy"}, {}, SPEC)
-    b = resolve_row({"task": "external", "source_video": "x.npy"}, {}, SPEC, bivdiff=BivdiffSpec(vdm="modelscope"))
+    assert out.column("_kind").to_pylist() == ["bivdiff", "bivdiff", "generation", "generation", "bivdiff"]
+    assert e1["steps"] == 10 and e1["stride"] == 1 and e1["alpha"] == 1.0
+    a = resolve_row({"task": "external", "source_video": "x.npy"}, RESOLVER)
+    b = resolve_row({"task": "external", "source_video": "x.npy"}, Resolver.build(SPEC, BivdiffSpec(vdm="modelscope")))
     assert a["id"].startswith("h") and a["id"] != b["id"]  # the model set is part of a derived id
 
 
@@ -200,7 +203,7 @@ def test_missing_bivdiff_inputs_fail_at_resolution(tmp_path):
     src.write_bytes(b"x")
     batch = pa.table({"id": ["ok", "gone"], "task": ["inpaint", "inpaint"], "source_video": [str(src), str(src)],
                       "mask_video": [str(src), str(tmp_path / "nope.mp4")]})
-    out = resolve_rows(batch, defaults={}, model={"device": "cpu"})
+    out = resolve_rows(batch, Resolver.build({"device": "cpu"}))
     assert out.column("_status").to_pylist() == ["pending", "failed"]
     assert out.column("_error").to_pylist()[1] == f"mask_video: {str(tmp_path / 'nope.mp4')!r} does not exist"
 
@@ -209,7 +212,7 @@ def test_a_manifest_samplers_column_wins_over_the_configs():
     """README: `samplers` in the job config (or --samplers) applies to every row; a row's own `samplers` list wins."""
     batch = pa.table({"id": ["a", "b"], "prompt": ["x", "y"],
                       "samplers": pa.array([["ivmixed_ad_v1", "standard"], None], pa.list_(pa.string()))})
-    out = resolve_rows(batch, defaults={"steps": 4}, model={"device": "cpu"}, samplers=("standard", "ivmixed"))
+    out = resolve_rows(batch, Resolver.build({"device": "cpu"}, defaults={"steps": 4}, samplers=("standard", "ivmixed")))
     got = sorted(zip(out.column("_id").to_pylist(), out.column("_sampler").to_pylist()))
     assert got == [("a-ivmixed_ad_v1", "ivmixed_ad_v1"), ("a-standard", "standard"),
                    ("b-ivmixed", "ivmixed"), ("b-standard", "standard")]

@@ -205,12 +205,13 @@ def test_a_scorer_that_fails_in_the_actor_keeps_every_video(tmp_path, tiny_ad_di
     from dataclasses import asdict
 
     from operators.generate import VideoGenerator, resolve_rows
+    from operators.kinds import Resolver
     from pipelines.config import ModelSpec
 
     spec = asdict(ModelSpec.from_model_dir("animatediff", tiny_ad_dir, device="cpu", dtype="float32"))
-    batch = resolve_rows(pa.table({"id": ["a", "b"], "prompt": ["one", "two"]}),
-                         defaults={"steps": 2, "frames": 2, "height": 64, "width": 64}, model=spec)
-    gen = VideoGenerator(spec, str(tmp_path / "out"), "run", "test", sampler_batch=2, scorer=str(tmp_path / "no-clip"))
+    resolver = Resolver.build(spec, defaults={"steps": 2, "frames": 2, "height": 64, "width": 64})
+    batch = resolve_rows(pa.table({"id": ["a", "b"], "prompt": ["one", "two"]}), resolver)
+    gen = VideoGenerator(resolver, str(tmp_path / "out"), "run", "test", sampler_batch=2, scorer=str(tmp_path / "no-clip"))
     rows = gen(batch).to_pylist()
     assert [r["status"] for r in rows] == ["ok", "ok"], rows
     assert all(r["clipsim"] is None and "while loading the scorer" in r["score_error"] for r in rows)

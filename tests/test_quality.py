@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from jobs import quality
+from operators.kinds import Resolver
 from operators.manifest import expand_samplers
 from operators.metadata import read_latest
 from pipelines.config import ModelSpec
@@ -47,18 +48,18 @@ def test_scorer_matches_clips_own_similarity_and_known_answers(tiny_clip):
 
 
 def test_ab_groups_share_prompt_seed_and_pair_id():
-    rows = expand_samplers({"id": "horses", "prompt": "Two horses"}, {"steps": 4}, SPEC, ["standard", "ivmixed_ad_v1"])
+    rows = expand_samplers({"id": "horses", "prompt": "Two horses"}, Resolver.build(SPEC, defaults={"steps": 4}, samplers=["standard", "ivmixed_ad_v1"]))
     assert [r["id"] for r in rows] == ["horses-standard", "horses-ivmixed_ad_v1"] and {r["pair_id"] for r in rows} == {"horses"}
     import json
 
     params = [json.loads(r["params_json"]) for r in rows]
     assert params[0]["seed"] == params[1]["seed"] == 0  # ad_v1's own default seed (23523) must not split the pair
     assert [p["sampler"] for p in params] == ["standard", "ivmixed_ad_v1"]
-    derived = expand_samplers({"prompt": "Two horses", "samplers": ["ivmixed", "standard"]}, {}, SPEC, None)
+    derived = expand_samplers({"prompt": "Two horses", "samplers": ["ivmixed", "standard"]}, Resolver.build(SPEC))
     assert derived[0]["pair_id"] == derived[1]["pair_id"] and derived[0]["id"].endswith("-ivmixed")
-    bad = expand_samplers({"prompt": "x", "samplers": ["standard", "standard"]}, {}, SPEC, None)
+    bad = expand_samplers({"prompt": "x", "samplers": ["standard", "standard"]}, Resolver.build(SPEC))
     assert bad[0]["status"] == "failed" and bad[0]["error"].startswith("samplers:")
-    unknown = expand_samplers({"prompt": "x"}, {}, SPEC, ["standard", "nope"])
+    unknown = expand_samplers({"prompt": "x"}, Resolver.build(SPEC, samplers=["standard", "nope"]))
     assert [r["status"] for r in unknown] == ["pending", "failed"] and "sampler" in unknown[1]["error"]
 
 

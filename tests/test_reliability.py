@@ -277,17 +277,20 @@ def test_a_batch_that_cannot_fit_is_split_and_a_row_that_cannot_fit_fails(tmp_pa
     from dataclasses import asdict
 
     from operators.generate import VideoGenerator, resolve_rows
+    from operators.kinds import Resolver
     from pipelines import memory
     from pipelines.config import ModelSpec
 
     spec = asdict(ModelSpec.from_model_dir("animatediff", tiny_ad_dir, device="cpu", dtype="float32"))
-    batch = resolve_rows(pa.table({"id": ["a", "b"], "prompt": ["one", "two"]}), defaults=TINY, model=spec)
-    probe = VideoGenerator(spec, str(tmp_path / "probe"), "run", "test")
-    one, two = (memory.estimate(probe.backbone, b, 4, 32, 32).total for b in (1, 2))
+    resolver = Resolver.build(spec, defaults=TINY)
+    batch = resolve_rows(pa.table({"id": ["a", "b"], "prompt": ["one", "two"]}), resolver)
+    probe = VideoGenerator(resolver, str(tmp_path / "probe"), "run", "test")
+    one, two = (memory.estimate(probe.models, b, 4, 32, 32).total for b in (1, 2))
     assert one < two
-    split = VideoGenerator(spec, str(tmp_path / "split"), "run", "test", sampler_batch=2, memory_budget_gb=(one + two) / 2 / 2**30)
+    split = VideoGenerator(resolver, str(tmp_path / "split"), "run", "test", sampler_batch=2,
+                           memory_budget_gb=(one + two) / 2 / 2**30)
     assert [r["status"] for r in split(batch).to_pylist()] == ["ok", "ok"]
-    tight = VideoGenerator(spec, str(tmp_path / "tight"), "run", "test", sampler_batch=2, memory_budget_gb=one / 2 / 2**30)
+    tight = VideoGenerator(resolver, str(tmp_path / "tight"), "run", "test", sampler_batch=2, memory_budget_gb=one / 2 / 2**30)
     rows = tight(batch).to_pylist()
     assert [r["status"] for r in rows] == ["failed", "failed"] and all(
         r["error"].startswith("memory: 4 frames at 32x32 need about ") and "compute.memory_budget_gb" in r["error"] for r in rows)
@@ -304,6 +307,7 @@ def test_a_failed_batch_frees_its_tensors_before_the_rows_are_retried_alone(tmp_
 
     import pipelines.generate as gen_module
     from operators.generate import VideoGenerator, resolve_rows
+    from operators.kinds import Resolver
     from pipelines.config import ModelSpec
 
     real, held, alive_at_retry = gen_module.generate, [], []
@@ -318,6 +322,7 @@ def test_a_failed_batch_frees_its_tensors_before_the_rows_are_retried_alone(tmp_
 
     monkeypatch.setattr(gen_module, "generate", generate)
     spec = asdict(ModelSpec.from_model_dir("animatediff", tiny_ad_dir, device="cpu", dtype="float32"))
-    batch = resolve_rows(pa.table({"id": ["a", "b"], "prompt": ["one", "two"]}), defaults=TINY, model=spec)
-    rows = VideoGenerator(spec, str(tmp_path / "out"), "run", "test", sampler_batch=2)(batch).to_pylist()
+    resolver = Resolver.build(spec, defaults=TINY)
+    batch = resolve_rows(pa.table({"id": ["a", "b"], "prompt": ["one", "two"]}), resolver)
+    rows = VideoGenerator(resolver, str(tmp_path / "out"), "run", "test", sampler_batch=2)(batch).to_pylist()
     assert [r["status"] for r in rows] == ["ok", "ok"] and alive_at_retry == [False, False]

@@ -73,10 +73,6 @@ class AnimateDiff(BackboneBase):
                    device=device, dtype=dtype)
 
     # -- conditioning and denoisers -------------------------------------------------------------
-    def check_frames(self, frames: int) -> None:
-        if frames > self.max_frames:
-            raise ValueError(f"frames: the motion adapter handles at most {self.max_frames} frames, got {frames}")
-
     def denoisers(self, prompts: Sequence[str], negatives: Sequence[str], *, frames: int, idm_text: str,
                   fps: int) -> dict[str, Denoiser]:
         """Bind the batch's text conditioning into one CFG denoiser per model ("V" and "I"); fps is not an input."""

@@ -106,8 +106,17 @@ class BackboneBase:
     name: str
     decode_chunk: int = DEFAULT_DECODE_CHUNK  # frames per VAE call; load_backbone sets the spec's
 
-    def check_frames(self, frames: int) -> None:  # pragma: no cover - overridden where limited
-        return None
+    max_frames: int | None = None  # a motion adapter's positional table bounds the frames
+
+    @property
+    def structure(self):
+        from ..config import Structure
+
+        return Structure(self.spatial_factor, self.max_frames)
+
+    def check(self, p) -> None:
+        """The structural rules of the loaded models for one row's parameters (`config.Structure`)."""
+        self.structure.check(p.frames, p.height, p.width)
 
     def image_table(self) -> AlphaTable:
         return AlphaTable.from_scheduler_config(self.image_scheduler_config)

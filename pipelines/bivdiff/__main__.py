@@ -16,6 +16,7 @@ import os
 import sys
 import time
 
+from .. import params as schema
 from .. import presets
 from ..cli import EXIT_CODES, check_source, load_models, progress_bar, tiny_kind
 from ..config import BivdiffSpec, resolve_bivdiff_params
@@ -33,16 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
         + "\n\ndefaults: " + ", ".join(f"{k} {v}" for k, v in presets.BIVDIFF_DEFAULTS.items())
         + " (alpha: the task's)\n\nOn a laptop: python -m pipelines.tiny bivdiff .cache/tiny/bivdiff, then add "
         "--model-dir .cache/tiny/bivdiff --steps 5 --idm-steps 2 --frames 4 --height 64 --width 64\n\n" + EXIT_CODES)
-    t = ap.add_argument_group("task and inputs (fsspec URIs: local paths, s3://, gs://, ...)")
-    t.add_argument("--task", required=True, choices=sorted(presets.BIVDIFF_TASKS))
-    t.add_argument("--video", dest="source_video", help="source video (external: the edited frames: mp4, PNG folder or .npy)")
-    t.add_argument("--mask-video", help="inpaint: mask video, white = region to fill")
-    t.add_argument("--condition-video", help="controlnet-depth/-pose: precomputed condition maps (default: --video)")
-    t.add_argument("--prompt", help="sets --idm-prompt and --vdm-prompt when they are not given")
-    t.add_argument("--idm-prompt", help="stage-1 prompt (instruct-pix2pix: the edit instruction)")
-    t.add_argument("--vdm-prompt", help="smoothing prompt: a caption of the target video")
-    t.add_argument("--negative-prompt", help="default: the official NEG tags for controlnet/instruct-pix2pix, else ''")
-    t.add_argument("--inversion-prompt", help="bivdiff preset: text the inversions are conditioned on (default '')")
+    t = ap.add_argument_group("row parameters (inputs are fsspec URIs: local paths, s3://, gs://, ...; unset flags take "
+                              "the preset's or the task's value)")
+    schema.add_flags(t, schema.BIVDIFF, flags={"source_video": "--video", "sampler": "--preset"}, required=("task",))
     m = ap.add_argument_group("models (hub ids or local folders)")
     m.add_argument("--model-dir", help="folder written by `python -m pipelines.tiny bivdiff DIR`")
     m.add_argument("--vdm", default=presets.BIVDIFF_MODELS["vdm"], choices=presets.BIVDIFF_VDMS, help="video model family")
@@ -57,36 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", default=presets.DEFAULT_DEVICE)
     m.add_argument("--decode-chunk", type=int, default=presets.DEFAULT_DECODE_CHUNK,
                    help=f"frames per VAE decode call (default {presets.DEFAULT_DECODE_CHUNK})")
-    s = ap.add_argument_group("sampling (unset flags take the preset's or task's value)")
-    s.add_argument("--preset", dest="sampler", choices=sorted(presets.BIVDIFF_PRESETS))
-    s.add_argument("--alpha", type=float, help="weight of the image-model inversion (task default: spec §3)")
-    s.add_argument("--steps", type=int, help="inversion = smoothing steps (divisor of 1000)")
-    s.add_argument("--idm-steps", type=int, help="stage-1 steps per frame")
-    s.add_argument("--frames", type=int)
-    s.add_argument("--stride", type=int, help="take frames 0, k, 2k, ... of the source (default 4; external 1)")
-    s.add_argument("--height", type=int)
-    s.add_argument("--width", type=int)
-    s.add_argument("--seed", type=int)
-    s.add_argument("--guidance", type=float, help="smoothing CFG (7.5)")
-    s.add_argument("--idm-guidance", type=float, help="stage-1 CFG (7.5)")
-    s.add_argument("--image-guidance", type=float, help="instruct-pix2pix image guidance (1.5)")
-    s.add_argument("--noise", choices=["independent", "shared", "per_frame"],
-                   help="stage-1 noise: one generator across frames in order (official) | same per frame | seed + i")
-    s.add_argument("--stage1-batch", type=int, default=8, help="frames per stage-1 pipeline call (shared/per_frame noise)")
-    s.add_argument("--frame-joint-norm", action=argparse.BooleanOptionalAction, default=None,
-                   help="inversion UNet GroupNorm pooled over frames (bivdiff_compat: on)")
-    s.add_argument("--fps", type=int, help="output mp4 frame rate (8)")
+    m.add_argument("--stage1-batch", type=int, default=8, help="frames per stage-1 pipeline call (shared/per_frame noise)")
     o = ap.add_argument_group("output")
     o.add_argument("--output-type", default="mp4", choices=["mp4", "latent"])
     o.add_argument("--out", required=True, help="output path or fsspec URI: .mp4, or .npy for --output-type latent")
     o.add_argument("--save-stage1", help="also write the stage-1 frames as an mp4 here")
     o.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log lines; errors and the result only")
     return ap
-
-
-PARAM_FLAGS = ("task", "source_video", "mask_video", "condition_video", "prompt", "idm_prompt", "vdm_prompt",
-               "negative_prompt", "inversion_prompt", "sampler", "alpha", "steps", "idm_steps", "frames", "stride", "height",
-               "width", "seed", "guidance", "idm_guidance", "image_guidance", "noise", "frame_joint_norm", "fps")
 
 
 MODEL_FLAGS = ("video_model", "video_unet", "motion_adapter", "image_model", "controlnet", "instruct_pix2pix", "inpainting")
@@ -129,7 +100,7 @@ def run(args: argparse.Namespace) -> dict:
     from .inputs import read_row_inputs
     from .runner import BIVDiff
 
-    params = resolve_bivdiff_params({k: getattr(args, k) for k in PARAM_FLAGS})
+    params = resolve_bivdiff_params(schema.from_args(args, schema.BIVDIFF))
     spec = _spec(args, params.spec_task)
     check_output(args.out, args.output_type)
     if args.save_stage1:

@@ -126,9 +126,7 @@ class BIVDiff:
             loaded: inputs.RowInputs | None = None) -> BivdiffResult:
         """One video; `loaded` = the row's inputs when the caller read (and so validated) them already."""
         start = time.perf_counter()
-        if p.height % self.spatial_factor or p.width % self.spatial_factor:
-            raise ValueError(f"height/width: must be multiples of the VAE factor {self.spatial_factor}")
-        self.backbone.check_frames(p.frames)
+        self.backbone.check(p)
         source, mask, condition = loaded or inputs.read_row_inputs(p)
         edited = source if p.spec_task.idm == "external" else self.stage1.run(p, source, mask, condition)
         z0 = self.encode(edited, p.seed)

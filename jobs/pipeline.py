@@ -1,0 +1,154 @@
+"""The Ray part of the job (README "Architecture"): Ray start-up, the capacity check, and the passes that turn the
+manifest into committed metadata parts. The driver splits rows by kind here: each kind present in the manifest runs
+through its own actor pool (`operators.kinds.KINDS`), one kind after the other, so an actor holds one model set."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from jobs.config import ComputeConfig
+from jobs.setup import RunContext
+from operators import metadata, storage
+from operators.kinds import KINDS
+
+logger = logging.getLogger("jobs.generate")
+READ_CPUS = 0.25  # per read / resolve task
+RESERVED_CPUS = 1.0  # Ray's internal ListFiles task of read_parquet takes one whole CPU (not configurable in 2.60)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def init_ray():
+    import ray
+
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        kwargs = {"logging_level": logging.WARNING, "log_to_driver": True}
+        if not address:
+            kwargs["include_dashboard"] = False
+        ray.init(address=address, **kwargs)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # progress is our own log line (pain point 10)
+    ctx.max_errored_blocks = -1  # a batch lost with its worker must not end the run: run_passes retries its rows
+    return ray
+
+
+def check_capacity(compute: ComputeConfig, resources: dict, device: str) -> None:
+    """Refuse a pool that cannot start or that starves the read tasks (a silent hang otherwise: pain point 3).
+    On an autoscaling cluster (compute.autoscaling) the same findings are warnings: nodes may still come."""
+    cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
+    need_cpu = compute.num_actors * compute.cpus_per_actor
+    problems = []
+    if device == "cuda" and compute.num_actors > gpus:
+        problems.append(f"compute.num_actors: {compute.num_actors} GPU actors need {compute.num_actors} GPUs; the cluster has {gpus:g}")
+    if need_cpu + RESERVED_CPUS > cpus:
+        problems.append(f"compute: {compute.num_actors} actors x {compute.cpus_per_actor:g} CPU leave less than {RESERVED_CPUS:g} CPU "
+                        f"for reading the manifest on a {cpus:g}-CPU cluster; lower compute.num_actors or compute.cpus_per_actor")
+    if problems and compute.autoscaling:
+        logger.warning("cluster is smaller than the pool right now (autoscaling expected): %s", "; ".join(problems))
+    elif problems:
+        raise ValueError("; ".join(problems))
+
+
+def _of_kind(batch, kind: str):
+    import pyarrow.compute as pc
+
+    return batch.filter(pc.equal(batch["_kind"], kind))
+
+
+def run_passes(ray, ctx: RunContext, consume) -> None:
+    """For each row kind in the manifest: pass 1 runs its rows in their batches. Batches lost with their worker (killed
+    for memory, a crash, a node gone, a row past its time) come back as Ray Data errored blocks: pass 2 runs their rows
+    again one at a time on fresh actors, and pass 3 records whatever was lost again as failed rows with the reason
+    (README, "Reliability"). `consume(ds)` commits a dataset's metadata rows and returns its errored blocks."""
+    from operators.compute import actor_pool
+    from operators.generate import BivdiffGenerator, VideoGenerator, lost_rows, resolve_rows
+
+    cfg = ctx.cfg
+    env = storage.storage_env()
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:  # local Ray: make the project importable in workers
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    runtime_env = {"env_vars": env}
+    mfs, mpath = storage.filesystem(cfg.manifest)
+    operators = {"VideoGenerator": (VideoGenerator, {"sampler_batch": cfg.compute.sampler_batch}),
+                 "BivdiffGenerator": (BivdiffGenerator, {"stage1_batch": cfg.bivdiff.stage1_batch})}
+
+    def resolved(kind: str):
+        ds = ray.data.read_parquet(mpath, filesystem=storage.arrow_filesystem(mfs), runtime_env=runtime_env, num_cpus=READ_CPUS)
+        if cfg.limit:
+            ds = ds.limit(cfg.limit)
+        ds = ds.map_batches(resolve_rows, batch_format="pyarrow", batch_size=512, num_cpus=READ_CPUS, runtime_env=runtime_env,
+                            fn_args=(ctx.resolver,), fn_kwargs={"done": frozenset(ctx.done), "duplicate_ids": frozenset(ctx.manifest.duplicate_ids),
+                                                              "poisoned": frozenset(ctx.poisoned), "seen": frozenset(ctx.seen)})
+        return ds.map_batches(_of_kind, batch_format="pyarrow", num_cpus=READ_CPUS, fn_args=(kind,))
+
+    def generation(kind: str, batch_size: int, batched: bool):
+        cls, extra = operators[KINDS[kind].operator]
+        if not batched:
+            extra = {k: 1 for k in extra}
+        # one actor call per block: rows stream to the driver as they finish and spread over the whole pool
+        ds = resolved(kind).repartition(target_num_rows_per_block=batch_size).map_batches(
+            cls, fn_constructor_args=(ctx.resolver, cfg.output, ctx.run_id, ctx.version),
+            fn_constructor_kwargs={"scorer": ctx.scorer, "memory_budget_gb": cfg.compute.memory_budget_gb,
+                                   "row_timeout_s": cfg.compute.row_timeout_s, **extra},
+            batch_size=batch_size, batch_format="pyarrow", runtime_env=runtime_env,
+            **actor_pool(ray, size=cfg.compute.num_actors, num_gpus=1 if ctx.device == "cuda" else 0,
+                         num_cpus=cfg.compute.cpus_per_actor, max_restarts=cfg.compute.max_restarts,
+                         max_task_retries=cfg.compute.max_task_retries))
+        return consume(ds)
+
+    for kind in ctx.kinds:
+        errors = generation(kind, cfg.compute.batch_size, True)
+        if errors.count:
+            logger.warning("%d batch(es) were lost with their worker (%s); running their rows again one at a time on "
+                           "fresh actors", errors.count, errors.summary())
+            errors = generation(kind, 1, False)
+        if errors.count:
+            reason = f"{metadata.WORKER_DIED} ({errors.summary()}); it was lost in its batch and again when run alone"
+            logger.warning("%d row batch(es) lost again; recording their rows as failed", errors.count)
+            errors = consume(resolved(kind).map_batches(
+                lost_rows, batch_format="pyarrow", num_cpus=READ_CPUS, runtime_env=runtime_env,
+                fn_kwargs={"kind": kind, "resolver": ctx.resolver, "run_id": ctx.run_id, "code_version": ctx.version,
+                           "reason": reason}))
+            if errors.count:  # not even the failures could be recorded: a fault outside the rows (e.g. the manifest)
+                raise RuntimeError(f"{errors.count} block(s) could not be processed: {errors.summary()}")
+
+
+def commit_loop(ctx: RunContext, writer, progress, log_metrics):
+    """`consume(ds)` for run_passes: every result batch goes to the metadata writer (a part per `commit.every_rows` rows
+    or `every_seconds`), the progress counters and, every `progress_seconds`, the log and MLflow."""
+    from operators.compute import ErroredBlocks
+
+    commit = ctx.cfg.commit
+
+    def consume(ds):
+        last_commit = last_log = time.monotonic()
+        with ErroredBlocks() as errors:
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                writer.add(batch)
+                progress.add(batch)
+                ctx.seen.update(batch.column("id").to_pylist())
+                now = time.monotonic()
+                if writer.pending >= commit.every_rows or now - last_commit >= commit.every_seconds:
+                    writer.flush()
+                    last_commit = now
+                if now - last_log >= commit.progress_seconds:
+                    progress.log()
+                    log_metrics()
+                    last_log = now
+        writer.flush()
+        return errors
+
+    return consume
+
+
+def remove_scratch(fs, root: str, run_id: str) -> None:
+    """This run's scratch (`OUTPUT/.runs/<run>/`: timeout marks), and the folder when no other run left one."""
+    from operators.worker import RUN_DIR
+
+    scratch = storage.join(root, RUN_DIR, run_id)
+    if fs.exists(scratch):
+        fs.rm(scratch, recursive=True)
+    parent = storage.join(root, RUN_DIR)
+    if storage.is_local(fs) and fs.exists(parent) and not fs.ls(parent):
+        fs.rmdir(parent)

@@ -1,0 +1,275 @@
+"""What every row operator shares (README "Architecture"): the metadata row of a result, publishing a video
+(encode, upload, contact sheet, sha256), quality scores, and the guards around a model call (memory estimate,
+watchdog, fault drills). `VideoGenerator` and `BivdiffGenerator` (operators/generate.py) add how their kind runs.
+Errors are values: a failing row comes back with status "failed" and its reason; video bytes never enter Ray's
+object store.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import signal
+import socket
+import tempfile
+import threading
+import time
+from typing import Any, Mapping
+
+import pyarrow as pa
+
+from pipelines.config import Limits, spec_json
+
+from . import metadata, storage
+from .kinds import KINDS, Resolver
+from .manifest import COLUMNS
+
+logger = logging.getLogger(__name__)
+WORKER = f"{socket.gethostname()}:{os.getpid()}"  # evaluated in each worker process that imports this module
+INTERNAL = ("_id", "_kind", "_status", "_error", "_params", "_pair", "_sampler")
+
+
+def passthrough_columns(table: pa.Table) -> list[str]:
+    return [c for c in table.column_names if c not in COLUMNS and c not in INTERNAL]
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Recorder:
+    """Builds the metadata rows of one kind in one run: the row's own values plus who made it (backbone, model set,
+    code, run, worker)."""
+
+    def __init__(self, kind: str, spec, backbone: str, run_id: str, code_version: str):
+        self.kind, self.backbone, self.model_json = kind, backbone, spec_json(spec)
+        self.run_id, self.code_version = run_id, code_version
+
+    def row(self, rid: str, status: str, error: str | None, params=None, **extra) -> dict:
+        row = {"id": rid, "status": status, "error": error, "code_version": self.code_version, "run_id": self.run_id,
+               "worker": WORKER, "backbone": self.backbone, "model_spec": self.model_json, "finished_at": metadata.now()}
+        if params is not None:
+            row.update(params.record())
+        row.update(extra)
+        return row
+
+    def unresolved(self, r: Mapping[str, Any], error: str) -> dict:
+        """A failed row from a resolved manifest row (the `_`-columns of `resolve_rows`) that never reached a model."""
+        return self.row(r["_id"], "failed", error, sampler=r.get("_sampler"),
+                        **{k: r.get(k) if isinstance(r.get(k), str) else None for k in ("prompt", "task")})
+
+    def table(self, rows: list[dict], batch: pa.Table) -> pa.Table:
+        """The metadata table of a batch: one row per input row, A/B pair ids and passthrough columns kept."""
+        for out, pair in zip(rows, batch.column("_pair").to_pylist()):
+            out["pair_id"] = pair
+        extra = batch.select(passthrough_columns(batch))
+        return metadata.to_table(rows, extra if extra.num_columns else None, self.kind)
+
+
+def recorder(kind: str, resolver: Resolver, run_id: str, code_version: str) -> Recorder:
+    spec = resolver.setups[kind].spec
+    return Recorder(kind, spec, KINDS[kind].backbone_name(spec), run_id, code_version)
+
+
+def lost_rows(batch: pa.Table, *, kind: str, resolver: Resolver, run_id: str, code_version: str, reason: str) -> pa.Table:
+    """Rows whose batch killed its worker in the batched pass and again when run alone: recorded failed with `reason`
+    (a stateless task, no model). Rows that were already failed keep their own error."""
+    rec = recorder(kind, resolver, run_id, code_version)
+    rows = [rec.unresolved(r, r["_error"] if r["_status"] != "pending" else reason) for r in batch.to_pylist()]
+    return rec.table(rows, batch)
+
+
+def drill_faults() -> dict[str, tuple[str, float]]:
+    """Drill hooks for reliability tests and fire drills: IVMIX_FAULTS="kill=TEXT;sleep=TEXT:SECONDS" makes a row whose
+    prompt contains TEXT kill its worker process (SIGKILL, as the kernel's OOM killer would) or stall. Unset: none."""
+    out = {}
+    for part in filter(None, (os.environ.get("IVMIX_FAULTS") or "").split(";")):
+        kind, _, arg = part.partition("=")
+        text, _, seconds = arg.partition(":")
+        out[kind.strip()] = (text, float(seconds or 0))
+    return out
+
+
+class RowWorker:
+    """One actor of a kind's pool: `__call__` handles a batch of resolved rows of that kind. Models load on first use,
+    once (`load`). Rows that failed to resolve, or that ran past their time on an earlier worker, are recorded without
+    running; the rest go to `run(items)` as (position, id, params) triples, params rebuilt from the resolved record
+    without a second validation."""
+
+    kind: str
+
+    def __init__(self, resolver: Resolver, output: str, run_id: str, code_version: str, *, scorer: str | None = None,
+                 memory_budget_gb: float | None = None, row_timeout_s: float | None = None):
+        from pipelines.backbones.common import resolve_placement
+        from pipelines.cli import quiet_libraries
+
+        quiet_libraries()  # no per-file load bars or advisory warnings in the worker logs the driver prints
+        self.resolver, self.spec = resolver, resolver.setups[self.kind].spec
+        self.rec = recorder(self.kind, resolver, run_id, code_version)
+        self.device, self.dtype = resolve_placement(self.spec.device, self.spec.dtype)
+        self._models = self._scorer = self._scorer_error = None
+        self.scorer_source = scorer
+        self.fs, self.root = storage.filesystem(output)
+        self.limits: Limits = resolver.limits
+        self.memory_budget_gb, self.row_timeout_s = memory_budget_gb, row_timeout_s
+        self.timeouts = timeouts_dir(self.root, run_id)
+        self.faults = drill_faults()
+
+    @property
+    def models(self):
+        if self._models is None:
+            self._models = self.load()
+        return self._models
+
+    def load(self):
+        raise NotImplementedError
+
+    def run(self, items: list[tuple[int, str, Any]], alone: list[tuple[int, str, Any]]) -> dict[int, dict]:
+        raise NotImplementedError
+
+    @property
+    def scorer(self):
+        """The CLIP scorer, loaded on first use; a load failure is remembered and raised again for every video (the
+        caller turns it into `score_error`, never into a lost video)."""
+        if self._scorer is None and self._scorer_error is None:
+            from .scoring import ClipScorer
+
+            try:
+                self._scorer = ClipScorer(self.scorer_source, self.device, self.dtype)
+            except Exception as err:  # noqa: BLE001
+                self._scorer_error = f"{type(err).__name__} while loading the scorer: {' '.join(str(err).split())[:300]}"
+        if self._scorer_error:
+            raise RuntimeError(self._scorer_error)
+        return self._scorer
+
+    # -- guards: memory, time, drills ---------------------------------------------------------------------------
+    def _memory_problem(self, backbone, batch: int, p) -> str | None:
+        """None if `batch` videos like `p` fit what the device has free, else the reason with both numbers."""
+        from pipelines import memory
+
+        need = memory.estimate(backbone, batch, p.frames, p.height, p.width, backbone.decode_chunk)
+        budget = memory.budget(self.device, self.memory_budget_gb)
+        if need.total <= budget:
+            return None
+        source = "compute.memory_budget_gb" if self.memory_budget_gb is not None else f"90% of the free {self.device.type} memory"
+        return (f"memory: {p.frames} frames at {p.width}x{p.height} need {need.describe()}; the actor has "
+                f"{memory.gib(budget)} ({source})")
+
+    def row_timeout(self, p) -> float:
+        """compute.row_timeout_s, else a generous bound from the row's size: 10 min plus 1e-5 s per step x frame x
+        pixel (about 45 min for 50 steps of 16 x 512 x 512), x20 on a CPU."""
+        if self.row_timeout_s:
+            return float(self.row_timeout_s)
+        return (600.0 + 1e-5 * p.steps * p.frames * p.height * p.width) * (20 if self.device.type == "cpu" else 1)
+
+    @contextlib.contextmanager
+    def _watchdog(self, items: list[tuple[int, str, Any]]):
+        """Past the rows' time, mark them timed out and end this worker: a stuck CUDA kernel or a hung read cannot be
+        interrupted from Python, but a process can be replaced (Ray restarts the actor; the retried batch finds the
+        marks and records these rows failed)."""
+        seconds = sum(self.row_timeout(p) for _, _, p in items)
+
+        def fire() -> None:
+            mark = SPLIT if len(items) > 1 else f"{seconds:g}"  # a batched call that stalls: its rows retry alone first
+            for _, rid, _ in items:
+                storage.put_bytes(self.fs, mark.encode(), storage.join(self.timeouts, f"{rid}.txt"), self.root)
+            logger.error("rows %s ran past %.0f s; ending this worker so that Ray replaces it", [r for _, r, _ in items], seconds)
+            os._exit(75)
+
+        timer = threading.Timer(seconds, fire)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+
+    def _drills(self, prompts: list[str]) -> None:
+        for kind, (text, seconds) in self.faults.items():
+            if text and any(text in p for p in prompts):
+                if kind == "kill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                elif kind == "sleep":
+                    time.sleep(seconds)
+
+    def _timed_out(self) -> dict[str, str]:
+        """Rows of this run that ran past their time on an earlier worker: {id: seconds}."""
+        try:
+            if not self.fs.exists(self.timeouts):
+                return {}
+            return {posixpath.basename(p)[: -len(".txt")]: self.fs.cat_file(p).decode()
+                    for p in self.fs.ls(self.timeouts, detail=False) if p.endswith(".txt")}
+        except Exception:  # noqa: BLE001 - an unreadable marker folder must not fail the batch
+            logger.exception("could not read the timeout marks")
+            return {}
+
+    # -- publishing -----------------------------------------------------------------------------------------------
+    def _publish(self, result, rid: str) -> dict:
+        """Encode, upload, describe one video."""
+        from pipelines.video import contact_sheet, png_bytes, write_mp4
+
+        p = result.params
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            local = os.path.join(tmp, "video.mp4")
+            size = write_mp4(result.frames, local, p.fps)
+            digest = _sha256(local)
+            dest = storage.join(metadata.videos_dir(self.root), f"{rid}.mp4")
+            storage.put_file(self.fs, local, dest, self.root)
+        sheet = storage.join(metadata.contact_dir(self.root), f"{rid}.png")
+        storage.put_bytes(self.fs, png_bytes(contact_sheet(result.frames)), sheet, self.root)
+        return dict(video_uri=storage.full_uri(self.fs, dest), bytes=size, sha256=digest, contact_uri=storage.full_uri(self.fs, sheet),
+                    seconds=result.seconds + time.perf_counter() - start, model_calls=result.total_calls,
+                    calls_idm=result.calls["I"], calls_vdm=result.calls["V"], nfe=result.nfe)
+
+    def _published(self, rid: str, result) -> dict:
+        """Publish one sampled video: its ok row, or a failed row saying why writing it failed."""
+        try:
+            return self.rec.row(rid, "ok", None, result.params, **self._publish(result, rid), **self._scores(result))
+        except Exception as err:  # noqa: BLE001
+            logger.exception("publishing %s failed", rid)
+            return self.rec.row(rid, "failed", f"{type(err).__name__} while writing the video: {err}", result.params)
+
+    def _scores(self, result) -> dict:
+        """Quality scores of a published video; a scoring failure leaves them null with the reason."""
+        if not self.scorer_source:
+            return {}
+        try:
+            return self.scorer.score(result.frames, result.params.prompt)
+        except Exception as err:  # noqa: BLE001 - never lose a video to its scores
+            logger.exception("scoring failed")
+            return {"score_error": f"{type(err).__name__}: {err}"}
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        meta: dict[int, dict] = {}
+        pending, alone = [], []
+        timed_out = self._timed_out() if any(r["_status"] == "pending" for r in rows) else {}
+        params_cls = KINDS[self.kind].params
+        for i, r in enumerate(rows):
+            mark = timed_out.get(r["_id"])
+            if r["_status"] != "pending":
+                meta[i] = self.rec.unresolved(r, r["_error"])
+            elif mark is not None and mark != SPLIT:
+                meta[i] = self.rec.unresolved(r, f"row_timeout_s: still running after {mark} s; "
+                                                 "its worker was ended and replaced")
+            else:
+                (alone if mark == SPLIT else pending).append((i, r["_id"], params_cls.from_record(json.loads(r["_params"]))))
+        meta.update(self.run(pending, alone))
+        return self.rec.table([meta[i] for i in range(len(rows))], batch)
+
+
+def timeouts_dir(root: str, run_id: str) -> str:
+    """Where a worker marks the rows that ran past their time (removed by the driver at the end of the run)."""
+    return storage.join(root, RUN_DIR, run_id, "timeouts")
+
+
+RUN_DIR = ".runs"  # per-run scratch under the output prefix (never read as output)
+SPLIT = "split"  # timeout mark of a row whose batched call stalled: it runs alone next

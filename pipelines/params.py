@@ -1,0 +1,184 @@
+"""Every per-row parameter, declared once (docs/parameters.md).
+
+A declaration says the parameter's type, bounds, which row kind takes it and its help text. From `PARAMS` come the
+manifest's accepted column types (`manifest_columns`), the flags of both CLIs (`add_flags`), the job config's
+`defaults` keys (`names`), the metadata columns (`metadata_fields`) and the type and range checks (`validate`, built
+on pydantic). Where a value's default comes from (preset, backbone, task) is the resolvers' business
+(`pipelines/config.py`); cross-field rules (VAE multiple, limits, the interval against the steps) are too.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Mapping, Optional
+
+import pyarrow as pa
+from pydantic import BeforeValidator, ConfigDict, Field, StrictBool, StrictStr, ValidationError, create_model
+
+from . import presets
+from .grammar import Interval
+from .schedule import CFGRamp
+
+GENERATION, BIVDIFF = "generation", "bivdiff"
+KINDS = (GENERATION, BIVDIFF)
+MAX_SEED = 2**63 - 1
+NOISE_POLICIES = ("independent", "shared", "per_frame")
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    type: str  # int | float | str | bool | ramp | interval | choice
+    kinds: tuple[str, ...] = KINDS
+    lo: float | None = None
+    hi: float | None = None
+    choices: tuple[str, ...] = ()
+    help: str = ""
+    nullable: bool = False  # None is a value (no default fills it)
+
+    @property
+    def arrow_kinds(self) -> tuple[str, ...]:
+        """Arrow column kinds a manifest may use for it."""
+        return {"int": ("integer",), "float": ("integer", "floating"), "bool": ("bool",),
+                "ramp": ("string", "integer", "floating")}.get(self.type, ("string",))
+
+    @property
+    def arrow_type(self) -> pa.DataType:
+        """Its metadata column type: ramps, intervals and BIVDiff's stage-1 CFG are written as text."""
+        if self.name == "idm_guidance":
+            return pa.string()  # one column for both kinds: the ramp's text, or BIVDiff's float as text
+        return {"int": pa.int64(), "float": pa.float64(), "bool": pa.bool_()}.get(self.type, pa.string())
+
+
+G, B = (GENERATION,), (BIVDIFF,)
+PARAMS: tuple[Param, ...] = (
+    Param("prompt", "str", help="the caption (BIVDiff: sets idm_prompt and vdm_prompt when they are not given)"),
+    Param("negative_prompt", "str", help="default '' (BIVDiff tasks with quality tags: the official NEG tags)"),
+    Param("seed", "int", lo=0, hi=MAX_SEED, help=f"initial-noise seed (default {presets.DEFAULT_SEED}; the *_v1 presets: "
+          f"23523; BIVDiff: {presets.BIVDIFF_DEFAULTS['seed']})"),
+    Param("sampler", "str", help="preset: " + ", ".join(presets.PRESETS) + "; BIVDiff: " + ", ".join(presets.BIVDIFF_PRESETS)),
+    Param("variant", "str", G, help="grammar pattern overriding the preset's, e.g. 'down:IV-IV', 'up:IV-IV@main=V'"),
+    Param("steps", "int", lo=1, hi=1000, help="sampling steps (BIVDiff: inversion = smoothing steps, a divisor of 1000)"),
+    Param("frames", "int", lo=1, help="frames of the video"),
+    Param("height", "int", lo=1, help="pixels, a multiple of the VAE factor"),
+    Param("width", "int", lo=1, help="pixels, a multiple of the VAE factor"),
+    Param("fps", "int", lo=1, hi=240, help="frame rate of the mp4 (VideoCrafter2 also conditions on it)"),
+    Param("guidance", "float", help="main-step CFG scale (default 7.5; videocrafter2 and ivmixed_vc_v1: 9.0)"),
+    Param("idm_guidance", "ramp", G, help="zigzag CFG of IDM sub-steps: W or BEGIN,END[,RHO] (Karras ramp; default 4)"),
+    Param("idm_guidance", "float", B, help="stage-1 CFG of the image model (7.5)"),
+    Param("vdm_guidance", "ramp", G, help="zigzag CFG of VDM sub-steps: W or BEGIN,END[,RHO] (default 4)"),
+    Param("interval", "interval", G, help="steps with the zigzag: 'a..b' step indices or '0.0..0.5' fractions (default all)"),
+    Param("zz", "int", G, lo=1, nullable=True, help="substitute the IDM letters by the VDM when step %% zz == zz-1"),
+    Param("task", "choice", B, choices=tuple(presets.BIVDIFF_TASKS), help="the BIVDiff stage-1 task"),
+    Param("source_video", "str", B, nullable=True, help="source video URI (external: the edited frames: mp4, PNG folder or .npy)"),
+    Param("mask_video", "str", B, nullable=True, help="inpaint: mask video URI, white = region to fill"),
+    Param("condition_video", "str", B, nullable=True, help="controlnet-depth/-pose: precomputed condition maps (default: the source)"),
+    Param("idm_prompt", "str", B, help="stage-1 prompt (instruct-pix2pix: the edit instruction)"),
+    Param("vdm_prompt", "str", B, help="smoothing prompt: a caption of the target video"),
+    Param("inversion_prompt", "str", B, help="bivdiff preset: text the inversions are conditioned on (default '')"),
+    Param("alpha", "float", B, lo=0.0, hi=1.0, help="weight of the image-model inversion (default: the task's)"),
+    Param("stride", "int", B, lo=1, hi=1000, help="take frames 0, k, 2k, ... of the source (default 4; external 1)"),
+    Param("idm_steps", "int", B, lo=1, hi=1000, help="stage-1 steps per frame"),
+    Param("image_guidance", "float", B, help="instruct-pix2pix image guidance (1.5)"),
+    Param("noise", "choice", B, choices=NOISE_POLICIES,
+          help="stage-1 noise: one generator across frames in order (official) | same per frame | seed + i"),
+    Param("frame_joint_norm", "bool", B, help="inversion UNet GroupNorm pooled over frames (bivdiff_compat: on)"),
+)
+
+
+def of_kind(kind: str) -> dict[str, Param]:
+    return {p.name: p for p in PARAMS if kind in p.kinds}
+
+
+def names(kind: str) -> tuple[str, ...]:
+    return tuple(of_kind(kind))
+
+
+def manifest_columns() -> dict[str, tuple[str, ...]]:
+    """column -> accepted Arrow kinds (union over the kinds that share a name)."""
+    out: dict[str, tuple[str, ...]] = {}
+    for p in PARAMS:
+        out[p.name] = tuple(dict.fromkeys(out.get(p.name, ()) + p.arrow_kinds))
+    return out
+
+
+def metadata_fields(kind: str) -> list[tuple[str, pa.DataType]]:
+    return [(p.name, p.arrow_type) for p in of_kind(kind).values()]
+
+
+# ---- validation (pydantic) ------------------------------------------------------------------------------------------
+def _not_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError(f"must be a number, got {value!r}")
+    return value
+
+
+def _annotation(p: Param):
+    bounds = {k: v for k, v in (("ge", p.lo), ("le", p.hi)) if v is not None}
+    t = {"int": Annotated[int, BeforeValidator(_not_bool), Field(**bounds)],
+         "float": Annotated[float, BeforeValidator(_not_bool), Field(allow_inf_nan=False, **bounds)],
+         "str": StrictStr, "bool": StrictBool,
+         "ramp": Annotated[CFGRamp, BeforeValidator(CFGRamp.parse)],
+         "interval": Annotated[Interval, BeforeValidator(Interval.parse)],
+         "choice": Literal[p.choices] if p.choices else StrictStr}[p.type]
+    return Optional[t] if p.nullable else t
+
+
+_MODELS = {kind: create_model(f"{kind.title()}Row", __config__=ConfigDict(arbitrary_types_allowed=True),
+                              **{p.name: (_annotation(p), None if p.nullable else ...) for p in of_kind(kind).values()})
+           for kind in KINDS}
+
+
+def _message(p: Param, err: Mapping[str, Any]) -> str:
+    """pydantic's error as the project's one-line `name: reason, got value`."""
+    kind, got = err["type"], err.get("input")
+    if kind == "value_error":
+        return f"{p.name}: {err['ctx']['error']}"
+    if isinstance(got, float) and not math.isfinite(got):
+        return f"{p.name}: must be a finite number, got {got!r}"
+    if kind in ("greater_than_equal", "less_than_equal"):
+        if p.type == "float":
+            return f"{p.name}: must lie in [{p.lo:g}, {p.hi:g}], got {got}"
+        return f"{p.name}: must be {'>= %d' % p.lo if p.hi is None else f'in [{p.lo:.0f}, {p.hi:.0f}]'}, got {got}"
+    reason = {"finite_number": "a finite number", "literal_error": f"one of {p.choices}", "bool_type": "true or false",
+              "string_type": "a string"}.get(kind)
+    if reason is None:
+        reason = "an integer" if kind.startswith("int") else "a number" if kind.startswith("float") else err["msg"].lower()
+    return f"{p.name}: must be {reason}, got {got!r}"
+
+
+def validate(kind: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """Types and bounds of every parameter of `kind` (missing ones raise), as a dict of checked values; the first
+    problem raises ValueError('name: reason, got value')."""
+    declared = of_kind(kind)
+    try:
+        model = _MODELS[kind].model_validate({k: v for k, v in values.items() if k in declared})
+    except ValidationError as err:
+        first = err.errors()[0]
+        name = str(first["loc"][0])
+        if first["type"] == "missing":
+            raise ValueError(f"{name}: required") from None
+        raise ValueError(_message(declared[name], first)) from None
+    return {name: getattr(model, name) for name in declared}
+
+
+# ---- command-line flags ---------------------------------------------------------------------------------------------
+def add_flags(group, kind: str, flags: Mapping[str, str] | None = None, extra_help: Mapping[str, str] | None = None,
+              required: tuple[str, ...] = ()) -> None:
+    """One flag per parameter of `kind` (`--idm-guidance` for idm_guidance unless `flags` renames it), default None:
+    an unset flag takes the default the resolver gives it."""
+    for p in of_kind(kind).values():
+        kwargs: dict[str, Any] = {"dest": p.name, "default": None, "help": p.help + (extra_help or {}).get(p.name, ""),
+                                  **({"required": True} if p.name in required else {})}
+        if p.type == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif p.type in ("int", "float"):
+            kwargs["type"] = int if p.type == "int" else float
+        if p.choices:
+            kwargs["choices"] = p.choices
+        group.add_argument((flags or {}).get(p.name, "--" + p.name.replace("_", "-")), **kwargs)
+
+
+def from_args(args: argparse.Namespace, kind: str) -> dict[str, Any]:
+    return {name: getattr(args, name, None) for name in names(kind)}
