@@ -78,7 +78,7 @@ class RegressionConfig:
 
 @dataclass(frozen=True)
 class BivdiffSection:
-    """Manifest rows with a `task` are BIVDiff rows (spec bivdiff.md): the models that serve them (loaded by an actor
+    """Manifest rows with a `task` are BIVDiff rows (docs/algorithms.md §8): the models that serve them (loaded by an actor
     only when such a row reaches it; device and dtype follow `model`) and their per-row defaults."""
 
     spec: BivdiffSpec = BivdiffSpec()

@@ -1,6 +1,6 @@
 """Sample a batch of videos that share structure (size, frames, steps, variant) in one sampler call.
 
-Rows keep their own prompt, seed and guidance; row b's result equals sampling it alone (spec:
+Rows keep their own prompt, seed and guidance; row b's result equals sampling it alone (docs/algorithms.md §7:
 batched sampling), because its initial noise comes only from its own seed (initial-noise contract).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The variant grammar of spec ivmixed.md §3.2 and its compilation into a plan of DDIM moves.
+"""The variant grammar of docs/algorithms.md §3 and its compilation into a plan of DDIM moves.
 
     variant := ["up:" | "down:"] front "-" back ["@" opts]
 
@@ -23,11 +23,11 @@ NAMED = {
     "standard": "",
     "origin": "",
     "ddim": "",
-    # every variant named in the paper figure, README and code (spec §3.1)
+    # every variant named in the paper figure, README and code (docs/algorithms.md §3)
     "r-i": "R-I", "r-v": "R-V", "rr-ii": "RR-II", "rr-vv": "RR-VV",
     "i-i": "I-I", "v-v": "V-V", "ii-ii": "II-II", "vv-vv": "VV-VV",
     "iv-iv": "IV-IV", "iv-vi": "IV-VI", "ii-vv": "II-VV", "vi-vi": "VI-VI", "vv-ii": "VV-II", "vi-iv": "VI-IV",
-    # the AD file's unused Z-Sampling __call__: V denoise +4, V invert -4, only i < 40 (spec §3.1)
+    # the AD file's unused Z-Sampling __call__: V denoise +4, V invert -4, only i < 40 (docs/algorithms.md §3)
     "v-v-40": "down:V-V@w_go_V=-4,w_back_V=4,interval=0..39",
 }
 W_KEYS = ("w_go_I", "w_back_I", "w_go_V", "w_back_V")
@@ -88,14 +88,14 @@ FULL_RUN = Interval(0.0, 1.0, "fraction")
 
 @dataclass(frozen=True)
 class Variant:
-    """The structural part of a sampler: which letters, in which order, with which labels (spec §3.2)."""
+    """The structural part of a sampler: which letters, in which order, with which labels (docs/algorithms.md §3)."""
 
     orientation: str = "down"
     front: str = ""
     back: str = ""
     main: str = "V"
-    labels: str = "chain"  # "chain": every call's timestep = its latent's level; "legacy_ad": spec §2.4 swap
-    resize: str = "none"  # "nearest64": IDM sees latents resized to 64x64 (ModelScope code, spec §2.3)
+    labels: str = "chain"  # "chain": every call's timestep = its latent's level; "legacy_ad": docs/algorithms.md §2 swap
+    resize: str = "none"  # "nearest64": IDM sees latents resized to 64x64 (ModelScope code, docs/algorithms.md §2)
     sub_cfg: str = "V"  # CFG schedule of letters substituted by `sub_every` (AD: V, VC: I)
     w: tuple[tuple[str, CFGRamp], ...] = ()  # explicit signed zigzag scales, e.g. (("w_go_I", CFGRamp(4,4,7,-1)),)
 
@@ -268,8 +268,8 @@ def compile_plan(
 ) -> Plan:
     """Compile the moves of every step for a batch of B rows (CFG lists have one entry per row).
 
-    Calls = N + 4K for a 2-letter variant with K active steps (spec §2.6). Unless `keep_noop`, a
-    zigzag whose every move is an exact identity (the t = 0 step, spec §1) is dropped.
+    Calls = N + 4K for a 2-letter variant with K active steps (docs/algorithms.md §2). Unless `keep_noop`, a
+    zigzag whose every move is an exact identity (the t = 0 step, docs/algorithms.md §1) is dropped.
     """
     n = len(timesteps)
     T = down_table.num_train_timesteps
@@ -288,7 +288,7 @@ def compile_plan(
         key = f"w_{direction}_{key_model}"
         if key in explicit:
             return torch.full((rows,), explicit[key][i], dtype=torch.float32)
-        sign = -1.0 if direction == "go" else 1.0  # inversion uses the negated scale (spec §2.7)
+        sign = -1.0 if direction == "go" else 1.0  # inversion uses the negated scale (docs/algorithms.md §2)
         return torch.tensor([sign * ramp[i] for ramp in ramps[key_model]], dtype=torch.float32)
 
     A, U = down_table.at, up_table.at
@@ -312,7 +312,7 @@ def compile_plan(
                     s = max(0, t - j * delta)
                     model, w = letter(ch, "back")
                     moves.append(Move(model, s, A(s), A(s - delta), w, "down", s, s - delta))
-                if variant.labels == "legacy_ad":  # spec §2.4: sub-steps 1/2 carry each other's labels
+                if variant.labels == "legacy_ad":  # docs/algorithms.md §2: sub-steps 1/2 carry each other's labels
                     (m1, m2) = moves
                     moves = [replace(m1, timestep=m2.timestep, a_from=m2.a_from, a_to=m2.a_to, src=m2.src, dst=m2.dst),
                              replace(m2, timestep=m1.timestep, a_from=m1.a_from, a_to=m1.a_to, src=m1.src, dst=m1.dst)]

@@ -182,3 +182,23 @@ def add_flags(group, kind: str, flags: Mapping[str, str] | None = None, extra_he
 
 def from_args(args: argparse.Namespace, kind: str) -> dict[str, Any]:
     return {name: getattr(args, name, None) for name in names(kind)}
+
+
+def markdown() -> str:
+    """docs/parameters.md: the table of every parameter (`python -m pipelines.params > docs/parameters.md`)."""
+    rows = [f"| `{p.name}` | {', '.join(p.kinds)} | {p.type}{' or null' if p.nullable else ''} | "
+            f"{_bounds(p)} | {' '.join(p.help.split()).replace('%%', '%')} |"
+            for p in PARAMS]
+    return ("# Row parameters\n\nGenerated from `pipelines/params.py` (`python -m pipelines.params > docs/parameters.md`). Each is a "
+            "manifest column, a job-config `defaults` key (BIVDiff's under `bivdiff.defaults`), a flag of the CLI of its kind "
+            "(`--name-with-dashes`) and a metadata column. Defaults come from the preset, the backbone or the task "
+            "(README).\n\n| name | row kinds | type | bounds | meaning |\n|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+
+
+def _bounds(p: Param) -> str:
+    g = lambda v: str(int(v)) if float(v).is_integer() else f"{v:g}"  # noqa: E731
+    return "" if p.lo is None else f"≥ {g(p.lo)}" if p.hi is None else f"[{g(p.lo)}, {g(p.hi)}]"
+
+
+if __name__ == "__main__":
+    print(markdown(), end="")

@@ -1,8 +1,8 @@
 """Every default in one place: model ids per backbone and the named sampler presets.
 
 Library code never names a hub id or a device; it reads them from here through the config objects.
-Presets marked `_v1` reproduce the official IV-Mixed code (spec ivmixed.md §9.2); the others are the
-clean, self-consistent versions (spec §2.3, §9.1).
+Presets marked `_v1` reproduce the official IV-Mixed code (docs/algorithms.md §5); the others are the
+clean, self-consistent versions (docs/algorithms.md §2, §9.1).
 """
 from __future__ import annotations
 
@@ -35,14 +35,14 @@ class BackboneDefaults:
 
 
 BACKBONES: dict[str, BackboneDefaults] = {
-    # spec §5: RV5.1 + motion adapter v1-5-3 as VDM, SD1.5 as IDM, 16 x 512 x 512, 8 fps output
+    # docs/algorithms.md §5: RV5.1 + motion adapter v1-5-3 as VDM, SD1.5 as IDM, 16 x 512 x 512, 8 fps output
     "animatediff": BackboneDefaults(
         base="SG161222/Realistic_Vision_V5.1_noVAE",
         motion_adapter="guoyww/animatediff-motion-adapter-v1-5-3",
         image_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
         frames=16, height=512, width=512, fps=8,
     ),
-    # backbones spec C: UNet3DConditionModel VDM, SD1.5 IDM with its own text encoder; the code runs 16 x 512 x 512
+    # docs/algorithms.md §5: UNet3DConditionModel VDM, SD1.5 IDM with its own text encoder; the code runs 16 x 512 x 512
     # (the model card's native size is 256)
     "modelscope": BackboneDefaults(
         base="ali-vilab/text-to-video-ms-1.7b",
@@ -50,14 +50,14 @@ BACKBONES: dict[str, BackboneDefaults] = {
         image_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
         frames=16, height=512, width=512, fps=8,
     ),
-    # BIVDiff's VDM (spec bivdiff.md §2.1): ModelScope architecture; model card: 24 x 320 x 576 (BIVDiff runs 8 x 512 x 512)
+    # BIVDiff's VDM (docs/algorithms.md §8): ModelScope architecture; model card: 24 x 320 x 576 (BIVDiff runs 8 x 512 x 512)
     "zeroscope": BackboneDefaults(
         base="cerspense/zeroscope_v2_576w",
         motion_adapter=None,
         image_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
         frames=24, height=320, width=576, fps=8,
     ),
-    # backbones spec B: VideoCrafter2 UNet (diffusers conversion) + zeroscope's VAE/text encoder/scheduler, RV6.0 IDM,
+    # docs/algorithms.md §5: VideoCrafter2 UNet (diffusers conversion) + zeroscope's VAE/text encoder/scheduler, RV6.0 IDM,
     # fps conditioning 24, SDE-DPM-Solver++ main steps with CFG 9.0
     "videocrafter2": BackboneDefaults(
         base="cerspense/zeroscope_v2_576w",
@@ -81,10 +81,10 @@ class Preset:
     vdm_guidance: CFGRamp = CFGRamp(4.0, 4.0)  # same for VDM sub-steps
     interval: str = "0.0..1.0"  # zigzag on every step; fractions scale with --steps
     zz: int | None = None  # I->V substitution when i % zz == zz-1 (None: never)
-    timestep_spacing: str = "linspace"  # DDIM grid of the AD/MS code (spec §1)
+    timestep_spacing: str = "linspace"  # DDIM grid of the AD/MS code (docs/algorithms.md §1)
     steps_offset: int = 1
     idm_text: str = "own"  # "own": the IDM's text encoder; "vdm": reuse the VDM's embeddings (AD code)
-    keep_noop: bool = False  # keep the exact-identity t=0 zigzag (spec §2.6) for call-for-call parity
+    keep_noop: bool = False  # keep the exact-identity t=0 zigzag (docs/algorithms.md §2) for call-for-call parity
     split_tables: bool = False  # inverse moves read the IDM scheduler's ᾱ table (AD code); else one shared table
     overrides: dict = field(default_factory=dict)  # per-preset defaults for steps/frames/size/seed
     backbones: tuple[str, ...] = ()  # backbones the preset reproduces; empty: any
@@ -95,22 +95,22 @@ PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
         Preset("standard", "standard", "plain DDIM, same grid/CFG/noise as the IV-Mixed presets (the A/B baseline)"),
-        Preset("ivmixed", "down:IV-IV", "clean IV-IV zigzag, self-consistent timestep labels (spec §2.3), t=0 no-op skipped"),
+        Preset("ivmixed", "down:IV-IV", "clean IV-IV zigzag, self-consistent timestep labels (docs/algorithms.md §2), t=0 no-op skipped"),
         Preset(
             "ivmixed_ad_v1", "down:IV-IV@labels=legacy_ad",
-            "official AnimateDiff code (spec §9.2): legacy label swap, VDM text embeddings for the IDM, zz=1000",
+            "official AnimateDiff code (docs/algorithms.md §5): legacy label swap, VDM text embeddings for the IDM, zz=1000",
             zz=1000, idm_text="vdm", keep_noop=True, split_tables=True,
             overrides={"seed": 23523}, backbones=("animatediff",),
         ),
         Preset(
             "ivmixed_ms_v1", "down:IV-IV@resize=nearest64,w_go_I=-4,w_back_I=4,w_go_V=-4,w_back_V=4",
-            "official ModelScope code (backbones spec C.6): chain labels, IDM moves at 64x64, zigzag CFG fixed at "
+            "official ModelScope code (docs/algorithms.md §5): chain labels, IDM moves at 64x64, zigzag CFG fixed at "
             "+-4 (the code ignores its CFG flags), inversions on the IDM scheduler's table, main CFG 7.5",
             keep_noop=True, split_tables=True, overrides={"seed": 23523}, backbones=("modelscope",),
         ),
         Preset(
             "ivmixed_vc_v1", "down:IV-IV@sub_every=3(cfg=I),w_go_I=-4,w_back_I=4,w_go_V=-4,w_back_V=4",
-            "official VideoCrafter2 code (backbones spec B.5): chain labels, every third step the VDM replaces the IDM "
+            "official VideoCrafter2 code (docs/algorithms.md §5): chain labels, every third step the VDM replaces the IDM "
             "with the IDM's CFG, zigzag CFG fixed at +-4, zigzag moves on the IDM's table, SDE-DPM-Solver++ main steps",
             guidance=9.0, keep_noop=True, zigzag_on_image_table=True, overrides={"seed": 23523}, backbones=("videocrafter2",),
         ),
@@ -123,8 +123,8 @@ DEFAULT_SEED = 0
 DEFAULT_NEGATIVE_PROMPT = ""
 
 
-# ---- BIVDiff (spec bivdiff.md §2.2, §3) -----------------------------------------------------------------------------
-# the quality tags the official ControlNet / InstructPix2Pix stage-1 code appends (spec §2.2 table, typos kept)
+# ---- BIVDiff (docs/algorithms.md §8) -----------------------------------------------------------------------------
+# the quality tags the official ControlNet / InstructPix2Pix stage-1 code appends (docs/algorithms.md §2 table, typos kept)
 BIVDIFF_POS = (" ,best quality, extremely detailed, HD, ultra-realistic, 8K, HQ, masterpiece, trending on artstation, "
                "art, smooth")
 BIVDIFF_NEG = ("longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer difits, cropped, worst "
@@ -133,7 +133,7 @@ BIVDIFF_NEG = ("longbody, lowres, bad anatomy, bad hands, missing fingers, extra
 
 @dataclass(frozen=True)
 class BivdiffTask:
-    """One stage-1 task: which image model runs per frame, what it needs, its mixing ratio α (spec §3)."""
+    """One stage-1 task: which image model runs per frame, what it needs, its mixing ratio α (docs/algorithms.md §3)."""
 
     name: str
     idm: str  # "controlnet" | "instruct_pix2pix" | "inpainting" | "external"
@@ -170,11 +170,11 @@ BIVDIFF_TASKS: dict[str, BivdiffTask] = {
 
 @dataclass(frozen=True)
 class BivdiffPreset:
-    """Stages 2-3 settings: `bivdiff_compat` reproduces the official code (spec §8 M1-M6 and Q1, Q2, §11 A)."""
+    """Stages 2-3 settings: `bivdiff_compat` reproduces the official code (docs/algorithms.md §8)."""
 
     name: str
     compat: bool  # official inversion grid 1 -> ... -> 981 -> 998 and inversion on the negative prompt's embedding
-    frame_joint_norm: bool  # default of the inversion UNet's frame-joint GroupNorm (spec §2.1 item 4)
+    frame_joint_norm: bool  # default of the inversion UNet's frame-joint GroupNorm (docs/algorithms.md §2)
     description: str
 
 
@@ -186,7 +186,7 @@ BIVDIFF_PRESETS: dict[str, BivdiffPreset] = {
                                     "official code: inversion 1 -> ... -> 981 -> 998, conditioned on the negative "
                                     "prompt's embedding, frame-joint GroupNorm in the inversion UNet"),
 }
-# spec §3 "common to all configs" and §2.1 (stride = the code's frame_rate); the zeroscope VDM is the default
+# docs/algorithms.md §3 "common to all configs" and §2.1 (stride = the code's frame_rate); the zeroscope VDM is the default
 BIVDIFF_DEFAULTS = dict(sampler="bivdiff", steps=50, idm_steps=50, frames=8, stride=4, height=512, width=512, seed=42,
                         guidance=7.5, idm_guidance=7.5, image_guidance=1.5, fps=8, noise="independent")
 BIVDIFF_VDMS = ("zeroscope", "modelscope", "videocrafter2", "animatediff")

@@ -1,4 +1,4 @@
-"""The sampler: executes a compiled plan of DDIM moves over denoisers (spec ivmixed.md §1-§3).
+"""The sampler: executes a compiled plan of DDIM moves over denoisers (docs/algorithms.md §1-§3).
 
 A denoiser is any callable `eps = model(x, timestep, w)` with x of shape (B, C, F, h, w), an int
 timestep shared by the batch and w the per-row CFG scale (B,); it returns the guided ε. The sampler
@@ -21,7 +21,7 @@ class Denoiser(Protocol):
 
 
 class CFGDenoiser:
-    """ε̂ = ε(x,∅) + w·(ε(x,c) − ε(x,∅)); both branches in one batched call, uncond first (spec §1).
+    """ε̂ = ε(x,∅) + w·(ε(x,c) − ε(x,∅)); both branches in one batched call, uncond first (docs/algorithms.md §1).
 
     `eps_fn(x2, timestep)` evaluates the model on x2 = [x; x] (2B rows) with conditioning bound by the
     caller (negative embeddings for the first B rows, prompt embeddings for the last B).
@@ -98,14 +98,14 @@ def _resize_frames(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 def apply_move(models: Mapping[str, Denoiser], x: torch.Tensor, mv: Move, *, resize: str = "none",
                noise: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """One sub-step of spec §3.2: a DDIM move along the model's ε, or a forward noise jump for R."""
+    """One sub-step of docs/algorithms.md §3: a DDIM move along the model's ε, or a forward noise jump for R."""
     a_from, a_to = mv.a_from.to(x.device), mv.a_to.to(x.device)
     if mv.model == "R":
         if noise is None:
             raise ValueError("variant uses R (fresh noise) but no noise sampler was given")
         return forward_jump(x, noise(x), a_from, a_to)
     if resize == "nearest64" and mv.model == "I":
-        # ModelScope code (backbones spec C.5): the IDM sub-step runs and moves at 64x64, then resizes back
+        # ModelScope code (docs/algorithms.md §5): the IDM sub-step runs and moves at 64x64, then resizes back
         small = _resize_frames(x, (64, 64))
         moved = ddim_move(small, models["I"](small, mv.timestep, mv.w), a_from, a_to)
         return _resize_frames(moved, tuple(x.shape[-2:]))
@@ -121,7 +121,7 @@ def sample_plan(
     callback: Callable[[dict], None] | None = None,
     main_step: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, int]]:
-    """Run every step: its zigzag moves, then the ordinary main move (spec §2.2). Returns (x, calls).
+    """Run every step: its zigzag moves, then the ordinary main move (docs/algorithms.md §2). Returns (x, calls).
 
     `main_step(x, eps, i)` replaces the main DDIM move by another solver (e.g. SDE-DPM-Solver++, whose multistep
     history then holds only main-step predictions, as in the VideoCrafter2 code)."""

@@ -1,4 +1,4 @@
-"""Noise-level tables, timestep lists, DDIM moves and CFG ramps (spec ivmixed.md §1, §2.8).
+"""Noise-level tables, timestep lists, DDIM moves and CFG ramps (docs/algorithms.md §1, §2).
 
 Everything here is a pure function of its arguments: no scheduler objects carry state between
 calls (style guide: "schedules are tensors"). The arithmetic mirrors diffusers' `DDIMScheduler.step`
@@ -21,7 +21,7 @@ class AlphaTable:
     """Cumulative alphas ᾱ_t on the integer training grid, plus the value used below level 0.
 
     `below_zero` is DDIM's `final_alpha_cumprod` (and DDIMInverse's `initial_alpha_cumprod`):
-    1.0 when the scheduler config sets `set_alpha_to_one`, else ᾱ_0 (spec §1).
+    1.0 when the scheduler config sets `set_alpha_to_one`, else ᾱ_0 (docs/algorithms.md §1).
     """
 
     alphas_cumprod: torch.Tensor  # (T,) float32
@@ -55,10 +55,10 @@ class AlphaTable:
         if prediction != "epsilon":
             raise ValueError(
                 f"scheduler prediction_type={prediction!r}: the IV-Mixed moves need epsilon-prediction "
-                "models sharing one ᾱ table (spec §4.3)"
+                "models sharing one ᾱ table (docs/algorithms.md §4)"
             )
         if getattr(sched.config, "rescale_betas_zero_snr", False):
-            raise ValueError("zero-terminal-SNR schedules (rescale_betas_zero_snr) are not supported (spec §4.3)")
+            raise ValueError("zero-terminal-SNR schedules (rescale_betas_zero_snr) are not supported (docs/algorithms.md §4)")
         return cls(sched.alphas_cumprod.clone().float(), sched.final_alpha_cumprod.clone().float())
 
 
@@ -106,13 +106,13 @@ def ddim_move(x: torch.Tensor, eps: torch.Tensor, a_from: torch.Tensor, a_to: to
 
 
 def forward_jump(x: torch.Tensor, z: torch.Tensor, a_from: torch.Tensor, a_to: torch.Tensor) -> torch.Tensor:
-    """Stochastic forward diffusion q(x_to | x_from) with fresh noise z (the "R" letter, spec §3.2)."""
+    """Stochastic forward diffusion q(x_to | x_from) with fresh noise z (the "R" letter, docs/algorithms.md §3)."""
     ratio = a_to / a_from
     return ratio**0.5 * x + (1 - ratio) ** 0.5 * z
 
 
 def karras_ramp(begin: float, end: float, rho: float, num_steps: int) -> list[float]:
-    """w(i) = (b^{1/ρ} + i/(n−1)·(e^{1/ρ} − b^{1/ρ}))^ρ over the actual number of steps (spec §2.8)."""
+    """w(i) = (b^{1/ρ} + i/(n−1)·(e^{1/ρ} − b^{1/ρ}))^ρ over the actual number of steps (docs/algorithms.md §2)."""
     if num_steps < 1:
         raise ValueError(f"steps must be >= 1, got {num_steps}")
     if begin == end:
@@ -130,7 +130,7 @@ def is_finite_number(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class CFGRamp:
-    """A per-step CFG scale: `sign · karras_ramp(begin, end, rho)`; begin == end is a constant (spec §2.8)."""
+    """A per-step CFG scale: `sign · karras_ramp(begin, end, rho)`; begin == end is a constant (docs/algorithms.md §2)."""
 
     begin: float
     end: float
@@ -197,7 +197,7 @@ def _fmt(x: float) -> str:
 
 
 def _number(text: str) -> float:
-    """A float, also written as a fraction like 1/7 (the code's ρ search space, spec §2.8)."""
+    """A float, also written as a fraction like 1/7 (the code's ρ search space, docs/algorithms.md §2)."""
     if "/" in text:
         num, den = text.split("/", 1)
         return float(num) / float(den)

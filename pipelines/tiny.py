@@ -224,9 +224,9 @@ def build_videocrafter2(out_dir: str, seed: int = 0) -> str:
 
 
 def build_bivdiff(out_dir: str, seed: int = 0) -> str:
-    """BIVDiff's model set (spec bivdiff.md §2.1, §2.2): image_model/ (SD pipeline: inversion UNet, the shared VAE,
+    """BIVDiff's model set (docs/algorithms.md §8): image_model/ (SD pipeline: inversion UNet, the shared VAE,
     text encoder 16 wide), video_model/ (a zeroscope-style TextToVideoSDPipeline folder, UNet3D with 32 GroupNorm
-    groups as diffusers 0.23 hard-codes (spec §11 G), text encoder 32 wide), controlnet/ (from the image UNet,
+    groups as diffusers 0.23 hard-codes (docs/algorithms.md §11 G), text encoder 32 wide), controlnet/ (from the image UNet,
     zero convolutions perturbed), instruct_pix2pix/ (8-channel UNet, Euler ancestral) and inpainting/ (9-channel)."""
     from diffusers import (ControlNetModel, DDIMScheduler, EulerAncestralDiscreteScheduler, PNDMScheduler,
                            StableDiffusionInpaintPipeline, StableDiffusionInstructPix2PixPipeline, TextToVideoSDPipeline)
@@ -291,7 +291,7 @@ def ensure_tiny(backbone: str, out_dir: str, seed: int = 0) -> str:
 
 def add_bin_copies(folder: str) -> list[str]:
     """Write a `diffusion_pytorch_model.bin` next to every `.safetensors` UNet/VAE/ControlNet file (the official BIVDiff
-    code loads its inflated SD UNet from the .bin only, spec bivdiff.md §11 H); returns the files written."""
+    code loads its inflated SD UNet from the .bin only, docs/algorithms.md §8 H); returns the files written."""
     from safetensors.torch import load_file
 
     written = []

@@ -45,7 +45,7 @@ def test_standard_equals_diffusers_animatediff_pipeline(ad_backbone, ad_pipe, sm
 
 
 # ---------------------------------------------------------------------------------------------
-# An independent loop in the official code's shape (spec §2.3/§2.4): diffusers' DDIMScheduler.step and
+# An independent loop in the official code's shape (docs/algorithms.md §2/§2.4): diffusers' DDIMScheduler.step and
 # DDIMInverseScheduler.step called with the code's timestep arguments, raw UNet calls, CFG written out.
 
 

@@ -1,4 +1,4 @@
-"""BIVDiff stages 2-3 on the shared engine (spec bivdiff.md §9 items 1-5, 7): grids, Mixed Inversion, the
+"""BIVDiff stages 2-3 on the shared engine (docs/algorithms.md §8 items 1-5, 7): grids, Mixed Inversion, the
 zero-weight branch, conditioning, the latent-space guard, frame-joint GroupNorm. Golden numbers come from closed
 forms, hand-written loops over the literal official pairs, or diffusers' own modules."""
 from __future__ import annotations
@@ -57,7 +57,7 @@ def test_grids_compat_and_clean(table):
         assert float(m.a_from) == pytest.approx(ref[m.src], rel=1e-5)
     assert float(compat[-1].a_to) == pytest.approx(ref[998], rel=1e-5)
     assert float(clean[-1].a_to) == pytest.approx(ref[981], rel=1e-5)
-    assert float(clean[-1].a_to) ** 0.5 == pytest.approx(0.0760, abs=5e-5)  # spec §2.3: √ᾱ_981, given to 4 places
+    assert float(clean[-1].a_to) ** 0.5 == pytest.approx(0.0760, abs=5e-5)  # docs/algorithms.md §8: √ᾱ_981, given to 4 places
     assert float(compat[-1].a_to) ** 0.5 == pytest.approx(0.0687, abs=5e-5)  # √ᾱ_998
 
 
@@ -208,7 +208,7 @@ def test_frame_joint_groupnorm_equals_5d_groupnorm():
 
 
 def test_task_table_and_inversion_conditioning():
-    """§9 items 4 and 7: per-task α and prompts of spec §3; compat inverts under the negative prompt (the NEG tags for
+    """§9 items 4 and 7: per-task α and prompts of docs/algorithms.md §8; compat inverts under the negative prompt (the NEG tags for
     ControlNet/IP2P, '' for inpainting/outpainting), clean under the explicit inversion prompt whatever the CFG."""
     alphas = {t: presets.BIVDIFF_TASKS[t].alpha for t in presets.BIVDIFF_TASKS}
     assert alphas["controlnet-canny"] == alphas["instruct-pix2pix"] == 1.0

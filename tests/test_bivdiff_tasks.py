@@ -163,7 +163,7 @@ def test_stage1_depth_and_pose_feed_their_condition_frames_to_the_diffusers_pipe
 
 
 def test_stage1_instruct_pix2pix_is_the_diffusers_pipeline(worker, videos):
-    """InstructPix2Pix with the edit instruction + POS tags, the NEG tags, CFG 7.5 and image guidance 1.5 (spec §3),
+    """InstructPix2Pix with the edit instruction + POS tags, the NEG tags, CFG 7.5 and image guidance 1.5 (docs/algorithms.md §8),
     one CPU generator seeded `seed` drawn on frame after frame."""
     from diffusers import StableDiffusionInstructPix2PixPipeline
     from PIL import Image

@@ -1,4 +1,4 @@
-"""The variant grammar (spec §3.2): parsing, compilation to moves, call counts, interval and zz semantics."""
+"""The variant grammar (docs/algorithms.md §3): parsing, compilation to moves, call counts, interval and zz semantics."""
 import pytest
 import torch
 
@@ -97,11 +97,11 @@ def test_final_zigzag_at_t0_is_an_exact_noop_and_skipped():
 
 @pytest.mark.parametrize("pattern, interval, zz, keep, expect", [
     ("standard", FULL_RUN, None, False, {"I": 0, "V": 50}),
-    ("IV-IV", FULL_RUN, None, True, {"I": 100, "V": 150}),  # spec §2.6: 250 calls
+    ("IV-IV", FULL_RUN, None, True, {"I": 100, "V": 150}),  # docs/algorithms.md §2: 250 calls
     ("IV-IV", FULL_RUN, None, False, {"I": 98, "V": 148}),  # t=0 skipped: N + 4K with K=49
-    ("IV-IV", Interval.parse("0.0..0.5"), None, False, {"I": 50, "V": 100}),  # K=25: 150 calls (spec §7)
+    ("IV-IV", Interval.parse("0.0..0.5"), None, False, {"I": 50, "V": 100}),  # K=25: 150 calls (docs/algorithms.md §2)
     ("IV-IV", Interval.parse("0..9"), None, False, {"I": 20, "V": 70}),
-    ("IV-IV", FULL_RUN, 3, True, {"I": 68, "V": 182}),  # VC zz=3 (spec §2.6)
+    ("IV-IV", FULL_RUN, 3, True, {"I": 68, "V": 182}),  # VC zz=3 (docs/algorithms.md §2)
     ("IV-IV", FULL_RUN, 1000, True, {"I": 100, "V": 150}),  # AD zz=1000 = always IDM
     ("RR-II", FULL_RUN, None, True, {"I": 100, "V": 50}),
     ("I-I", FULL_RUN, None, True, {"I": 100, "V": 50}),
@@ -147,7 +147,7 @@ def test_cfg_ramps_are_per_row_and_per_model():
 
 
 def test_explicit_signed_scales_override_the_default_gap():
-    step = plan_for("V-V@w_go_V=0,w_back_V=5.5").steps[3]  # Z-Sampling's defaults (spec §2.7)
+    step = plan_for("V-V@w_go_V=0,w_back_V=5.5").steps[3]  # Z-Sampling's defaults (docs/algorithms.md §2)
     assert [float(m.w[0]) for m in step.zigzag] == [5.5, 0.0]
 
 

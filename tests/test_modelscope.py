@@ -1,5 +1,5 @@
 """ModelScope T2V backbone on tiny random models: golden references are diffusers' TextToVideoSDPipeline and an
-independent loop written from the official code's table (backbones spec C.6), with diffusers' schedulers."""
+independent loop written from the official code's table (docs/algorithms.md §5), with diffusers' schedulers."""
 import os
 
 import pytest
@@ -50,7 +50,7 @@ def _setup(bb, ms_dir, params, inverse_table: str):
 
 
 def _official_ms_loop(bb, ms_dir, params):
-    """Backbones spec C.6, sub-steps 1-5 in the code's order; the IDM sub-steps fold frames, resize to 64x64,
+    """docs/algorithms.md §5, sub-steps 1-5 in the code's order; the IDM sub-steps fold frames, resize to 64x64,
     move there with the scheduler, and resize back."""
     n, f = params.steps, params.frames
     ddim, inv, emb_v, emb_i = _setup(bb, ms_dir, params, "image_model")
@@ -126,7 +126,7 @@ def test_ivmixed_ms_v1_equals_the_official_loop(ms, ms_dir, size):
 
 def test_paper_call_counts_for_50_steps(ms):
     p = resolve_params(dict(prompt=PROMPT, sampler="ivmixed_ms_v1", steps=50, frames=2, height=64, width=64), backbone="modelscope")
-    assert build_plan(ms, [p]).calls() == {"I": 100, "V": 150}  # backbones spec C.6: 250 calls
+    assert build_plan(ms, [p]).calls() == {"I": 100, "V": 150}  # docs/algorithms.md §5: 250 calls
     p = resolve_params(dict(prompt=PROMPT, sampler="ivmixed", steps=50, frames=2, height=64, width=64), backbone="modelscope")
     assert build_plan(ms, [p]).calls() == {"I": 98, "V": 148}
 

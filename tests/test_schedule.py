@@ -21,7 +21,7 @@ def test_timesteps_match_diffusers(spacing, n):
 
 def test_linspace_grid_of_the_paper():
     ts = timesteps(50, "linspace")
-    assert ts[:5] == [999, 979, 958, 938, 917] and ts[-4:] == [61, 41, 20, 0]  # spec §1
+    assert ts[:5] == [999, 979, 958, 938, 917] and ts[-4:] == [61, 41, 20, 0]  # docs/algorithms.md §1
 
 
 @pytest.mark.parametrize("beta_schedule", ["scaled_linear", "linear", "squaredcos_cap_v2"])
@@ -88,7 +88,7 @@ def test_karras_ramp_reproduces_spec_examples():
 
 
 def test_karras_ramp_spans_the_actual_number_of_steps():
-    for n in (10, 25, 80):  # the official code's n is fixed at 50 (spec §9.1 item 5); ours follows N
+    for n in (10, 25, 80):  # the official code's n is fixed at 50 (docs/algorithms.md §5); ours follows N
         r = karras_ramp(6, 2, 7, n)
         assert len(r) == n and r[0] == pytest.approx(6) and r[-1] == pytest.approx(2)
         assert all(a > b for a, b in zip(r, r[1:]))

@@ -1,5 +1,5 @@
 """Closed-form Gaussian toys: exact ε is known, so sampler outputs and the first-order analysis of
-spec §4.2 (a denoise/invert round trip acts as extra guidance) can be checked against formulas."""
+docs/algorithms.md §4 (a denoise/invert round trip acts as extra guidance) can be checked against formulas."""
 import math
 
 import pytest
@@ -59,7 +59,7 @@ def test_ddim_samples_of_a_gaussian_have_the_right_mean_and_std():
 @pytest.mark.parametrize("pattern", ["standard", "IV-IV", "up:IV-IV", "II-II"])
 def test_gaussian_mean_is_exact_and_std_error_shrinks_with_steps(pattern):
     """With cond = uncond the zigzag's guidance terms vanish; what remains is the O(h²)-per-step
-    inversion error (ε taken at the lower level, spec §1), so the std bias must fall as N grows while
+    inversion error (ε taken at the lower level, docs/algorithms.md §1), so the std bias must fall as N grows while
     the mean stays right. Measured: IV-IV std 0.395 at N=50, 0.471 at N=200 (target 0.501)."""
     m50, s50, mean_ref, std_ref = _gaussian_run(pattern, 50)
     m200, s200, _, _ = _gaussian_run(pattern, 200)
@@ -86,7 +86,7 @@ def test_guidance_moves_the_mean_toward_the_condition():
         a = ab[t]
         m = sched.step((1 - a).sqrt() * (m - a.sqrt()) / (a * 0.25 + 1 - a), t, m).prev_sample
     assert plain == pytest.approx(m.item(), abs=1e-6)  # 0.963: the linspace grid's label shift (README) lowers it
-    assert ivmix > plain + 0.1  # spec §4.2: the round trips add guidance beyond the main step's
+    assert ivmix > plain + 0.1  # docs/algorithms.md §4: the round trips add guidance beyond the main step's
 
 
 def _scaled(x, t):

@@ -1,6 +1,6 @@
 """VideoCrafter2 backbone on tiny random models: the UNet's checkpoint layout and fps conditioning, `standard` against a
 DPM-Solver++ loop written directly against diffusers' scheduler API, and `ivmixed_vc_v1` against a loop in the
-official code's shape (backbones spec B.5)."""
+official code's shape (docs/algorithms.md §5)."""
 import os
 
 import pytest
@@ -54,7 +54,7 @@ def _dpm(vc_dir, n):
 
 
 def _loop(vc, vc_dir, params, official: bool, clean: bool = False):
-    """Initial noise and SDE noise per the project contract (spec E.2/E.3); zigzag per spec B.5 when `official`;
+    """Initial noise and SDE noise per the project contract (docs/algorithms.md §7); zigzag per docs/algorithms.md §5 when `official`;
     `clean`: the same zigzag with the IDM on every step (no VDM stand-in), CFG +-4 (the clean `ivmixed` preset)."""
     from diffusers import DDIMInverseScheduler, DDIMScheduler
 
@@ -120,7 +120,7 @@ def test_ivmixed_clean_equals_an_independent_loop(vc, vc_dir):
 
 def test_paper_call_counts_for_50_steps(vc):
     p = resolve_params(dict(prompt=PROMPT, sampler="ivmixed_vc_v1", steps=50, frames=2, height=64, width=64), backbone="videocrafter2")
-    assert build_plan(vc, [p]).calls() == {"I": 68, "V": 182}  # spec §2.6
+    assert build_plan(vc, [p]).calls() == {"I": 68, "V": 182}  # docs/algorithms.md §2
     p = resolve_params(dict(prompt=PROMPT, sampler="ivmixed", steps=50, frames=2, height=64, width=64), backbone="videocrafter2")
     assert build_plan(vc, [p]).calls() == {"I": 100, "V": 150}  # README: 250 (the DPM grid never reaches t = 0)
 

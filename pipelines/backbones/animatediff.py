@@ -1,4 +1,4 @@
-"""AnimateDiff backbone (spec ivmixed.md §5): VDM = UNetMotionModel(base SD1.5-family UNet + motion
+"""AnimateDiff backbone (docs/algorithms.md §5): VDM = UNetMotionModel(base SD1.5-family UNet + motion
 adapter), IDM = an SD1.5-family UNet2DConditionModel on frames folded into the batch, shared VAE.
 
 Every model comes from `from_pretrained` with a hub id or a local folder; nothing here names one.
@@ -66,7 +66,7 @@ class AnimateDiff(BackboneBase):
         for m in (text_encoder, unet, image_unet, image_text_encoder):
             if m is not None:
                 place(m, device, dtype)
-        place(vae, device, torch.float32)  # fp32 decode (spec §9.2 item 7)
+        place(vae, device, torch.float32)  # fp32 decode (docs/algorithms.md §5)
         return cls(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet,
                    scheduler_config=scheduler_config, image_unet=image_unet, image_tokenizer=image_tokenizer,
                    image_text_encoder=image_text_encoder, image_scheduler_config=image_scheduler_config,
@@ -76,7 +76,7 @@ class AnimateDiff(BackboneBase):
     def denoisers(self, prompts: Sequence[str], negatives: Sequence[str], *, frames: int, idm_text: str,
                   fps: int) -> dict[str, Denoiser]:
         """Bind the batch's text conditioning into one CFG denoiser per model ("V" and "I"); fps is not an input."""
-        # (2B, L, D): negatives first, then prompts, as the CFG halves of spec §1
+        # (2B, L, D): negatives first, then prompts, as the CFG halves of docs/algorithms.md §1
         emb_v = encode_prompts(self.tokenizer, self.text_encoder, [*negatives, *prompts], self.device)
         if idm_text == "vdm" or self.image_text_encoder is None:
             if idm_text == "own":

@@ -72,7 +72,7 @@ def encode_prompts(tokenizer, text_encoder, texts: Sequence[str], device: torch.
 
 def load_lora_into_unet(unet, source: str, scale: float) -> None:
     """Load a LoRA (diffusers or kohya format) into a UNet through diffusers' loader, then fuse it at
-    `scale`; per-layer alpha/rank scaling is the loader's (unlike the official merge, spec §9.1 item 10)."""
+    `scale`; per-layer alpha/rank scaling is the loader's (unlike the official merge, docs/algorithms.md §5)."""
     from diffusers import StableDiffusionPipeline
 
     kwargs = {}
@@ -141,7 +141,7 @@ class BackboneBase:
     def own_text_embeddings(self, prompts: Sequence[str], negatives: Sequence[str], frames: int,
                             idm_text: str) -> tuple[torch.Tensor, torch.Tensor]:
         """CFG-batched text conditioning for backbones whose IDM must read text with its own encoder (its width differs
-        from the VDM's): VDM (2B, L, Dv) and IDM (2B*F, L, Di), uncond rows first (spec §1)."""
+        from the VDM's): VDM (2B, L, Dv) and IDM (2B*F, L, Di), uncond rows first (docs/algorithms.md §1)."""
         if idm_text != "own":
             raise ValueError(f"{self.name}'s IDM needs its own text encoder (the VDM's embeddings have another width)")
         texts = [*negatives, *prompts]
@@ -149,7 +149,7 @@ class BackboneBase:
 
     def denoisers(self, prompts: Sequence[str], negatives: Sequence[str], *, frames: int, idm_text: str,
                   fps: int) -> dict:
-        """One CFG denoiser per model ("V", "I") with the batch's text conditioning bound (spec §1)."""
+        """One CFG denoiser per model ("V", "I") with the batch's text conditioning bound (docs/algorithms.md §1)."""
         from ..sampling import CFGDenoiser
 
         emb_v, emb_i = self.own_text_embeddings(prompts, negatives, frames, idm_text)
@@ -249,7 +249,7 @@ def load_image_model(path: str, lora: str | None, lora_scale: float, dtype: torc
 
 class FrameJointGroupNorm(torch.nn.Module):
     """A GroupNorm whose statistics pool over the `frames` frames of each video that sit folded in the batch
-    (spec bivdiff.md §2.1 item 4, §11 A: the official inflated SD UNet normalises its resnet and output GroupNorms
+    (docs/algorithms.md §8 A: the official inflated SD UNet normalises its resnet and output GroupNorms
     on the 5-D tensor). With `frames` unset it is the wrapped GroupNorm."""
 
     def __init__(self, norm: torch.nn.GroupNorm):

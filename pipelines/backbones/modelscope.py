@@ -1,4 +1,4 @@
-"""ModelScope T2V backbone (backbones spec C): VDM = diffusers UNet3DConditionModel with its own CLIP text
+"""ModelScope T2V backbone (docs/algorithms.md §5): VDM = diffusers UNet3DConditionModel with its own CLIP text
 encoder; IDM = an SD1.5-family UNet on folded frames with the IDM's *own* text encoder; shared SD VAE."""
 from __future__ import annotations
 
@@ -41,6 +41,6 @@ class ModelScope(BackboneBase):
 
 class ZeroScope(ModelScope):
     """ZeroScope v2 (cerspense/zeroscope_v2_576w): a ModelScope-architecture UNet3DConditionModel fine-tune with the
-    same folder layout; BIVDiff's stage-3 VDM (spec bivdiff.md §2.1 item 3)."""
+    same folder layout; BIVDiff's stage-3 VDM (docs/algorithms.md §8)."""
 
     name = "zeroscope"

@@ -1,4 +1,4 @@
-"""VideoCrafter2 backbone (backbones spec B): the VC UNet (fps-conditioned UNet3D), zeroscope's VAE, text encoder,
+"""VideoCrafter2 backbone (docs/algorithms.md §5): the VC UNet (fps-conditioned UNet3D), zeroscope's VAE, text encoder,
 tokenizer and scheduler config, an SD-family IDM with its own text encoder, SDE-DPM-Solver++ (order 2) main steps (`sampling.sde_dpmpp_2m`, chosen by `presets.BACKBONES`)."""
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ class VideoCrafter2(BackboneBase):
         logger.info("loading VideoCrafter2: unet=%s base=%s image_model=%s on %s/%s", spec.unet, spec.base,
                     spec.image_model, device, dtype)
         unet, info = load_pretrained(UNet3DVideoCrafterConditionModel, spec.unet, dtype, output_loading_info=True)
-        if info["missing_keys"] or info["unexpected_keys"]:  # spec A.6 pitfall 1: never run without fps weights
+        if info["missing_keys"] or info["unexpected_keys"]:  # docs/algorithms.md §5: never run without fps weights
             raise ValueError(f"unet: {spec.unet!r} does not match the VideoCrafter2 layout "
                              f"(missing {info['missing_keys'][:4]}, unexpected {info['unexpected_keys'][:4]})")
         parts = {**load_base_components(spec, dtype), **load_own_text_image_model(spec, "VideoCrafter2", dtype), "unet": unet}

@@ -1,4 +1,4 @@
-"""The VideoCrafter2 UNet of the public diffusers conversion (backbones spec A): diffusers' UNet3DConditionModel
+"""The VideoCrafter2 UNet of the public diffusers conversion (docs/algorithms.md §5): diffusers' UNet3DConditionModel
 plus fps conditioning, with parameter names equal to the checkpoint's state-dict keys (`fps_proj` has no weights;
 `fps_embedding.linear_1/linear_2`), so `from_pretrained` on the published folder loads with no missing or
 unexpected keys."""
@@ -12,7 +12,7 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 
 class UNet3DVideoCrafterConditionModel(UNet3DConditionModel):
     """forward(sample (B, C, F, h, w), timestep, encoder_hidden_states (B, L, D), fps) — fps is the 4th argument.
-    The per-video conditioning is MLP_t(sin t) + MLP_fps(sin fps) (spec A.5 step 5)."""
+    The per-video conditioning is MLP_t(sin t) + MLP_fps(sin fps) (docs/algorithms.md §5)."""
 
     @register_to_config
     def __init__(

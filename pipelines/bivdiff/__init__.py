@@ -2,5 +2,5 @@
 
 `program` is the pure engine part (grids, Mixed Inversion, smoothing over the IV-Mixed engine's moves),
 `stage1` the diffusers task pipelines, `inputs` the fsspec video readers, `runner.BIVDiff` one loaded worker,
-`python -m pipelines.bivdiff` the single-video CLI. Spec: shared/spec/bivdiff.md.
+`python -m pipelines.bivdiff` the single-video CLI. The algorithm: docs/algorithms.md §8.
 """

@@ -1,4 +1,4 @@
-"""Reading source, mask, condition and pre-edited frame inputs from any fsspec URI (spec bivdiff.md §2.1 item 5).
+"""Reading source, mask, condition and pre-edited frame inputs from any fsspec URI (docs/algorithms.md §8).
 
 Frames are sampled the way the official code does: indices 0, k, 2k, … (k = `stride`, the code's `frame_rate`),
 the first F kept, each resized directly to W×H (no crop; spec quirk Q10). Every failure is a ValueError that
@@ -112,7 +112,7 @@ def to_unit(frames: np.ndarray) -> np.ndarray:
 
 
 def to_uint8(frames: np.ndarray) -> np.ndarray:
-    """float frames in [-1, 1] -> uint8 as the official conversion: (x + 1) / 2 · 255, truncated (spec §11 D)."""
+    """float frames in [-1, 1] -> uint8 as the official conversion: (x + 1) / 2 · 255, truncated (docs/algorithms.md §8 D)."""
     if frames.dtype == np.uint8:
         return frames
     return ((np.clip(frames, -1.0, 1.0) + 1.0) / 2.0 * 255.0).astype(np.uint8)

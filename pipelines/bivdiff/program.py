@@ -1,4 +1,4 @@
-"""BIVDiff stages 2 and 3 as pure functions over denoisers (spec bivdiff.md §2.3, §2.4, §2.6, §7.3).
+"""BIVDiff stages 2 and 3 as pure functions over denoisers (docs/algorithms.md §8).
 
 No prompts, models, files or devices here: the caller binds conditioning into denoisers
 `eps = model(x, t, w)` (the IV-Mixed contract, `pipelines/sampling.py`) and this module only builds the
@@ -17,12 +17,12 @@ from ..grammar import Move
 from ..sampling import Denoiser, apply_move
 from ..schedule import AlphaTable, timesteps
 
-CLEAN = -1  # nominal level of a clean latent in logs/tests (ᾱ read as ᾱ_0, spec §2.6 clean grid)
+CLEAN = -1  # nominal level of a clean latent in logs/tests (ᾱ read as ᾱ_0, docs/algorithms.md §8)
 
 
 @dataclass(frozen=True)
 class LatentSpace:
-    """What a latent means (spec §4 / §7.3): mixing or handing latents across spaces is refused."""
+    """What a latent means (docs/algorithms.md §8): mixing or handing latents across spaces is refused."""
 
     channels: int
     spatial_factor: int
@@ -45,7 +45,7 @@ class LatentSpace:
 
 @dataclass(frozen=True, eq=False)
 class State:
-    """A batch of latents (B, C, F, h, w) at one noise level of one latent space (spec §7.3 'State')."""
+    """A batch of latents (B, C, F, h, w) at one noise level of one latent space (docs/algorithms.md §8)."""
 
     x: torch.Tensor
     level: int
@@ -53,14 +53,14 @@ class State:
 
 
 def mix(states: Sequence[tuple[State, torch.Tensor | float]]) -> State:
-    """z = Σ w_k·x_k, one plain weighted sum with no variance renormalisation (spec §2.3 step 4, quirk M1).
+    """z = Σ w_k·x_k, one plain weighted sum with no variance renormalisation (docs/algorithms.md §8).
 
     Every state must share space, shape and level; weights are scalars or per-row (B,) tensors."""
     first = states[0][0]
     for s, _ in states[1:]:
         if s.space != first.space:
             raise ValueError(f"cannot mix latents from different latent spaces ({first.space.describe()} vs "
-                             f"{s.space.describe()}); spec bivdiff.md §4")
+                             f"{s.space.describe()}); docs/algorithms.md §8")
         if s.x.shape != first.x.shape:
             raise ValueError(f"cannot mix latents of shapes {tuple(first.x.shape)} and {tuple(s.x.shape)}")
         if s.level != first.level:
@@ -75,12 +75,12 @@ def mix(states: Sequence[tuple[State, torch.Tensor | float]]) -> State:
 
 
 def smoothing_grid(steps: int, num_train_timesteps: int = 1000) -> list[int]:
-    """Descending grid of the SD-1.5 DDIM config: leading spacing, offset 1 (981, 961, …, 1 at N=50; spec §1)."""
+    """Descending grid of the SD-1.5 DDIM config: leading spacing, offset 1 (981, 961, …, 1 at N=50; docs/algorithms.md §8)."""
     return timesteps(steps, "leading", num_train_timesteps, steps_offset=1)
 
 
 def inversion_moves(table: AlphaTable, steps: int, model: str, *, compat: bool) -> list[Move]:
-    """The ascending DDIM inversion moves (spec §2.3 step 3, §2.6, test list §9 item 3).
+    """The ascending DDIM inversion moves (docs/algorithms.md §8, test list §9 item 3).
 
     compat: ε at e_k = 1, 21, …, 981, moving ᾱ_{e_k} -> ᾱ_{min(e_k + Δ, T - 2)} (ends at t = 998, quirk Q1).
     clean: mirror of the smoothing grid, ε at 0, 1, 21, …, 961 moving to 1, 21, …, 981, so the inverted latent
@@ -115,7 +115,7 @@ def run_moves(models: Mapping[str, Denoiser], state: State, moves: Sequence[Move
 def mixed_inversion(models: Mapping[str, Denoiser], z0: State, alpha: torch.Tensor | float, image_moves: Sequence[Move],
                     video_moves: Sequence[Move], *, callback: Callable[[dict], None] | None = None) -> tuple[State, dict]:
     """Invert z0 along the image model ("I") and the video model ("U") and mix `α·img + (1-α)·vid` once at the end
-    (spec §2.3). A branch whose weight is 0 for every row is not computed (quirk Q4); returns (z_T, calls)."""
+    (docs/algorithms.md §8). A branch whose weight is 0 for every row is not computed (quirk Q4); returns (z_T, calls)."""
     a = torch.as_tensor(alpha, dtype=torch.float32)
     if bool(((a < 0) | (a > 1)).any()) or not bool(torch.isfinite(a).all()):
         raise ValueError(f"alpha: must lie in [0, 1], got {a.tolist()}")
@@ -134,7 +134,7 @@ def mixed_inversion(models: Mapping[str, Denoiser], z0: State, alpha: torch.Tens
 def bivdiff_sample(models: Mapping[str, Denoiser], z0: State, alpha: torch.Tensor | float, *, table: AlphaTable,
                    steps: int, guidance: torch.Tensor, compat: bool,
                    callback: Callable[[dict], None] | None = None) -> tuple[torch.Tensor, dict]:
-    """Mixed Inversion then Video Temporal Smoothing (spec §2.6): clean latents -> smoothed latents, calls per model."""
+    """Mixed Inversion then Video Temporal Smoothing (docs/algorithms.md §8): clean latents -> smoothed latents, calls per model."""
     z_t, calls = mixed_inversion(models, z0, alpha, inversion_moves(table, steps, "I", compat=compat),
                                  inversion_moves(table, steps, "U", compat=compat), callback=callback)
     out = run_moves(models, z_t, smoothing_moves(table, steps, guidance), callback)

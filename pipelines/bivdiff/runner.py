@@ -1,4 +1,4 @@
-"""One BIVDiff worker: loads the models once, then turns resolved rows into videos (spec bivdiff.md §2).
+"""One BIVDiff worker: loads the models once, then turns resolved rows into videos (docs/algorithms.md §8).
 
 stage 1 (diffusers task pipeline per frame, `stage1.py`) -> SD-VAE encode (posterior sample from a CPU generator
 seeded seed + 1) -> Mixed Inversion and smoothing (`program.py`, the IV-Mixed engine's moves) -> SD-VAE decode.
@@ -43,7 +43,7 @@ class BivdiffResult:
 
 
 class _Single:
-    """A one-pass denoiser (no CFG: the inversion chains, spec §2.3 step 2); w is ignored."""
+    """A one-pass denoiser (no CFG: the inversion chains, docs/algorithms.md §8); w is ignored."""
 
     def __init__(self, eps_fn):
         self.eps_fn = eps_fn
@@ -54,7 +54,7 @@ class _Single:
 
 class BIVDiff:
     """Models of one worker. The VDM backbone also holds the SD image model (frame-wise inversion UNet and its
-    own text encoder); the SD VAE is loaded from the image model and is the one latent space (spec §4)."""
+    own text encoder); the SD VAE is loaded from the image model and is the one latent space (docs/algorithms.md §8)."""
 
     def __init__(self, spec: BivdiffSpec, stage1_batch: int = 8):
         from diffusers import AutoencoderKL
@@ -68,12 +68,12 @@ class BIVDiff:
                          torch.float32)
         self.space = LatentSpace.from_vae_config(self.vae.config)
         if self.space.shift_factor:
-            raise ValueError("image_model: VAEs with a shift_factor are not SD-1.5 latent spaces (spec §4)")
+            raise ValueError("image_model: VAEs with a shift_factor are not SD-1.5 latent spaces (docs/algorithms.md §8)")
         vdm_space = LatentSpace.from_vae_config(bb.vae.config)
         if vdm_space != self.space:
             raise ValueError(f"video_model: the VDM's latent space ({vdm_space.describe()}) differs from the SD image "
                              f"model's ({self.space.describe()}); BIVDiff inverts, mixes and smooths in one shared "
-                             "latent space (spec bivdiff.md §4)")
+                             "latent space (docs/algorithms.md §8)")
         for name, unet in (("video_model", bb.unet), ("image_model", bb.image_unet)):
             if int(unet.config.in_channels) != self.space.channels:
                 raise ValueError(f"{name}: its UNet takes {unet.config.in_channels} latent channels, the SD VAE "
@@ -81,7 +81,7 @@ class BIVDiff:
         self.table = AlphaTable.from_scheduler_config(bb.image_scheduler_config)
         if not self.table.same_as(AlphaTable.from_scheduler_config(bb.scheduler_config)):
             raise ValueError("video_model: its noise schedule (ᾱ table) differs from the SD image model's; BIVDiff "
-                             "passes timesteps unchanged between the two (spec §4)")
+                             "passes timesteps unchanged between the two (docs/algorithms.md §8)")
         self.device, self.dtype = bb.device, bb.dtype
         # the ControlNet pipeline shares the SD UNet and text encoder (already in the run dtype); its VAE is its own copy
         # in the run dtype, the fp32 one above stays the stages-2/3 latent space
@@ -97,7 +97,7 @@ class BIVDiff:
     @torch.inference_mode()
     def encode(self, frames: np.ndarray, seed: int, chunk: int = 16) -> State:
         """(F, H, W, 3) frames -> clean latents (1, C, F, h, w): posterior sample ε ~ CPU generator(seed + 1), one
-        (F, C, h, w) draw, times the VAE's scaling factor (spec §2.3 step 1, §11 E)."""
+        (F, C, h, w) draw, times the VAE's scaling factor (docs/algorithms.md §8)."""
         x = torch.from_numpy(inputs.to_unit(frames)).permute(0, 3, 1, 2).to(self.device, torch.float32)
         means, stds = [], []
         for i in range(0, x.shape[0], chunk):
@@ -111,7 +111,7 @@ class BIVDiff:
 
     def denoisers(self, p: BivdiffParams) -> dict:
         """"I": SD UNet per frame on the inversion text, "U": VDM on the inversion text (single passes),
-        "V": VDM with CFG on [negative; vdm_prompt (+ tags)] (spec §2.3 step 2, §2.4)."""
+        "V": VDM with CFG on [negative; vdm_prompt (+ tags)] (docs/algorithms.md §8)."""
         from ..backbones.common import framewise_eps
 
         bb, f = self.backbone, p.frames

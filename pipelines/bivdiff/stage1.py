@@ -1,6 +1,6 @@
-"""Stage 1: frame-wise generation or editing with a task image model through diffusers pipelines (spec §2.2).
+"""Stage 1: frame-wise generation or editing with a task image model through diffusers pipelines (docs/algorithms.md §8).
 
-Every frame is denoised with the IDM's own scheduler, `idm_steps` steps and the stage-1 CFG. Noise policies (spec §8 Q5,
+Every frame is denoised with the IDM's own scheduler, `idm_steps` steps and the stage-1 CFG. Noise policies (docs/algorithms.md §8,
 §11 E): "independent" = one CPU generator seeded `seed` drawn frame after frame (the official behaviour: one pipeline
 call per frame, in order); "shared" = every frame from a generator seeded `seed` (same noise per frame); "per_frame" =
 frame i from a generator seeded `seed + i`. The last two do not depend on frame order, so up to `batch` frames go
@@ -53,7 +53,7 @@ def canny(image: np.ndarray, low: float = 100.0, high: float = 200.0) -> np.ndar
 
 
 def outpaint_mask(kind: str, height: int, width: int) -> np.ndarray:
-    """Static outpainting mask, 255 = fill (spec §2.2): horizontal = top and bottom quarters, vertical = left/right."""
+    """Static outpainting mask, 255 = fill (docs/algorithms.md §8): horizontal = top and bottom quarters, vertical = left/right."""
     mask = np.zeros((height, width), np.uint8)
     if kind == "horizontal":
         mask[: height // 4] = 255
