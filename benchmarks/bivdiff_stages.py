@@ -35,7 +35,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     from pipelines.bivdiff.inputs import read_row_inputs
     from pipelines.bivdiff.runner import BIVDiff
-    from pipelines.config import BivdiffSpec, resolve_bivdiff_params
+    from pipelines.bivdiff.config import BivdiffSpec, resolve_bivdiff_params
     from pipelines.tiny import ensure_tiny
     from pipelines.video import write_mp4
 

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from jobs import config as job_config
-from pipelines.config import BivdiffSpec, ModelSpec
+from pipelines.bivdiff.config import BivdiffSpec
+from pipelines.config import ModelSpec
 from pipelines.params import BIVDIFF, GENERATION, KINDS
 
 logger = logging.getLogger(__name__)
@@ -60,24 +61,24 @@ class Manifest:
 
 def read_manifest(cfg: job_config.JobConfig) -> Manifest:
     """Check the manifest's schema (ManifestError) and read it once: every column when it is small enough to plan in
-    the driver, else only `id` and `task`."""
+    the driver, else only `id` and the columns that decide a row's kind."""
     import pyarrow.dataset as pads
 
     from operators import storage
-    from operators.kinds import kind_of
+    from operators.kinds import KIND_COLUMNS, kind_of
     from operators.manifest import duplicated, read_schema
 
     schema, n = read_schema(cfg.manifest)
     fs, path = storage.filesystem(cfg.manifest)
     dataset = pads.dataset(path, filesystem=storage.arrow_filesystem(fs), format="parquet")
     small = n <= PLAN_IN_DRIVER_ROWS
-    table = dataset.to_table(columns=None if small else [c for c in ("id", "task") if c in schema.names])
+    table = dataset.to_table(columns=None if small else [c for c in ("id", *KIND_COLUMNS) if c in schema.names])
     ids = table.column("id").to_pylist() if "id" in schema.names else []
     if cfg.limit:
         table = table.slice(0, cfg.limit)
-    tasks = table.column("task").to_pylist() if "task" in schema.names else [None]
-    kinds = tuple(k for k in KINDS if k in {kind_of({"task": t}) for t in tasks})
-    return Manifest(n, duplicated(ids), kinds or (GENERATION,), table if small else None)
+    deciding = table.select([c for c in KIND_COLUMNS if c in schema.names])
+    kinds = tuple(k for k in KINDS if k in {kind_of(r) for r in deciding.to_pylist()} | ({GENERATION} if not deciding.num_columns else set()))
+    return Manifest(n, duplicated(ids), kinds, table if small else None)
 
 
 @dataclass

@@ -10,9 +10,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from pipelines import presets
-from pipelines.config import (BivdiffParams, BivdiffSpec, GenParams, Limits, ModelSpec, Structure, resolve_bivdiff_params,
-                              resolve_params)
+from pipelines.bivdiff.config import BivdiffParams, BivdiffSpec, resolve_bivdiff_params
+from pipelines.config import GenParams, ModelSpec, resolve_params
+from pipelines.params import Limits, Structure
 from pipelines.params import BIVDIFF, GENERATION
+
+
+KIND_COLUMNS = ("task",)  # the manifest columns that decide a row's kind
 
 
 def kind_of(row: Mapping[str, Any]) -> str:

@@ -21,7 +21,8 @@ from typing import Any, Mapping
 
 import pyarrow as pa
 
-from pipelines.config import Limits, spec_json
+from pipelines.config import spec_json
+from pipelines.params import Limits
 
 from . import metadata, storage
 from .kinds import KINDS, Resolver

@@ -1,7 +1,7 @@
-"""Frozen configuration: which models to load (`ModelSpec`, `BivdiffSpec`), a row's bounds (`Limits`, `Structure`) and
-one video's resolved parameters (`GenParams`, `BivdiffParams`).
+"""Frozen configuration: which models to load (`ModelSpec`; BIVDiff's in `pipelines/bivdiff/config.py`) and one generated
+video's resolved parameters (`GenParams`); a row's bounds (`Limits`, `Structure`) live with the parameters (params.py).
 
-`resolve_params` / `resolve_bivdiff_params` merge the defaults and validate once (types and bounds from the one
+`resolve_params` (and BIVDiff's `resolve_bivdiff_params`) merge the defaults and validate once (types and bounds from the one
 declaration of each parameter, `pipelines/params.py`), for the CLIs, the job's defaults and manifest rows alike, so a
 bad value gets the same one-line `ValueError` wherever it comes from. `from_record` rebuilds resolved parameters
 from their metadata record without validating again.
@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
 from . import params as schema
+from .params import DEFAULT_LIMITS, Limits, Structure
 from . import presets
 from .grammar import Interval, Variant, parse_variant
 from .schedule import CFGRamp, is_finite_number
@@ -81,51 +82,6 @@ def spec_fingerprint(spec) -> str:
     return hashlib.sha256(spec_json(spec).encode()).hexdigest()[:16]
 
 
-@dataclass(frozen=True)
-class Limits:
-    """Upper bounds of one row (job config `limits:`; the CLIs use these defaults). A row over them fails alone, before
-    any model work: no row may ask a worker for more than it can hold (README, "Reliability")."""
-
-    max_frames: int = 256
-    max_height: int = 2048
-    max_width: int = 2048
-    max_steps: int = 1000
-    max_pixels: int = 2**26  # frames x height x width: 64 frames at 1024 x 1024, 256 at 512 x 512
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"limits.{f.name}: must be an integer >= 1, got {v!r}")
-
-    def check(self, frames: int, height: int, width: int, steps: int) -> None:
-        for name, value in (("frames", frames), ("height", height), ("width", width), ("steps", steps)):
-            bound = getattr(self, f"max_{name}")
-            if value > bound:
-                raise ValueError(f"{name}: at most {bound} (limits.max_{name}), got {value}")
-        if frames * height * width > self.max_pixels:
-            raise ValueError(f"frames: {frames} x {height} x {width} = {frames * height * width:,} pixels exceed "
-                             f"limits.max_pixels = {self.max_pixels:,}")
-
-
-DEFAULT_LIMITS = Limits()
-
-
-@dataclass(frozen=True)
-class Structure:
-    """What a model set allows structurally: sizes in multiples of its VAE factor, at most `max_frames` frames (a motion
-    adapter's positional table). Read from config files without weights (`backbones.structure`), or from a loaded
-    backbone; `check` is the one place these rules live."""
-
-    spatial_factor: int = 8
-    max_frames: int | None = None
-
-    def check(self, frames: int, height: int, width: int) -> None:
-        for name, v in (("height", height), ("width", width)):
-            if v % self.spatial_factor:
-                raise ValueError(f"{name}: must be a multiple of the VAE factor {self.spatial_factor}, got {v}")
-        if self.max_frames is not None and frames > self.max_frames:
-            raise ValueError(f"frames: the motion adapter handles at most {self.max_frames} frames, got {frames}")
 
 
 @dataclass(frozen=True)
@@ -180,7 +136,7 @@ class GenParams:
         return cls(**out)
 
 
-def _present(row: Mapping[str, Any] | None) -> dict[str, Any]:
+def present(row: Mapping[str, Any] | None) -> dict[str, Any]:
     """Only None (an absent key or a null Parquet cell read through Arrow) means 'use the default'; NaN is an error."""
     return {k: v for k, v in (row or {}).items() if v is not None}
 
@@ -192,7 +148,7 @@ def resolve_params(row: Mapping[str, Any], defaults: Mapping[str, Any] | None = 
     Unknown keys are ignored here (manifest columns pass through to metadata); absent or null values
     take the default. Raises ValueError naming the parameter.
     """
-    merged = {**_present(defaults), **_present(row)}
+    merged = {**present(defaults), **present(row)}
     sampler = merged.get("sampler", presets.DEFAULT_SAMPLER)
     if sampler not in presets.PRESETS:
         raise ValueError(f"sampler: unknown preset {sampler!r}; choose one of {sorted(presets.PRESETS)}")
@@ -223,160 +179,3 @@ def resolve_params(row: Mapping[str, Any], defaults: Mapping[str, Any] | None = 
     except ValueError as err:
         raise ValueError(f"interval: {err}") from None
     return GenParams(**values)
-
-
-# ---- BIVDiff (docs/algorithms.md) -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class BivdiffSpec:
-    """Models of a BIVDiff worker (job-level, like ModelSpec): the stage-3 VDM, the SD image model (inversion UNet,
-    the shared VAE, the ControlNet base) and one model per stage-1 task kind. Hub ids or local folders."""
-
-    vdm: str = presets.BIVDIFF_MODELS["vdm"]
-    video_model: str | None = None  # the VDM's pipeline folder; None = the backbone's default
-    video_unet: str | None = None  # VideoCrafter2's own UNet folder
-    motion_adapter: str | None = None  # AnimateDiff as the VDM
-    image_model: str = presets.BIVDIFF_MODELS["image_model"]
-    controlnet_canny: str = presets.BIVDIFF_MODELS["controlnet_canny"]
-    controlnet_depth: str = presets.BIVDIFF_MODELS["controlnet_depth"]
-    controlnet_pose: str = presets.BIVDIFF_MODELS["controlnet_pose"]
-    instruct_pix2pix: str = presets.BIVDIFF_MODELS["instruct_pix2pix"]
-    inpainting: str = presets.BIVDIFF_MODELS["inpainting"]
-    dtype: str = presets.DEFAULT_DTYPE
-    device: str = presets.DEFAULT_DEVICE
-    decode_chunk: int = presets.DEFAULT_DECODE_CHUNK
-
-    def __post_init__(self) -> None:
-        check_decode_chunk(self.decode_chunk)
-        if self.vdm not in presets.BIVDIFF_VDMS:
-            raise ValueError(f"vdm: BIVDiff's video model must be one of {presets.BIVDIFF_VDMS}, got {self.vdm!r}")
-        if self.dtype not in DTYPE_NAMES:
-            raise ValueError(f"dtype: must be one of {DTYPE_NAMES}, got {self.dtype!r}")
-
-    @classmethod
-    def from_model_dir(cls, model_dir: str, **kw: Any) -> "BivdiffSpec":
-        """The folder layout written by `python -m pipelines.tiny bivdiff DIR`."""
-        import os
-
-        j = lambda name: os.path.join(model_dir, name)  # noqa: E731
-        return cls(video_model=j("video_model"), image_model=j("image_model"), controlnet_canny=j("controlnet"),
-                   controlnet_depth=j("controlnet"), controlnet_pose=j("controlnet"),
-                   instruct_pix2pix=j("instruct_pix2pix"), inpainting=j("inpainting"), **kw)
-
-    def model_spec(self) -> ModelSpec:
-        """The backbone that serves the VDM (stage 2 video chain and stage 3) and the SD inversion UNet."""
-        return ModelSpec(backbone=self.vdm, base=self.video_model, unet=self.video_unet,
-                         motion_adapter=self.motion_adapter, image_model=self.image_model,
-                         dtype=self.dtype, device=self.device, decode_chunk=self.decode_chunk)
-
-    def task_model(self, task: "presets.BivdiffTask") -> str | None:
-        if task.idm == "controlnet":
-            return getattr(self, f"controlnet_{task.condition}")
-        return {"instruct_pix2pix": self.instruct_pix2pix, "inpainting": self.inpainting}.get(task.idm)
-
-    def fingerprint(self) -> str:
-        return spec_fingerprint(self)
-
-
-@dataclass(frozen=True)
-class BivdiffParams:
-    """Everything that determines one BIVDiff video (docs/algorithms.md "BIVDiff"), resolved and validated."""
-
-    task: str
-    source_video: str | None
-    mask_video: str | None
-    condition_video: str | None
-    idm_prompt: str
-    vdm_prompt: str
-    negative_prompt: str
-    inversion_prompt: str  # clean preset only; compat inverts under the negative prompt
-    alpha: float
-    sampler: str  # "bivdiff" | "bivdiff_compat"
-    frame_joint_norm: bool
-    steps: int
-    idm_steps: int
-    frames: int
-    stride: int
-    height: int
-    width: int
-    seed: int
-    guidance: float
-    idm_guidance: float
-    image_guidance: float
-    fps: int
-    noise: str  # stage-1 noise: "independent" (one generator across frames, official) | "shared" | "per_frame" (stage1.py)
-
-    kind = schema.BIVDIFF
-
-    @property
-    def preset(self) -> "presets.BivdiffPreset":
-        return presets.BIVDIFF_PRESETS[self.sampler]
-
-    @property
-    def spec_task(self) -> "presets.BivdiffTask":
-        return presets.BIVDIFF_TASKS[self.task]
-
-    def stage1_prompts(self) -> tuple[str, str]:
-        tags = self.spec_task.quality_tags
-        return self.idm_prompt + (presets.BIVDIFF_POS if tags else ""), self.negative_prompt
-
-    def smoothing_prompts(self) -> tuple[str, str]:
-        tags = self.spec_task.quality_tags
-        return self.vdm_prompt + (presets.BIVDIFF_POS if tags else ""), self.negative_prompt
-
-    def inversion_text(self) -> str:
-        return self.negative_prompt if self.preset.compat else self.inversion_prompt
-
-    @property
-    def prompt(self) -> str:
-        """The caption of the output video (metadata and CLIP scores): the VDM prompt."""
-        return self.vdm_prompt
-
-    def record(self) -> dict[str, Any]:
-        """Plain values; `prompt` = the VDM prompt, `idm_guidance` as text (the metadata column generation rows share)."""
-        out = {f.name: getattr(self, f.name) for f in fields(self)}
-        out["prompt"] = self.vdm_prompt
-        out["idm_guidance"] = f"{self.idm_guidance:g}"
-        return out
-
-    @classmethod
-    def from_record(cls, record: Mapping[str, Any]) -> "BivdiffParams":
-        out = {f.name: record[f.name] for f in fields(cls)}
-        return cls(**{**out, "idm_guidance": float(out["idm_guidance"])})
-
-
-def resolve_bivdiff_params(row: Mapping[str, Any], defaults: Mapping[str, Any] | None = None, *,
-                           structure: Structure = Structure(), limits: Limits = DEFAULT_LIMITS) -> BivdiffParams:
-    """Merge task defaults < BIVDIFF_DEFAULTS < job defaults < row values; ValueError naming the parameter.
-
-    `prompt` fills idm_prompt and vdm_prompt when they are absent; tasks with quality tags default the
-    negative prompt to the official NEG string."""
-    declared = schema.names(schema.BIVDIFF)
-    merged = {**presets.BIVDIFF_DEFAULTS, **{k: v for k, v in _present(defaults).items() if k in declared}, **_present(row)}
-    task = presets.BIVDIFF_TASKS.get(merged.get("task"))
-    if task is None:
-        raise ValueError(f"task: unknown {merged.get('task')!r}; choose one of {sorted(presets.BIVDIFF_TASKS)}")
-    if merged["sampler"] not in presets.BIVDIFF_PRESETS:
-        raise ValueError(f"sampler: BIVDiff rows take {sorted(presets.BIVDIFF_PRESETS)}, got {merged['sampler']!r}")
-    prompt = merged.get("prompt", "")
-    given_stride = "stride" in _present(row) or "stride" in _present(defaults)
-    v = schema.validate(schema.BIVDIFF, {
-        "prompt": prompt, "idm_prompt": merged.get("idm_prompt", prompt), "vdm_prompt": merged.get("vdm_prompt", prompt),
-        "negative_prompt": presets.BIVDIFF_NEG if task.quality_tags else "", "inversion_prompt": "", "alpha": task.alpha,
-        "frame_joint_norm": presets.BIVDIFF_PRESETS[merged["sampler"]].frame_joint_norm, **merged,
-        "stride": merged["stride"] if given_stride or task.idm != "external" else 1})
-    for name in ("source_video", "mask_video", "condition_video"):
-        if v[name] is not None and not v[name].strip():
-            raise ValueError(f"{name}: must be a non-empty string, got {v[name]!r}")
-    if not (task.condition in ("depth", "pose") and v["condition_video"]) and v["source_video"] is None:
-        raise ValueError(f"source_video: task {task.name!r} needs a source video (an fsspec URI)")
-    if task.mask == "video" and v["mask_video"] is None:
-        raise ValueError(f"mask_video: task {task.name!r} needs a mask video (white = region to fill)")
-    for name, used in (("mask_video", task.mask == "video"), ("condition_video", task.condition in ("depth", "pose"))):
-        if v[name] is not None and not used:
-            raise ValueError(f"{name}: task {task.name!r} does not use a {name.replace('_', ' ')}")
-    limits.check(v["frames"], v["height"], v["width"], max(v["steps"], v["idm_steps"]))
-    if 1000 % v["steps"]:
-        raise ValueError(f"steps: the SD DDIM grid (leading spacing) needs a divisor of 1000, got {v['steps']}")
-    structure.check(v["frames"], v["height"], v["width"])
-    del v["prompt"]
-    return BivdiffParams(**v)

@@ -1,4 +1,5 @@
-"""Every per-row parameter, declared once (docs/parameters.md).
+"""Every per-row parameter, declared once (docs/parameters.md), and the bounds a run (`Limits`, job config `limits:`)
+or its model set (`Structure`: VAE factor, frame limit) puts on a row.
 
 A declaration says the parameter's type, bounds, which row kind takes it and its help text. From `PARAMS` come the
 manifest's accepted column types (`manifest_columns`), the flags of both CLIs (`add_flags`), the job config's
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Annotated, Any, Literal, Mapping, Optional
 
 import pyarrow as pa
@@ -49,6 +50,53 @@ class Param:
         if self.name == "idm_guidance":
             return pa.string()  # one column for both kinds: the ramp's text, or BIVDiff's float as text
         return {"int": pa.int64(), "float": pa.float64(), "bool": pa.bool_()}.get(self.type, pa.string())
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Upper bounds of one row (job config `limits:`; the CLIs use these defaults). A row over them fails alone, before
+    any model work: no row may ask a worker for more than it can hold (README, "Reliability")."""
+
+    max_frames: int = 256
+    max_height: int = 2048
+    max_width: int = 2048
+    max_steps: int = 1000
+    max_pixels: int = 2**26  # frames x height x width: 64 frames at 1024 x 1024, 256 at 512 x 512
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"limits.{f.name}: must be an integer >= 1, got {v!r}")
+
+    def check(self, frames: int, height: int, width: int, steps: int) -> None:
+        for name, value in (("frames", frames), ("height", height), ("width", width), ("steps", steps)):
+            bound = getattr(self, f"max_{name}")
+            if value > bound:
+                raise ValueError(f"{name}: at most {bound} (limits.max_{name}), got {value}")
+        if frames * height * width > self.max_pixels:
+            raise ValueError(f"frames: {frames} x {height} x {width} = {frames * height * width:,} pixels exceed "
+                             f"limits.max_pixels = {self.max_pixels:,}")
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass(frozen=True)
+class Structure:
+    """What a model set allows structurally: sizes in multiples of its VAE factor, at most `max_frames` frames (a motion
+    adapter's positional table). Read from config files without weights (`backbones.structure`), or from a loaded
+    backbone; `check` is the one place these rules live."""
+
+    spatial_factor: int = 8
+    max_frames: int | None = None
+
+    def check(self, frames: int, height: int, width: int) -> None:
+        for name, v in (("height", height), ("width", width)):
+            if v % self.spatial_factor:
+                raise ValueError(f"{name}: must be a multiple of the VAE factor {self.spatial_factor}, got {v}")
+        if self.max_frames is not None and frames > self.max_frames:
+            raise ValueError(f"frames: the motion adapter handles at most {self.max_frames} frames, got {frames}")
 
 
 G, B = (GENERATION,), (BIVDIFF,)

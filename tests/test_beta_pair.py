@@ -66,7 +66,7 @@ def test_legacy_ad_preset_inverts_on_the_image_models_table(pair):
 
 def test_bivdiff_refuses_a_vdm_with_another_table(tmp_path):
     from pipelines.bivdiff.runner import BIVDiff
-    from pipelines.config import BivdiffSpec
+    from pipelines.bivdiff.config import BivdiffSpec
     from pipelines.tiny import ensure_tiny
 
     folder = str(tmp_path / "bivdiff")

@@ -10,7 +10,7 @@ import torch
 from pipelines import presets
 from pipelines.bivdiff.program import (LatentSpace, State, bivdiff_sample, inversion_moves, mix, mixed_inversion,
                                        smoothing_grid, smoothing_moves)
-from pipelines.config import resolve_bivdiff_params
+from pipelines.bivdiff.config import resolve_bivdiff_params
 from pipelines.schedule import AlphaTable
 from pipelines.tiny import SD15_SCHEDULER
 

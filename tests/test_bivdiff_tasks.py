@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pipelines import presets
-from pipelines.config import BivdiffSpec, resolve_bivdiff_params
+from pipelines.bivdiff.config import BivdiffSpec, resolve_bivdiff_params
 
 SMALL = dict(frames=4, height=64, width=64, steps=5, idm_steps=2)
 

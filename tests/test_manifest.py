@@ -11,7 +11,8 @@ from operators.generate import resolve_rows
 from operators.kinds import Resolver
 from operators.manifest import ManifestError, check_id, read_schema, resolve_row
 from operators.metadata import latest, to_table
-from pipelines.config import BivdiffSpec, ModelSpec
+from pipelines.bivdiff.config import BivdiffSpec
+from pipelines.config import ModelSpec
 
 from .conftest import SHARED
 

@@ -16,7 +16,8 @@ import pytest
 
 from operators.metadata import read_latest, read_parts
 from operators.storage import filesystem
-from pipelines.config import Limits, resolve_params
+from pipelines.config import resolve_params
+from pipelines.params import Limits
 
 from .jobutil import BIN, ROOT, free_port, job_cmd, job_env, parent_runs, run_job, sha256_file, tiny_config, wait_http
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import logging
 import os
 
-from ..config import ModelSpec, Structure
+from ..config import ModelSpec
+from ..params import Structure
 from .common import BackboneBase
 
 logger = logging.getLogger(__name__)

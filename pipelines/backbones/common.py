@@ -110,7 +110,7 @@ class BackboneBase:
 
     @property
     def structure(self):
-        from ..config import Structure
+        from ..params import Structure
 
         return Structure(self.spatial_factor, self.max_frames)
 

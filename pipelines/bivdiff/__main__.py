@@ -19,7 +19,7 @@ import time
 from .. import params as schema
 from .. import presets
 from ..cli import EXIT_CODES, check_source, load_models, progress_bar, tiny_kind
-from ..config import BivdiffSpec, resolve_bivdiff_params
+from .config import BivdiffSpec, resolve_bivdiff_params
 from ..outputs import check_output, write_atomic
 from ..sample import configure_logging, write_output
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .. import presets
-from ..config import BivdiffParams, BivdiffSpec
+from .config import BivdiffParams, BivdiffSpec
 from ..sampling import CFGDenoiser
 from ..schedule import AlphaTable
 from . import inputs
