@@ -107,3 +107,58 @@ def test_cli_writes_latents_and_mp4(tiny_ad_dir, tmp_path):
     frames, fps = read_mp4(str(tmp_path / "v.mp4"))
     assert frames.shape == (6, 64, 96, 3) and fps == 12
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".partial")]
+
+
+# ---- one parameter table (pipelines/params.py) drives every surface -------------------------------------------------
+def test_every_surface_comes_from_the_parameter_table():
+    """Manifest column types, both CLIs' flags, the job's defaults keys and the metadata columns list exactly the
+    declared parameters of each kind; docs/parameters.md is the table's own rendering."""
+    from jobs import config as job_config
+    from operators import metadata
+    from operators.manifest import COLUMNS
+    from pipelines import params
+    from pipelines.bivdiff.__main__ import build_parser as bivdiff_parser
+    from pipelines.sample import build_parser as sample_parser
+
+    for kind, parser in ((params.GENERATION, sample_parser()), (params.BIVDIFF, bivdiff_parser())):
+        names = set(params.names(kind))
+        assert names <= set(COLUMNS) and names <= set(metadata.SCHEMAS[kind].names)
+        assert names <= {a.dest for a in parser._actions}
+        other = params.BIVDIFF if kind == params.GENERATION else params.GENERATION
+        assert not (set(params.names(other)) - names) & set(metadata.SCHEMAS[kind].names)  # no null columns of the other kind
+    assert set(job_config.DEFAULT_KEYS) == set(params.names(params.GENERATION))
+    assert set(job_config.BIVDIFF_DEFAULT_KEYS) == set(params.names(params.BIVDIFF)) - {"task", "source_video", "mask_video",
+                                                                                       "condition_video"}
+    assert COLUMNS["idm_guidance"] == ("string", "integer", "floating") and COLUMNS["alpha"] == ("integer", "floating")
+    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "parameters.md")) as f:
+        assert f.read() == params.markdown()  # regenerate: python -m pipelines.params > docs/parameters.md
+
+
+def test_resolved_params_round_trip_through_their_record():
+    """The actor rebuilds a row's parameters from its record without validating again: the same object comes back."""
+    from pipelines.bivdiff.config import BivdiffParams, resolve_bivdiff_params
+    from pipelines.config import GenParams
+
+    for row in ({"prompt": "x"}, {"prompt": "y", "sampler": "ivmixed_ad_v1", "idm_guidance": "6,2,1/7", "interval": "0.1..0.6"},
+                {"prompt": "z", "variant": "up:RR-II@w_go_I=-karras(6,2,7)", "zz": 3, "steps": 30, "guidance": 5}):
+        p = resolve_params(row)
+        assert GenParams.from_record(p.record()) == p
+    b = resolve_bivdiff_params({"task": "inpaint", "source_video": "s.mp4", "mask_video": "m.mp4", "idm_guidance": 6.5})
+    assert BivdiffParams.from_record(b.record()) == b and b.record()["idm_guidance"] == "6.5"
+
+
+def test_structure_read_from_the_model_configs_equals_the_loaded_models(tiny_ad_dir, ad_backbone):
+    """The driver's structural facts (VAE factor, motion-adapter frame limit) come from config files, without weights,
+    and agree with the loaded backbone; a row past them fails at resolution with the loaded models' message."""
+    from pipelines.backbones import structure
+    from pipelines.params import Structure
+
+    spec = ModelSpec.from_model_dir("animatediff", tiny_ad_dir, device="cpu")
+    facts = structure(spec)
+    assert facts == ad_backbone.structure and facts.max_frames == ad_backbone.unet.config.motion_max_seq_length
+    too_many = facts.max_frames + 1
+    with pytest.raises(ValueError, match=f"^frames: the motion adapter handles at most {facts.max_frames} frames"):
+        resolve_params({"prompt": "x", "frames": too_many, "height": 64, "width": 64}, structure=facts)
+    with pytest.raises(ValueError, match="multiple of the VAE factor 16"):
+        resolve_params({"prompt": "x", "height": 72, "width": 64}, structure=Structure(16))
+    assert structure(ModelSpec(device="cpu", base="/no/such/folder")) == Structure()  # unreadable: defaults, with a warning
