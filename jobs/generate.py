@@ -171,9 +171,10 @@ def _execute(mlflow, ctx: setup.RunContext, total: int) -> int:
             m = progress.metrics()
             mlflow.log_metrics({k: float(v) for k, v in m.items()}, step=progress.step)  # the latest step: the final value
             progress.log(final=True)
-            tracking.log_run_metadata(mlflow, fs, root, writer)
+            parts = metadata.read_parts(fs, root)  # the metadata, read once at the end
+            tracking.log_run_metadata(mlflow, parts, ctx.run_id)
             mlflow.set_tag("job_status", status)
-        regressions = quality.finish(mlflow, cfg, fs, root, ctx.run_id)
+        regressions = quality.finish(mlflow, cfg, fs, root, ctx.run_id, parts)
         storage.clear_staging(fs, root)
         pipeline.remove_scratch(fs, root, ctx.run_id)
     if regressions:

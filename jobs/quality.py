@@ -129,13 +129,13 @@ def summary(groups: dict[str, dict[str, Any]]) -> str:
     return "; ".join(parts)
 
 
-def finish(mlflow, cfg, fs, root, run_id) -> list[str]:
-    """Per-sampler aggregates over the output's current metadata (all attempts), nested runs, score table,
-    and the regression check when a baseline is configured."""
+def finish(mlflow, cfg, fs, root, run_id, parts=None) -> list[str]:
+    """Per-sampler aggregates over the output's current metadata (all attempts; `parts`: every metadata part, when the
+    caller has read them already), nested runs, score table, and the regression check when a baseline is configured."""
     from jobs import report
     from operators import metadata
 
-    current = metadata.latest(metadata.read_parts(fs, root))
+    current = metadata.latest(metadata.read_parts(fs, root) if parts is None else parts)
     if current is None or current.num_rows == 0:
         mlflow.set_tag("healthy", "false")
         return []

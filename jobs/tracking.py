@@ -133,21 +133,19 @@ def open_run(mlflow, ctx, git_sha: str | None):
     return mlrun
 
 
-def log_run_metadata(mlflow, fs, root, writer) -> None:
-    """This run's metadata rows as one Parquet artifact."""
-    if not writer.parts:
-        return
-    import pyarrow as pa
+def log_run_metadata(mlflow, parts, run_id: str) -> None:
+    """This run's metadata rows (out of every part of the output, read once at the end) as one Parquet artifact."""
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    tables = []
-    for p in writer.parts:
-        with fs.open(p, "rb") as f:
-            tables.append(pq.read_table(f))
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "metadata.parquet")
-        pq.write_table(pa.concat_tables(tables, promote_options="permissive"), path)
-        mlflow.log_artifact(path, "metadata")
+    if parts is None or "run_id" not in parts.column_names:
+        return
+    mine = parts.filter(pc.equal(parts["run_id"], run_id))
+    if mine.num_rows:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "metadata.parquet")
+            pq.write_table(mine, path)
+            mlflow.log_artifact(path, "metadata")
 
 
 def submission_id() -> str | None:

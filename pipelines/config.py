@@ -40,11 +40,9 @@ class ModelSpec:
     decode_chunk: int = presets.DEFAULT_DECODE_CHUNK  # frames per VAE decode call (README "Memory")
 
     def __post_init__(self) -> None:
-        check_decode_chunk(self.decode_chunk)
+        check_placement(self)
         if self.backbone not in presets.BACKBONES:
             raise ValueError(f"backbone: unknown {self.backbone!r}; choose one of {sorted(presets.BACKBONES)}")
-        if self.dtype not in DTYPE_NAMES:
-            raise ValueError(f"dtype: must be one of {DTYPE_NAMES}, got {self.dtype!r}")
         if not is_finite_number(self.lora_scale):
             raise ValueError(f"lora_scale: must be a finite number, got {self.lora_scale!r}")
         defaults = presets.BACKBONES[self.backbone]
@@ -73,9 +71,12 @@ def spec_json(spec) -> str:
     return json.dumps({k: v for k, v in asdict(spec).items() if k not in PLACEMENT}, sort_keys=True)
 
 
-def check_decode_chunk(value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"decode_chunk: must be an integer >= 1, got {value!r}")
+def check_placement(spec) -> None:
+    """The placement fields every model spec has: dtype and decode chunk."""
+    if spec.dtype not in DTYPE_NAMES:
+        raise ValueError(f"dtype: must be one of {DTYPE_NAMES}, got {spec.dtype!r}")
+    if isinstance(spec.decode_chunk, bool) or not isinstance(spec.decode_chunk, int) or spec.decode_chunk < 1:
+        raise ValueError(f"decode_chunk: must be an integer >= 1, got {spec.decode_chunk!r}")
 
 
 def spec_fingerprint(spec) -> str:

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 from .. import params as schema
 from .. import presets
-from ..config import DTYPE_NAMES, ModelSpec, check_decode_chunk, present, spec_fingerprint
+from ..config import ModelSpec, check_placement, present, spec_fingerprint
 from ..params import DEFAULT_LIMITS, Limits, Structure
 
 
@@ -31,11 +31,9 @@ class BivdiffSpec:
     decode_chunk: int = presets.DEFAULT_DECODE_CHUNK
 
     def __post_init__(self) -> None:
-        check_decode_chunk(self.decode_chunk)
+        check_placement(self)
         if self.vdm not in presets.BIVDIFF_VDMS:
             raise ValueError(f"vdm: BIVDiff's video model must be one of {presets.BIVDIFF_VDMS}, got {self.vdm!r}")
-        if self.dtype not in DTYPE_NAMES:
-            raise ValueError(f"dtype: must be one of {DTYPE_NAMES}, got {self.dtype!r}")
 
     @classmethod
     def from_model_dir(cls, model_dir: str, **kw: Any) -> "BivdiffSpec":
