@@ -33,9 +33,9 @@ def main() -> None:
     ap.add_argument("--cache", default=".cache/tiny")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    from pipelines.bivdiff.config import BivdiffSpec, resolve_bivdiff_params
     from pipelines.bivdiff.inputs import read_row_inputs
     from pipelines.bivdiff.runner import BIVDiff
-    from pipelines.bivdiff.config import BivdiffSpec, resolve_bivdiff_params
     from pipelines.tiny import ensure_tiny
     from pipelines.video import write_mp4
 

@@ -29,6 +29,7 @@ BIVDIFF_DEFAULT_KEYS = tuple(k for k in schema.names(schema.BIVDIFF) if k not in
 
 SECTION = ConfigDict(extra="forbid")  # pydantic: an unknown key is an error, types and bounds are checked
 PositiveInt, Positive = Annotated[int, Field(ge=1)], Annotated[float, Field(gt=0)]
+NonNegativeInt, NonNegative = Annotated[int, Field(ge=0)], Annotated[float, Field(ge=0)]
 
 
 @section(frozen=True, config=SECTION)
@@ -38,8 +39,8 @@ class ComputeConfig:
     batch_size: PositiveInt = 1  # rows per actor call (Ray batch); videos are heavy, keep it small
     sampler_batch: PositiveInt = 1  # rows sampled together in one batched sampler call inside an actor
     cpus_per_actor: Positive = 1.0  # leave CPUs for read/resolve tasks (pain point 3)
-    max_restarts: Annotated[int, Field(ge=0)] = 16  # restarts of one actor over the run
-    max_task_retries: Annotated[int, Field(ge=0)] = 1  # a batch whose worker died runs once more, then its rows alone
+    max_restarts: NonNegativeInt = 16  # restarts of one actor over the run
+    max_task_retries: NonNegativeInt = 1  # a batch whose worker died runs once more, then its rows alone
     autoscaling: bool = False  # the cluster adds nodes on demand: a pool bigger than today's cluster only warns
     memory_budget_gb: Positive | None = None  # what one sampler call may allocate; None: 90% of what the device has free
     row_timeout_s: Positive | None = None  # a row running longer fails and its actor is replaced; None: from its size
@@ -48,9 +49,9 @@ class ComputeConfig:
 
 @section(frozen=True, config=SECTION)
 class CommitConfig:
-    every_rows: PositiveInt = 16  # rows per metadata part (a part is the commit marker of its videos)
-    every_seconds: Positive = 60.0  # ...or this long since the last part, whichever comes first
-    progress_seconds: Positive = 30.0  # progress log line / MLflow progress metrics
+    every_rows: NonNegativeInt = 16  # rows per metadata part (a part is the commit marker of its videos; 0: every batch)
+    every_seconds: NonNegative = 60.0  # ...or this long since the last part, whichever comes first
+    progress_seconds: NonNegative = 30.0  # progress log line / MLflow progress metrics (0: every batch)
     lease_ttl_s: Positive = 300.0  # a run's lease on its output prefix goes stale this long after its last heartbeat
 
 
