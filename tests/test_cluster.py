@@ -53,7 +53,7 @@ def ray_cluster(tmp_path_factory, cluster_env):
         _wait_for_job_agent(f"http://127.0.0.1:{dash}", cluster_env)
         yield f"http://127.0.0.1:{dash}"
     finally:
-        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):  # `ray start --block` ignores SIGTERM for ~30 s
             try:
                 os.killpg(proc.pid, sig)
                 proc.wait(timeout=wait)
