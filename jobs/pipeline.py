@@ -62,7 +62,8 @@ def run_passes(ray, ctx: RunContext, consume) -> None:
     again one at a time on fresh actors, and pass 3 records whatever was lost again as failed rows with the reason
     (README, "Reliability"). `consume(ds)` commits a dataset's metadata rows and returns its errored blocks."""
     from operators.compute import actor_pool
-    from operators.generate import BivdiffGenerator, VideoGenerator, lost_rows, resolve_rows
+    from operators.generate import BivdiffGenerator, VideoGenerator, resolve_rows
+    from operators.worker import lost_rows
 
     cfg = ctx.cfg
     env = storage.storage_env()

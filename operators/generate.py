@@ -17,7 +17,7 @@ import pyarrow as pa
 from . import metadata
 from .kinds import KINDS, Resolver
 from .manifest import expand_samplers
-from .worker import RUN_DIR, SPLIT, RowWorker, lost_rows, timeouts_dir  # noqa: F401 - the driver's imports
+from .worker import RowWorker
 
 logger = logging.getLogger(__name__)
 

@@ -92,7 +92,3 @@ class Resolver:
         return cls({GENERATION: Setup(spec, dict(defaults or {}), st.get(GENERATION, Structure())),
                     BIVDIFF: Setup(bspec, dict(bivdiff_defaults or {}), st.get(BIVDIFF, Structure()))},
                    limits if isinstance(limits, Limits) else Limits(**(limits or {})), tuple(samplers) if samplers else None)
-
-    def params(self, row: Mapping[str, Any]):
-        kind = KINDS[kind_of(row)]
-        return kind.resolve(row, self.setups[kind.name], self.limits)

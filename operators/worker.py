@@ -22,7 +22,6 @@ from typing import Any, Mapping
 import pyarrow as pa
 
 from pipelines.config import spec_json
-from pipelines.params import Limits
 
 from . import metadata, storage
 from .kinds import KINDS, Resolver
@@ -112,13 +111,12 @@ class RowWorker:
         from pipelines.cli import quiet_libraries
 
         quiet_libraries()  # no per-file load bars or advisory warnings in the worker logs the driver prints
-        self.resolver, self.spec = resolver, resolver.setups[self.kind].spec
+        self.spec = resolver.setups[self.kind].spec
         self.rec = recorder(self.kind, resolver, run_id, code_version)
         self.device, self.dtype = resolve_placement(self.spec.device, self.spec.dtype)
         self._models = self._scorer = self._scorer_error = None
         self.scorer_source = scorer
         self.fs, self.root = storage.filesystem(output)
-        self.limits: Limits = resolver.limits
         self.memory_budget_gb, self.row_timeout_s = memory_budget_gb, row_timeout_s
         self.timeouts = timeouts_dir(self.root, run_id)
         self.faults = drill_faults()
