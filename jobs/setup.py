@@ -11,7 +11,7 @@ from typing import Any
 from jobs import config as job_config
 from pipelines.bivdiff.config import BivdiffSpec
 from pipelines.config import ModelSpec
-from pipelines.params import BIVDIFF, GENERATION, KINDS
+from pipelines.params import BIVDIFF, GENERATION
 
 logger = logging.getLogger(__name__)
 PLAN_IN_DRIVER_ROWS = 100_000  # up to this many manifest rows the driver checks for work itself before starting Ray
@@ -65,7 +65,7 @@ def read_manifest(cfg: job_config.JobConfig) -> Manifest:
     import pyarrow.dataset as pads
 
     from operators import storage
-    from operators.kinds import KIND_COLUMNS, kind_of
+    from operators.kinds import KIND_COLUMNS, kinds_present
     from operators.manifest import duplicated, read_schema
 
     schema, n = read_schema(cfg.manifest)
@@ -76,9 +76,7 @@ def read_manifest(cfg: job_config.JobConfig) -> Manifest:
     ids = table.column("id").to_pylist() if "id" in schema.names else []
     if cfg.limit:
         table = table.slice(0, cfg.limit)
-    deciding = table.select([c for c in KIND_COLUMNS if c in schema.names])
-    kinds = tuple(k for k in KINDS if k in {kind_of(r) for r in deciding.to_pylist()} | ({GENERATION} if not deciding.num_columns else set()))
-    return Manifest(n, duplicated(ids), kinds, table if small else None)
+    return Manifest(n, duplicated(ids), kinds_present(table), table if small else None)
 
 
 @dataclass

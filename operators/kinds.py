@@ -12,8 +12,7 @@ from typing import Any, Callable, Mapping
 from pipelines import presets
 from pipelines.bivdiff.config import BivdiffParams, BivdiffSpec, resolve_bivdiff_params
 from pipelines.config import GenParams, ModelSpec, resolve_params
-from pipelines.params import Limits, Structure
-from pipelines.params import BIVDIFF, GENERATION
+from pipelines.params import BIVDIFF, GENERATION, Limits, Structure
 
 
 KIND_COLUMNS = ("task",)  # the manifest columns that decide a row's kind
@@ -21,6 +20,15 @@ KIND_COLUMNS = ("task",)  # the manifest columns that decide a row's kind
 
 def kind_of(row: Mapping[str, Any]) -> str:
     return BIVDIFF if row.get("task") is not None else GENERATION
+
+
+def kinds_present(table) -> tuple[str, ...]:
+    """The kinds among a manifest table's rows, as `kind_of` decides them, counted on the column (no Python rows)."""
+    task = table.column("task") if "task" in table.column_names else None
+    found = {GENERATION} if task is None or task.null_count else set()
+    if task is not None and task.null_count < len(task):
+        found.add(BIVDIFF)
+    return tuple(k for k in (GENERATION, BIVDIFF) if k in found)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from .config import GenParams
 from .grammar import Plan, compile_plan
 from . import presets
 from .sampling import RowNoise, sample_plan, sde_dpmpp_2m
-from .schedule import AlphaTable, dpm_timesteps, timesteps
+from .schedule import dpm_timesteps, timesteps
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def generate(backbone, rows: Sequence[GenParams], *, decode: bool = True,
                                     frames=p.frames, idm_text=p.preset.idm_text, fps=p.fps)
         main_step = None
         if main_solver(backbone) == "sde-dpmpp2m":  # its SDE noise: row b's own stream seeded seed_b + 1 (README "Noise")
-            table = AlphaTable.from_scheduler_config(backbone.scheduler_config)
+            table = backbone.video_table()
             sde = RowNoise([r.seed + 1 for r in rows])
             c, f, h, w = shape
             main_step = sde_dpmpp_2m(table.alphas_cumprod, [s.t for s in plan.steps],
