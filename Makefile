@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: venv demo test test-all bench bench-memory gpu-check tiny clean
+.PHONY: venv demo test test-all bench bench-memory bench-resume gpu-check tiny clean
 
 venv: $(STAMP)
 
@@ -41,6 +41,10 @@ bench: $(STAMP)
 # peak memory of the published architectures at 16 x 512 x 512 on the CPU (~25 min, ~20 GB of random models in .cache)
 bench-memory: $(STAMP)
 	$(BIN)/python benchmarks/memory.py --json outputs/memory.json
+
+# resume planning of a 10M-row manifest against 10M committed rows (~2 min, ~3 GB of temporary files)
+bench-resume: $(STAMP)
+	$(BIN)/python benchmarks/resume_scale.py --rows 10000000 --json outputs/resume_scale.json
 
 # one command on a GPU machine (~8 min on an H100/H200): seconds per video, ms per call, peak memory, videos per hour
 gpu-check: $(STAMP)

@@ -56,6 +56,28 @@ class CommitConfig:
 
 
 @section(frozen=True, config=SECTION)
+class OutputConfig:
+    """How a run writes its videos (README "Datasets"); YAML `output: {uri: ..., format: ..., ...}`."""
+
+    format: Literal["files", "webdataset"] = "files"  # files: videos/<id>.mp4; webdataset: tar shards under shards/
+    shard_max_mb: Positive = 256.0  # webdataset: a shard is cut at this much video...
+    shard_max_samples: PositiveInt = 1000  # ...or this many samples...
+    shard_max_seconds: Positive = 3600.0  # ...or this long after its first sample, whichever comes first
+    contact_sheets: bool = True  # a contact-sheet PNG per video: contact/<id>.png (files) or a png member (webdataset)
+
+
+@section(frozen=True, config=SECTION)
+class ExportConfig:
+    """A filtered dataset built at the end of the run (jobs/export.py), linked from the report."""
+
+    to: str | None = None  # where it goes; "{output}" and "{run}" are replaced (e.g. "{output}/filtered/{run}"); None: none
+    format: Literal["files", "webdataset"] = "webdataset"
+    min_clipsim: float | None = None  # the ok rows kept: at least this CLIPSIM...
+    min_frame_consistency: float | None = None  # ...at least this frame consistency...
+    max_flicker: float | None = None  # ...at most this flicker (a row without the score is left out)
+
+
+@section(frozen=True, config=SECTION)
 class ScoresConfig:
     enabled: bool = False  # CLIPSIM, frame consistency and flicker per video, in the generating actor
     clip_model: str = presets.DEFAULT_CLIP_MODEL  # hub id or local folder
@@ -118,6 +140,8 @@ class JobConfig:
     regression: RegressionConfig = RegressionConfig()
     bivdiff: BivdiffSection = BivdiffSection()
     limits: Limits = Limits()
+    layout: OutputConfig = OutputConfig()  # YAML `output:` as a mapping (uri + these keys), --output-format
+    export: ExportConfig = ExportConfig()
 
     def record(self) -> dict:
         """Plain nested values (for the resolved-config artifact and MLflow params)."""
@@ -158,7 +182,7 @@ def _keys(name: str, raw: Any, known) -> dict:
 
 
 TOP_KEYS = ("model", "tiny", "tiny_cache", "defaults", "compute", "commit", "mlflow", "manifest", "output", "limit",
-            "fail_on_error", "samplers", "scores", "regression", "bivdiff", "limits")
+            "fail_on_error", "samplers", "scores", "regression", "bivdiff", "limits", "export")
 
 
 def load(args: argparse.Namespace) -> JobConfig:
@@ -193,7 +217,11 @@ def load(args: argparse.Namespace) -> JobConfig:
     except ValueError as err:
         raise ValueError(f"config 'defaults': {err}") from None
     mlflow_raw = _keys("mlflow", raw.get("mlflow"), ("uri", "experiment"))
-    manifest, output = args.manifest or raw.get("manifest"), args.output or raw.get("output")
+    out_raw = raw.get("output")
+    out_raw = dict(out_raw) if isinstance(out_raw, Mapping) else {"uri": out_raw}
+    layout = _section("output", {k: v for k, v in out_raw.items() if k != "uri"}, OutputConfig,
+                      {"format": getattr(args, "output_format", None)})
+    manifest, output = args.manifest or raw.get("manifest"), args.output or out_raw.get("uri")
     if not manifest:
         raise ValueError("--manifest: required (a Parquet file or folder, local path or fsspec URI)")
     if not output:
@@ -204,13 +232,16 @@ def load(args: argparse.Namespace) -> JobConfig:
     scores = _section("scores", raw.get("scores"), ScoresConfig, {"enabled": getattr(args, "scores", None) or None})
     regression = _section("regression", raw.get("regression"), RegressionConfig,
                           {"baseline": getattr(args, "baseline", None), "threshold": getattr(args, "regression_threshold", None)})
+    export = _section("export", raw.get("export"), ExportConfig)
+    if export.to and not scores.enabled and (export.min_clipsim, export.min_frame_consistency, export.max_flicker) != (None,) * 3:
+        raise ValueError("export: score thresholds need scores (set scores.enabled or pass --scores)")
     if regression.baseline and not scores.enabled:
         raise ValueError("regression: a baseline comparison needs scores (set scores.enabled or pass --scores)")
     return JobConfig(
         bivdiff=_bivdiff_section(raw.get("bivdiff"), limits), samplers=_samplers(getattr(args, "samplers", None) or
                                                                                  raw.get("samplers"), model.backbone),
         scores=scores, regression=regression, manifest=manifest, output=output.rstrip("/"), model=model, tiny=tiny,
-        tiny_cache=tiny_cache, limits=limits, defaults=defaults, compute=compute, commit=commit,
+        tiny_cache=tiny_cache, limits=limits, layout=layout, export=export, defaults=defaults, compute=compute, commit=commit,
         mlflow_uri=args.mlflow_uri or mlflow_raw.get("uri") or os.environ.get("MLFLOW_TRACKING_URI") or default_mlflow_uri(),
         experiment=args.experiment or mlflow_raw.get("experiment") or JobConfig.experiment,
         run_name=args.run_name, limit=limit, fail_on_error=bool(args.fail_on_error or raw.get("fail_on_error", False)))

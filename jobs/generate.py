@@ -16,6 +16,7 @@ Running again with the same arguments generates only what is missing. Only this 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import hashlib
 import logging
@@ -44,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXIT_CODES)
     ap.add_argument("--manifest", help="Parquet file or folder: local path or fsspec URI (s3://...)")
     ap.add_argument("--output", help="output prefix: local folder or fsspec URI; videos/ and metadata/ go below it")
+    ap.add_argument("--output-format", choices=["files", "webdataset"],
+                    help="files: videos/<id>.mp4 (default); webdataset: tar shards under shards/ (README \"Datasets\")")
     ap.add_argument("--config", help="job YAML (jobs/configs/*.yaml)")
     ap.add_argument("--mlflow-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else an embedded SQLite file "
                     "under $IVMIX_HOME, default ~/.local/share/ivmix/mlflow.db, artifacts beside it)")
@@ -84,12 +87,14 @@ def code_version() -> tuple[str, str | None]:
 
 def run(cfg: job_config.JobConfig, manifest: setup.Manifest) -> int:
     fs, root = storage.filesystem(cfg.output)
-    done, poisoned = metadata.committed(fs, root)
+    committed = metadata.committed(fs, root)
     if cfg.compute.retry_poisoned:
-        poisoned = set()
+        committed = dataclasses.replace(committed, poisoned=metadata.Committed.empty().poisoned)
     limit = min(manifest.rows, cfg.limit or manifest.rows)
-    logger.info("manifest: %d rows%s; %d ids already committed under %s", manifest.rows,
-                f" (--limit {cfg.limit}: the first {limit})" if limit < manifest.rows else "", len(done), cfg.output)
+    plan = setup.plan(cfg, manifest, committed.done)
+    logger.info("manifest: %d rows%s; %d ids already committed under %s; %d row(s) to run", manifest.rows,
+                f" (--limit {cfg.limit}: the first {limit})" if limit < manifest.rows else "", len(committed.done),
+                cfg.output, plan.pending)
     try:
         model, bivdiff, scorer = setup.models(cfg, "bivdiff" in manifest.kinds)
         if scorer:
@@ -102,9 +107,9 @@ def run(cfg: job_config.JobConfig, manifest: setup.Manifest) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     run_name = cfg.run_name or f"{os.path.basename(root) or 'run'}-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}"
-    ctx = setup.RunContext(cfg, manifest, setup.resolver(cfg, model, bivdiff, manifest.kinds), fs, root, done, poisoned,
-                           scorer, run_name, device="none", version=code_version()[0])
-    if done and not setup.anything_to_do(ctx):
+    ctx = setup.RunContext(cfg, manifest, setup.resolver(cfg, model, bivdiff, manifest.kinds), fs, root, committed,
+                           scorer, run_name, plan, device="none", version=code_version()[0])
+    if len(committed.done) and not setup.anything_to_do(ctx):
         logger.info("nothing to do: every row%s is committed ok under %s", f" of the first {limit}" if limit < manifest.rows
                     else "", cfg.output)
         return _check_only(mlflow, ctx) if cfg.regression.baseline else 0
@@ -122,6 +127,28 @@ def run(cfg: job_config.JobConfig, manifest: setup.Manifest) -> int:
         lease.release()
 
 
+def _export(mlflow, ctx: setup.RunContext, tag: str) -> dict | None:
+    """The config's `export`: the output's ok rows over its thresholds as a new dataset (jobs/export.py)."""
+    from jobs.export import Filter, export
+
+    e = ctx.cfg.export
+    if not e.to:
+        return None
+    dest = e.to.replace("{output}", ctx.cfg.output).replace("{run}", tag)
+    summary = export(ctx.cfg.output, dest, Filter(e.min_clipsim, e.min_frame_consistency, e.max_flicker), fmt=e.format,
+                     shard_max_mb=ctx.cfg.layout.shard_max_mb, shard_max_samples=ctx.cfg.layout.shard_max_samples,
+                     contact_sheets=ctx.cfg.layout.contact_sheets, code_version=ctx.version)
+    mlflow.set_tag("export_uri", summary["to"])
+    mlflow.log_metric("export_rows", summary["rows"])
+    return summary
+
+
+def _replan(ctx: setup.RunContext) -> setup.RunContext:
+    """After samples of a killed run were packed and committed: what is done now, and what is left to run."""
+    committed = dataclasses.replace(metadata.committed(ctx.fs, ctx.root), poisoned=ctx.committed.poisoned)
+    return dataclasses.replace(ctx, committed=committed, plan=setup.plan(ctx.cfg, ctx.manifest, committed.done))
+
+
 def _check_only(mlflow, ctx: setup.RunContext) -> int:
     """Nothing to generate but a baseline to compare with: the quality stage over the committed metadata, no Ray."""
     with tracking.open_run(mlflow, ctx, code_version()[1]) as mlrun:
@@ -137,8 +164,13 @@ def _execute(mlflow, ctx: setup.RunContext, total: int) -> int:
     """The run proper, with the output's lease held."""
     from operators.compute import without_actor_restart_note
 
+    from operators import shards
+
     cfg, fs, root = ctx.cfg, ctx.fs, ctx.root
     storage.clear_staging(fs, root)
+    shards.remove_orphans(fs, root, ctx.committed.shards)  # with the lease held: no other run is writing
+    if shards.salvage(fs, root, ctx.done, code_version=ctx.version, contact=cfg.layout.contact_sheets, limits=cfg.layout):
+        ctx = _replan(ctx)
     logger.info("starting Ray and %d actor(s); each loads its models once", cfg.compute.num_actors)
     ray = pipeline.init_ray()
     device = cfg.compute.device
@@ -153,8 +185,13 @@ def _execute(mlflow, ctx: setup.RunContext, total: int) -> int:
     with tracking.open_run(mlflow, ctx, code_version()[1]) as mlrun:
         ctx.run_id = mlrun.info.run_id
         status = "FINISHED"
-        progress = tracking.Progress(max(total - len(ctx.done), 0))
-        writer = metadata.MetadataWriter(fs, root, f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{ctx.run_id[:8]}")
+        progress = tracking.Progress(ctx.plan.pending * len(cfg.samplers or [None]) if not ctx.plan.resolve_done
+                                     else max(total - len(ctx.done), 0))
+        tag = f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{ctx.run_id[:8]}"
+        writer = metadata.MetadataWriter(fs, root, tag)
+        sink = shards.run_sink(fs, root, writer, tag, ctx.run_id, cfg.layout, ctx.version) if cfg.layout.format == "webdataset" else None
+        if ctx.plan.keep is not None:
+            ctx.todo = setup.write_todo(ctx, storage.join(shards.run_dir(root, ctx.run_id), "todo.parquet"))
 
         def log_metrics() -> None:
             mlflow.log_metrics({k: float(v) for k, v in progress.metrics().items()}, step=progress.step)
@@ -162,19 +199,26 @@ def _execute(mlflow, ctx: setup.RunContext, total: int) -> int:
 
         try:
             with without_actor_restart_note():
-                pipeline.run_passes(ray, ctx, pipeline.commit_loop(ctx, writer, progress, log_metrics))
+                pipeline.run_passes(ray, ctx, pipeline.commit_loop(ctx, writer, progress, log_metrics, sink))
+            if sink:
+                sink.close()
         except BaseException:
             status = "FAILED"
-            writer.flush()  # whatever finished is committed; a rerun resumes from it
+            try:
+                if sink:
+                    sink.close()  # pack what finished; a sample whose shard cannot be written waits in scratch
+            finally:
+                writer.flush()  # whatever finished is committed; a rerun resumes from it
             raise
         finally:
-            m = progress.metrics()
+            m = {**progress.metrics(), **(sink.totals() if sink else {})}
             mlflow.log_metrics({k: float(v) for k, v in m.items()}, step=progress.step)  # the latest step: the final value
             progress.log(final=True)
             parts = metadata.read_parts(fs, root)  # the metadata, read once at the end
             tracking.log_run_metadata(mlflow, parts, ctx.run_id)
             mlflow.set_tag("job_status", status)
-        regressions = quality.finish(mlflow, cfg, fs, root, ctx.run_id, parts)
+        exported = _export(mlflow, ctx, tag)
+        regressions = quality.finish(mlflow, cfg, fs, root, ctx.run_id, parts, exported)
         storage.clear_staging(fs, root)
         pipeline.remove_scratch(fs, root, ctx.run_id)
     if regressions:

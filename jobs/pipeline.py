@@ -70,17 +70,20 @@ def run_passes(ray, ctx: RunContext, consume) -> None:
     if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:  # local Ray: make the project importable in workers
         env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
     runtime_env = {"env_vars": env}
-    mfs, mpath = storage.filesystem(cfg.manifest)
+    mfs, mpath = storage.filesystem(ctx.todo or cfg.manifest)
     operators = {"VideoGenerator": (VideoGenerator, {"sampler_batch": cfg.compute.sampler_batch}),
                  "BivdiffGenerator": (BivdiffGenerator, {"stage1_batch": cfg.bivdiff.stage1_batch})}
 
     def resolved(kind: str):
         ds = ray.data.read_parquet(mpath, filesystem=storage.arrow_filesystem(mfs), runtime_env=runtime_env, num_cpus=READ_CPUS)
-        if cfg.limit:
+        if cfg.limit and not ctx.todo:
             ds = ds.limit(cfg.limit)
+        # the plan dropped the rows whose manifest id is done; `done` is needed only for ids known once resolved
         ds = ds.map_batches(resolve_rows, batch_format="pyarrow", batch_size=512, num_cpus=READ_CPUS, runtime_env=runtime_env,
-                            fn_args=(ctx.resolver,), fn_kwargs={"done": frozenset(ctx.done), "duplicate_ids": frozenset(ctx.manifest.duplicate_ids),
-                                                              "poisoned": frozenset(ctx.poisoned), "seen": frozenset(ctx.seen)})
+                            fn_args=(ctx.resolver,), fn_kwargs={"done": ctx.done if ctx.plan.resolve_done else None,
+                                                              "duplicate_ids": ctx.manifest.duplicate_ids,
+                                                              "poisoned": ctx.committed.poisoned,
+                                                              "seen": ctx.seen if ctx.seen_chunks else None})
         return ds.map_batches(_of_kind, batch_format="pyarrow", num_cpus=READ_CPUS, fn_args=(kind,))
 
     def generation(kind: str, batch_size: int, batched: bool):
@@ -91,7 +94,8 @@ def run_passes(ray, ctx: RunContext, consume) -> None:
         ds = resolved(kind).repartition(target_num_rows_per_block=batch_size).map_batches(
             cls, fn_constructor_args=(ctx.resolver, cfg.output, ctx.run_id, ctx.version),
             fn_constructor_kwargs={"scorer": ctx.scorer, "memory_budget_gb": cfg.compute.memory_budget_gb,
-                                   "row_timeout_s": cfg.compute.row_timeout_s, **extra},
+                                   "row_timeout_s": cfg.compute.row_timeout_s, "output_format": cfg.layout.format,
+                                   "contact_sheets": cfg.layout.contact_sheets, **extra},
             batch_size=batch_size, batch_format="pyarrow", runtime_env=runtime_env,
             **actor_pool(ray, size=cfg.compute.num_actors, num_gpus=1 if ctx.device == "cuda" else 0,
                          num_cpus=cfg.compute.cpus_per_actor, max_restarts=cfg.compute.max_restarts,
@@ -115,9 +119,10 @@ def run_passes(ray, ctx: RunContext, consume) -> None:
                 raise RuntimeError(f"{errors.count} block(s) could not be processed: {errors.summary()}")
 
 
-def commit_loop(ctx: RunContext, writer, progress, log_metrics):
+def commit_loop(ctx: RunContext, writer, progress, log_metrics, sink=None):
     """`consume(ds)` for run_passes: every result batch goes to the metadata writer (a part per `commit.every_rows` rows
-    or `every_seconds`), the progress counters and, every `progress_seconds`, the log and MLflow."""
+    or `every_seconds`) or, with webdataset output, to the shard sink (ok rows commit with their shard), the progress
+    counters and, every `progress_seconds`, the log and MLflow."""
     from operators.compute import ErroredBlocks
 
     commit = ctx.cfg.commit
@@ -126,9 +131,9 @@ def commit_loop(ctx: RunContext, writer, progress, log_metrics):
         last_commit = last_log = time.monotonic()
         with ErroredBlocks() as errors:
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                writer.add(batch)
+                (sink or writer).add(batch)
                 progress.add(batch)
-                ctx.seen.update(batch.column("id").to_pylist())
+                ctx.seen_chunks.append(batch.column("id").combine_chunks())
                 now = time.monotonic()
                 if writer.pending >= commit.every_rows or now - last_commit >= commit.every_seconds:
                     writer.flush()

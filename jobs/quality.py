@@ -129,7 +129,7 @@ def summary(groups: dict[str, dict[str, Any]]) -> str:
     return "; ".join(parts)
 
 
-def finish(mlflow, cfg, fs, root, run_id, parts=None) -> list[str]:
+def finish(mlflow, cfg, fs, root, run_id, parts=None, export=None) -> list[str]:
     """Per-sampler aggregates over the output's current metadata (all attempts; `parts`: every metadata part, when the
     caller has read them already), nested runs, score table, and the regression check when a baseline is configured."""
     from jobs import report
@@ -142,7 +142,7 @@ def finish(mlflow, cfg, fs, root, run_id, parts=None) -> list[str]:
     groups = aggregate(current)
     log_groups(mlflow, groups, current)
     logger.info("quality: %s", summary(groups))
-    path = report.write_report(fs, root, current, groups, f"ivmix run {posixpath.basename(root) or root}")
+    path = report.write_report(fs, root, current, groups, f"ivmix run {posixpath.basename(root) or root}", export)
     report.log_report(mlflow, fs, root, path, current)
     found, baseline = [], {}
     if cfg.regression.baseline:

@@ -63,7 +63,17 @@ def _card(r: dict, contact: str | None) -> str:
             f"<p class='prompt'>{html.escape(r.get('prompt') or '')}</p>{video}{img}<p>{scores}</p>{err}</div>")
 
 
-def build_html(rows: list[dict], contacts: dict[str, str], plots: dict[str, bytes], title: str, groups: dict) -> str:
+def _export_section(export: dict | None) -> str:
+    """The filtered dataset this run exported (config `export`), linked."""
+    if not export:
+        return ""
+    to = html.escape(export["to"])
+    return (f"<h2>Filtered dataset</h2><p id='export'><a href='{to}'>{to}</a>: {export['rows']} of {export['ok_rows']} ok "
+            f"videos ({html.escape(export['describe'])}), {export['format']}, {len(export['shards'])} shard(s)</p>")
+
+
+def build_html(rows: list[dict], contacts: dict[str, str], plots: dict[str, bytes], title: str, groups: dict,
+               export: dict | None = None) -> str:
     pairs = defaultdict(list)
     for r in rows:
         if r.get("pair_id"):
@@ -88,6 +98,7 @@ table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding
 <h1>{html.escape(title)}</h1>
 <h2>Summary per sampler</h2>
 <table><tr><th>sampler</th><th>videos</th><th>success</th>{''.join(f'<th>{n} (mean)</th>' for n in SCORES)}</tr>{summary}</table>
+{_export_section(export)}
 <h2>Score distributions</h2><div class="row">{plot_imgs}</div>
 <h2>A/B pairs (same prompt, seed and initial noise)</h2>{ab or '<p>none</p>'}
 <h2>Gallery</h2><div class="row">{gallery or '<p>none</p>'}</div>
@@ -115,16 +126,15 @@ window.addEventListener('load', async () => {{
 """
 
 
-def write_report(fs, root: str, table: pa.Table, groups: dict, title: str) -> str:
+def write_report(fs, root: str, table: pa.Table, groups: dict, title: str, export: dict | None = None) -> str:
     """Write OUTPUT/report/index.html for the current metadata; returns its path."""
     rows = sorted(table.to_pylist(), key=lambda r: (r.get("pair_id") or "", r["id"]))[:MAX_ROWS]
     contacts = {}
     for r in rows:
-        path = storage.join(metadata.contact_dir(root), f"{r['id']}.png")
-        if r["status"] == "ok" and fs.exists(path):
-            with fs.open(path, "rb") as f:
-                contacts[r["id"]] = _data_uri(f.read(), "image/png")
-    page = build_html(rows, contacts, score_plots(rows), title, groups)
+        png = metadata.media(fs, root, r, "png") if r["status"] == "ok" else None
+        if png:
+            contacts[r["id"]] = _data_uri(png, "image/png")
+    page = build_html(rows, contacts, score_plots(rows), title, groups, export)
     dest = storage.join(root, "report", "index.html")
     storage.put_bytes(fs, page.encode(), dest, root)
     ok = sum(r["status"] == "ok" for r in rows)
@@ -132,15 +142,16 @@ def write_report(fs, root: str, table: pa.Table, groups: dict, title: str) -> st
     return dest
 
 
-def report_videos(table: pa.Table, cap_bytes: int = 256 << 20) -> list[str]:
-    """Video ids to copy next to the report in MLflow (so its relative links resolve there), within a size cap."""
+def report_videos(table: pa.Table, cap_bytes: int = 256 << 20) -> list[dict]:
+    """Rows whose videos are copied next to the report in MLflow (so its relative links resolve there), within a size
+    cap."""
     total, out = 0, []
     for r in table.to_pylist()[:MAX_ROWS]:
         if r["status"] == "ok" and r.get("bytes"):
             if total + r["bytes"] > cap_bytes:
                 break
             total += r["bytes"]
-            out.append(r["id"])
+            out.append(r)
     return out
 
 
@@ -152,7 +163,8 @@ def log_report(mlflow, fs, root: str, path: str, table: pa.Table) -> None:
         local = posixpath.join(tmp, "index.html")
         fs.get_file(path, local)
         mlflow.log_artifact(local, "report")
-        for vid in report_videos(table):
-            dst = posixpath.join(tmp, f"{vid}.mp4")
-            fs.get_file(storage.join(metadata.videos_dir(root), f"{vid}.mp4"), dst)
+        for row in report_videos(table):
+            dst = posixpath.join(tmp, f"{row['id']}.mp4")
+            with open(dst, "wb") as f:
+                f.write(metadata.media(fs, root, row, "mp4") or b"")
             mlflow.log_artifact(dst, "videos")

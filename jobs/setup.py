@@ -50,33 +50,110 @@ def check_scorer(source: str) -> None:
 
 @dataclass
 class Manifest:
-    """What the driver knows of the manifest after its one read: row count, duplicate ids, the row kinds present, and
-    (up to PLAN_IN_DRIVER_ROWS rows, or with --limit) the rows themselves, for the nothing-to-do check."""
+    """What the driver knows of the manifest after its one read: row count, its ids and duplicate ids (Arrow, never
+    Python sets), the row kinds present, whether it has per-row A/B groups, and (up to PLAN_IN_DRIVER_ROWS rows) the
+    rows themselves, for the exact nothing-to-do check of rows whose id is only known after resolving."""
 
     rows: int
-    duplicate_ids: set[str]
+    duplicate_ids: Any  # pa.Array of ids that appear in more than one row
     kinds: tuple[str, ...]
     table: Any = None
+    ids: Any = None  # pa.ChunkedArray (after --limit), None without an id column
+    groups: bool = False  # a non-null `samplers` column: ids are <id>-<sampler>
 
 
 def read_manifest(cfg: job_config.JobConfig) -> Manifest:
-    """Check the manifest's schema (ManifestError) and read it once: every column when it is small enough to plan in
-    the driver, else only `id` and the columns that decide a row's kind."""
+    """Check the manifest's schema (ManifestError) and read it once: `id` and the columns that decide a row's kind
+    (Arrow, about 25 bytes a row), and every column when it is small enough to plan in the driver."""
+    import pyarrow as pa
     import pyarrow.dataset as pads
 
     from operators import storage
     from operators.kinds import KIND_COLUMNS, kinds_present
-    from operators.manifest import duplicated, read_schema
+    from operators.manifest import read_schema
 
     schema, n = read_schema(cfg.manifest)
     fs, path = storage.filesystem(cfg.manifest)
     dataset = pads.dataset(path, filesystem=storage.arrow_filesystem(fs), format="parquet")
     small = n <= PLAN_IN_DRIVER_ROWS
-    table = dataset.to_table(columns=None if small else [c for c in ("id", *KIND_COLUMNS) if c in schema.names])
-    ids = table.column("id").to_pylist() if "id" in schema.names else []
+    table = dataset.to_table(columns=None if small else [c for c in ("id", "samplers", *KIND_COLUMNS) if c in schema.names])
     if cfg.limit:
         table = table.slice(0, cfg.limit)
-    return Manifest(n, duplicated(ids), kinds_present(table), table if small else None)
+    ids, dups = None, pa.array([], pa.string())
+    if "id" in schema.names:
+        ids = table.column("id")
+        dups = duplicates(ids)
+    groups = "samplers" in schema.names and table.column("samplers").null_count < table.num_rows
+    return Manifest(n, pa.array(dups, pa.string()), kinds_present(table), table if small else None, ids, groups)
+
+
+def duplicates(ids):
+    """The ids that appear more than once (Arrow): sorted, then neighbours compared (half the memory of a hash
+    count on 10M ids)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    ids = ids.drop_null()
+    if len(ids) < 2:
+        return pa.array([], pa.string())
+    ordered = ids.take(pc.sort_indices(ids)).combine_chunks()
+    same = pc.equal(ordered.slice(1), ordered.slice(0, len(ordered) - 1))
+    return pc.unique(ordered.slice(1).filter(same))
+
+
+@dataclass
+class Plan:
+    """The manifest rows left to run, decided in Arrow: a row whose manifest id is committed ok is skipped without
+    resolving it (one hash anti-join over the whole manifest). `keep` is a mask over the manifest's rows (after
+    --limit); `resolve_done` says some kept rows get their id only when resolved (no id column or null ids, A/B
+    groups), so the resolve stage must still check them against the committed ids."""
+
+    keep: Any  # pa.Array of bool, or None: every row
+    pending: int
+    resolve_done: bool
+
+
+def plan(cfg: job_config.JobConfig, manifest: Manifest, done) -> Plan:
+    import pyarrow.compute as pc
+
+    n = min(manifest.rows, cfg.limit or manifest.rows)
+    ids = manifest.ids
+    if ids is None or not len(done):
+        return Plan(None, n, ids is None or bool(cfg.samplers) or manifest.groups or ids.null_count > 0)
+    ids = ids.combine_chunks()
+    resolve_done = bool(cfg.samplers) or manifest.groups or ids.null_count > 0
+    if cfg.samplers or manifest.groups:
+        return Plan(None, n, True)
+    skip = pc.and_(pc.is_in(ids, value_set=done), pc.invert(pc.is_in(ids, value_set=manifest.duplicate_ids)))
+    keep = pc.invert(pc.fill_null(skip, False))
+    return Plan(keep, pc.sum(keep).as_py() or 0, resolve_done)
+
+
+def write_todo(ctx: "RunContext", dest: str) -> str:
+    """The manifest's rows left to run (`ctx.plan.keep`), streamed batch by batch into one Parquet file at `dest`
+    (this run's scratch): what the Ray stage reads instead of the manifest, so that a rerun of a 10M-row manifest
+    with two rows missing resolves two rows."""
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    from operators import storage
+
+    mfs, mpath = storage.filesystem(ctx.cfg.manifest)
+    dataset = pads.dataset(mpath, filesystem=storage.arrow_filesystem(mfs), format="parquet")
+    keep, start = ctx.plan.keep, 0
+    limit = min(ctx.manifest.rows, ctx.cfg.limit or ctx.manifest.rows)
+    ctx.fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)
+    with ctx.fs.open(dest, "wb") as f, pq.ParquetWriter(f, dataset.schema) as writer:
+        for batch in dataset.to_batches(batch_size=65536, use_threads=False):
+            take = min(batch.num_rows, limit - start)
+            if take <= 0:
+                break
+            part = batch.slice(0, take)
+            if keep is not None:
+                part = part.filter(keep.slice(start, take))
+            start += batch.num_rows
+            writer.write_batch(part)
+    return storage.full_uri(ctx.fs, dest)
 
 
 @dataclass
@@ -88,18 +165,29 @@ class RunContext:
     resolver: Any  # operators.kinds.Resolver
     fs: Any
     root: str
-    done: set[str]
-    poisoned: set[str]
+    committed: Any  # operators.metadata.Committed: done / poisoned ids (Arrow) and the shards metadata names
     scorer: str | None
     run_name: str
+    plan: Plan
     device: str = "cpu"
     run_id: str = ""
     version: str = ""
-    seen: set[str] = field(default_factory=set)  # ids this run has recorded (the retry passes skip them)
+    todo: str | None = None  # the planned rows' Parquet in this run's scratch (None: the manifest itself)
+    seen_chunks: list = field(default_factory=list)  # ids this run has recorded, as Arrow arrays (retry passes skip them)
 
     @property
     def kinds(self) -> tuple[str, ...]:
         return self.manifest.kinds
+
+    @property
+    def done(self):
+        return self.committed.done
+
+    @property
+    def seen(self):
+        import pyarrow as pa
+
+        return pa.chunked_array(self.seen_chunks, pa.string()).combine_chunks()
 
     def with_device(self, device: str) -> "RunContext":
         """The resolved device ("cuda" or "cpu") set on every kind's model spec (BIVDiff follows the generation model's
@@ -128,13 +216,18 @@ def resolver(cfg: job_config.JobConfig, model: ModelSpec, bivdiff: BivdiffSpec, 
 
 
 def anything_to_do(ctx: RunContext) -> bool:
-    """Whether some manifest row is not committed ok yet, decided in the driver with the resolve stage's own function
-    (same ids) for manifests up to PLAN_IN_DRIVER_ROWS rows; larger ones are left to the Ray stage (True)."""
+    """Whether some manifest row is not committed ok yet: the plan's count, and for kept rows whose id is only known
+    once resolved, the resolve stage's own function (same ids) on manifests up to PLAN_IN_DRIVER_ROWS rows; larger
+    ones are left to the Ray stage (True)."""
     from operators.generate import resolve_rows
 
+    if not ctx.plan.pending:
+        return False
     table = ctx.manifest.table
-    if table is None:
+    if not ctx.plan.resolve_done or table is None:
         return True
-    return any(resolve_rows(table.slice(i, PLAN_CHUNK), ctx.resolver, done=frozenset(ctx.done),
-                            duplicate_ids=frozenset(ctx.manifest.duplicate_ids)).num_rows
+    if ctx.plan.keep is not None:
+        table = table.filter(ctx.plan.keep)
+    return any(resolve_rows(table.slice(i, PLAN_CHUNK), ctx.resolver, done=ctx.done,
+                            duplicate_ids=ctx.manifest.duplicate_ids).num_rows
                for i in range(0, table.num_rows, PLAN_CHUNK))

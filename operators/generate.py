@@ -13,6 +13,7 @@ import traceback
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from . import metadata
 from .kinds import KINDS, Resolver
@@ -22,30 +23,44 @@ from .worker import RowWorker
 logger = logging.getLogger(__name__)
 
 
-def resolve_rows(batch: pa.Table, resolver: Resolver, *, done: frozenset = frozenset(), duplicate_ids: frozenset = frozenset(),
-                 seen: frozenset = frozenset(), poisoned: frozenset = frozenset()) -> pa.Table:
+def members(ids: list, values) -> list[bool]:
+    """Which of `ids` are in `values` (an Arrow string array, or any Python container)."""
+    if values is None or len(values) == 0:
+        return [False] * len(ids)
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        return pc.is_in(pa.array(ids, pa.string()), value_set=values).to_pylist()
+    return [i in values for i in ids]
+
+
+def resolve_rows(batch: pa.Table, resolver: Resolver, *, done=None, duplicate_ids=None, seen=None,
+                 poisoned=None) -> pa.Table:
     """Add _id/_kind/_status/_error/_params/_pair/_sampler; expand A/B groups (one row per sampler); drop rows already
-    committed ok, and rows this run has already recorded (`seen`: the retry passes after a worker died); rows that
-    killed their worker twice in an earlier run (`poisoned`) fail again here, without running."""
+    committed ok (`done`), and rows this run has already recorded (`seen`: the retry passes after a worker died); rows
+    that killed their worker twice in an earlier run (`poisoned`) fail again here, without running. The id sets are
+    Arrow arrays (jobs/setup.py plans with them) or Python sets."""
+    rows = [(i, r) for i, row in enumerate(batch.to_pylist()) for r in expand_samplers(row, resolver)]
+    given = [batch.column("id")[i].as_py() if "id" in batch.column_names else None for i, _ in rows]
+    ids = [r["id"] for _, r in rows]
+    is_seen, is_poisoned, is_done = members(ids, seen), members(ids, poisoned), members(ids, done)
+    is_dup = [a or b for a, b in zip(members(ids, duplicate_ids), members([g or "" for g in given], duplicate_ids))]
     src, resolved = [], []
-    for i, row in enumerate(batch.to_pylist()):
-        for r in expand_samplers(row, resolver):
-            if r["id"] in seen:
-                continue
-            if r["status"] == "pending" and r["id"] in poisoned:
-                r.update(status="failed", params_json=None,
-                         error=f"{metadata.WORKER_DIED} in an earlier run; not run again (--retry-poisoned runs it)")
-            if r["status"] == "pending" and (row.get("id") in duplicate_ids or r["id"] in duplicate_ids):
-                r.update(status="failed", error=f"id: {row.get('id') or r['id']!r} appears in more than one manifest row; "
-                         "ids must be unique", params_json=None)
-            if r["status"] == "pending" and r["id"] not in done:
-                kind = KINDS[r["kind"]]
-                problem = kind.precheck(kind.params.from_record(json.loads(r["params_json"])))
-                if problem:
-                    r.update(status="failed", error=problem, params_json=None)
-            if not (r["status"] == "pending" and r["id"] in done):
-                src.append(i)
-                resolved.append(r)
+    for k, (i, r) in enumerate(rows):
+        if is_seen[k]:
+            continue
+        if r["status"] == "pending" and is_poisoned[k]:
+            r.update(status="failed", params_json=None,
+                     error=f"{metadata.WORKER_DIED} in an earlier run; not run again (--retry-poisoned runs it)")
+        if r["status"] == "pending" and is_dup[k]:
+            r.update(status="failed", error=f"id: {given[k] or r['id']!r} appears in more than one manifest row; "
+                     "ids must be unique", params_json=None)
+        if r["status"] == "pending" and not is_done[k]:
+            kind = KINDS[r["kind"]]
+            problem = kind.precheck(kind.params.from_record(json.loads(r["params_json"])))
+            if problem:
+                r.update(status="failed", error=problem, params_json=None)
+        if not (r["status"] == "pending" and is_done[k]):
+            src.append(i)
+            resolved.append(r)
     out = batch.take(pa.array(src, type=pa.int64()))
     for name, key in (("_id", "id"), ("_kind", "kind"), ("_status", "status"), ("_error", "error"), ("_params", "params_json"),
                       ("_pair", "pair_id"), ("_sampler", "sampler")):

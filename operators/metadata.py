@@ -10,9 +10,11 @@ import datetime as dt
 import io
 import logging
 import posixpath
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines import params as schema
@@ -25,6 +27,7 @@ logger = logging.getLogger(__name__)
 RUN_FIELDS = [
     ("backbone", pa.string()), ("model_spec", pa.string()),
     ("video_uri", pa.string()), ("bytes", pa.int64()), ("sha256", pa.string()), ("contact_uri", pa.string()),
+    ("shard_uri", pa.string()), ("shard_offset", pa.int64()),  # webdataset output: the sample's tar and its byte offset
     ("seconds", pa.float64()), ("model_calls", pa.int64()), ("calls_idm", pa.int64()), ("calls_vdm", pa.int64()),
     ("nfe", pa.int64()), ("code_version", pa.string()), ("run_id", pa.string()),
     ("worker", pa.string()),  # host:pid of the process that made the row (one actor of the pool, or the driver's task)
@@ -62,6 +65,17 @@ def videos_dir(root: str) -> str:
 
 def contact_dir(root: str) -> str:
     return storage.join(root, "contact")
+
+
+def media(fs, root: str, row: Mapping[str, Any], ext: str) -> bytes | None:
+    """An ok row's video (`mp4`) or contact sheet (`png`): from its shard (webdataset output) or its own file; None
+    when it has none."""
+    if row.get("shard_uri"):
+        from .shards import read_sample
+
+        return read_sample(fs, row["shard_uri"], row["shard_offset"]).get(ext)
+    path = storage.join(videos_dir(root) if ext == "mp4" else contact_dir(root), f"{row['id']}.{ext}")
+    return fs.cat_file(path) if fs.exists(path) else None
 
 
 def metadata_dir(root: str) -> str:
@@ -117,14 +131,20 @@ def read_parts(fs, root: str, columns: Iterable[str] | None = None) -> pa.Table 
     return pa.concat_tables(tables, promote_options="permissive")
 
 
+def newest_rows(table: pa.Table) -> pa.Array:
+    """Row indices of each id's newest row (by finished_at), in id order: a sort of the indices and one comparison of
+    neighbouring ids, so that only the `id` column is ever copied."""
+    order = pc.sort_indices(table.select(["id", "finished_at"]), sort_keys=[("id", "ascending"), ("finished_at", "descending")])
+    ids = table.column("id").take(order).combine_chunks()
+    first = pc.fill_null(pc.not_equal(ids.slice(1), ids.slice(0, len(ids) - 1)), True)
+    return order.filter(pa.concat_arrays([pa.array([True]), first]))
+
+
 def latest(table: pa.Table) -> pa.Table:
     """One row per id: the newest by finished_at."""
     if table is None or table.num_rows == 0:
         return table
-    order = table.sort_by([("id", "ascending"), ("finished_at", "descending")])
-    ids = order.column("id").to_pylist()
-    keep = [i for i, v in enumerate(ids) if i == 0 or ids[i - 1] != v]
-    return order.take(keep)
+    return table.take(newest_rows(table))
 
 
 def read_latest(output: str) -> pa.Table | None:
@@ -133,24 +153,98 @@ def read_latest(output: str) -> pa.Table | None:
     return latest(read_parts(fs, root))
 
 
+@dataclass
+class Committed:
+    """What an output prefix holds, as Arrow arrays (never Python sets: a 10M-row output is planned in about 1 GB):
+    `done` the ids whose newest row says ok and whose video (or shard) is present, what a rerun skips; `poisoned` the
+    ids whose newest row says the row killed its worker twice, what a rerun records failed again without running it;
+    `shards` the shard uris that metadata rows name."""
+
+    done: pa.Array
+    poisoned: pa.Array
+    shards: frozenset = frozenset()
+
+    @classmethod
+    def empty(cls) -> "Committed":
+        return cls(pa.array([], pa.string()), pa.array([], pa.string()))
+
+
+STATE = pa.schema([("id", pa.string()), ("status", pa.string()), ("error", pa.string()),
+                   ("finished_at", pa.timestamp("us", tz="UTC")), ("shard_uri", pa.dictionary(pa.int32(), pa.string()))])
+
+
+def read_state(fs, root: str) -> pa.Table | None:
+    """The columns that say where each row stands, from every part at once (pyarrow's threaded scan; parts written
+    before a column existed read it as null)."""
+    import pyarrow.dataset as pads
+
+    paths = part_paths(fs, root)
+    if not paths:
+        return None
+    dataset = pads.dataset(paths, schema=STATE, format="parquet", filesystem=storage.arrow_filesystem(fs))
+    return dataset.scanner(fragment_readahead=8, batch_readahead=4).to_table()
+
+
+def listing(fs, folder: str, suffix: str, chunk: int = 200_000):
+    """Names under `folder` ending in `suffix` (suffix cut), as Arrow chunks: a local folder is scanned with
+    os.scandir and an S3 prefix page by page, so a listing of millions of videos never becomes a Python list."""
+    if storage.is_local(fs):
+        import os
+
+        if not os.path.isdir(folder):
+            return
+        buf = []
+        with os.scandir(folder) as it:
+            for entry in it:
+                if entry.name.endswith(suffix):
+                    buf.append(entry.name[: -len(suffix)])
+                    if len(buf) >= chunk:
+                        yield pa.array(buf, pa.string())
+                        buf = []
+        if buf:
+            yield pa.array(buf, pa.string())
+        return
+    if not fs.exists(folder):
+        return
+    names = [posixpath.basename(p) for p in fs.ls(folder, detail=False)]
+    for i in range(0, len(names), chunk):
+        yield pa.array([n[: -len(suffix)] for n in names[i:i + chunk] if n.endswith(suffix)], pa.string())
+
+
 WORKER_DIED = "worker died while generating this row"  # the error of a row that killed its worker twice
 
 
-def committed(fs, root: str) -> tuple[set[str], set[str]]:
-    """(ids whose newest row says ok and whose video is present: what a re-run skips, ids whose newest row says that
-    the row killed its worker twice: what a re-run records failed again without running it)."""
-    table = read_parts(fs, root, ["id", "status", "error", "finished_at"])
+def committed(fs, root: str) -> Committed:
+    """Where the output prefix stands (see `Committed`). Rows of webdataset output are present when their shard is;
+    rows of files output when `videos/<id>.mp4` is (the listing streamed and anti-joined in Arrow)."""
+    from .shards import listed, shard_name
+
+    table = read_state(fs, root)
     if table is None:
-        return set(), set()
-    cur = latest(table)
-    ids, status, errors = (cur.column(c).to_pylist() for c in ("id", "status", "error"))
-    poisoned = {i for i, s, e in zip(ids, status, errors) if s == "failed" and (e or "").startswith(WORKER_DIED)}
-    ok = {i for i, s in zip(ids, status) if s == "ok"}
-    vdir = videos_dir(root)
-    present = set()
-    if fs.exists(vdir):
-        present = {posixpath.basename(p)[: -len(".mp4")] for p in fs.ls(vdir, detail=False) if p.endswith(".mp4")}
-    missing = ok - present
+        return Committed.empty()
+    shards = frozenset(u for c in table.column("shard_uri").chunks for u in c.dictionary.to_pylist() if u)
+    newest = newest_rows(table)
+    if len(newest) < table.num_rows:  # some id has several rows: keep its newest (else every row is its id's newest)
+        table = table.take(newest)
+    del newest
+    on_disk = listed(fs, root) if shards else set()
+    there = pa.array(sorted(u for u in shards if shard_name(u) in on_disk), pa.string())
+    # per chunk through the dictionary: a shard uri is never expanded to one string per row
+    in_shard = pa.chunked_array([pc.is_valid(c) for c in table.column("shard_uri").chunks], pa.bool_())
+    shard_there = pa.chunked_array([pc.is_in(c.dictionary, value_set=there).take(c.indices) for c in table.column("shard_uri").chunks],
+                                   pa.bool_())
+    ok = pc.equal(table["status"], "ok")
+    poisoned = table["id"].filter(pc.and_(pc.equal(table["status"], "failed"),
+                                          pc.starts_with(pc.fill_null(table["error"], ""), WORKER_DIED)))
+    present = pc.and_(ok, pc.fill_null(shard_there, False))
+    filed = pc.and_(ok, pc.invert(in_shard))
+    if pc.any(filed).as_py():
+        names = pa.chunked_array(list(listing(fs, videos_dir(root), ".mp4")), pa.string()).combine_chunks()
+        present = pc.or_(present, pc.and_(filed, pc.is_in(table["id"], value_set=names)))
+    missing = pc.sum(ok).as_py() - pc.sum(present).as_py()
     if missing:
-        logger.warning("%d id(s) marked ok have no video; they will be generated again", len(missing))
-    return ok & present, poisoned
+        logger.warning("%d id(s) marked ok have no video; they will be generated again", missing)
+    done = table["id"].filter(present).combine_chunks()
+    del table, present, ok, filed, in_shard, shard_there
+    pa.default_memory_pool().release_unused()  # the scan's and the sort's buffers go back to the system before planning
+    return Committed(done, poisoned.combine_chunks(), shards)

@@ -9,6 +9,7 @@ straight to their final key. A local file is written under `OUTPUT/.staging/` an
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import posixpath
@@ -61,6 +62,14 @@ def with_retries(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: 
             logger.warning("%s failed (%s: %s); retry %d/%d in %.1fs", what, type(err).__name__, err, attempt, attempts - 1, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def put_file(fs: fsspec.AbstractFileSystem, local_path: str, dest: str, root: str) -> None:

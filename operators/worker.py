@@ -7,7 +7,6 @@ object store.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -34,14 +33,6 @@ INTERNAL = ("_id", "_kind", "_status", "_error", "_params", "_pair", "_sampler")
 
 def passthrough_columns(table: pa.Table) -> list[str]:
     return [c for c in table.column_names if c not in COLUMNS and c not in INTERNAL]
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class Recorder:
@@ -106,7 +97,8 @@ class RowWorker:
     kind: str
 
     def __init__(self, resolver: Resolver, output: str, run_id: str, code_version: str, *, scorer: str | None = None,
-                 memory_budget_gb: float | None = None, row_timeout_s: float | None = None):
+                 memory_budget_gb: float | None = None, row_timeout_s: float | None = None, output_format: str = "files",
+                 contact_sheets: bool = True):
         from pipelines.backbones.common import resolve_placement
         from pipelines.cli import quiet_libraries
 
@@ -120,6 +112,8 @@ class RowWorker:
         self.memory_budget_gb, self.row_timeout_s = memory_budget_gb, row_timeout_s
         self.timeouts = timeouts_dir(self.root, run_id)
         self.faults = drill_faults()
+        self.shards, self.contact = output_format == "webdataset", contact_sheets
+        self.samples = samples_dir(self.root, run_id)
 
     @property
     def models(self):
@@ -211,7 +205,8 @@ class RowWorker:
 
     # -- publishing -----------------------------------------------------------------------------------------------
     def _publish(self, result, rid: str) -> dict:
-        """Encode, upload, describe one video."""
+        """Encode, upload, describe one video: to `videos/` and `contact/` (files), or to the run's scratch until the
+        driver packs it into a shard (webdataset; its uris are then the shard's)."""
         from pipelines.video import contact_sheet, png_bytes, write_mp4
 
         p = result.params
@@ -219,12 +214,15 @@ class RowWorker:
         with tempfile.TemporaryDirectory() as tmp:
             local = os.path.join(tmp, "video.mp4")
             size = write_mp4(result.frames, local, p.fps)
-            digest = _sha256(local)
-            dest = storage.join(metadata.videos_dir(self.root), f"{rid}.mp4")
+            digest = storage.sha256_file(local)
+            folder = self.samples if self.shards else metadata.videos_dir(self.root)
+            dest = storage.join(folder, f"{rid}.mp4")
             storage.put_file(self.fs, local, dest, self.root)
-        sheet = storage.join(metadata.contact_dir(self.root), f"{rid}.png")
-        storage.put_bytes(self.fs, png_bytes(contact_sheet(result.frames)), sheet, self.root)
-        return dict(video_uri=storage.full_uri(self.fs, dest), bytes=size, sha256=digest, contact_uri=storage.full_uri(self.fs, sheet),
+        sheet = storage.join(self.samples if self.shards else metadata.contact_dir(self.root), f"{rid}.png")
+        if self.contact:
+            storage.put_bytes(self.fs, png_bytes(contact_sheet(result.frames)), sheet, self.root)
+        uri = (lambda path: None) if self.shards else (lambda path: storage.full_uri(self.fs, path))
+        return dict(video_uri=uri(dest), bytes=size, sha256=digest, contact_uri=uri(sheet) if self.contact else None,
                     seconds=result.seconds + time.perf_counter() - start, model_calls=result.total_calls,
                     calls_idm=result.calls["I"], calls_vdm=result.calls["V"], nfe=result.nfe)
 
@@ -262,7 +260,31 @@ class RowWorker:
             else:
                 (alone if mark == SPLIT else pending).append((i, r["_id"], params_cls.from_record(json.loads(r["_params"]))))
         meta.update(self.run(pending, alone))
-        return self.rec.table([meta[i] for i in range(len(rows))], batch)
+        table = self.rec.table([meta[i] for i in range(len(rows))], batch)
+        if self.shards:
+            self._sidecars(table)
+        return table
+
+    def _sidecars(self, table: pa.Table) -> None:
+        """Each finished sample's metadata row beside its media in scratch (`<id>.parquet`, written last): what the
+        next run packs if this run's driver dies before the sample's shard is committed (operators/shards.py)."""
+        import io
+
+        import pyarrow.parquet as pq
+
+        for i, (rid, status) in enumerate(zip(table["id"].to_pylist(), table["status"].to_pylist())):
+            if status == "ok":
+                sink = io.BytesIO()
+                pq.write_table(table.slice(i, 1), sink)
+                try:
+                    storage.put_bytes(self.fs, sink.getvalue(), storage.join(self.samples, f"{rid}.parquet"), self.root)
+                except Exception:  # noqa: BLE001 - only the salvage of a killed run needs it
+                    logger.exception("could not write the scratch row of %s", rid)
+
+
+def samples_dir(root: str, run_id: str) -> str:
+    """Where a run's workers leave finished samples until the driver packs them into shards (operators/shards.py)."""
+    return storage.join(root, RUN_DIR, run_id, "samples")
 
 
 def timeouts_dir(root: str, run_id: str) -> str:

@@ -61,6 +61,12 @@ def test_job_end_to_end(tmp_path, tiny_cache):
     hostile = [e for i, e in failed.items() if i.startswith("invalid-")]
     assert len(hostile) == 1 and hostile[0].startswith("id:")
 
+    # README "Datasets": files output read with Hugging Face datasets through the metadata
+    import datasets
+
+    hf = datasets.Dataset(read_latest(str(out))).filter(lambda r: r["status"] == "ok")
+    assert sorted(hf["id"]) == ok and all(u.endswith(f"/videos/{i}.mp4") for i, u in zip(hf["id"], hf["video_uri"]))
+
     # videos: exactly the ok rows (r1's stale upload replaced, no second copy), decodable, with each row's frames and size
     assert sorted(os.listdir(out / "videos")) == sorted(f"{i}.mp4" for i in ok)
     for i in ok:

@@ -1,0 +1,137 @@
+"""Build a filtered dataset from a finished run: its ok rows whose scores pass the thresholds, in the same layout as a
+run's output (README "Datasets"): WebDataset shards with their stats and Parquet metadata, or files.
+
+    python -m jobs.export --output s3://bucket/runs/2026-11-24 --to s3://bucket/datasets/2026-11-24-clip30 \\
+        --min-clipsim 0.30 --format webdataset
+
+A row without the score a threshold asks for does not pass it. DEST must not hold a dataset already. The job runs the
+same export at its end when its config has an `export` section, and the run's report links the result.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import sys
+from dataclasses import asdict, dataclass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import pyarrow as pa  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
+
+logger = logging.getLogger("jobs.export")
+THRESHOLDS = (("min_clipsim", "clipsim", pc.greater_equal), ("min_frame_consistency", "frame_consistency", pc.greater_equal),
+              ("max_flicker", "flicker", pc.less_equal))
+
+
+@dataclass(frozen=True)
+class Filter:
+    min_clipsim: float | None = None
+    min_frame_consistency: float | None = None
+    max_flicker: float | None = None
+
+    def describe(self) -> str:
+        return ", ".join(f"{k} {v:g}" for k, v in asdict(self).items() if v is not None) or "no score threshold"
+
+
+def select(table: pa.Table, flt: Filter) -> pa.Table:
+    """The ok rows of a run's current metadata that pass every threshold."""
+    mask = pc.equal(table["status"], "ok")
+    for key, column, op in THRESHOLDS:
+        bound = getattr(flt, key)
+        if bound is not None:
+            values = table[column] if column in table.column_names else pa.nulls(table.num_rows, pa.float64())
+            mask = pc.and_(mask, pc.fill_null(op(values, bound), False))
+    return table.filter(mask)
+
+
+def export(output: str, dest: str, flt: Filter, *, fmt: str = "webdataset", shard_max_mb: float = 256.0,
+           shard_max_samples: int = 1000, contact_sheets: bool = True, code_version: str = "") -> dict:
+    """Write the filtered dataset to `dest`; returns its summary (also written to `dest/export.json`)."""
+    from operators import metadata, shards, storage
+
+    table = metadata.read_latest(output)
+    if table is None:
+        raise ValueError(f"--output: no metadata under {output}")
+    dfs, droot = storage.filesystem(dest)
+    if metadata.part_paths(dfs, droot) or shards.listed(dfs, droot):
+        raise ValueError(f"--to: {dest} already holds a dataset; export to a new prefix")
+    sfs, sroot = storage.filesystem(output)
+    rows = select(table, flt)
+    tag = f"export-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}"
+    writer = metadata.MetadataWriter(dfs, droot, tag)
+
+    def members(row: dict) -> dict[str, bytes]:
+        out = {"mp4": metadata.media(sfs, sroot, row, "mp4")}
+        png = metadata.media(sfs, sroot, row, "png") if contact_sheets else None
+        return {**out, **({"png": png} if png else {})}
+
+    stats: list[dict] = []
+    if fmt == "webdataset":  # the sample is in the shard now: the source's file uris are not carried over
+        rows = rows.set_column(rows.schema.get_field_index("video_uri"), "video_uri", pa.nulls(rows.num_rows, pa.string()))
+        rows = rows.set_column(rows.schema.get_field_index("contact_uri"), "contact_uri", pa.nulls(rows.num_rows, pa.string()))
+        sink = shards.ShardSink(dfs, droot, writer, tag, members, code_version=code_version or "export",
+                                max_bytes=int(shard_max_mb * 1e6), max_samples=shard_max_samples, max_seconds=float("inf"))
+        for batch in rows.to_batches(max_chunksize=shard_max_samples):
+            sink.add(pa.Table.from_batches([batch], rows.schema))
+        sink.close()
+        stats = sink.stats
+    else:
+        out = []
+        for row in rows.to_pylist():
+            files = members(row)
+            video = storage.join(metadata.videos_dir(droot), f"{row['id']}.mp4")
+            storage.put_bytes(dfs, files["mp4"], video, droot)
+            sheet = storage.join(metadata.contact_dir(droot), f"{row['id']}.png")
+            if files.get("png"):
+                storage.put_bytes(dfs, files["png"], sheet, droot)
+            out.append({**row, "video_uri": storage.full_uri(dfs, video), "shard_uri": None, "shard_offset": None,
+                        "contact_uri": storage.full_uri(dfs, sheet) if files.get("png") else None})
+        if out:
+            writer.add(pa.Table.from_pylist(out, schema=rows.schema))
+        writer.flush()
+    summary = {"source": output, "to": storage.full_uri(dfs, droot), "format": fmt, "filter": asdict(flt),
+               "describe": flt.describe(),
+               "rows": rows.num_rows, "ok_rows": int(pc.sum(pc.equal(table["status"], "ok")).as_py() or 0),
+               "shards": [s["uri"] for s in stats], "bytes": sum(s["bytes"] for s in stats),
+               "written_at": dt.datetime.now(dt.timezone.utc).isoformat()}
+    storage.put_bytes(dfs, json.dumps(summary, indent=1).encode(), storage.join(droot, "export.json"), droot)
+    logger.info("export: %d of %d ok rows (%s) -> %s", summary["rows"], summary["ok_rows"], flt.describe(), summary["to"])
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m jobs.export", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--output", required=True, help="a finished run's output prefix (local folder or fsspec URI)")
+    ap.add_argument("--to", required=True, help="where the filtered dataset goes (a new prefix)")
+    ap.add_argument("--format", choices=["webdataset", "files"], default="webdataset")
+    ap.add_argument("--min-clipsim", type=float)
+    ap.add_argument("--min-frame-consistency", type=float)
+    ap.add_argument("--max-flicker", type=float)
+    ap.add_argument("--shard-max-mb", type=float, default=256.0)
+    ap.add_argument("--shard-max-samples", type=int, default=1000)
+    ap.add_argument("--no-contact-sheets", action="store_true", help="leave the png members out")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    flt = Filter(args.min_clipsim, args.min_frame_consistency, args.max_flicker)
+    try:
+        export(args.output, args.to, flt, fmt=args.format, shard_max_mb=args.shard_max_mb,
+               shard_max_samples=args.shard_max_samples, contact_sheets=not args.no_contact_sheets)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
