@@ -3,7 +3,9 @@ but two. Builds synthetic committed metadata (N ids in 1000-row parts, webdatase
 shard files present) and a manifest of N + 2 rows, then runs the driver's planning in a fresh process, in the order
 `jobs/generate.py` does before it starts Ray: the manifest read (`jobs.setup.read_manifest`: ids, duplicate ids,
 kinds), the committed state (`operators.metadata.committed`), the plan (`jobs.setup.plan`: one Arrow anti-join) and the todo
-file (`jobs.setup.write_todo`, streamed). Reports wall seconds per step and the process's peak RSS.
+file (`jobs.setup.write_todo`, streamed). Reports wall seconds per step and the process's peak RSS; then, in another
+fresh process, what the end of the run reads (`jobs/quality.finish`: the aggregates' columns of every part, newest row
+per id, aggregates, then the shown rows whole).
 
     python benchmarks/resume_scale.py --rows 10000000 --json outputs/resume_scale.json
 """
@@ -33,6 +35,9 @@ def build(folder: str, n: int) -> None:
     os.makedirs(shards)
     t0 = dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc)
     spec = json.dumps({"backbone": "animatediff", "base": "emilianJR/epiCRealism", "dtype": "float16"})
+    import numpy as np
+
+    rng = np.random.default_rng(0)
     for p in range(0, n, PART):
         ids = [f"row-{i:09d}" for i in range(p, min(p + PART, n))]
         name = f"20261101T000000-bench-{p // PART:05d}"
@@ -43,10 +48,9 @@ def build(folder: str, n: int) -> None:
             "seed": pa.array(range(p, p + len(ids)), pa.int64()), "model_spec": [spec] * len(ids),
             "finished_at": pa.array([t0] * len(ids), pa.timestamp("us", tz="UTC")),
             "shard_uri": [uri] * len(ids), "shard_offset": pa.array([i * 40960 for i in range(len(ids))], pa.int64()),
+            "sampler": ["ivmixed"] * len(ids), "clipsim": pa.array(rng.normal(0.3, 0.02, len(ids))),
         }), os.path.join(meta, f"part-{name}.parquet"))
         open(os.path.join(shards, f"{name}.tar"), "wb").close()
-    import numpy as np
-
     order = np.random.default_rng(0).permutation(n + 2)  # manifest rows in another order than they were committed
     manifest = pa.table({"id": [f"row-{i:09d}" for i in range(n + 2)],
                          "prompt": [f"a synthetic prompt number {i} about a lantern over a lake" for i in range(n + 2)],
@@ -97,14 +101,33 @@ def plan_once(folder: str) -> dict:
             "peak_rss_gb": peak()}
 
 
+def end_once(folder: str) -> dict:
+    """In a fresh process: what the end of a run reads of the whole output, the quality stage's columns of every part,
+    newest row per id, per-sampler aggregates (`jobs/quality.py`)."""
+    from jobs import quality
+    from operators import metadata, storage
+
+    t = time.perf_counter()
+    fs, root = storage.filesystem(os.path.join(folder, "out"))
+    current = metadata.latest(metadata.scan(fs, root, quality.AGGREGATE))
+    groups = quality.aggregate(current)
+    shown = metadata.latest(metadata.scan(fs, root, quality.COLUMNS, ids=quality.shown(current)))
+    with open("/proc/self/status") as f:
+        hwm = next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM")) / 2 ** 20
+    return {"end_of_run_s": time.perf_counter() - t, "end_of_run_rss_gb": round(hwm, 3),
+            "end_of_run_rows": current.num_rows, "shown_rows": shown.num_rows,
+            "clipsim_mean": groups["ivmixed"]["clipsim_mean"]}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=10_000_000)
     ap.add_argument("--json")
-    ap.add_argument("--plan", help=argparse.SUPPRESS)  # the measured child process
+    ap.add_argument("--plan", help=argparse.SUPPRESS)  # the measured child processes
+    ap.add_argument("--end", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.plan:
-        print(json.dumps(plan_once(args.plan)))
+    if args.plan or args.end:
+        print(json.dumps(plan_once(args.plan) if args.plan else end_once(args.end)))
         return 0
     with tempfile.TemporaryDirectory() as folder:
         t = time.perf_counter()
@@ -112,6 +135,8 @@ def main() -> int:
         built = time.perf_counter() - t
         proc = subprocess.run([sys.executable, __file__, "--plan", folder], capture_output=True, text=True, check=True)
         result = {"rows": args.rows, "build_s": round(built, 1), **json.loads(proc.stdout.strip().splitlines()[-1])}
+        proc = subprocess.run([sys.executable, __file__, "--end", folder], capture_output=True, text=True, check=True)
+        result.update(json.loads(proc.stdout.strip().splitlines()[-1]))
     assert sorted(result["todo_ids"]) == [f"row-{args.rows:09d}", f"row-{args.rows + 1:09d}"], result["todo_ids"]
     for k, v in result.items():
         print(f"{k:>16}: {v:.2f}" if isinstance(v, float) else f"{k:>16}: {v}")

@@ -214,11 +214,11 @@ def _execute(mlflow, ctx: setup.RunContext, total: int) -> int:
             m = {**progress.metrics(), **(sink.totals() if sink else {})}
             mlflow.log_metrics({k: float(v) for k, v in m.items()}, step=progress.step)  # the latest step: the final value
             progress.log(final=True)
-            parts = metadata.read_parts(fs, root)  # the metadata, read once at the end
-            tracking.log_run_metadata(mlflow, parts, ctx.run_id)
+            # this run's rows: the parts its writer committed (salvaged samples keep their own run's id)
+            tracking.log_run_metadata(mlflow, metadata.read_parts(fs, root, paths=writer.parts), ctx.run_id)
             mlflow.set_tag("job_status", status)
         exported = _export(mlflow, ctx, tag)
-        regressions = quality.finish(mlflow, cfg, fs, root, ctx.run_id, parts, exported)
+        regressions = quality.finish(mlflow, cfg, fs, root, ctx.run_id, export=exported)
         storage.clear_staging(fs, root)
         pipeline.remove_scratch(fs, root, ctx.run_id)
     if regressions:

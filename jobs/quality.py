@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import posixpath
 from typing import Any
 
@@ -13,24 +12,39 @@ import pyarrow as pa
 from pipelines.metrics import SCORES
 
 logger = logging.getLogger(__name__)
+# what the aggregates read of every current row, and what the score table and the report read of the rows they show
+AGGREGATE = ("id", "finished_at", "status", "sampler", "pair_id", *SCORES)
+COLUMNS = ("id", "finished_at", "status", "error", "sampler", "pair_id", "variant", "seed", "prompt", "task", "width", *SCORES,
+           "score_error", "video_uri", "contact_uri", "bytes", "shard_uri", "shard_offset")
+SCORE_TABLE_ROWS = 100_000  # the per-video score table in MLflow holds at most this many rows (all of them: metadata)
 HIGHER_IS_BETTER = {"clipsim": True, "frame_consistency": True, "flicker": False, "success_rate": True}
 
 
 def aggregate(table: pa.Table) -> dict[str, dict[str, float]]:
-    """{sampler: {n, success_rate, <score>_mean, <score>_p5, <score>_p95}} over the current metadata rows."""
-    rows = table.to_pylist()
+    """{sampler: {n, success_rate, <score>_mean, <score>_p5, <score>_p95}} over the current metadata rows (masks in
+    Arrow, numbers in numpy: no Python row per video, so a 10M-row output aggregates in seconds)."""
+    import pyarrow.compute as pc
+
+    n = table.num_rows
+    sampler = table["sampler"] if "sampler" in table.column_names else pa.nulls(n, pa.string())
+    sampler = pc.fill_null(pc.if_else(pc.equal(sampler, ""), None, sampler), "unresolved") if n else sampler
+    ok = pc.equal(table["status"], "ok")
     out: dict[str, dict[str, float]] = {}
-    for sampler in sorted({r.get("sampler") or "unresolved" for r in rows}):
-        group = [r for r in rows if (r.get("sampler") or "unresolved") == sampler]
-        ok = [r for r in group if r["status"] == "ok"]
-        stats = {"n": float(len(group)), "success_rate": len(ok) / len(group)}
-        for name in SCORES:
-            vals = np.array([r[name] for r in ok if r.get(name) is not None and math.isfinite(r[name])], dtype=np.float64)
+    for name in sorted(pc.unique(sampler).to_pylist()):
+        group = pc.equal(sampler, name)
+        good = pc.and_(group, ok)
+        size = pc.sum(group).as_py()
+        stats = {"n": float(size), "success_rate": (pc.sum(good).as_py() or 0) / size}
+        for score in SCORES:
+            if score not in table.column_names or table[score].type == pa.null():
+                continue
+            vals = table[score].filter(good).drop_null().to_numpy().astype(np.float64)
+            vals = vals[np.isfinite(vals)]
             if vals.size:
-                stats[f"{name}_mean"] = float(vals.mean())
-                stats[f"{name}_p5"] = float(np.percentile(vals, 5))
-                stats[f"{name}_p95"] = float(np.percentile(vals, 95))
-        out[sampler] = stats
+                stats[f"{score}_mean"] = float(vals.mean())
+                stats[f"{score}_p5"] = float(np.percentile(vals, 5))
+                stats[f"{score}_p95"] = float(np.percentile(vals, 95))
+        out[name] = stats
     return out
 
 
@@ -97,7 +111,10 @@ def log_groups(mlflow, groups: dict[str, dict[str, float]], table: pa.Table) -> 
             mlflow.log_metrics(stats)
     cols = [c for c in ("id", "pair_id", "sampler", "variant", "seed", "prompt", "status", *SCORES, "score_error", "video_uri")
             if c in table.column_names]
-    mlflow.log_table(data=table.select(cols).to_pandas(), artifact_file="scores/scores.json")
+    if table.num_rows > SCORE_TABLE_ROWS:
+        logger.warning("scores/scores.json: the first %d of %d rows (the metadata holds every row)", SCORE_TABLE_ROWS,
+                       table.num_rows)
+    mlflow.log_table(data=table.select(cols).slice(0, SCORE_TABLE_ROWS).to_pandas(), artifact_file="scores/scores.json")
 
 
 def regression_check(mlflow, cfg_regression, groups: dict[str, dict[str, float]],
@@ -129,17 +146,35 @@ def summary(groups: dict[str, dict[str, Any]]) -> str:
     return "; ".join(parts)
 
 
+def shown(current: pa.Table) -> pa.Array:
+    """Ids of the rows the score table (the first SCORE_TABLE_ROWS by id) and the report (its first rows by pair and
+    id) show: all of them below SCORE_TABLE_ROWS rows."""
+    import pyarrow.compute as pc
+
+    from jobs.report import MAX_ROWS
+
+    ids = current["id"]
+    if current.num_rows <= SCORE_TABLE_ROWS:
+        return ids.combine_chunks()
+    first = ids.take(pc.sort_indices(ids)[:SCORE_TABLE_ROWS])
+    report = ids.take(pc.sort_indices(current, sort_keys=[("pair_id", "ascending"), ("id", "ascending")],
+                                      null_placement="at_start")[:MAX_ROWS])
+    return pc.unique(pa.chunked_array([*first.chunks, *report.chunks], pa.string()).combine_chunks())
+
+
 def finish(mlflow, cfg, fs, root, run_id, parts=None, export=None) -> list[str]:
     """Per-sampler aggregates over the output's current metadata (all attempts; `parts`: every metadata part, when the
     caller has read them already), nested runs, score table, and the regression check when a baseline is configured."""
     from jobs import report
     from operators import metadata
 
-    current = metadata.latest(metadata.read_parts(fs, root) if parts is None else parts)
+    current = metadata.latest(metadata.scan(fs, root, AGGREGATE) if parts is None else parts)
     if current is None or current.num_rows == 0:
         mlflow.set_tag("healthy", "false")
         return []
     groups = aggregate(current)
+    if parts is None:  # the rows the score table and the report show, with their prompts, uris, errors
+        current = metadata.latest(metadata.scan(fs, root, COLUMNS, ids=shown(current)))
     log_groups(mlflow, groups, current)
     logger.info("quality: %s", summary(groups))
     path = report.write_report(fs, root, current, groups, f"ivmix run {posixpath.basename(root) or root}", export)

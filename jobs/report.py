@@ -128,7 +128,10 @@ window.addEventListener('load', async () => {{
 
 def write_report(fs, root: str, table: pa.Table, groups: dict, title: str, export: dict | None = None) -> str:
     """Write OUTPUT/report/index.html for the current metadata; returns its path."""
-    rows = sorted(table.to_pylist(), key=lambda r: (r.get("pair_id") or "", r["id"]))[:MAX_ROWS]
+    import pyarrow.compute as pc
+
+    keys = [(k, "ascending") for k in ("pair_id", "id") if k in table.column_names]
+    rows = table.take(pc.sort_indices(table, sort_keys=keys, null_placement="at_start")[:MAX_ROWS]).to_pylist()
     contacts = {}
     for r in rows:
         png = metadata.media(fs, root, r, "png") if r["status"] == "ok" else None
@@ -146,7 +149,7 @@ def report_videos(table: pa.Table, cap_bytes: int = 256 << 20) -> list[dict]:
     """Rows whose videos are copied next to the report in MLflow (so its relative links resolve there), within a size
     cap."""
     total, out = 0, []
-    for r in table.to_pylist()[:MAX_ROWS]:
+    for r in table.slice(0, MAX_ROWS).to_pylist():
         if r["status"] == "ok" and r.get("bytes"):
             if total + r["bytes"] > cap_bytes:
                 break

@@ -1,8 +1,9 @@
 """WebDataset output (README "Datasets"): ok rows packed into tar shards `OUTPUT/shards/{run}-{nnnnn}.tar`.
 
-A sample is the row's members in the WebDataset naming convention, `<key>.json` (every metadata field of the row),
-`<key>.mp4`, `<key>.txt` (the prompt) and optionally `<key>.png` (its contact sheet), one after another in the tar;
-`<key>` is the row id with each '.' written `%2E` (WebDataset cuts the key at the first dot of a member name).
+A sample is the row's members in the WebDataset naming convention, one after another in the tar: `<key>.json` (every
+metadata field of the row), `<key>.mp4`, `<key>.txt` (the prompt; a BIVDiff row's `vdm_prompt`) and optionally
+`<key>.png` (its contact sheet). `<key>` is the row id with each '.' written `%2E` (WebDataset cuts the key at the first
+dot of a member name).
 
 Commit order, so that nothing half-written is ever visible as done: a worker writes its finished sample to this
 run's scratch (`OUTPUT/.runs/<run>/samples/`); the driver packs full shards from there (`ShardSink`), puts each tar
@@ -97,7 +98,8 @@ def pack(fs, root: str, name: str, rows: list[dict], members: Callable[[dict], d
     for row in rows:
         files = members(row)
         stamp = row.get("finished_at")
-        samples.append((sample_key(row["id"]), {"json": row_json(row), "txt": (row.get("prompt") or "").encode(), **files},
+        caption = row.get("prompt") or row.get("vdm_prompt") or ""  # a BIVDiff row's caption is its VDM prompt
+        samples.append((sample_key(row["id"]), {"json": row_json(row), "txt": caption.encode(), **files},
                         stamp.timestamp() if isinstance(stamp, dt.datetime) else time.time()))
     dest = storage.join(shards_dir(root), f"{name}.tar")
     with tempfile.TemporaryDirectory() as tmp:

@@ -199,7 +199,7 @@ def test_killed_webdataset_run_leaves_no_partial_shard_and_no_duplicate(tmp_path
     assert f"packed {len(salvaged)} sample(s)" in r.stderr
 
 
-def test_newest_row_and_done_ids_in_arrow(tmp_path):
+def test_newest_row_and_done_ids_in_arrow(tmp_path, monkeypatch):
     """`latest` keeps each id's newest row (checked against a plain-Python reference); `committed` counts a row done
     only when its shard or video is there; the plan skips done ids without resolving them."""
     from operators import metadata
@@ -232,6 +232,18 @@ def test_newest_row_and_done_ids_in_arrow(tmp_path):
     c = metadata.committed(fsspec.filesystem("file"), str(root))
     assert sorted(c.done.to_pylist()) == ["a", "b"]  # d's shard is gone; c's newest row failed
     assert c.poisoned.to_pylist() == ["c"]
+
+    # past the score table's cap, only the rows shown are read whole (metadata.scan with the ids pushed down)
+    from jobs import quality, report
+
+    current = metadata.latest(metadata.scan(fsspec.filesystem("file"), str(root), quality.AGGREGATE))
+    pairs = pa.array([None, "p", "p", None], pa.string())
+    current = current.set_column(current.schema.get_field_index("pair_id"), "pair_id", pairs)
+    monkeypatch.setattr(quality, "SCORE_TABLE_ROWS", 2)
+    monkeypatch.setattr(report, "MAX_ROWS", 3)
+    assert sorted(quality.shown(current).to_pylist()) == ["a", "b", "d"]  # a, b by id; a, d (no pair), then b (pair p)
+    detail = metadata.scan(fsspec.filesystem("file"), str(root), quality.COLUMNS, ids=quality.shown(current))
+    assert sorted(detail["id"].to_pylist()) == ["a", "a", "b", "d"] and "shard_uri" in detail.column_names
 
     from collections import Counter
 

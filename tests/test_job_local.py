@@ -152,6 +152,7 @@ def test_bad_configs_fail_with_the_key(tmp_path, tiny_cache, yaml_extra, message
     assert rc == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.slow  # make test runs the same kill and rerun with webdataset output (test_dataset.py); this is files output
 def test_killed_job_resumes_exactly_once(tmp_path, tiny_cache):
     """Kill the driver (and its local Ray) mid-run, rerun: one video per row, committed rows not redone."""
     n = 10
