@@ -151,14 +151,13 @@ def shown(current: pa.Table) -> pa.Array:
     id) show: all of them below SCORE_TABLE_ROWS rows."""
     import pyarrow.compute as pc
 
-    from jobs.report import MAX_ROWS
+    from jobs.report import MAX_ROWS, display_order
 
     ids = current["id"]
     if current.num_rows <= SCORE_TABLE_ROWS:
         return ids.combine_chunks()
     first = ids.take(pc.sort_indices(ids)[:SCORE_TABLE_ROWS])
-    report = ids.take(pc.sort_indices(current, sort_keys=[("pair_id", "ascending"), ("id", "ascending")],
-                                      null_placement="at_start")[:MAX_ROWS])
+    report = ids.take(display_order(current)[:MAX_ROWS])
     return pc.unique(pa.chunked_array([*first.chunks, *report.chunks], pa.string()).combine_chunks())
 
 

@@ -126,12 +126,18 @@ window.addEventListener('load', async () => {{
 """
 
 
-def write_report(fs, root: str, table: pa.Table, groups: dict, title: str, export: dict | None = None) -> str:
-    """Write OUTPUT/report/index.html for the current metadata; returns its path."""
+def display_order(table: pa.Table):
+    """Row indices in the report's order: A/B pairs by pair id (rows without one first), then by id."""
     import pyarrow.compute as pc
 
-    keys = [(k, "ascending") for k in ("pair_id", "id") if k in table.column_names]
-    rows = table.take(pc.sort_indices(table, sort_keys=keys, null_placement="at_start")[:MAX_ROWS]).to_pylist()
+    pair = table["pair_id"] if "pair_id" in table.column_names else pa.nulls(table.num_rows, pa.string())
+    keys = pa.table({"pair": pc.fill_null(pair, ""), "id": table["id"]})
+    return pc.sort_indices(keys, sort_keys=[("pair", "ascending"), ("id", "ascending")])
+
+
+def write_report(fs, root: str, table: pa.Table, groups: dict, title: str, export: dict | None = None) -> str:
+    """Write OUTPUT/report/index.html for the current metadata; returns its path."""
+    rows = table.take(display_order(table)[:MAX_ROWS]).to_pylist()
     contacts = {}
     for r in rows:
         png = metadata.media(fs, root, r, "png") if r["status"] == "ok" else None
