@@ -169,7 +169,7 @@ def _execute(mlflow, ctx: setup.RunContext, total: int) -> int:
     cfg, fs, root = ctx.cfg, ctx.fs, ctx.root
     storage.clear_staging(fs, root)
     shards.remove_orphans(fs, root, ctx.committed.shards)  # with the lease held: no other run is writing
-    if shards.salvage(fs, root, ctx.done, code_version=ctx.version, contact=cfg.layout.contact_sheets, limits=cfg.layout):
+    if shards.salvage(fs, root, ctx.done, code_version=ctx.version, layout=cfg.layout):
         ctx = _replan(ctx)
     logger.info("starting Ray and %d actor(s); each loads its models once", cfg.compute.num_actors)
     ray = pipeline.init_ray()

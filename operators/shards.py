@@ -268,7 +268,7 @@ def run_sink(fs, root: str, writer, tag: str, run_id: str, layout, code_version:
                      after_commit=_drop_scratch(fs, lambda rid: folder))
 
 
-def salvage(fs, root: str, done, *, code_version: str, contact: bool, limits) -> int:
+def salvage(fs, root: str, done, *, code_version: str, layout) -> int:
     """Samples that a killed run finished but never committed (their scratch rows `<id>.parquet` under
     `.runs/<run>/samples/`): packed into shards and committed now, instead of generated again; then the dead runs'
     scratch goes. Only under the output's lease (every other run folder belongs to a dead run). Returns the count."""
@@ -304,9 +304,9 @@ def salvage(fs, root: str, done, *, code_version: str, contact: bool, limits) ->
         if table.num_rows:
             tag = f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-salvage"
             writer = metadata.MetadataWriter(fs, root, tag)
-            sink = ShardSink(fs, root, writer, tag, scratch_members(fs, where.__getitem__, contact), code_version=code_version,
-                             max_bytes=int(limits.shard_max_mb * 1e6), max_samples=limits.shard_max_samples,
-                             max_seconds=float("inf"))
+            sink = ShardSink(fs, root, writer, tag, scratch_members(fs, where.__getitem__, layout.contact_sheets),
+                             code_version=code_version, max_bytes=int(layout.shard_max_mb * 1e6),
+                             max_samples=layout.shard_max_samples, max_seconds=float("inf"))
             sink.add(table)
             sink.close()
             count = table.num_rows
