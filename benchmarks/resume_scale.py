@@ -105,17 +105,15 @@ def end_once(folder: str) -> dict:
     """In a fresh process: what the end of a run reads of the whole output, the quality stage's columns of every part,
     newest row per id, per-sampler aggregates (`jobs/quality.py`)."""
     from jobs import quality
-    from operators import metadata, storage
+    from operators import storage
 
     t = time.perf_counter()
     fs, root = storage.filesystem(os.path.join(folder, "out"))
-    current = metadata.latest(metadata.scan(fs, root, quality.AGGREGATE))
-    groups = quality.aggregate(current)
-    shown = metadata.latest(metadata.scan(fs, root, quality.COLUMNS, ids=quality.shown(current)))
+    groups, shown = quality.read_current(fs, root)
     with open("/proc/self/status") as f:
         hwm = next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM")) / 2 ** 20
     return {"end_of_run_s": time.perf_counter() - t, "end_of_run_rss_gb": round(hwm, 3),
-            "end_of_run_rows": current.num_rows, "shown_rows": shown.num_rows,
+            "end_of_run_rows": int(groups["ivmixed"]["n"]), "shown_rows": shown.num_rows,
             "clipsim_mean": groups["ivmixed"]["clipsim_mean"]}
 
 

@@ -165,6 +165,7 @@ def _execute(mlflow, ctx: setup.RunContext, total: int) -> int:
     from operators.compute import without_actor_restart_note
 
     from operators import shards
+    from operators.worker import run_dir
 
     cfg, fs, root = ctx.cfg, ctx.fs, ctx.root
     storage.clear_staging(fs, root)
@@ -191,7 +192,7 @@ def _execute(mlflow, ctx: setup.RunContext, total: int) -> int:
         writer = metadata.MetadataWriter(fs, root, tag)
         sink = shards.run_sink(fs, root, writer, tag, ctx.run_id, cfg.layout, ctx.version) if cfg.layout.format == "webdataset" else None
         if ctx.plan.keep is not None:
-            ctx.todo = setup.write_todo(ctx, storage.join(shards.run_dir(root, ctx.run_id), "todo.parquet"))
+            ctx.todo = setup.write_todo(ctx, storage.join(run_dir(root, ctx.run_id), "todo.parquet"))
 
         def log_metrics() -> None:
             mlflow.log_metrics({k: float(v) for k, v in progress.metrics().items()}, step=progress.step)

@@ -150,9 +150,9 @@ def commit_loop(ctx: RunContext, writer, progress, log_metrics, sink=None):
 
 def remove_scratch(fs, root: str, run_id: str) -> None:
     """This run's scratch (`OUTPUT/.runs/<run>/`: timeout marks), and the folder when no other run left one."""
-    from operators.worker import RUN_DIR
+    from operators.worker import RUN_DIR, run_dir
 
-    scratch = storage.join(root, RUN_DIR, run_id)
+    scratch = run_dir(root, run_id)
     if fs.exists(scratch):
         fs.rm(scratch, recursive=True)
     parent = storage.join(root, RUN_DIR)

@@ -161,19 +161,27 @@ def shown(current: pa.Table) -> pa.Array:
     return pc.unique(pa.chunked_array([*first.chunks, *report.chunks], pa.string()).combine_chunks())
 
 
-def finish(mlflow, cfg, fs, root, run_id, parts=None, export=None) -> list[str]:
-    """Per-sampler aggregates over the output's current metadata (all attempts; `parts`: every metadata part, when the
-    caller has read them already), nested runs, score table, and the regression check when a baseline is configured."""
-    from jobs import report
+def read_current(fs, root) -> tuple[dict[str, dict[str, float]], pa.Table | None]:
+    """(per-sampler aggregates over the output's current metadata, all attempts; the rows the score table and the
+    report show, whole): the aggregates' columns of every row, then only the shown rows with their prompts, uris and
+    errors (so a 10M-row output is never read whole)."""
     from operators import metadata
 
-    current = metadata.latest(metadata.scan(fs, root, AGGREGATE) if parts is None else parts)
+    current = metadata.latest(metadata.scan(fs, root, AGGREGATE))
     if current is None or current.num_rows == 0:
+        return {}, None
+    return aggregate(current), metadata.latest(metadata.scan(fs, root, COLUMNS, ids=shown(current)))
+
+
+def finish(mlflow, cfg, fs, root, run_id, export=None) -> list[str]:
+    """Per-sampler aggregates over the output's current metadata (`read_current`), nested runs, score table, report
+    (linking `export`, the run's filtered dataset), and the regression check when a baseline is configured."""
+    from jobs import report
+
+    groups, current = read_current(fs, root)
+    if current is None:
         mlflow.set_tag("healthy", "false")
         return []
-    groups = aggregate(current)
-    if parts is None:  # the rows the score table and the report show, with their prompts, uris, errors
-        current = metadata.latest(metadata.scan(fs, root, COLUMNS, ids=shown(current)))
     log_groups(mlflow, groups, current)
     logger.info("quality: %s", summary(groups))
     path = report.write_report(fs, root, current, groups, f"ivmix run {posixpath.basename(root) or root}", export)

@@ -84,7 +84,7 @@ def read_manifest(cfg: job_config.JobConfig) -> Manifest:
         ids = table.column("id")
         dups = duplicates(ids)
     groups = "samplers" in schema.names and table.column("samplers").null_count < table.num_rows
-    return Manifest(n, pa.array(dups, pa.string()), kinds_present(table), table if small else None, ids, groups)
+    return Manifest(n, dups, kinds_present(table), table if small else None, ids, groups)
 
 
 def duplicates(ids):
@@ -118,12 +118,11 @@ def plan(cfg: job_config.JobConfig, manifest: Manifest, done) -> Plan:
 
     n = min(manifest.rows, cfg.limit or manifest.rows)
     ids = manifest.ids
-    if ids is None or not len(done):
-        return Plan(None, n, ids is None or bool(cfg.samplers) or manifest.groups or ids.null_count > 0)
+    groups = bool(cfg.samplers) or manifest.groups  # ids are <id>-<sampler>: known once resolved
+    resolve_done = ids is None or groups or ids.null_count > 0
+    if ids is None or groups or not len(done):
+        return Plan(None, n, resolve_done)
     ids = ids.combine_chunks()
-    resolve_done = bool(cfg.samplers) or manifest.groups or ids.null_count > 0
-    if cfg.samplers or manifest.groups:
-        return Plan(None, n, True)
     skip = pc.and_(pc.is_in(ids, value_set=done), pc.invert(pc.is_in(ids, value_set=manifest.duplicate_ids)))
     keep = pc.invert(pc.fill_null(skip, False))
     return Plan(keep, pc.sum(keep).as_py() or 0, resolve_done)

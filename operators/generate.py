@@ -38,8 +38,11 @@ def resolve_rows(batch: pa.Table, resolver: Resolver, *, done=None, duplicate_id
     committed ok (`done`), and rows this run has already recorded (`seen`: the retry passes after a worker died); rows
     that killed their worker twice in an earlier run (`poisoned`) fail again here, without running. The id sets are
     Arrow arrays (jobs/setup.py plans with them) or Python sets."""
-    rows = [(i, r) for i, row in enumerate(batch.to_pylist()) for r in expand_samplers(row, resolver)]
-    given = [batch.column("id")[i].as_py() if "id" in batch.column_names else None for i, _ in rows]
+    rows, given = [], []  # (source row, resolved row), and the id the manifest row gave
+    for i, row in enumerate(batch.to_pylist()):
+        for r in expand_samplers(row, resolver):
+            rows.append((i, r))
+            given.append(row.get("id"))
     ids = [r["id"] for _, r in rows]
     is_seen, is_poisoned, is_done = members(ids, seen), members(ids, poisoned), members(ids, done)
     is_dup = [a or b for a, b in zip(members(ids, duplicate_ids), members([g or "" for g in given], duplicate_ids))]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import pyarrow as pa
 
@@ -149,12 +149,3 @@ def expand_samplers(row: Mapping[str, Any], resolver: Resolver) -> list[dict]:
 
 
 PAIR_COLUMNS = tuple(n for n in schema.names(schema.GENERATION) if n not in ("prompt", "sampler"))  # hashed into pair ids
-
-
-def duplicated(ids: Iterable[Any]) -> set[str]:
-    seen, dup = set(), set()
-    for i in ids:
-        if i is None:
-            continue
-        (dup if i in seen else seen).add(i)
-    return dup

@@ -34,7 +34,6 @@ from . import storage
 logger = logging.getLogger(__name__)
 SHARDS = "shards"
 MEMBERS = ("json", "mp4", "txt", "png")  # in this order inside a sample
-SHARD_FIELDS = [("shard_uri", pa.string()), ("shard_offset", pa.int64())]
 
 
 def shards_dir(root: str) -> str:
@@ -144,9 +143,8 @@ class ShardSink:
         self.code_version = code_version
         self.max_bytes, self.max_samples, self.max_seconds = max_bytes, max_samples, max_seconds
         self.after_commit = after_commit
-        self.rows: list[dict] = []
-        self.tables: list[pa.Table] = []
-        self.failed = 0
+        self.tables: list[pa.Table] = []  # the open shard's ok rows
+        self.samples = self.bytes = self.failed = 0
         self.opened = None
         self.seq = 0
         self.inflight: list[tuple[cf.Future, pa.Table]] = []
@@ -162,23 +160,25 @@ class ShardSink:
         if good.num_rows:
             self.opened = self.opened or time.monotonic()
             self.tables.append(good)
-            self.rows.extend(good.to_pylist())
-        if self.rows and (len(self.rows) >= self.max_samples or sum(r.get("bytes") or 0 for r in self.rows) >= self.max_bytes
-                          or time.monotonic() - self.opened >= self.max_seconds):
+            self.samples += good.num_rows
+            self.bytes += pc.sum(good["bytes"]).as_py() or 0
+        if self.samples and (self.samples >= self.max_samples or self.bytes >= self.max_bytes
+                             or time.monotonic() - self.opened >= self.max_seconds):
             self.cut()
         self.poll()
 
     def cut(self) -> None:
         """Send the open shard to packing."""
-        if not self.rows:
+        if not self.samples:
             return
         name = f"{self.tag}-{self.seq:05d}"
         self.seq += 1
         table = pa.concat_tables(self.tables, promote_options="permissive")
-        future = self.pool.submit(pack, self.fs, self.root, name, self.rows, self.members, failed=self.failed,
+        future = self.pool.submit(pack, self.fs, self.root, name, table.to_pylist(), self.members, failed=self.failed,
                                   code_version=self.code_version)
         self.inflight.append((future, table))
-        self.rows, self.tables, self.failed, self.opened = [], [], 0, None
+        self.tables, self.opened = [], None
+        self.samples = self.bytes = self.failed = 0
 
     def poll(self, wait: bool = False) -> None:
         """Commit the rows of every packed shard (all of them with `wait`). A shard that could not be written leaves
@@ -239,17 +239,11 @@ def remove_orphans(fs, root: str, committed_uris) -> list[str]:
     return orphans
 
 
-def run_dir(root: str, run_id: str) -> str:
-    from .worker import RUN_DIR
-
-    return storage.join(root, RUN_DIR, run_id)
-
-
-def _drop_scratch(fs, folder: Callable[[str], str]) -> Callable[[list[dict]], None]:
+def _drop_scratch(fs, folder: str) -> Callable[[list[dict]], None]:
     """After a shard's rows are committed: their media and scratch rows go (best effort; the run's scratch folder
     is removed at its end anyway)."""
     def drop(rows: list[dict]) -> None:
-        paths = [storage.join(folder(r["id"]), f"{r['id']}.{ext}") for r in rows for ext in ("mp4", "png", "parquet")]
+        paths = [storage.join(folder, f"{r['id']}.{ext}") for r in rows for ext in ("mp4", "png", "parquet")]
         try:
             fs.rm([p for p in paths if fs.exists(p)])
         except Exception:  # noqa: BLE001
@@ -265,7 +259,7 @@ def run_sink(fs, root: str, writer, tag: str, run_id: str, layout, code_version:
     return ShardSink(fs, root, writer, tag, scratch_members(fs, lambda rid: folder, layout.contact_sheets),
                      code_version=code_version, max_bytes=int(layout.shard_max_mb * 1e6),
                      max_samples=layout.shard_max_samples, max_seconds=layout.shard_max_seconds,
-                     after_commit=_drop_scratch(fs, lambda rid: folder))
+                     after_commit=_drop_scratch(fs, folder))
 
 
 def salvage(fs, root: str, done, *, code_version: str, layout) -> int:

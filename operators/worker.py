@@ -282,14 +282,19 @@ class RowWorker:
                     logger.exception("could not write the scratch row of %s", rid)
 
 
+def run_dir(root: str, run_id: str) -> str:
+    """A run's scratch under the output prefix (never read as output; removed by the driver at the end of the run)."""
+    return storage.join(root, RUN_DIR, run_id)
+
+
 def samples_dir(root: str, run_id: str) -> str:
     """Where a run's workers leave finished samples until the driver packs them into shards (operators/shards.py)."""
-    return storage.join(root, RUN_DIR, run_id, "samples")
+    return storage.join(run_dir(root, run_id), "samples")
 
 
 def timeouts_dir(root: str, run_id: str) -> str:
-    """Where a worker marks the rows that ran past their time (removed by the driver at the end of the run)."""
-    return storage.join(root, RUN_DIR, run_id, "timeouts")
+    """Where a worker marks the rows that ran past their time."""
+    return storage.join(run_dir(root, run_id), "timeouts")
 
 
 RUN_DIR = ".runs"  # per-run scratch under the output prefix (never read as output)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -64,6 +65,23 @@ def tiny_config(path, tiny_cache: str, **overrides) -> str:
 
 def job_cmd(*args: str) -> list[str]:
     return [sys.executable, os.path.join(ROOT, "jobs", "generate.py"), *args]
+
+
+def kill_job_when(args: list[str], ready, timeout: float = 300, poll: float = 0.05) -> None:
+    """Start the job, then SIGKILL it and the local Ray it started (its process group) once `ready()` holds, it has
+    ended, or `timeout` seconds passed."""
+    proc = subprocess.Popen(job_cmd(*args), env=job_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and proc.poll() is None and not ready():
+            time.sleep(poll)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
 
 
 def run_job(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:

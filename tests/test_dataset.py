@@ -6,10 +6,8 @@ import glob
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import tarfile
-import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -18,7 +16,7 @@ import pytest
 from operators.metadata import read_latest, read_parts
 from operators.storage import filesystem
 
-from .jobutil import ROOT, job_cmd, job_env, parent_runs, run_job, tiny_config
+from .jobutil import ROOT, job_cmd, job_env, kill_job_when, parent_runs, run_job, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -160,20 +158,9 @@ def test_killed_webdataset_run_leaves_no_partial_shard_and_no_duplicate(tmp_path
     cfg = tiny_config(tmp_path / "job.yaml", tiny_cache, compute={"batch_size": 1, "sampler_batch": 1},
                       defaults={"steps": 10}, output={"format": "webdataset", "shard_max_samples": 2})
     args = ["--config", cfg, "--manifest", str(manifest), "--output", str(out), "--mlflow-uri", f"sqlite:///{tmp_path / 'db'}"]
-    proc = subprocess.Popen(job_cmd(*args), env=job_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.time() + 300
-    try:  # kill once a shard is committed and the next samples wait in scratch
-        while time.time() < deadline and proc.poll() is None:
-            if glob.glob(str(out / "metadata" / "part-*")) and len(glob.glob(str(out / ".runs" / "*" / "samples" / "*.parquet"))) >= 1:
-                break
-            time.sleep(0.05)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+    # kill once a shard is committed and the next samples wait in scratch
+    kill_job_when(args, lambda: bool(glob.glob(str(out / "metadata" / "part-*"))
+                                     and glob.glob(str(out / ".runs" / "*" / "samples" / "*.parquet"))))
     first = read_parts(*filesystem(str(out)))
     assert first is not None and 0 < first.num_rows < n, "the first run was not interrupted mid-job"
     waiting = {os.path.basename(p)[: -len(".parquet")] for p in glob.glob(str(out / ".runs" / "*" / "samples" / "*.parquet"))}

@@ -1,8 +1,7 @@
 """The batch job end to end on a local Ray with tiny models: outputs, metadata, MLflow, bad input, resume."""
+import glob
 import os
-import signal
 import subprocess
-import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -13,7 +12,7 @@ from operators.metadata import read_latest, read_parts
 from operators.storage import filesystem
 from pipelines.video import read_mp4
 
-from .jobutil import ROOT, job_cmd, job_env, parent_runs, run_job, sha256_file, tiny_config
+from .jobutil import ROOT, kill_job_when, parent_runs, run_job, sha256_file, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -163,22 +162,8 @@ def test_killed_job_resumes_exactly_once(tmp_path, tiny_cache):
     cfg = tiny_config(tmp_path / "job.yaml", tiny_cache, compute={"batch_size": 1, "sampler_batch": 1},
                       defaults={"steps": 12}, commit={"every_rows": 1, "every_seconds": 1})
     args = ["--config", cfg, "--manifest", str(manifest), "--output", str(out), "--mlflow-uri", f"sqlite:///{tmp_path / 'db'}"]
-    proc = subprocess.Popen(job_cmd(*args), env=job_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
     fs, root = filesystem(str(out))
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline:
-            parts = os.listdir(out / "metadata") if (out / "metadata").exists() else []
-            if len([p for p in parts if p.startswith("part-")]) >= 2 or proc.poll() is not None:
-                break
-            time.sleep(0.1)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
-        except ProcessLookupError:
-            pass
-        proc.wait()
+    kill_job_when(args, lambda: len(glob.glob(str(out / "metadata" / "part-*"))) >= 2, poll=0.1)
     first = read_parts(fs, root)
     assert first is not None, "the first run committed nothing before the kill"
     committed = set(first.column("id").to_pylist())
