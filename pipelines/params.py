@@ -132,6 +132,12 @@ PARAMS: tuple[Param, ...] = (
     Param("noise", "choice", B, choices=NOISE_POLICIES,
           help="stage-1 noise: one generator across frames in order (official) | same per frame | seed + i"),
     Param("frame_joint_norm", "bool", B, help="inversion UNet GroupNorm pooled over frames (bivdiff_compat: on)"),
+    Param("edit_type", "choice", B, choices=presets.P2P_EDIT_TYPES,
+          help="p2p: refine (add words; aligned tokens keep the source's maps) | replace (swap words one for one)"),
+    Param("cross_replace", "float", B, lo=0.0, hi=1.0, help=f"p2p: fraction of steps with cross-attention replaced ({presets.P2P_REPLACE})"),
+    Param("self_replace", "float", B, lo=0.0, hi=1.0, help=f"p2p: fraction of steps with self-attention replaced ({presets.P2P_REPLACE})"),
+    Param("local_blend", "str", B, help="p2p: words whose attention bounds the edit, e.g. 'car' or 'car,truck' (one "
+          "group per prompt); default '' = edit everywhere"),
 )
 
 

@@ -2,7 +2,7 @@
 
 Library code never names a hub id or a device; it reads them from here through the config objects.
 Presets marked `_v1` reproduce the official IV-Mixed code (docs/algorithms.md §5); the others are the
-clean, self-consistent versions (docs/algorithms.md §2, §9.1).
+clean, self-consistent versions (docs/algorithms.md §2).
 """
 from __future__ import annotations
 
@@ -65,6 +65,15 @@ BACKBONES: dict[str, BackboneDefaults] = {
         image_model="SG161222/Realistic_Vision_V6.0_B1_noVAE",
         unet="adamdad/videocrafterv2_diffusers",
         frames=16, height=512, width=512, fps=24, guidance=9.0, main_solver="sde-dpmpp2m",
+    ),
+    # BIVDiff's default VDM (docs/algorithms.md §9): SD-2.1-base + VidRD's temporal layers, text encoder from ModelT2V.pth.
+    # `base` is the folder `python -m pipelines.backbones.vidrd` writes from ModelT2V.pth and this SD-2.1-base folder;
+    # the SD-2.1-base folder alone has no temporal weights and is refused with that instruction. Native size 256.
+    "vidrd": BackboneDefaults(
+        base="stabilityai/stable-diffusion-2-1-base",
+        motion_adapter=None,
+        image_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        frames=8, height=256, width=256, fps=8,
     ),
 }
 
@@ -136,10 +145,10 @@ class BivdiffTask:
     """One stage-1 task: which image model runs per frame, what it needs, its mixing ratio α (docs/algorithms.md §3)."""
 
     name: str
-    idm: str  # "controlnet" | "instruct_pix2pix" | "inpainting" | "external"
+    idm: str  # "controlnet" | "t2i_adapter" | "instruct_pix2pix" | "p2p" | "inpainting" | "external"
     alpha: float
     quality_tags: bool  # append BIVDIFF_POS to the prompts and default the negative prompt to BIVDIFF_NEG
-    condition: str | None = None  # controlnet: "canny" (computed here) | "depth" | "pose" (a condition video)
+    condition: str | None = None  # controlnet / t2i_adapter: "canny" (computed here) | "depth" | "pose" (a condition video)
     mask: str | None = None  # inpainting: "video" (a mask video) | "horizontal" | "vertical" (static outpaint masks)
     description: str = ""
 
@@ -153,6 +162,13 @@ BIVDIFF_TASKS: dict[str, BivdiffTask] = {
                     description="ControlNet on a precomputed depth video (condition_video, else source_video)"),
         BivdiffTask("controlnet-pose", "controlnet", 1.0, True, condition="pose",
                     description="ControlNet on a precomputed OpenPose video (condition_video, else source_video)"),
+        BivdiffTask("t2i-adapter-depth", "t2i_adapter", 1.0, False, condition="depth",
+                    description="T2I-Adapter (DDIM) on a precomputed depth video (condition_video, else source_video)"),
+        BivdiffTask("t2i-adapter-canny", "t2i_adapter", 1.0, False, condition="canny",
+                    description="T2I-Adapter (DDIM) on one-channel canny edges of the source frames (thresholds 100/200)"),
+        BivdiffTask("p2p", "p2p", 0.25, False,
+                    description="Prompt2Prompt: the source frames inverted with SD, re-denoised for [idm_prompt (source "
+                                "caption), vdm_prompt (edited caption)] with attention control; the edited frames go on"),
         BivdiffTask("instruct-pix2pix", "instruct_pix2pix", 1.0, True,
                     description="InstructPix2Pix: idm_prompt is the edit instruction, vdm_prompt the target caption"),
         BivdiffTask("inpaint", "inpainting", 0.1, False, mask="video",
@@ -188,14 +204,22 @@ BIVDIFF_PRESETS: dict[str, BivdiffPreset] = {
 }
 # docs/algorithms.md §3 "common to all configs" and §2.1 (stride = the code's frame_rate); the zeroscope VDM is the default
 BIVDIFF_DEFAULTS = dict(sampler="bivdiff", steps=50, idm_steps=50, frames=8, stride=4, height=512, width=512, seed=42,
-                        guidance=7.5, idm_guidance=7.5, image_guidance=1.5, fps=8, noise="independent")
-BIVDIFF_VDMS = ("zeroscope", "modelscope", "videocrafter2", "animatediff")
+                        guidance=7.5, idm_guidance=7.5, image_guidance=1.5, fps=8, noise="independent",
+                        edit_type="refine", cross_replace=0.4, self_replace=0.4, local_blend="")
+BIVDIFF_VDMS = ("zeroscope", "vidrd", "modelscope", "videocrafter2", "animatediff")
+# Prompt2Prompt (docs/algorithms.md §8): the official controller's fractions of the steps with cross / self attention replaced
+P2P_REPLACE = 0.4
+P2P_EDIT_TYPES = ("refine", "replace")
+P2P_SELF_MAX_TOKENS = 16**2  # self-attention maps replaced only at latent resolutions up to 16 x 16 (the official controller)
+P2P_BLEND_THRESHOLD = 0.3  # local blend: the official LocalBlend mask threshold
 BIVDIFF_MODELS = dict(
     vdm="zeroscope",
     image_model="stable-diffusion-v1-5/stable-diffusion-v1-5",  # inversion UNet, SD VAE and the ControlNet base
     controlnet_canny="lllyasviel/control_v11p_sd15_canny",
     controlnet_depth="lllyasviel/control_v11f1p_sd15_depth",
     controlnet_pose="lllyasviel/control_v11p_sd15_openpose",
+    t2i_adapter_depth="TencentARC/t2iadapter_depth_sd15v2",
+    t2i_adapter_canny="TencentARC/t2iadapter_canny_sd15v2",
     instruct_pix2pix="timbrooks/instruct-pix2pix",
     inpainting="stable-diffusion-v1-5/stable-diffusion-inpainting",
 )

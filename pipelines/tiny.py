@@ -227,9 +227,11 @@ def build_bivdiff(out_dir: str, seed: int = 0) -> str:
     """BIVDiff's model set (docs/algorithms.md §8): image_model/ (SD pipeline: inversion UNet, the shared VAE,
     text encoder 16 wide), video_model/ (a zeroscope-style TextToVideoSDPipeline folder, UNet3D with 32 GroupNorm
     groups as diffusers 0.23 hard-codes (docs/algorithms.md §11 G), text encoder 32 wide), controlnet/ (from the image UNet,
-    zero convolutions perturbed), instruct_pix2pix/ (8-channel UNet, Euler ancestral) and inpainting/ (9-channel)."""
+    zero convolutions perturbed), instruct_pix2pix/ (8-channel UNet, Euler ancestral), inpainting/ (9-channel),
+    t2i_adapter_depth/ and t2i_adapter_canny/ (3- and 1-channel T2I-Adapters) and vidrd/ (`build_vidrd`)."""
     from diffusers import (ControlNetModel, DDIMScheduler, EulerAncestralDiscreteScheduler, PNDMScheduler,
-                           StableDiffusionInpaintPipeline, StableDiffusionInstructPix2PixPipeline, TextToVideoSDPipeline)
+                           StableDiffusionInpaintPipeline, StableDiffusionInstructPix2PixPipeline, T2IAdapter,
+                           TextToVideoSDPipeline)
 
     sd_betas = {k: v for k, v in SD15_SCHEDULER.items() if k in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps",
                                                                   "steps_offset")}
@@ -254,9 +256,67 @@ def build_bivdiff(out_dir: str, seed: int = 0) -> str:
             vae=vae, text_encoder=_text_encoder(seed + 10, hidden=16), tokenizer=tok,
             unet=_unet(seed + 11, cross_dim=16, in_channels=9), scheduler=PNDMScheduler(**SD15_SCHEDULER), **quiet,
         ).save_pretrained(os.path.join(tmp, "inpainting"))
+        for k, (name, channels) in enumerate((("depth", 3), ("canny", 1))):  # the canny adapter reads one channel
+            torch.manual_seed(seed + 12 + k)
+            T2IAdapter(in_channels=channels, channels=list(BLOCKS), num_res_blocks=1, downscale_factor=8,
+                       adapter_type="full_adapter").save_pretrained(os.path.join(tmp, f"t2i_adapter_{name}"))
+        build_vidrd(os.path.join(tmp, "vidrd"), vae, seed + 14)
         shutil.rmtree(os.path.join(tmp, "tokenizer"))
 
     return _build_aside(out_dir, "bivdiff", seed, fill)
+
+
+VIDRD_TEXT = 24  # the tiny VidRD text width: neither the SD image model's (16) nor the ModelScope VDM's (32)
+
+
+def tiny_vidrd_base(path: str, vae, seed: int) -> None:
+    """A tiny SD-2.1-base-like pipeline folder: linear-projection UNet, its own text encoder, a tokenizer padding with
+    "!" (as SD-2's), the SD-1.5 noise schedule."""
+    from diffusers import UNet2DConditionModel
+
+    tok = build_tokenizer(os.path.join(path, "tokenizer"))
+    tok.pad_token = "!"
+    tok.save_pretrained(os.path.join(path, "tokenizer"))
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=BLOCKS, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=VIDRD_TEXT,
+                                attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=8)
+    _pipeline_folder(path, unet=unet, vae=vae, text_encoder=_text_encoder(seed + 1, hidden=VIDRD_TEXT), tokenizer=tok)
+
+
+def tiny_vidrd_checkpoint(path: str, base: str, seed: int) -> str:
+    """A tiny `ModelT2V.pth` in the published layout ({"state_dict": unet.*, text_encoder.text_model.*, vae.*, clip.*}),
+    random weights (temporal output projections perturbed from zero so the temporal layers act)."""
+    from diffusers import AutoencoderKL
+
+    from .backbones.vidrd_unet import VidRDUNet
+
+    cfg = VidRDUNet.load_config(base, subfolder="unet")
+    keys = ("block_out_channels", "down_block_types", "up_block_types", "layers_per_block", "cross_attention_dim",
+            "attention_head_dim", "use_linear_projection", "norm_num_groups")
+    torch.manual_seed(seed)
+    unet = _perturb_zeros(VidRDUNet(**{k: cfg[k] for k in keys}, sample_size=4))
+    text = _text_encoder(seed + 1, hidden=VIDRD_TEXT)
+    state = {f"unet.{k}": v for k, v in unet.state_dict().items()}
+    state.update({f"text_encoder.text_model.{k.removeprefix('text_model.')}": v for k, v in text.state_dict().items()})
+    state["text_encoder.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    state.update({f"vae.{k}": v for k, v in AutoencoderKL.from_pretrained(base, subfolder="vae").state_dict().items()})
+    state["clip.logit_scale"] = torch.tensor(4.6)
+    torch.save({"state_dict": state, "epoch": 0}, path)
+    return path
+
+
+def build_vidrd(out: str, vae, seed: int) -> str:
+    """vidrd/: a tiny VidRD folder converted (`pipelines.backbones.vidrd.convert`) from a tiny SD-2.1-base-like folder
+    and a tiny checkpoint in the published layout."""
+    from .backbones.vidrd import convert
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base = os.path.join(tmp, "sd21_base")
+        tiny_vidrd_base(base, vae, seed)
+        convert(tiny_vidrd_checkpoint(os.path.join(tmp, "ModelT2V.pth"), base, seed + 2), base, out, resolution=32)
+    return out
 
 
 def build_clip(out_dir: str, seed: int = 0) -> str:

@@ -48,32 +48,41 @@ def test_bivdiff_manifest_through_the_job(s3_endpoint, tmp_path, tiny_ad_dir, mo
 
     manifest = tmp_path / "edits.parquet"
     pq.write_table(pa.table({
-        "id": ["canny", "inpaint", "ext", "short", "badtask", "nomask", "gen", "gone", "poison"],
+        "id": ["canny", "inpaint", "ext", "short", "badtask", "nomask", "gen", "gone", "poison", "p2p", "adapter"],
         "task": ["controlnet-canny", "inpaint", "external", "outpaint-vertical", "prompt2prompt", "inpaint", None, "inpaint",
-                 "external"],
+                 "external", "p2p", "t2i-adapter-canny"],
         "source_video": ["s3://clips/bear.mp4", "s3://clips/bear.mp4", str(npy), "s3://clips/short.mp4",
-                         "s3://clips/bear.mp4", "s3://clips/bear.mp4", None, "s3://clips/bear.mp4", str(npy)],
-        "mask_video": [None, "s3://clips/bear-mask.mp4", None, None, None, None, None, "s3://clips/gone-mask.mp4", None],
-        "prompt": ["a bear walking through a snow mountain", None, None, None, None, None, "A cat on a sofa.", None, None],
-        "vdm_prompt": [None, None, "a square", None, None, None, None, None, "POISON: kills its worker"],
-        "alpha": pa.array([None, None, 0.5, None, None, None, None, None, None], pa.float64()),
-        "sampler": [None, None, "bivdiff_compat", None, None, None, None, None, None],
+                         "s3://clips/bear.mp4", "s3://clips/bear.mp4", None, "s3://clips/bear.mp4", str(npy),
+                         "s3://clips/bear.mp4", "s3://clips/bear.mp4"],
+        "mask_video": [None, "s3://clips/bear-mask.mp4", None, None, None, None, None, "s3://clips/gone-mask.mp4", None,
+                       None, None],
+        "prompt": ["a bear walking through a snow mountain", None, None, None, None, None, "A cat on a sofa.", None, None,
+                   None, "a red car"],
+        "idm_prompt": [None] * 9 + ["a bear on a hill", None],
+        "vdm_prompt": [None, None, "a square", None, None, None, None, None, "POISON: kills its worker",
+                       "a bear on a hill at night", None],
+        "edit_type": [None] * 9 + ["refine", None],
+        "local_blend": [None] * 9 + ["bear", None],
+        "alpha": pa.array([None, None, 0.5, None, None, None, None, None, None, None, None], pa.float64()),
+        "sampler": [None, None, "bivdiff_compat", None, None, None, None, None, None, None, None],
     }), manifest)
     out, db = tmp_path / "out", tmp_path / "mlflow.db"
     cfg = tiny_config(tmp_path / "job.yaml", os.path.dirname(tiny_ad_dir),
-                      bivdiff={"tiny": True, "defaults": {"frames": 4, "height": 64, "width": 64, "steps": 5, "idm_steps": 2}})
+                      bivdiff={"tiny": True, "vdm": "vidrd",
+                               "defaults": {"frames": 4, "height": 64, "width": 64, "steps": 5, "idm_steps": 2}})
     env = job_env(**CREDS, AWS_ENDPOINT_URL=s3_endpoint, IVMIX_FAULTS="kill=POISON")  # a row that kills every worker
     args = ("--config", cfg, "--manifest", str(manifest), "--output", str(out), "--mlflow-uri", f"sqlite:///{db}",
             "--experiment", "edits")
     r = run_job(*args, env=env)
     assert r.returncode == 0, r.stderr[-5000:]
-    assert "progress: 9/9 rows (4 ok, 5 failed)" in r.stderr
+    assert "progress: 11/11 rows (6 ok, 5 failed)" in r.stderr
 
     meta = {m["id"]: m for m in read_latest(str(out)).to_pylist()}
-    assert sorted(os.listdir(out / "videos")) == ["canny.mp4", "ext.mp4", "gen.mp4", "inpaint.mp4"]
-    for rid in ("canny", "inpaint", "ext"):
+    assert sorted(os.listdir(out / "videos")) == ["adapter.mp4", "canny.mp4", "ext.mp4", "gen.mp4", "inpaint.mp4",
+                                                  "p2p.mp4"]
+    for rid in ("canny", "inpaint", "ext", "p2p", "adapter"):
         m = meta[rid]
-        assert m["status"] == "ok" and m["backbone"] == "bivdiff/zeroscope", m
+        assert m["status"] == "ok" and m["backbone"] == "bivdiff/vidrd", m
         frames, fps = read_mp4(str(out / "videos" / f"{rid}.mp4"))
         assert frames.shape == (4, 64, 64, 3) and fps == 8
         assert m["frames"] == 4 and m["steps"] == 5 and m["seed"] == 42
@@ -81,6 +90,9 @@ def test_bivdiff_manifest_through_the_job(s3_endpoint, tmp_path, tiny_ad_dir, mo
     assert meta["canny"]["prompt"] == meta["canny"]["vdm_prompt"] == "a bear walking through a snow mountain"
     assert meta["canny"]["calls_idm"] == 5 and meta["canny"]["calls_vdm"] == 5  # α = 1: the video inversion never ran
     assert meta["inpaint"]["alpha"] == 0.1 and meta["inpaint"]["calls_vdm"] == 10
+    assert (meta["p2p"]["alpha"], meta["p2p"]["edit_type"], meta["p2p"]["local_blend"]) == (0.25, "refine", "bear")
+    assert meta["p2p"]["prompt"] == "a bear on a hill at night" and meta["p2p"]["calls_vdm"] == 10
+    assert meta["adapter"]["task"] == "t2i-adapter-canny" and meta["adapter"]["negative_prompt"] == ""
     assert meta["inpaint"]["mask_video"] == "s3://clips/bear-mask.mp4" and meta["inpaint"]["source_video"] == "s3://clips/bear.mp4"
     assert meta["ext"]["sampler"] == "bivdiff_compat" and meta["ext"]["frame_joint_norm"] is True
     assert meta["gen"]["status"] == "ok" and meta["gen"]["backbone"] == "animatediff" and meta["gen"]["task"] is None
@@ -102,7 +114,7 @@ def test_bivdiff_manifest_through_the_job(s3_endpoint, tmp_path, tiny_ad_dir, mo
 
     client = MlflowClient(f"sqlite:///{db}")
     (run,) = parent_runs(client, "edits")
-    assert run.data.params["bivdiff.spec.vdm"] == "zeroscope" and run.data.metrics["rows_ok"] == 4
+    assert run.data.params["bivdiff.spec.vdm"] == "vidrd" and run.data.metrics["rows_ok"] == 6
 
     r = run_job(*args, env=env)  # resume: committed videos are kept, only the failed rows run again
     assert r.returncode == 0 and "progress: 5/5 rows (0 ok, 5 failed)" in r.stderr, r.stderr[-3000:]

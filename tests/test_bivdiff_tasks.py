@@ -74,6 +74,9 @@ TASK_ROWS = {
     "controlnet-canny": {"prompt": "a robot dancing"},
     "controlnet-depth": {"prompt": "a robot dancing"},  # the source video stands in for its depth maps
     "controlnet-pose": {"prompt": "a robot dancing", "condition_video": "{source}"},
+    "t2i-adapter-canny": {"prompt": "a robot dancing"},
+    "t2i-adapter-depth": {"prompt": "a robot dancing", "condition_video": "{source}"},
+    "p2p": {"idm_prompt": "a square on a wall", "vdm_prompt": "a square on a wall at night", "local_blend": "square"},
     "instruct-pix2pix": {"idm_prompt": "make it snowy", "vdm_prompt": "a snowy street"},
     "inpaint": {"mask_video": "{mask}"},
     "outpaint-horizontal": {},
@@ -105,13 +108,14 @@ def test_every_task_end_to_end(worker, videos, task):
 
 
 def test_stage1_controlnet_is_the_diffusers_pipeline_on_canny_maps(worker, videos):
-    """Frame 0 of stage 1 equals diffusers' ControlNet pipeline called directly on our canny map with the prompt +
+    """Frame 0 of stage 1 equals diffusers' ControlNet pipeline called directly on OpenCV's canny map with the prompt +
     POS tags, the NEG tags and a CPU generator seeded `seed`; the next frame draws on from the same generator."""
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
     from PIL import Image
 
+    import cv2
+
     from pipelines.bivdiff.inputs import read_row_inputs
-    from pipelines.bivdiff.stage1 import canny
 
     p = resolve_bivdiff_params(_row("controlnet-canny", videos, frames=2))
     source, _, _ = read_row_inputs(p)
@@ -123,7 +127,7 @@ def test_stage1_controlnet_is_the_diffusers_pipeline_on_canny_maps(worker, video
     pipe.set_progress_bar_config(disable=True)
     g = torch.Generator("cpu").manual_seed(p.seed)
     ref = [pipe(prompt="a robot dancing" + presets.BIVDIFF_POS, negative_prompt=presets.BIVDIFF_NEG,
-                image=Image.fromarray(canny(source[i])), num_inference_steps=2, guidance_scale=7.5, generator=g,
+                image=Image.fromarray(cv2.Canny(source[i], 100, 200)).convert("RGB"), num_inference_steps=2, guidance_scale=7.5, generator=g,
                 height=64, width=64, output_type="np").images[0] for i in range(2)]
     ref = (np.clip(np.stack(ref), 0, 1) * 255).round().astype(np.uint8)
     assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 1
@@ -210,16 +214,18 @@ def test_stage1_inpainting_is_the_diffusers_pipeline_with_its_mask_convention(wo
 
 
 def test_canny_and_outpaint_masks():
+    import cv2
+
     from pipelines.bivdiff.stage1 import canny, outpaint_mask
 
-    img = np.zeros((32, 32, 3), np.uint8)
-    img[8:24, 8:24] = 255
-    edges = canny(img)[..., 0] > 0
-    assert not canny(np.full((32, 32, 3), 90, np.uint8)).any()  # flat image: no edges
-    ring = np.zeros((32, 32), bool)
-    ring[7:25, 7:25] = True
-    ring[9:23, 9:23] = False
-    assert edges.sum() > 40 and not (edges & ~ring).any()  # edges only along the square's border
+    rng = np.random.default_rng(3)
+    img = np.zeros((48, 80, 3), np.uint8)
+    img[8:30, 10:50] = (255, 200, 40)
+    noisy = np.clip(img.astype(int) + rng.integers(-40, 40, img.shape), 0, 255).astype(np.uint8)
+    for x in (img, noisy, synthetic_frames(n=1)[0].__mul__(255).astype(np.uint8)):
+        ours = canny(x)
+        assert ours.dtype == np.uint8 and np.array_equal(ours, cv2.Canny(x, 100, 200))  # OpenCV's, bit for bit
+    assert canny(img).any() and not canny(np.full((32, 32, 3), 90, np.uint8)).any()
     h = outpaint_mask("horizontal", 64, 48)
     assert h[:16].all() and h[48:].all() and not h[16:48].any()
     v = outpaint_mask("vertical", 64, 48)
@@ -345,7 +351,7 @@ def test_cli(tiny_bivdiff, videos, tmp_path):
             "--height", "64", "--width", "64", "--steps", "5", "--idm-steps", "2", "-q"]
     long_prompt = "a silver robot " + " ".join(["dancing on a wide sunny beach with waves"] * 6)  # > 77 tokens with tags
     r = subprocess.run([*base[:-1], "--task", "controlnet-canny", "--video", videos["source"], "--prompt", long_prompt,
-                        "--preset", "bivdiff_compat", "--out", str(out), "--save-stage1", str(tmp_path / "s1.mp4")],
+                        "--vdm", "vidrd", "--out", str(out), "--save-stage1", str(tmp_path / "s1.mp4")],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     # what the console shows without -q: progress, one truncation note, nothing that reads as a failure
@@ -382,7 +388,7 @@ def test_other_video_models_smooth_in_the_shared_space(vdm, videos, tmp_path_fac
     assert (r.latents - worker.run(p, decode=False).latents).abs().max() > 1e-3  # a different VDM smoothed it
 
 
-@pytest.mark.parametrize("task", ["controlnet-canny", "instruct-pix2pix", "inpaint"])
+@pytest.mark.parametrize("task", ["controlnet-canny", "t2i-adapter-canny", "instruct-pix2pix", "inpaint"])
 def test_stage1_batched_frames_equal_one_call_per_frame(worker, videos, task):
     """shared / per_frame noise: frames batched into one pipeline call (a generator per frame) equal one call per frame;
     shared gives every frame the same noise, per_frame and independent do not."""
@@ -457,3 +463,67 @@ def test_frame_selection_and_resize_match_an_independent_decode(videos):
     resized, _ = read_frames("source_video", videos["source"], frames=3, stride=5, height=64, width=64)
     ref = np.stack([np.asarray(Image.fromarray(every[i]).resize((64, 64), Image.BILINEAR)) for i in (0, 5, 10)])
     assert np.abs(resized.astype(int) - ref.astype(int)).max() <= 2
+
+
+def test_compat_canny_size_rule_and_resize_back(worker, videos):
+    """bivdiff_compat computes canny maps at the official processor's size (short side 512, sides rounded to multiples
+    of 64; OpenCV Lanczos up, area down), the ControlNet runs at that size (not told height/width) and its frames come
+    back to height x width through PIL's Lanczos; the clean preset runs at the frame size."""
+    import cv2
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+    from PIL import Image
+
+    from pipelines.bivdiff.inputs import read_row_inputs
+    from pipelines.bivdiff.stage1 import annotator_resize, condition_maps
+
+    for (h, w), want in {(64, 64): (512, 512), (480, 854): (512, 896), (720, 1280): (512, 896), (600, 500): (640, 512),
+                         (512, 512): (512, 512), (300, 1000): (512, 1728)}.items():
+        img = np.random.default_rng(h + w).integers(0, 256, (h, w, 3), dtype=np.uint8)
+        k = 512 / min(h, w)
+        assert want == (round(h * k / 64) * 64, round(w * k / 64) * 64)
+        expect = img if want == (h, w) else cv2.resize(img, want[::-1], interpolation=cv2.INTER_LANCZOS4 if k > 1 else cv2.INTER_AREA)
+        assert np.array_equal(annotator_resize(img), expect)
+    p = resolve_bivdiff_params(_row("controlnet-canny", videos, frames=1, idm_steps=1, sampler="bivdiff_compat"))
+    source, _, _ = read_row_inputs(p)
+    maps = condition_maps(source, compat=True)
+    assert maps.shape == (1, 512, 512) and np.array_equal(maps[0], cv2.Canny(cv2.resize(source[0], (512, 512),
+                                                                                       interpolation=cv2.INTER_LANCZOS4), 100, 200))
+    assert condition_maps(source, compat=False).shape == (1, 64, 64)
+    ours = worker.stage1.run(p, source, None, None)
+    spec = worker.spec
+    pipe = _quiet(StableDiffusionControlNetPipeline.from_pretrained(
+        spec.image_model, controlnet=ControlNetModel.from_pretrained(spec.controlnet_canny), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False))
+    big = pipe(prompt=p.idm_prompt + presets.BIVDIFF_POS, negative_prompt=presets.BIVDIFF_NEG,
+               image=Image.fromarray(maps[0]).convert("RGB"), num_inference_steps=1, guidance_scale=7.5,
+               generator=torch.Generator("cpu").manual_seed(42), output_type="np").images[0]
+    assert big.shape == (512, 512, 3)
+    ref = np.asarray(Image.fromarray(_as_uint8([big])[0]).resize((64, 64), Image.LANCZOS))
+    assert ours.shape == (1, 64, 64, 3) and np.abs(ours[0].astype(int) - ref.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("task", ["t2i-adapter-canny", "t2i-adapter-depth"])
+def test_stage1_t2i_adapter_is_the_diffusers_adapter_pipeline(worker, videos, task):
+    """Stage 1 of the T2I-Adapter tasks equals diffusers' StableDiffusionAdapterPipeline with DDIM called directly: on
+    OpenCV's one-channel canny map, or on the condition video's frames; no quality tags."""
+    import cv2
+    from diffusers import DDIMScheduler, StableDiffusionAdapterPipeline, T2IAdapter
+    from PIL import Image
+
+    from pipelines.bivdiff.inputs import read_row_inputs
+
+    p = resolve_bivdiff_params(_row(task, videos, frames=2))
+    source, _, condition = read_row_inputs(p)
+    ours = worker.stage1.run(p, source, None, condition)
+    folder = worker.spec.t2i_adapter_canny if task.endswith("canny") else worker.spec.t2i_adapter_depth
+    pipe = _quiet(StableDiffusionAdapterPipeline.from_pretrained(
+        worker.spec.image_model, adapter=T2IAdapter.from_pretrained(folder), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False))
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    maps = [Image.fromarray(cv2.Canny(f, 100, 200)) for f in source] if task.endswith("canny") else \
+        [Image.fromarray(f) for f in condition]
+    assert maps[0].mode == ("L" if task.endswith("canny") else "RGB")
+    g = torch.Generator("cpu").manual_seed(42)
+    ref = [pipe(prompt="a robot dancing", negative_prompt="", image=maps[i], num_inference_steps=2, guidance_scale=7.5,
+                height=64, width=64, generator=g, output_type="np").images[0] for i in range(2)]
+    assert np.abs(ours.astype(int) - _as_uint8(ref).astype(int)).max() <= 1

@@ -123,7 +123,7 @@ def test_model_errors_are_one_line(tmp_path, tiny_ad_dir):
     (["--video-unet", "x"], "--model-dir: give either --model-dir or --video-unet"),
     (["--video-model", "x", "--image-model", "y"], "--video-model, --image-model"),
     (["--motion-adapter", "x"], "--motion-adapter"),
-    (["--vdm", "videocrafter2"], "--vdm: the tiny BIVDiff set's video model has the ModelScope architecture"),
+    (["--vdm", "videocrafter2"], "--vdm: the tiny BIVDiff set holds ModelScope-architecture and VidRD video models"),
     (["--vdm", "animatediff"], "animatediff needs its own models (--video-model, --motion-adapter)"),
 ])
 def test_bivdiff_model_dir_refuses_what_it_would_ignore(tmp_path, extra, expected):

@@ -19,6 +19,8 @@ def load_backbone(spec: ModelSpec) -> BackboneBase:
         from .modelscope import ModelScope, ZeroScope
 
         cls = ZeroScope if spec.backbone == "zeroscope" else ModelScope
+    elif spec.backbone == "vidrd":
+        from .vidrd import VidRD as cls
     elif spec.backbone == "videocrafter2":
         from .videocrafter2 import VideoCrafter2 as cls
     else:

@@ -40,11 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     m = ap.add_argument_group("models (hub ids or local folders)")
     m.add_argument("--model-dir", help="folder written by `python -m pipelines.tiny bivdiff DIR`")
     m.add_argument("--vdm", default=presets.BIVDIFF_MODELS["vdm"], choices=presets.BIVDIFF_VDMS, help="video model family")
-    m.add_argument("--video-model", help="VDM pipeline folder or hub id (default: the family's)")
+    m.add_argument("--video-model", help="VDM pipeline folder or hub id (default: the family's; vidrd: the folder "
+                   "`python -m pipelines.backbones.vidrd` converts from ModelT2V.pth)")
     m.add_argument("--video-unet", help="videocrafter2: its UNet folder")
     m.add_argument("--motion-adapter", help="animatediff as the VDM: its motion adapter")
     m.add_argument("--image-model", help="SD-1.5-family pipeline: inversion UNet, shared VAE, ControlNet base")
     m.add_argument("--controlnet", help="ControlNet for this task (default: the v1.1 model of its condition)")
+    m.add_argument("--t2i-adapter", help="T2I-Adapter for this task (default: TencentARC's sd15v2 model of its condition)")
     m.add_argument("--instruct-pix2pix", help="InstructPix2Pix pipeline")
     m.add_argument("--inpainting", help="SD inpainting pipeline")
     m.add_argument("--dtype", default=presets.DEFAULT_DTYPE, choices=["auto", "float32", "float16", "bfloat16"])
@@ -60,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-MODEL_FLAGS = ("video_model", "video_unet", "motion_adapter", "image_model", "controlnet", "instruct_pix2pix", "inpainting")
-TINY_VDMS = ("zeroscope", "modelscope")  # the tiny set's video_model/ is a ModelScope-architecture pipeline
+MODEL_FLAGS = ("video_model", "video_unet", "motion_adapter", "image_model", "controlnet", "t2i_adapter", "instruct_pix2pix",
+               "inpainting")
+TINY_VDMS = ("zeroscope", "modelscope", "vidrd")  # the tiny set's video_model/ (ModelScope architecture) and vidrd/
 
 
 def _spec(args: argparse.Namespace, task: presets.BivdiffTask) -> BivdiffSpec:
@@ -77,15 +80,16 @@ def _spec(args: argparse.Namespace, task: presets.BivdiffTask) -> BivdiffSpec:
             raise ValueError(f"--model-dir: {args.model_dir!r} holds tiny {kind} models; write a BIVDiff set with "
                              "`python -m pipelines.tiny bivdiff DIR`")
         if args.vdm not in TINY_VDMS:
-            raise ValueError(f"--vdm: the tiny BIVDiff set's video model has the ModelScope architecture ({' or '.join(TINY_VDMS)}); "
+            raise ValueError(f"--vdm: the tiny BIVDiff set holds ModelScope-architecture and VidRD video models ({', '.join(TINY_VDMS)}); "
                              f"{args.vdm} needs its own models (--video-model, "
                              f"{'--video-unet' if args.vdm == 'videocrafter2' else '--motion-adapter'}) instead of --model-dir")
         return BivdiffSpec.from_model_dir(args.model_dir, **common)
     spec = BivdiffSpec(video_model=args.video_model, video_unet=args.video_unet, motion_adapter=args.motion_adapter,
                        **({"image_model": args.image_model} if args.image_model else {}), **common)
     over = {"instruct_pix2pix": args.instruct_pix2pix, "inpainting": args.inpainting}
-    if args.controlnet and task.condition:
-        over[f"controlnet_{task.condition}"] = args.controlnet
+    for flag in ("controlnet", "t2i_adapter"):
+        if getattr(args, flag) and task.idm == flag and task.condition:
+            over[f"{flag}_{task.condition}"] = getattr(args, flag)
     from dataclasses import replace
 
     spec = replace(spec, **{k: v for k, v in over.items() if v})

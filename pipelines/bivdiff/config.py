@@ -14,7 +14,8 @@ from ..params import DEFAULT_LIMITS, Limits, Structure
 @dataclass(frozen=True)
 class BivdiffSpec:
     """Models of a BIVDiff worker (job-level, like ModelSpec): the stage-3 VDM, the SD image model (inversion UNet,
-    the shared VAE, the ControlNet base) and one model per stage-1 task kind. Hub ids or local folders."""
+    the shared VAE, the ControlNet / T2I-Adapter base, Prompt2Prompt's model) and one model per stage-1 task kind.
+    Hub ids or local folders."""
 
     vdm: str = presets.BIVDIFF_MODELS["vdm"]
     video_model: str | None = None  # the VDM's pipeline folder; None = the backbone's default
@@ -24,6 +25,8 @@ class BivdiffSpec:
     controlnet_canny: str = presets.BIVDIFF_MODELS["controlnet_canny"]
     controlnet_depth: str = presets.BIVDIFF_MODELS["controlnet_depth"]
     controlnet_pose: str = presets.BIVDIFF_MODELS["controlnet_pose"]
+    t2i_adapter_depth: str = presets.BIVDIFF_MODELS["t2i_adapter_depth"]
+    t2i_adapter_canny: str = presets.BIVDIFF_MODELS["t2i_adapter_canny"]
     instruct_pix2pix: str = presets.BIVDIFF_MODELS["instruct_pix2pix"]
     inpainting: str = presets.BIVDIFF_MODELS["inpainting"]
     dtype: str = presets.DEFAULT_DTYPE
@@ -41,8 +44,9 @@ class BivdiffSpec:
         import os
 
         j = lambda name: os.path.join(model_dir, name)  # noqa: E731
-        return cls(video_model=j("video_model"), image_model=j("image_model"), controlnet_canny=j("controlnet"),
-                   controlnet_depth=j("controlnet"), controlnet_pose=j("controlnet"),
+        return cls(video_model=j("vidrd" if kw.get("vdm") == "vidrd" else "video_model"), image_model=j("image_model"),
+                   controlnet_canny=j("controlnet"), controlnet_depth=j("controlnet"), controlnet_pose=j("controlnet"),
+                   t2i_adapter_depth=j("t2i_adapter_depth"), t2i_adapter_canny=j("t2i_adapter_canny"),
                    instruct_pix2pix=j("instruct_pix2pix"), inpainting=j("inpainting"), **kw)
 
     def model_spec(self) -> ModelSpec:
@@ -52,9 +56,10 @@ class BivdiffSpec:
                          dtype=self.dtype, device=self.device, decode_chunk=self.decode_chunk)
 
     def task_model(self, task: "presets.BivdiffTask") -> str | None:
-        if task.idm == "controlnet":
-            return getattr(self, f"controlnet_{task.condition}")
-        return {"instruct_pix2pix": self.instruct_pix2pix, "inpainting": self.inpainting}.get(task.idm)
+        if task.idm in ("controlnet", "t2i_adapter"):
+            return getattr(self, f"{task.idm}_{task.condition}")
+        return {"instruct_pix2pix": self.instruct_pix2pix, "inpainting": self.inpainting,
+                "p2p": self.image_model}.get(task.idm)
 
     def fingerprint(self) -> str:
         return spec_fingerprint(self)
@@ -87,6 +92,14 @@ class BivdiffParams:
     image_guidance: float
     fps: int
     noise: str  # stage-1 noise: "independent" (one generator across frames, official) | "shared" | "per_frame" (stage1.py)
+    edit_type: str  # p2p: "refine" | "replace"
+    cross_replace: float  # p2p: fraction of steps with cross-attention replaced
+    self_replace: float  # p2p: fraction of steps with self-attention replaced
+    local_blend: str  # p2p: local-blend words, comma-separated groups (one per prompt), "" = none
+
+    def blend_words(self) -> tuple[str, ...]:
+        """The local-blend word groups: () when off; one group applies to both prompts."""
+        return tuple(g.strip() for g in self.local_blend.split(",")) if self.local_blend.strip() else ()
 
     kind = schema.BIVDIFF
 
@@ -158,8 +171,31 @@ def resolve_bivdiff_params(row: Mapping[str, Any], defaults: Mapping[str, Any] |
         if v[name] is not None and not used:
             raise ValueError(f"{name}: task {task.name!r} does not use a {name.replace('_', ' ')}")
     limits.check(v["frames"], v["height"], v["width"], max(v["steps"], v["idm_steps"]))
+    if task.idm == "p2p":
+        _check_p2p(v)
     if 1000 % v["steps"]:
         raise ValueError(f"steps: the SD DDIM grid (leading spacing) needs a divisor of 1000, got {v['steps']}")
     structure.check(v["frames"], v["height"], v["width"])
     del v["prompt"]
     return BivdiffParams(**v)
+
+
+def _check_p2p(v: dict) -> None:
+    """Prompt2Prompt rows (docs/algorithms.md §8): two different captions, word-for-word for `replace`, local-blend
+    words that occur in their prompt, an inversion grid that divides 1000."""
+    src, edit = v["idm_prompt"], v["vdm_prompt"]
+    if not src.strip() or not edit.strip():
+        raise ValueError("idm_prompt: p2p needs the source caption (idm_prompt) and the edited one (vdm_prompt)")
+    if v["edit_type"] == "replace" and len(src.split(" ")) != len(edit.split(" ")):
+        raise ValueError(f"edit_type: 'replace' swaps words one for one; {src!r} has {len(src.split(' '))} words, "
+                         f"{edit!r} {len(edit.split(' '))} (use 'refine' to add words)")
+    groups = [g.strip() for g in v["local_blend"].split(",")] if v["local_blend"].strip() else []
+    if len(groups) > 2 or any(not g for g in groups):
+        raise ValueError(f"local_blend: one or two comma-separated word groups (source, edited), got {v['local_blend']!r}")
+    for prompt, group in zip((src, edit), groups * (2 if len(groups) == 1 else 1)):
+        for word in group.split():
+            if word not in prompt.split(" "):
+                raise ValueError(f"local_blend: {word!r} is not a word of {prompt!r}")
+    if 1000 % v["idm_steps"]:
+        raise ValueError(f"idm_steps: p2p inverts the source frames on the SD DDIM grid; give a divisor of 1000, "
+                         f"got {v['idm_steps']}")

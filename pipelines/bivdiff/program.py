@@ -80,7 +80,7 @@ def smoothing_grid(steps: int, num_train_timesteps: int = 1000) -> list[int]:
 
 
 def inversion_moves(table: AlphaTable, steps: int, model: str, *, compat: bool) -> list[Move]:
-    """The ascending DDIM inversion moves (docs/algorithms.md §8, test list §9 item 3).
+    """The ascending DDIM inversion moves (docs/algorithms.md §8).
 
     compat: ε at e_k = 1, 21, …, 981, moving ᾱ_{e_k} -> ᾱ_{min(e_k + Δ, T - 2)} (ends at t = 998, quirk Q1).
     clean: mirror of the smoothing grid, ε at 0, 1, 21, …, 961 moving to 1, 21, …, 981, so the inverted latent

@@ -1,6 +1,7 @@
 """One BIVDiff worker: loads the models once, then turns resolved rows into videos (docs/algorithms.md §8).
 
-stage 1 (diffusers task pipeline per frame, `stage1.py`) -> SD-VAE encode (posterior sample from a CPU generator
+stage 1 (diffusers task pipeline per frame, `stage1.py`; Prompt2Prompt first inverts the source frames with the SD
+UNet, `invert_source`) -> SD-VAE encode (posterior sample from a CPU generator
 seeded seed + 1) -> Mixed Inversion and smoothing (`program.py`, the IV-Mixed engine's moves) -> SD-VAE decode.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from .config import BivdiffParams, BivdiffSpec
 from ..sampling import CFGDenoiser
 from ..schedule import AlphaTable
 from . import inputs
-from .program import CLEAN, LatentSpace, State, bivdiff_sample
+from .program import CLEAN, LatentSpace, State, bivdiff_sample, inversion_moves, run_moves
 from .stage1 import Stage1
 
 logger = logging.getLogger(__name__)
@@ -122,13 +123,26 @@ class BIVDiff:
                 "U": _Single(bb.vdm_eps(bb.encode_text(inv, "V"), f, self.vdm_fps)),
                 "V": CFGDenoiser(bb.vdm_eps(bb.encode_text([neg, pos], "V"), f, self.vdm_fps))}
 
+    @torch.inference_mode()
+    def invert_source(self, p: BivdiffParams, source: np.ndarray) -> torch.Tensor:
+        """Prompt2Prompt's start latents (docs/algorithms.md §8): the source frames encoded like stage 2's, inverted by the
+        SD UNet alone (α = 1) on the inversion text over the `idm_steps` grid P2P denoises on; (1, C, F, h, w)."""
+        moves = inversion_moves(self.table, p.idm_steps, "I", compat=p.preset.compat)
+        return run_moves({"I": self.denoisers(p)["I"]}, self.encode(source, p.seed), moves).x
+
     def run(self, p: BivdiffParams, *, decode: bool = True, callback=None,
             loaded: inputs.RowInputs | None = None) -> BivdiffResult:
         """One video; `loaded` = the row's inputs when the caller read (and so validated) them already."""
         start = time.perf_counter()
         self.backbone.check(p)
         source, mask, condition = loaded or inputs.read_row_inputs(p)
-        edited = source if p.spec_task.idm == "external" else self.stage1.run(p, source, mask, condition)
+        idm = p.spec_task.idm
+        if idm == "external":
+            edited = source
+        elif idm == "p2p":
+            edited = self.stage1.p2p(p, self.invert_source(p, source))
+        else:
+            edited = self.stage1.run(p, source, mask, condition)
         z0 = self.encode(edited, p.seed)
         with torch.inference_mode():
             models = self.denoisers(p)

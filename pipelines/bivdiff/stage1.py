@@ -15,41 +15,54 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .. import presets
+
 logger = logging.getLogger(__name__)
 
 
 def canny(image: np.ndarray, low: float = 100.0, high: float = 200.0) -> np.ndarray:
-    """Canny edges of an (H, W, 3) uint8 image as an (H, W, 3) uint8 0/255 map, without learned weights.
+    """OpenCV's Canny edges (3 x 3 Sobel, L1 gradient, hysteresis `low`/`high`: the official processor's 100/200) of an
+    (H, W, 3) uint8 image as an (H, W) uint8 0/255 map."""
+    import cv2
 
-    As OpenCV's `Canny(img, 100, 200)` used by the official processor: 3×3 Sobel per colour channel, L1 magnitude,
-    the channel with the largest magnitude per pixel, non-maximum suppression along the quantised gradient direction,
-    hysteresis with 8-connectivity."""
-    from scipy import ndimage
+    return cv2.Canny(np.ascontiguousarray(image), low, high)
 
-    img = image.astype(np.float32)
-    gx = np.stack([ndimage.sobel(img[..., c], axis=1, mode="nearest") for c in range(img.shape[-1])], -1)
-    gy = np.stack([ndimage.sobel(img[..., c], axis=0, mode="nearest") for c in range(img.shape[-1])], -1)
-    mag_c = np.abs(gx) + np.abs(gy)
-    pick = mag_c.argmax(-1)[..., None]
-    gx, gy, mag = (np.take_along_axis(a, pick, -1)[..., 0] for a in (gx, gy, mag_c))
-    # direction bins: 0 = horizontal gradient (compare left/right), 1 = 45°, 2 = vertical, 3 = 135°
-    angle = (np.degrees(np.arctan2(gy, gx)) + 180.0) % 180.0
-    bins = np.digitize(angle, [22.5, 67.5, 112.5, 157.5]) % 4
-    pad = np.pad(mag, 1)
-    h, w = mag.shape
-    shifted = lambda dy, dx: pad[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]  # noqa: E731
-    offsets = {0: (0, 1), 1: (1, 1), 2: (1, 0), 3: (1, -1)}
-    keep = np.zeros_like(mag, dtype=bool)
-    for b, (dy, dx) in offsets.items():
-        m = bins == b
-        keep |= m & (mag > shifted(dy, dx)) & (mag >= shifted(-dy, -dx))
-    nms = np.where(keep, mag, 0.0)
-    weak = nms >= low
-    labels, n = ndimage.label(weak, structure=np.ones((3, 3)))
-    strong_labels = np.unique(labels[(nms > high) & weak])
-    edges = np.isin(labels, strong_labels[strong_labels > 0])
-    out = np.where(edges, 255, 0).astype(np.uint8)
-    return np.repeat(out[..., None], 3, axis=-1)
+
+ANNOTATOR_RESOLUTION = 512  # the official condition processors' detect and image resolution
+
+
+def annotator_size(height: int, width: int, resolution: int = ANNOTATOR_RESOLUTION) -> tuple[int, int]:
+    """The official processor's size rule (docs/algorithms.md §8): short side scaled to `resolution`, each side then
+    rounded to the nearest multiple of 64."""
+    k = float(resolution) / min(height, width)
+    return int(np.round(height * k / 64.0)) * 64, int(np.round(width * k / 64.0)) * 64
+
+
+def annotator_resize(image: np.ndarray, resolution: int = ANNOTATOR_RESOLUTION) -> np.ndarray:
+    """Resize to `annotator_size` with OpenCV: Lanczos when enlarging, area when shrinking (the processor's filters)."""
+    import cv2
+
+    h, w = annotator_size(image.shape[0], image.shape[1], resolution)
+    if (h, w) == image.shape[:2]:
+        return image
+    grow = resolution / min(image.shape[:2]) > 1
+    return cv2.resize(image, (w, h), interpolation=cv2.INTER_LANCZOS4 if grow else cv2.INTER_AREA)
+
+
+def condition_maps(frames: np.ndarray, compat: bool) -> np.ndarray:
+    """Canny maps of uint8 frames, (F, H', W'): compat computes them at the processor's size (`annotator_resize`), as
+    the official stage 1, and the stage-1 model then runs at that size; clean computes them at the frame size."""
+    return np.stack([canny(annotator_resize(f) if compat else f) for f in frames])
+
+
+def resize_back(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Stage-1 frames of another size back to height x width with PIL's Lanczos (the official stage-2 image
+    processor's filter, docs/algorithms.md §8)."""
+    from PIL import Image
+
+    if frames.shape[1:3] == (height, width):
+        return frames
+    return np.stack([np.asarray(Image.fromarray(f).resize((width, height), Image.LANCZOS)) for f in frames])
 
 
 def outpaint_mask(kind: str, height: int, width: int) -> np.ndarray:
@@ -98,6 +111,14 @@ class Stage1:
             controlnet = diffusers.ControlNetModel.from_pretrained(source, torch_dtype=self.dtype)
             pipe = diffusers.StableDiffusionControlNetPipeline.from_pretrained(
                 self.spec.image_model, controlnet=controlnet, **self.components, **quiet)
+        elif task.idm == "t2i_adapter":  # the official T2I-Adapter path samples with DDIM (docs/algorithms.md §8)
+            adapter = diffusers.T2IAdapter.from_pretrained(source, torch_dtype=self.dtype)
+            pipe = diffusers.StableDiffusionAdapterPipeline.from_pretrained(
+                self.spec.image_model, adapter=adapter, **self.components, **quiet)
+            pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+        elif task.idm == "p2p":  # the SD image model itself; its scheduler is chosen per row (`p2p`)
+            pipe = diffusers.StableDiffusionPipeline.from_pretrained(source, **self.components, **quiet)
+            pipe.own_scheduler = pipe.scheduler  # the model folder's (compat samples with it); clean swaps in DDIM
         elif task.idm == "instruct_pix2pix":
             pipe = diffusers.StableDiffusionInstructPix2PixPipeline.from_pretrained(source, **quiet)
         elif task.idm == "inpainting":
@@ -120,10 +141,16 @@ class Stage1:
         common = dict(prompt=prompt, negative_prompt=negative, num_inference_steps=params.idm_steps,
                       guidance_scale=params.idm_guidance, output_type="np")
         per_frame: Callable[[int], dict]
-        if task.idm == "controlnet":
-            maps = condition if task.condition != "canny" else np.stack([canny(f) for f in source])
+        if task.idm in ("controlnet", "t2i_adapter"):
+            compat = params.preset.compat
+            if task.condition == "canny":  # ControlNet reads 3 channels, the canny T2I-Adapter one
+                maps = condition_maps(source, compat)
+                maps = np.repeat(maps[..., None], 3, -1) if task.idm == "controlnet" else maps
+            else:
+                maps = condition
             per_frame = lambda i: dict(image=Image.fromarray(maps[i]))  # noqa: E731
-            common.update(height=h, width=w)
+            if not compat:  # compat: the model runs at the condition map's size (quirk Q8) and stage 2 resizes back
+                common.update(height=h, width=w)
         elif task.idm == "instruct_pix2pix":
             per_frame = lambda i: dict(image=Image.fromarray(source[i]))  # noqa: E731
             common.update(image_guidance_scale=params.image_guidance)
@@ -145,4 +172,38 @@ class Stage1:
                 images = pipe(**{**common, "prompt": [prompt] * len(idx), "negative_prompt": [negative] * len(idx)},
                               **batched, generator=[torch.Generator("cpu").manual_seed(s) for s in seeds]).images
                 out.extend(images)
+        return resize_back(np.stack([(np.clip(im, 0.0, 1.0) * 255.0).round().astype(np.uint8) for im in out]), h, w)
+
+    @torch.inference_mode()
+    def p2p(self, params, noise: torch.Tensor) -> np.ndarray:
+        """Prompt2Prompt (docs/algorithms.md §8): each frame's inverted latent `noise` (1, C, F, h, w), duplicated for
+        [idm_prompt (source caption), vdm_prompt (edited caption)], denoised with the attention control of `p2p.py`;
+        the edited frames, (F, H, W, 3) uint8. Scheduler: the image model's own (compat, quirk Q6) or DDIM on the
+        inversion's grid (clean)."""
+        import diffusers
+
+        from . import p2p
+
+        task = params.spec_task
+        pipe = self.pipeline(task)
+        own = pipe.own_scheduler
+        pipe.scheduler = own if params.preset.compat else diffusers.DDIMScheduler.from_config(own.config)
+        prompts = [params.idm_prompt, params.vdm_prompt]
+        h, w = noise.shape[-2:]
+        out = []
+        for i in range(params.frames):
+            control = p2p.P2PControl(prompts, pipe.tokenizer, edit_type=params.edit_type, steps=params.idm_steps,
+                                     cross=params.cross_replace, self_=params.self_replace,
+                                     blend_words=params.blend_words(), self_max_tokens=presets.P2P_SELF_MAX_TOKENS,
+                                     threshold=presets.P2P_BLEND_THRESHOLD)
+            previous = p2p.install(pipe.unet, control)
+            try:
+                latents = noise[:, :, i].to(self.device, self.dtype).repeat(2, 1, 1, 1)
+                step = lambda _pipe, _i, _t, kw: {"latents": control.after_step(kw["latents"], (h, w))}  # noqa: E731
+                images = pipe(prompt=prompts, negative_prompt=[params.negative_prompt] * 2, latents=latents,
+                              num_inference_steps=params.idm_steps, guidance_scale=params.idm_guidance,
+                              output_type="np", callback_on_step_end=step).images
+            finally:
+                pipe.unet.set_attn_processor(previous)
+            out.append(images[1])
         return np.stack([(np.clip(im, 0.0, 1.0) * 255.0).round().astype(np.uint8) for im in out])
