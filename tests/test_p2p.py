@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from pipelines import presets
-from pipelines.bivdiff.config import BivdiffSpec, resolve_bivdiff_params
+from pipelines.bivdiff.config import resolve_bivdiff_params
 
-from .test_bivdiff_tasks import SMALL, _as_uint8, _quiet, _row, tiny_bivdiff, videos, worker  # noqa: F401 - fixtures
+from .test_bivdiff_tasks import _quiet, _row, tiny_bivdiff, videos, worker  # noqa: F401 - fixtures
 
 SRC, MORE, SWAP = "a cat on grass", "a cat on grass at night", "a dog on grass"
 

@@ -135,8 +135,24 @@ class BackboneBase:
         return encode_prompts(self.image_tokenizer, self.image_text_encoder, texts, self.device).to(self.dtype)
 
     def vdm_eps(self, emb: torch.Tensor, frames: int, fps: int):
-        """ε of the video UNet on (B', C, F, h, w) latents with the (B', L, D) text embeddings bound."""
-        raise NotImplementedError
+        """ε of the video UNet on (B', C, F, h, w) latents with the (B', L, D) text embeddings bound. This default serves
+        UNets that share each sample's text over its frames themselves and take no fps (ModelScope, VidRD)."""
+        unet, dtype = self.unet, self.dtype
+
+        def eps(x: torch.Tensor, t: int) -> torch.Tensor:
+            return unet(x.to(dtype), t, encoder_hidden_states=emb).sample
+
+        return eps
+
+    @classmethod
+    def assemble(cls, spec, unet, dtype: torch.dtype, device: torch.device):
+        """A backbone from its video UNet plus the base folder's text encoder, tokenizer, VAE (float32) and scheduler
+        config and an IDM with its own text encoder, every model placed and in eval mode (ModelScope, VidRD, VC2)."""
+        parts = {**load_base_components(spec, dtype), **load_own_text_image_model(spec, cls.name, dtype), "unet": unet}
+        for name in ("text_encoder", "unet", "image_unet", "image_text_encoder"):
+            place(parts[name], device, dtype)
+        place(parts["vae"], device, torch.float32)  # every backbone decodes in float32 (README "Real checkpoints")
+        return cls(**parts, device=device, dtype=dtype)
 
     def own_text_embeddings(self, prompts: Sequence[str], negatives: Sequence[str], frames: int,
                             idm_text: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,8 +7,7 @@ import logging
 import torch
 
 from ..config import ModelSpec
-from .common import (BackboneBase, load_base_components, load_own_text_image_model, load_pretrained, place,
-                     resolve_placement)
+from .common import BackboneBase, load_pretrained, resolve_placement
 
 logger = logging.getLogger(__name__)
 
@@ -27,12 +26,8 @@ class VideoCrafter2(BackboneBase):
         if info["missing_keys"] or info["unexpected_keys"]:  # docs/algorithms.md §5: never run without fps weights
             raise ValueError(f"unet: {spec.unet!r} does not match the VideoCrafter2 layout "
                              f"(missing {info['missing_keys'][:4]}, unexpected {info['unexpected_keys'][:4]})")
-        parts = {**load_base_components(spec, dtype), **load_own_text_image_model(spec, "VideoCrafter2", dtype), "unet": unet}
-        for name in ("text_encoder", "unet", "image_unet", "image_text_encoder"):
-            place(parts[name], device, dtype)
         # the VC code decodes in the run dtype; every backbone here decodes in float32 (README "Real checkpoints")
-        place(parts["vae"], device, torch.float32)
-        return cls(**parts, device=device, dtype=dtype)
+        return cls.assemble(spec, unet, dtype, device)
 
     def vdm_eps(self, emb: torch.Tensor, frames: int, fps: int):
         """The VC UNet is conditioned on fps (the code: 24)."""

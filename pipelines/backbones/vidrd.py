@@ -20,8 +20,7 @@ import sys
 import torch
 
 from ..config import ModelSpec
-from .common import (BackboneBase, load_base_components, load_own_text_image_model, load_pretrained, place,
-                     resolve_placement)
+from .common import BackboneBase, load_pretrained, resolve_placement
 
 logger = logging.getLogger(__name__)
 
@@ -53,20 +52,7 @@ class VidRD(BackboneBase):
         if info["missing_keys"] or info["unexpected_keys"]:
             raise ValueError(f"video_model: {spec.base!r} does not match the VidRD layout (missing "
                              f"{info['missing_keys'][:4]}, unexpected {info['unexpected_keys'][:4]})")
-        parts = {**load_base_components(spec, dtype), **load_own_text_image_model(spec, "VidRD", dtype), "unet": unet}
-        for name in ("text_encoder", "unet", "image_unet", "image_text_encoder"):
-            place(parts[name], device, dtype)  # eval(): dropout off (docs/algorithms.md §9)
-        place(parts["vae"], device, torch.float32)
-        return cls(**parts, device=device, dtype=dtype)
-
-    def vdm_eps(self, emb: torch.Tensor, frames: int, fps: int):
-        """fps is not an input of this VDM; the UNet shares each sample's text over its frames."""
-        unet, dtype = self.unet, self.dtype
-
-        def eps(x: torch.Tensor, t: int) -> torch.Tensor:
-            return unet(x.to(dtype), t, encoder_hidden_states=emb).sample
-
-        return eps
+        return cls.assemble(spec, unet, dtype, device)  # eval(): dropout off (docs/algorithms.md §9)
 
 
 # ---- converter -------------------------------------------------------------------------------------------------------

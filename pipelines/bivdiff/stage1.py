@@ -149,7 +149,7 @@ class Stage1:
             else:
                 maps = condition
             per_frame = lambda i: dict(image=Image.fromarray(maps[i]))  # noqa: E731
-            if not compat:  # compat: the model runs at the condition map's size (quirk Q8) and stage 2 resizes back
+            if not compat:  # compat: the model runs at the condition map's size, then frames are resized back
                 common.update(height=h, width=w)
         elif task.idm == "instruct_pix2pix":
             per_frame = lambda i: dict(image=Image.fromarray(source[i]))  # noqa: E731
@@ -178,7 +178,7 @@ class Stage1:
     def p2p(self, params, noise: torch.Tensor) -> np.ndarray:
         """Prompt2Prompt (docs/algorithms.md §8): each frame's inverted latent `noise` (1, C, F, h, w), duplicated for
         [idm_prompt (source caption), vdm_prompt (edited caption)], denoised with the attention control of `p2p.py`;
-        the edited frames, (F, H, W, 3) uint8. Scheduler: the image model's own (compat, quirk Q6) or DDIM on the
+        the edited frames, (F, H, W, 3) uint8. Scheduler: the image model's own (compat) or DDIM on the
         inversion's grid (clean)."""
         import diffusers
 
