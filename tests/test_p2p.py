@@ -103,7 +103,7 @@ def test_local_blend_keeps_the_source_outside_the_words(sd):
     word "cat" attends only to the top-left cell of a 4 x 4 map: the mask is the top-left 8 x 8 of 16 x 16 latents."""
     from pipelines.bivdiff.p2p import word_tokens
 
-    control = _control(sd, [SRC, MORE], "refine", 0.4, blend_words=("cat",))
+    control = _control(sd, [SRC, MORE], "refine", 0.4, blend_words=("cat", "cat"))
     probs = torch.full((2, 2, 16, 77), 0.01)
     for k, prompt in enumerate((SRC, MORE)):
         cat = word_tokens(prompt, sd.tokenizer)[1]
@@ -118,7 +118,7 @@ def test_local_blend_keeps_the_source_outside_the_words(sd):
     assert torch.allclose(out[1][:, inside], latents[1][:, inside], atol=1e-6)
     assert torch.equal(out[1][:, ~inside], latents[0][:, ~inside])
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))  # and through a real generation
-    images = _run(sd, [SRC, MORE], noise, _control(sd, [SRC, MORE], "refine", 0.4, blend_words=("cat",)))
+    images = _run(sd, [SRC, MORE], noise, _control(sd, [SRC, MORE], "refine", 0.4, blend_words=("cat", "night")))
     assert images.shape == (2, 64, 64, 3) and np.isfinite(images).all()
 
 

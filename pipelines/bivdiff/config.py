@@ -98,8 +98,8 @@ class BivdiffParams:
     local_blend: str  # p2p: local-blend words, comma-separated groups (one per prompt), "" = none
 
     def blend_words(self) -> tuple[str, ...]:
-        """The local-blend word groups: () when off; one group applies to both prompts."""
-        return tuple(g.strip() for g in self.local_blend.split(",")) if self.local_blend.strip() else ()
+        """The local-blend word groups of [source, edited] caption (`blend_groups`): () when off."""
+        return blend_groups(self.local_blend)
 
     kind = schema.BIVDIFF
 
@@ -189,13 +189,21 @@ def _check_p2p(v: dict) -> None:
     if v["edit_type"] == "replace" and len(src.split(" ")) != len(edit.split(" ")):
         raise ValueError(f"edit_type: 'replace' swaps words one for one; {src!r} has {len(src.split(' '))} words, "
                          f"{edit!r} {len(edit.split(' '))} (use 'refine' to add words)")
-    groups = [g.strip() for g in v["local_blend"].split(",")] if v["local_blend"].strip() else []
-    if len(groups) > 2 or any(not g for g in groups):
-        raise ValueError(f"local_blend: one or two comma-separated word groups (source, edited), got {v['local_blend']!r}")
-    for prompt, group in zip((src, edit), groups * (2 if len(groups) == 1 else 1)):
+    for prompt, group in zip((src, edit), blend_groups(v["local_blend"])):
         for word in group.split():
             if word not in prompt.split(" "):
                 raise ValueError(f"local_blend: {word!r} is not a word of {prompt!r}")
     if 1000 % v["idm_steps"]:
         raise ValueError(f"idm_steps: p2p inverts the source frames on the SD DDIM grid; give a divisor of 1000, "
                          f"got {v['idm_steps']}")
+
+
+def blend_groups(text: str) -> tuple[str, ...]:
+    """Local-blend words as two space-separated groups, one per caption [source, edited]: "" -> (), "car" -> ("car",
+    "car"), "car,bus" -> ("car", "bus"); anything else is a ValueError."""
+    if not text.strip():
+        return ()
+    groups = tuple(g.strip() for g in text.split(","))
+    if len(groups) > 2 or not all(groups):
+        raise ValueError(f"local_blend: one or two comma-separated word groups (source, edited), got {text!r}")
+    return groups * (2 if len(groups) == 1 else 1)

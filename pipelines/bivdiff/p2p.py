@@ -113,10 +113,9 @@ class P2PControl:
         else:
             raise ValueError(f"edit_type: must be refine or replace, got {edit_type!r}")
         self.blend = None
-        if blend_words:
-            groups = list(blend_words) * (2 if len(blend_words) == 1 else 1)
+        if blend_words:  # one group of words per prompt
             blend = torch.zeros(2, MAX_TOKENS)
-            for k, (prompt, group) in enumerate(zip(prompts, groups)):
+            for k, (prompt, group) in enumerate(zip(prompts, blend_words, strict=True)):
                 spans = word_tokens(prompt, tokenizer)
                 words = prompt.split(" ")
                 for w in group.split():
