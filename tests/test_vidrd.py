@@ -199,3 +199,24 @@ def test_vidrd_serves_iv_mixed_sampling_too(tiny_bivdiff, tmp_path):
                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert "IDM" in r.stdout and read_mp4(str(out))[0].shape == (2, 64, 64, 3)
+
+
+def test_full_size_architecture_on_the_meta_device():
+    """At SD-2.1-base's sizes (channels 320-1280, heads 5/10/20/20, text width 1024, linear projections) every spatial
+    parameter has diffusers' UNet2DConditionModel name and shape (865,910,724 parameters); VidRD adds its temporal
+    layers: 22 temporal conv layers with 4 dropouts each, and temporal attention in the 16 transformer blocks."""
+    from diffusers import UNet2DConditionModel
+
+    from pipelines.backbones.vidrd_unet import VidRDUNet
+
+    cfg = dict(block_out_channels=(320, 640, 1280, 1280), attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
+               use_linear_projection=True, layers_per_block=2, sample_size=32)
+    with torch.device("meta"):
+        ours, sd = VidRDUNet(**cfg), UNet2DConditionModel(**cfg)
+    a, b = ours.state_dict(), sd.state_dict()
+    assert all(k in a and a[k].shape == b[k].shape for k in b)
+    assert sum(p.numel() for p in sd.parameters()) == 865_910_724
+    extra = set(a) - set(b)
+    assert extra and all(".temp_convs." in k or ".temp_attn." in k or ".temp_norm." in k for k in extra)
+    assert sum(isinstance(m, torch.nn.Dropout) and m.p == 0.1 for m in ours.modules()) == 88
+    assert sum(".temp_attn.to_q." in k for k in a) == 16
