@@ -90,10 +90,21 @@ def _row(task: str, videos: dict, **extra) -> dict:
     return {k: v.format(**videos) if isinstance(v, str) and v.startswith("{") else v for k, v in row.items()}
 
 
+@pytest.fixture(scope="module")
+def vidrd_worker(tiny_bivdiff, worker):
+    """The same models with VidRD (the paper's default VDM) smoothing; the stage-1 pipelines are shared."""
+    from pipelines.bivdiff.runner import BIVDiff
+
+    w = BIVDiff(BivdiffSpec.from_model_dir(tiny_bivdiff, vdm="vidrd", device="cpu", dtype="float32"))
+    w.stage1 = worker.stage1
+    return w
+
+
+@pytest.mark.parametrize("vdm", ["zeroscope", "vidrd"])
 @pytest.mark.parametrize("task", sorted(TASK_ROWS))
-def test_every_task_end_to_end(worker, videos, task):
+def test_every_task_end_to_end(request, videos, task, vdm):
     p = resolve_bivdiff_params(_row(task, videos))
-    r = worker.run(p)
+    r = request.getfixturevalue("worker" if vdm == "zeroscope" else "vidrd_worker").run(p)
     assert r.frames.shape == (4, 64, 64, 3) and torch.isfinite(r.frames).all()
     assert 0.0 <= float(r.frames.min()) and float(r.frames.max()) <= 1.0 and float(r.frames.std()) > 0.01
     assert r.stage1.shape == (4, 64, 64, 3) and r.stage1.dtype == np.uint8
