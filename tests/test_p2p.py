@@ -125,10 +125,11 @@ def test_local_blend_keeps_the_source_outside_the_words(sd):
 def test_p2p_task_rows_and_runner(worker, videos):  # noqa: F811
     """Through the runner: the source frames inverted by the SD UNet, the edited frames go on (α 0.25); rows are
     checked before any model runs."""
-    p = resolve_bivdiff_params(_row("p2p", videos, local_blend="", idm_prompt=SRC, vdm_prompt=SWAP, edit_type="replace"))
+    p = resolve_bivdiff_params(_row("p2p", videos, local_blend="", idm_prompt=SRC, vdm_prompt=SWAP, edit_type="replace",
+                                    height=32, width=48))  # not the image model's native size
     assert (p.alpha, p.cross_replace, p.self_replace) == (0.25, 0.4, 0.4)
     r = worker.run(p)
-    assert r.stage1.shape == (4, 64, 64, 3) and r.calls == {"I": 5, "V": 10}
+    assert r.stage1.shape == (4, 32, 48, 3) and r.calls == {"I": 5, "V": 10}
     for row, match in (({"edit_type": "replace", "vdm_prompt": MORE}, "one for one"),
                        ({"local_blend": "horse"}, "not a word of"),
                        ({"local_blend": "cat,grass,night"}, "one or two"),

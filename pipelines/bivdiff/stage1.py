@@ -201,8 +201,8 @@ class Stage1:
                 latents = noise[:, :, i].to(self.device, self.dtype).repeat(2, 1, 1, 1)
                 step = lambda _pipe, _i, _t, kw: {"latents": control.after_step(kw["latents"], (h, w))}  # noqa: E731
                 images = pipe(prompt=prompts, negative_prompt=[params.negative_prompt] * 2, latents=latents,
-                              num_inference_steps=params.idm_steps, guidance_scale=params.idm_guidance,
-                              output_type="np", callback_on_step_end=step).images
+                              height=params.height, width=params.width, num_inference_steps=params.idm_steps,
+                              guidance_scale=params.idm_guidance, output_type="np", callback_on_step_end=step).images
             finally:
                 pipe.unet.set_attn_processor(previous)
             out.append(images[1])
