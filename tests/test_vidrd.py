@@ -78,6 +78,13 @@ def official(tmp_path_factory):
     for k, v in text.state_dict().items():  # the checkpoint's text encoder (transformers 4 naming), other weights
         state["text_encoder.text_model." + k.removeprefix("text_model.")] = torch.randn(v.shape, generator=g) * 0.05
     state["text_encoder.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    from diffusers import AutoencoderKL
+
+    old_names = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
+    for k, v in AutoencoderKL.from_pretrained(base, subfolder="vae").state_dict().items():  # diffusers-0.1x VAE names
+        for new, old in old_names.items():
+            k = k.replace(new, old)
+        state["vae." + k] = torch.randn(v.shape, generator=g) * 0.05
     state["clip.logit_scale"] = torch.tensor(4.6)
     ckpt = str(d / "ModelT2V.pth")
     torch.save({"state_dict": state, "global_step": 1}, ckpt)
@@ -104,6 +111,11 @@ def test_converter_keeps_the_published_key_layout(official, tmp_path):
             name = name if name in text else name.removeprefix("text_model.")
             assert torch.equal(text[name], v), k
     assert unet.config.sample_size == 32 and unet.config.add_temp_conv and unet.config.add_temp_embed
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(out, subfolder="vae").state_dict()
+    assert any(".query." in k for k in state) and len(vae) == sum(k.startswith("vae.") for k in state)
+    assert torch.equal(vae["encoder.mid_block.attentions.0.to_q.weight"], state["vae.encoder.mid_block.attentions.0.query.weight"])
     assert sorted(os.listdir(out)) == ["scheduler", "text_encoder", "tokenizer", "unet", "vae", "vidrd.json"]
     # a checkpoint with a wrong layout, or no UNet at all, is refused with the reason; nothing is left behind
     broken = dict(state)

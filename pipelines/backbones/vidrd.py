@@ -78,6 +78,19 @@ def _text_keys(weights: dict, expected: set[str]) -> dict:
     return out
 
 
+# the VAE attention names of the diffusers releases VidRD was trained with -> today's
+_OLD_VAE_ATTENTION = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
+
+
+def _vae_keys(weights: dict) -> dict:
+    out = {}
+    for k, v in weights.items():
+        for old, new in _OLD_VAE_ATTENTION.items():
+            k = k.replace(old, new)
+        out[k] = v
+    return out
+
+
 def _check_base(config: dict, base: str) -> None:
     for key, value in FIXED.items():
         if key in config and config[key] != value and not (key == "mid_block_type" and config[key] is None):
@@ -131,8 +144,11 @@ def convert(checkpoint: str, base: str, out: str, *, resolution: int = 256) -> s
         logger.warning("the checkpoint has no text encoder; using the base folder's")
         text = CLIPTextModel.from_pretrained(base, subfolder="text_encoder")
     vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
-    if parts["vae"]:
-        vae.load_state_dict(parts["vae"])
+    if parts["vae"]:  # BIVDiff decodes with the SD-1.5 VAE; this one serves `--backbone vidrd` sampling
+        report = vae.load_state_dict(_vae_keys(parts["vae"]), strict=False)
+        if report.missing_keys or report.unexpected_keys:
+            raise ValueError(f"checkpoint: its VAE does not match {base!r}'s (missing {report.missing_keys[:4]}, "
+                             f"unexpected {report.unexpected_keys[:4]})")
     tmp = out.rstrip("/") + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
     unet.save_pretrained(os.path.join(tmp, "unet"))
