@@ -113,22 +113,26 @@ class BIVDiff:
     def denoisers(self, p: BivdiffParams) -> dict:
         """"I": SD UNet per frame on the inversion text, "U": VDM on the inversion text (single passes),
         "V": VDM with CFG on [negative; vdm_prompt (+ tags)] (docs/algorithms.md §8)."""
-        from ..backbones.common import framewise_eps
-
         bb, f = self.backbone, p.frames
         inv = [p.inversion_text()]
         pos, neg = p.smoothing_prompts()
-        emb_i = bb.encode_text(inv, "I").repeat_interleave(f, dim=0)
-        return {"I": _Single(framewise_eps(bb.image_unet, emb_i, self.dtype, joint_norm=p.frame_joint_norm)),
+        return {"I": self.image_denoiser(p),
                 "U": _Single(bb.vdm_eps(bb.encode_text(inv, "V"), f, self.vdm_fps)),
                 "V": CFGDenoiser(bb.vdm_eps(bb.encode_text([neg, pos], "V"), f, self.vdm_fps))}
+
+    def image_denoiser(self, p: BivdiffParams) -> _Single:
+        """"I": the SD UNet frame by frame on the inversion text, one pass (docs/algorithms.md §8)."""
+        from ..backbones.common import framewise_eps
+
+        emb = self.backbone.encode_text([p.inversion_text()], "I").repeat_interleave(p.frames, dim=0)
+        return _Single(framewise_eps(self.backbone.image_unet, emb, self.dtype, joint_norm=p.frame_joint_norm))
 
     @torch.inference_mode()
     def invert_source(self, p: BivdiffParams, source: np.ndarray) -> torch.Tensor:
         """Prompt2Prompt's start latents (docs/algorithms.md §8): the source frames encoded like stage 2's, inverted by the
         SD UNet alone (α = 1) on the inversion text over the `idm_steps` grid P2P denoises on; (1, C, F, h, w)."""
         moves = inversion_moves(self.table, p.idm_steps, "I", compat=p.preset.compat)
-        return run_moves({"I": self.denoisers(p)["I"]}, self.encode(source, p.seed), moves).x
+        return run_moves({"I": self.image_denoiser(p)}, self.encode(source, p.seed), moves).x
 
     def run(self, p: BivdiffParams, *, decode: bool = True, callback=None,
             loaded: inputs.RowInputs | None = None) -> BivdiffResult:
