@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: venv demo test test-all bench bench-memory bench-resume gpu-check tiny clean
+.PHONY: venv demo lint test-unit test test-all bench bench-memory bench-resume gpu-check tiny clean
 
 venv: $(STAMP)
 
@@ -26,6 +26,13 @@ demo: $(STAMP)
 		--manifest datasets/examples/smoke.parquet --output outputs/demo \
 		--mlflow-uri sqlite:///outputs/mlflow.db --experiment demo
 	@echo "videos: outputs/demo/videos  metadata: outputs/demo/metadata  MLflow: $(BIN)/mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+# test-unit: no Ray, server or browser (under a minute); test: all but the slow checks; test-all: everything
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow and not integration" -q -rs
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" -q -rs
@@ -51,7 +58,7 @@ gpu-check: $(STAMP)
 	$(BIN)/python benchmarks/gpu_check.py --json outputs/gpu_check.json
 
 tiny: $(STAMP)
-	$(BIN)/python -m pipelines.tiny animatediff .cache/tiny/animatediff
+	$(BIN)/python -m pipelines.fixtures.tiny animatediff .cache/tiny/animatediff
 
 clean:
 	rm -rf $(VENV) .cache outputs .pytest_cache

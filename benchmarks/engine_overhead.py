@@ -12,19 +12,16 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from pipelines.backbones import load_backbone  # noqa: E402
-from pipelines.config import ModelSpec, resolve_params  # noqa: E402
-from pipelines.generate import build_plan, generate  # noqa: E402
-from pipelines.sampling import sample_plan  # noqa: E402
-from pipelines.tiny import build_animatediff  # noqa: E402
+from pipelines.backbones.registry import load_backbone
+from pipelines.config import ModelSpec, resolve_params
+from pipelines.fixtures.models import build_animatediff
+from pipelines.generate import build_plan, generate
+from pipelines.sampling import sample_plan
 
 
 def median_time(fn, repeats):
@@ -45,7 +42,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     with tempfile.TemporaryDirectory() as tmp:
-        bb = load_backbone(ModelSpec.from_model_dir("animatediff", build_animatediff(os.path.join(tmp, "m")), device="cpu"))
+        folder = build_animatediff(os.path.join(tmp, "m"))
+        bb = load_backbone(ModelSpec.from_model_dir("animatediff", folder, device="cpu"))
         common = dict(prompt="Two horses race across a grassy field at sunset.", seed=23523, steps=args.steps,
                       frames=args.frames, height=args.size, width=args.size)
         rows = {s: [resolve_params({**common, "sampler": s})] for s in ("standard", "ivmixed")}
@@ -53,7 +51,10 @@ def main() -> None:
         # 1. engine alone: a denoiser that returns a fixed tensor (full-size 16x512x512 latents: 4x16x64x64)
         x = torch.randn(1, 4, args.frames, 64, 64)
         fixed = torch.randn_like(x)
-        free = lambda x, t, w: fixed  # noqa: E731
+
+        def free(x, t, w):
+            return fixed
+
         plan_rows = rows["ivmixed"]
         plan = build_plan(bb, plan_rows)
         calls = sum(plan.calls().values())
@@ -78,7 +79,10 @@ def main() -> None:
         wall_ratio = walls["ivmixed"] / walls["standard"]
         call_ratio = sum(counts["ivmixed"].values()) / sum(counts["standard"].values())
         # expected wall ratio if only model calls cost time, weighting IDM and VDM calls by their measured cost
-        cost = lambda c: c["I"] * idm_call + c["V"] * vdm_call  # noqa: E731
+
+        def cost(c):
+            return c["I"] * idm_call + c["V"] * vdm_call
+
         expected = cost(counts["ivmixed"]) / cost(counts["standard"])
         report = {
             "engine_seconds_per_call": per_call,
@@ -93,7 +97,8 @@ def main() -> None:
             "wall_ratio": wall_ratio,
             "call_ratio": call_ratio,
             "cost_weighted_call_ratio": expected,
-            "setup": {"steps": args.steps, "frames": args.frames, "size": args.size, "threads": torch.get_num_threads()},
+            "setup": {"steps": args.steps, "frames": args.frames, "size": args.size,
+                      "threads": torch.get_num_threads()},
         }
         print(json.dumps(report, indent=2))
 

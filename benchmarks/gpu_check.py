@@ -8,7 +8,8 @@ preset, extrapolated from `--steps` sampling steps to the backbone's 50 (per-ste
 the table), milliseconds per IDM and per VDM call, peak GPU memory, the fraction of sampling wall time spent inside
 model calls (CUDA events around each call: what is left is Python and launch overhead), and videos per hour per GPU
 at sampler_batch 1, 2 and 4. One table is printed and the same numbers are written as JSON. Needs ~8 minutes on one
-H100/H200-class GPU, most of it writing the random models (`python -m pipelines.tiny KIND DIR --full-size`) once.
+H100/H200-class GPU, most of it writing the random models (`python -m pipelines.fixtures.tiny KIND DIR --full-size`)
+once.
 """
 from __future__ import annotations
 
@@ -21,11 +22,19 @@ import sys
 import time
 from dataclasses import dataclass
 
+from pipelines import presets
+from pipelines.backbones.registry import BACKBONES as REGISTERED
+from pipelines.backbones.registry import load_backbone
+from pipelines.cli import quiet_libraries
+from pipelines.config import ModelSpec, resolve_params
+from pipelines.fixtures.tiny import ensure_tiny
+from pipelines.generate import generate
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 logger = logging.getLogger("gpu_check")
-BACKBONES = ("animatediff", "modelscope", "videocrafter2")
-V1 = {"animatediff": "ivmixed_ad_v1", "modelscope": "ivmixed_ms_v1", "videocrafter2": "ivmixed_vc_v1"}
+# the registered backbones with tiny and full-size model sets, and the preset that reproduces each one's official code
+BACKBONES = tuple(name for name, cls in REGISTERED.items() if cls.tiny is not None)
+V1 = {b: p.name for p in presets.PRESETS.values() if p.name.endswith("_v1") for b in p.backbones}
 
 
 @dataclass(frozen=True)
@@ -93,22 +102,17 @@ def instrument(backbone, clock: Clock) -> None:
 
 
 def models_for(name: str, root: str, smoke: bool) -> str:
-    from pipelines.tiny import ensure_tiny
-
     folder = os.path.join(root, name)
     if smoke:
         return ensure_tiny(name, folder)
     if not os.path.isfile(os.path.join(folder, "tiny.json")):
-        subprocess.run([sys.executable, "-m", "pipelines.tiny", name, folder, "--full-size"], check=True, cwd=ROOT)
+        subprocess.run([sys.executable, "-m", "pipelines.fixtures.tiny", name, folder, "--full-size"], check=True,
+                       cwd=ROOT)
     return folder
 
 
 def check_backbone(name: str, folder: str, setup: Setup) -> dict:
     import torch
-
-    from pipelines.backbones import load_backbone
-    from pipelines.config import ModelSpec, resolve_params
-    from pipelines.generate import generate
 
     bb = load_backbone(ModelSpec.from_model_dir(name, folder, dtype=setup.dtype, device=setup.device))
     clock = Clock(bb.device)
@@ -140,13 +144,14 @@ def check_backbone(name: str, folder: str, setup: Setup) -> dict:
         return {"sampler": sampler, "batch": batch, "sampling_s": sampling, "decode_s": decode,
                 "seconds_per_video": per_video, "videos_per_hour": 3600 / per_video,
                 "ms_per_call": {k: 1000 * sum(v) / len(v) for k, v in calls.items()},
-                "calls": dict(result[0].calls), "timed_calls": {k: len(v) for k, v in calls.items()}, "busy_fraction": sum(sum(v) for v in calls.values()) / sampling,
+                "calls": dict(result[0].calls), "timed_calls": {k: len(v) for k, v in calls.items()},
+                "busy_fraction": sum(sum(v) for v in calls.values()) / sampling,
                 "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
 
     presets_run = [run(s, 1) for s in ("standard", "ivmixed", V1[name])]
     batches = [run("ivmixed", b) for b in setup.batches if b > 1]
     out = {"backbone": name, "presets": presets_run, "batches": [presets_run[1], *batches]}
-    del bb
+    bb = None  # the closures hold it too: release the models before emptying the CUDA cache
     if cuda:
         torch.cuda.empty_cache()
     return out
@@ -155,7 +160,8 @@ def check_backbone(name: str, folder: str, setup: Setup) -> dict:
 def table(results: list[dict], setup: Setup) -> str:
     lines = [f"{setup.frames} x {setup.size} x {setup.size}, {setup.dtype} on {setup.device}; seconds per video "
              f"extrapolated from {setup.steps} measured steps to {setup.full_steps} (+ one decode)",
-             f"{'backbone':<14} {'sampler':<14} {'s/video':>8} {'ms/IDM':>8} {'ms/VDM':>8} {'peak GiB':>9} {'in calls':>9}"]
+             f"{'backbone':<14} {'sampler':<14} {'s/video':>8} {'ms/IDM':>8} {'ms/VDM':>8} {'peak GiB':>9} "
+             f"{'in calls':>9}"]
     for r in results:
         for p in r["presets"]:
             ms = p["ms_per_call"]
@@ -164,8 +170,8 @@ def table(results: list[dict], setup: Setup) -> str:
                          f"{ms.get('V', 0):8.1f} {peak:>9} {p['busy_fraction']:9.0%}")
     lines.append("videos per hour per device (ivmixed) at sampler_batch " + ", ".join(str(b) for b in setup.batches))
     for r in results:
-        cells = [f"b={b['batch']}: {b['videos_per_hour']:.0f}" + ("" if b["peak_gib"] is None else f" ({b['peak_gib']:.1f} GiB)")
-                 for b in r["batches"]]
+        cells = [f"b={b['batch']}: {b['videos_per_hour']:.0f}"
+                 + ("" if b["peak_gib"] is None else f" ({b['peak_gib']:.1f} GiB)") for b in r["batches"]]
         lines.append(f"{r['backbone']:<14} " + "  ".join(cells))
     return "\n".join(lines)
 
@@ -173,14 +179,13 @@ def table(results: list[dict], setup: Setup) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny models, 2 frames at 64x64: the code path only")
-    ap.add_argument("--models", help="where the model folders are (written once); default .cache/fullsize or .cache/tiny")
+    ap.add_argument("--models",
+                    help="where the model folders are (written once); default .cache/fullsize or .cache/tiny")
     ap.add_argument("--steps", type=int, help="measured sampling steps (default 4; smoke 2)")
     ap.add_argument("--backbones", default=",".join(BACKBONES))
     ap.add_argument("--json", default="gpu_check.json")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from pipelines.cli import quiet_libraries
-
     quiet_libraries()
     setup = SMOKE if args.smoke else FULL
     if args.steps:

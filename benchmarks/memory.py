@@ -2,10 +2,10 @@
 
     python benchmarks/memory.py [--models .cache/fullsize-bf16] [--frames 16] [--size 512] [--json out.json]
 
-Each measurement runs in its own process and reads the kernel's peak-RSS counter (reset through
-/proc/self/clear_refs just before the measured step), so it sees every allocation (weights, activations, allocator
-slack), not an estimate. The models are the published architectures in bfloat16 (`python -m pipelines.tiny KIND DIR
---full-size --dtype bfloat16`): two bytes per value like the float16 a GPU runs, and runnable on a CPU. Measured:
+Each measurement runs in its own process and reads the kernel's peak-RSS counter (reset through /proc/self/clear_refs
+just before the measured step), so it sees every allocation (weights, activations, allocator slack), not an estimate.
+The models are the published architectures in bfloat16 (`python -m pipelines.fixtures.tiny KIND DIR --full-size --dtype
+bfloat16`): two bytes per value like the float16 a GPU runs, and runnable on a CPU. Measured:
 
 - load: host RAM while one actor loads each backbone (peak RSS over the interpreter with torch/diffusers imported),
   against the bytes of the weights it ends up holding (goal: <= 1.3x);
@@ -25,9 +25,15 @@ import subprocess
 import sys
 import time
 
+from pipelines import memory
+from pipelines.backbones.common import framewise_eps
+from pipelines.backbones.registry import BACKBONES as REGISTERED
+from pipelines.backbones.registry import load_backbone
+from pipelines.cli import quiet_libraries
+from pipelines.config import ModelSpec
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-BACKBONES = ("animatediff", "modelscope", "videocrafter2")
+BACKBONES = tuple(name for name, cls in REGISTERED.items() if cls.tiny is not None)  # those with full-size sets
 GIB = 2**30
 
 
@@ -65,11 +71,6 @@ def measure(kind: str, backbone_name: str, folder: str, frames: int, size: int) 
     """One measurement in this process (called in a child)."""
     import torch
 
-    from pipelines import memory
-    from pipelines.backbones import load_backbone
-    from pipelines.cli import quiet_libraries
-    from pipelines.config import ModelSpec
-
     quiet_libraries()
     torch.set_grad_enabled(False)
     spec = ModelSpec.from_model_dir(backbone_name, folder, dtype="bfloat16", device="cpu")
@@ -89,8 +90,6 @@ def measure(kind: str, backbone_name: str, folder: str, frames: int, size: int) 
     h = size // bb.spatial_factor
     x = torch.randn(2, bb.latent_channels, frames, h, h)  # CFG-doubled batch of one video
     if kind in ("vdm", "idm"):
-        from pipelines.backbones.common import framewise_eps
-
         # VDM (2, L, Dv) and IDM (2 x frames, L, Di) conditioning, each model with its own text encoder
         emb_v, emb_i = bb.own_text_embeddings(["a prompt"], [""], frames, "own")
         eps = bb.vdm_eps(emb_v, frames, 24) if kind == "vdm" else framewise_eps(bb.image_unet, emb_i, bb.dtype)
@@ -110,8 +109,8 @@ def measure(kind: str, backbone_name: str, folder: str, frames: int, size: int) 
 def ensure_models(root: str, name: str) -> str:
     folder = os.path.join(root, name)
     if not os.path.isfile(os.path.join(folder, "tiny.json")):
-        subprocess.run([sys.executable, "-m", "pipelines.tiny", name, folder, "--full-size", "--dtype", "bfloat16"],
-                       check=True, cwd=ROOT)
+        subprocess.run([sys.executable, "-m", "pipelines.fixtures.tiny", name, folder, "--full-size", "--dtype",
+                        "bfloat16"], check=True, cwd=ROOT)
     return folder
 
 
@@ -144,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         kinds = ["load", "vdm"] + (["idm", "decode:16", "decode:4", "decode:1"] if name == BACKBONES[0] else [])
         kinds = [k for k in kinds if not args.kinds or k.split(":")[0] in args.kinds.split(",")]
         for kind in kinds:
-            proc = subprocess.run([sys.executable, __file__, "--measure", kind, name, folder, "--frames", str(args.frames),
-                                   "--size", str(args.size)], capture_output=True, text=True, cwd=ROOT)
+            proc = subprocess.run([sys.executable, __file__, "--measure", kind, name, folder, "--frames",
+                                   str(args.frames), "--size", str(args.size)],
+                                  capture_output=True, text=True, cwd=ROOT)
             if proc.returncode:
                 sys.stderr.write(proc.stderr[-3000:])
                 return proc.returncode
@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(r)
             extra = (f"  estimate {r['estimate_bytes'] / GIB:6.2f} GiB" if "estimate_bytes" in r else
                      f"  weights {r['weights_bytes'] / GIB:.2f} GiB, ratio {r['ratio']:.2f}")
-            logging.info("%-14s %-10s peak %6.2f GiB  %7.1f s%s", name, kind, r["peak_bytes"] / GIB, r["seconds"], extra)
+            logging.info("%-14s %-10s peak %6.2f GiB  %7.1f s%s", name, kind, r["peak_bytes"] / GIB, r["seconds"],
+                         extra)
     by = {(r["backbone"], r["kind"]): r for r in results}
     idm = by.get((BACKBONES[0], "idm"))
     decode = {k.split(":")[1]: r["peak_bytes"] for (b, k), r in by.items() if k.startswith("decode")}
@@ -172,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                      load["ratio"], per_chunk)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"frames": args.frames, "size": args.size, "measurements": results, "fits_24gb": rows}, f, indent=2)
+            json.dump({"frames": args.frames, "size": args.size, "measurements": results, "fits_24gb": rows}, f,
+                      indent=2)
     return 0
 
 

@@ -20,16 +20,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from operators.metadata import read_latest
+from pipelines.backbones.registry import load_backbone
+from pipelines.config import ModelSpec, resolve_params
+from pipelines.fixtures.tiny import ensure_tiny
+from pipelines.generate import generate
+from pipelines.video import write_mp4
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def loop(rows, model_dir, defaults, out_dir) -> dict:
-    from pipelines.backbones import load_backbone
-    from pipelines.config import ModelSpec, resolve_params
-    from pipelines.generate import generate
-    from pipelines.video import write_mp4
-
     start = time.perf_counter()
     bb = load_backbone(ModelSpec.from_model_dir("animatediff", model_dir, device="cpu", dtype="float32"))
     first = None
@@ -45,13 +46,12 @@ def loop(rows, model_dir, defaults, out_dir) -> dict:
 def pipeline(manifest, cfg_path, out_dir) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": ROOT}
     start = time.perf_counter()
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "generate.py"), "--config", cfg_path, "--manifest", manifest,
-                        "--output", out_dir, "--mlflow-uri", f"sqlite:///{out_dir}.db"], env=env, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "generate.py"), "--config", cfg_path,
+                        "--manifest", manifest, "--output", out_dir, "--mlflow-uri", f"sqlite:///{out_dir}.db"],
+                       env=env, capture_output=True, text=True)
     total = time.perf_counter() - start
     if r.returncode:
         raise RuntimeError(r.stderr[-3000:])
-    from operators.metadata import read_latest
-
     t = read_latest(out_dir).to_pylist()
     finished = sorted(m["finished_at"].timestamp() for m in t)
     assert all(m["status"] == "ok" for m in t), [m["error"] for m in t if m["status"] != "ok"]
@@ -66,8 +66,6 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--actors", type=int, nargs="+", default=[1, 2])
     args = ap.parse_args()
-    from pipelines.tiny import ensure_tiny
-
     with tempfile.TemporaryDirectory() as tmp:
         cache = os.path.join(tmp, "tiny")
         model_dir = ensure_tiny("animatediff", os.path.join(cache, "animatediff"))
@@ -82,7 +80,8 @@ def main() -> None:
         defaults = cfg["defaults"]
         os.makedirs(os.path.join(tmp, "loop"))
         base = loop(rows, model_dir, defaults, os.path.join(tmp, "loop"))
-        report = {"rows": args.rows, "steps": args.steps, "loop_seconds": base["total"], "loop_steady_seconds": base["steady"]}
+        report = {"rows": args.rows, "steps": args.steps, "loop_seconds": base["total"],
+                  "loop_steady_seconds": base["steady"]}
         for n in args.actors:
             # leave one CPU for the read tasks (the job refuses a pool that starves them)
             cfg["compute"].update(num_actors=n, cpus_per_actor=min(1.0, ((os.cpu_count() or 1) - 1.0) / n))

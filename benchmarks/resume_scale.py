@@ -1,11 +1,11 @@
-"""Resume planning at dataset scale (README "Datasets"): a rerun of an N-row manifest whose rows are all committed
-but two. Builds synthetic committed metadata (N ids in 1000-row parts, webdataset layout: one shard per part, the
-shard files present) and a manifest of N + 2 rows, then runs the driver's planning in a fresh process, in the order
-`jobs/generate.py` does before it starts Ray: the manifest read (`jobs.setup.read_manifest`: ids, duplicate ids,
-kinds), the committed state (`operators.metadata.committed`), the plan (`jobs.setup.plan`: one Arrow anti-join) and the todo
-file (`jobs.setup.write_todo`, streamed). Reports wall seconds per step and the process's peak RSS; then, in another
-fresh process, what the end of the run reads (`jobs/quality.finish`: the aggregates' columns of every part, newest row
-per id, aggregates, then the shown rows whole).
+"""Resume planning at dataset scale (docs/datasets.md "Resume at dataset scale"): a rerun of an N-row manifest whose
+rows are all committed but two. Builds synthetic committed metadata (N ids in 1000-row parts, webdataset layout: one
+shard per part, the shard files present) and a manifest of N + 2 rows, then runs the driver's planning in a fresh
+process, in the order `jobs/generate.py` does before it starts Ray: the manifest read (`jobs.setup.read_manifest`: ids,
+duplicate ids, kinds), the committed state (`operators.resume.committed`), the plan (`jobs.setup.plan`: one Arrow
+anti-join) and the todo file (`jobs.setup.write_todo`, streamed). Reports wall seconds per step and the process's peak
+RSS; then, in another fresh process, what the end of the run reads (`jobs/quality.finish`: the aggregates' columns of
+every part, newest row per id, aggregates, then the shown rows whole).
 
     python benchmarks/resume_scale.py --rows 10000000 --json outputs/resume_scale.json
 """
@@ -19,9 +19,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from types import SimpleNamespace
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from jobs import quality, setup
+from operators import resume, storage
 
 PART = 1000
 
@@ -60,11 +61,6 @@ def build(folder: str, n: int) -> None:
 
 def plan_once(folder: str) -> dict:
     """In a fresh process: the driver's planning steps, timed, and the peak RSS."""
-    from types import SimpleNamespace
-
-    from jobs import setup
-    from operators import metadata, storage
-
     steps = {}
 
     def peak() -> float:
@@ -81,7 +77,7 @@ def plan_once(folder: str) -> dict:
     steps["read_manifest_rss_gb"] = peak()
     t = time.perf_counter()
     fs, root = storage.filesystem(out)
-    committed = metadata.committed(fs, root)
+    committed = resume.committed(fs, root)
     steps["committed_s"] = time.perf_counter() - t
     steps["committed_rss_gb"] = peak()
     t = time.perf_counter()
@@ -104,9 +100,6 @@ def plan_once(folder: str) -> dict:
 def end_once(folder: str) -> dict:
     """In a fresh process: what the end of a run reads of the whole output, the quality stage's columns of every part,
     newest row per id, per-sampler aggregates (`jobs/quality.py`)."""
-    from jobs import quality
-    from operators import storage
-
     t = time.perf_counter()
     fs, root = storage.filesystem(os.path.join(folder, "out"))
     groups, shown = quality.read_current(fs, root)

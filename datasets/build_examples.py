@@ -1,8 +1,8 @@
 """Writes the example manifests in datasets/examples/ (run: python datasets/build_examples.py).
 
 smoke.parquet: a handful of prompts with per-row overrides (used by `make demo`).
-ucf101.parquet: the 101 UCF-101 action classes as prompts, "A realistic video of a person: <class words>." (the UCF-101 FVD protocol
-generates videos from class names).
+ucf101.parquet: the 101 UCF-101 action classes as prompts, "A realistic video of a person: <class words>." (the
+UCF-101 FVD protocol generates videos from class names).
 """
 import os
 import re
@@ -35,7 +35,8 @@ def main() -> None:
     smoke = pa.table({
         "id": ["horses", "kite", "snow", "city-timelapse", "lantern"],
         "prompt": ["Two horses race across a grassy field at sunset.", "A red kite dances over a windy beach.",
-                   "Snow falling on a quiet street at night, warm lamplight.", "Time-lapse of clouds over a city skyline.",
+                   "Snow falling on a quiet street at night, warm lamplight.",
+                   "Time-lapse of clouds over a city skyline.",
                    "A paper lantern drifting upward into a starry sky."],
         "sampler": ["ivmixed", "standard", "ivmixed", "ivmixed_ad_v1", None],
         "seed": pa.array([23523, 7, None, 11, 3], pa.int64()),

@@ -14,16 +14,15 @@ import yaml
 from pydantic import ConfigDict, Field, ValidationError
 from pydantic.dataclasses import dataclass as section
 
-from pipelines import params as schema
-from pipelines import presets
+from pipelines import params, presets
 from pipelines.bivdiff.config import BivdiffSpec, resolve_bivdiff_params
 from pipelines.config import PLACEMENT, ModelSpec, resolve_params
 from pipelines.params import Limits
 
 MODEL_KEYS = tuple(f.name for f in fields(ModelSpec))
 BIVDIFF_MODEL_KEYS = tuple(f.name for f in fields(BivdiffSpec) if f.name not in PLACEMENT)
-DEFAULT_KEYS = schema.names(schema.GENERATION)
-BIVDIFF_DEFAULT_KEYS = tuple(k for k in schema.names(schema.BIVDIFF) if k not in ("task", "source_video", "mask_video",
+DEFAULT_KEYS = params.names(params.GENERATION)
+BIVDIFF_DEFAULT_KEYS = tuple(k for k in params.names(params.BIVDIFF) if k not in ("task", "source_video", "mask_video",
                                                                                    "condition_video"))
 
 
@@ -34,22 +33,22 @@ NonNegativeInt, NonNegative = Annotated[int, Field(ge=0)], Annotated[float, Fiel
 
 @section(frozen=True, config=SECTION)
 class ComputeConfig:
-    device: Literal["auto", "cuda", "cpu"] = "auto"  # cuda: one GPU per actor; cpu: CPU actors; auto: cuda if the cluster has GPUs
-    num_actors: PositiveInt = 1  # fixed-size pool (GPU pools that autoscale ramp slowly: ecosystem pain point 1)
+    device: Literal["auto", "cuda", "cpu"] = "auto"  # cuda: a GPU per actor; cpu: CPU actors; auto: cuda if any GPU
+    num_actors: PositiveInt = 1  # fixed-size pool (GPU pools that autoscale ramp slowly)
     batch_size: PositiveInt = 1  # rows per actor call (Ray batch); videos are heavy, keep it small
     sampler_batch: PositiveInt = 1  # rows sampled together in one batched sampler call inside an actor
-    cpus_per_actor: Positive = 1.0  # leave CPUs for read/resolve tasks (pain point 3)
+    cpus_per_actor: Positive = 1.0  # leave CPUs for read/resolve tasks (without one they hang)
     max_restarts: NonNegativeInt = 16  # restarts of one actor over the run
     max_task_retries: NonNegativeInt = 1  # a batch whose worker died runs once more, then its rows alone
     autoscaling: bool = False  # the cluster adds nodes on demand: a pool bigger than today's cluster only warns
-    memory_budget_gb: Positive | None = None  # what one sampler call may allocate; None: 90% of what the device has free
+    memory_budget_gb: Positive | None = None  # what one sampler call may allocate; None: 90% of the free device memory
     row_timeout_s: Positive | None = None  # a row running longer fails and its actor is replaced; None: from its size
     retry_poisoned: bool = False  # rerun rows that killed their worker twice in an earlier run (else: failed again)
 
 
 @section(frozen=True, config=SECTION)
 class CommitConfig:
-    every_rows: NonNegativeInt = 16  # rows per metadata part (a part is the commit marker of its videos; 0: every batch)
+    every_rows: NonNegativeInt = 16  # rows per metadata part (a part is its videos' commit marker; 0: every batch)
     every_seconds: NonNegative = 60.0  # ...or this long since the last part, whichever comes first
     progress_seconds: NonNegative = 30.0  # progress log line / MLflow progress metrics (0: every batch)
     lease_ttl_s: Positive = 300.0  # a run's lease on its output prefix goes stale this long after its last heartbeat
@@ -57,7 +56,7 @@ class CommitConfig:
 
 @section(frozen=True, config=SECTION)
 class OutputConfig:
-    """How a run writes its videos (README "Datasets"); YAML `output: {uri: ..., format: ..., ...}`."""
+    """How a run writes its videos (docs/datasets.md "WebDataset shards"); YAML `output: {uri: ..., format: ...}`."""
 
     format: Literal["files", "webdataset"] = "files"  # files: videos/<id>.mp4; webdataset: tar shards under shards/
     shard_max_mb: Positive = 256.0  # webdataset: a shard is cut at this much video...
@@ -70,7 +69,7 @@ class OutputConfig:
 class ExportConfig:
     """A filtered dataset built at the end of the run (jobs/export.py), linked from the report."""
 
-    to: str | None = None  # where it goes; "{output}" and "{run}" are replaced (e.g. "{output}/filtered/{run}"); None: none
+    to: str | None = None  # where it goes, "{output}" and "{run}" replaced (e.g. "{output}/filtered/{run}"); None: none
     format: Literal["files", "webdataset"] = "webdataset"
     min_clipsim: float | None = None  # the ok rows kept: at least this CLIPSIM...
     min_frame_consistency: float | None = None  # ...at least this frame consistency...
@@ -92,11 +91,11 @@ class RegressionConfig:
 
 @dataclass(frozen=True)
 class BivdiffSection:
-    """Manifest rows with a `task` are BIVDiff rows (docs/algorithms.md §8): the models that serve them (loaded by an actor
-    only when such a row reaches it; device and dtype follow `model`) and their per-row defaults."""
+    """Manifest rows with a `task` are BIVDiff rows (docs/algorithms.md §8): the models that serve them (loaded by an
+    actor only when such a row reaches it; device and dtype follow `model`) and their per-row defaults."""
 
     spec: BivdiffSpec = BivdiffSpec()
-    tiny: bool = False  # build the tiny BIVDiff model set (`python -m pipelines.tiny bivdiff`) into tiny_cache
+    tiny: bool = False  # build the tiny BIVDiff model set (`python -m pipelines.fixtures.tiny bivdiff`) into tiny_cache
     defaults: Mapping[str, Any] = field(default_factory=dict)
     stage1_batch: int = 8  # frames per stage-1 pipeline call for rows with noise shared/per_frame
 
@@ -168,7 +167,8 @@ def _section(name: str, raw: Any, cls, overrides: Mapping[str, Any] | None = Non
         errors = err.errors()
         unknown = sorted(str(e["loc"][0]) for e in errors if e["type"] == "unexpected_keyword_argument")
         if unknown:
-            raise ValueError(f"config '{name}': unknown key(s) {unknown}; known: {[f.name for f in fields(cls)]}") from None
+            known = [f.name for f in fields(cls)]
+            raise ValueError(f"config '{name}': unknown key(s) {unknown}; known: {known}") from None
         e = errors[0]
         raise ValueError(f"{name}.{e['loc'][0]}: {e['msg'][0].lower()}{e['msg'][1:]}, got {e['input']!r}") from None
 
@@ -176,8 +176,8 @@ def _section(name: str, raw: Any, cls, overrides: Mapping[str, Any] | None = Non
 def _keys(name: str, raw: Any, known) -> dict:
     unknown = sorted(set(raw or {}) - set(known))
     if unknown:
-        raise ValueError(f"config{f' {name!r}' if name else ''}: unknown {'top-level ' if not name else ''}key(s) {unknown}; "
-                         f"known: {list(known)}")
+        raise ValueError(f"config{f' {name!r}' if name else ''}: unknown {'top-level ' if not name else ''}key(s) "
+                         f"{unknown}; known: {list(known)}")
     return dict(raw or {})
 
 
@@ -197,7 +197,8 @@ def load(args: argparse.Namespace) -> JobConfig:
             raise ValueError(f"--config: {args.config!r} must hold a YAML mapping")
     _keys("", raw, TOP_KEYS)
     cli = {k: getattr(args, k, None) for k in ("device", "num_actors", "batch_size", "sampler_batch")}
-    compute = _section("compute", raw.get("compute"), ComputeConfig, {**cli, "retry_poisoned": getattr(args, "retry_poisoned", None) or None})
+    compute = _section("compute", raw.get("compute"), ComputeConfig,
+                       {**cli, "retry_poisoned": getattr(args, "retry_poisoned", None) or None})
     commit = _section("commit", raw.get("commit"), CommitConfig)
     model_raw = _keys("model", raw.get("model"), MODEL_KEYS)
     tiny, tiny_cache = raw.get("tiny"), raw.get("tiny_cache", ".cache/tiny")
@@ -231,9 +232,11 @@ def load(args: argparse.Namespace) -> JobConfig:
         raise ValueError(f"--limit: must be an integer >= 1, got {limit!r}")
     scores = _section("scores", raw.get("scores"), ScoresConfig, {"enabled": getattr(args, "scores", None) or None})
     regression = _section("regression", raw.get("regression"), RegressionConfig,
-                          {"baseline": getattr(args, "baseline", None), "threshold": getattr(args, "regression_threshold", None)})
+                          {"baseline": getattr(args, "baseline", None),
+                           "threshold": getattr(args, "regression_threshold", None)})
     export = _section("export", raw.get("export"), ExportConfig)
-    if export.to and not scores.enabled and (export.min_clipsim, export.min_frame_consistency, export.max_flicker) != (None,) * 3:
+    thresholds = (export.min_clipsim, export.min_frame_consistency, export.max_flicker)
+    if export.to and not scores.enabled and thresholds != (None,) * 3:
         raise ValueError("export: score thresholds need scores (set scores.enabled or pass --scores)")
     if regression.baseline and not scores.enabled:
         raise ValueError("regression: a baseline comparison needs scores (set scores.enabled or pass --scores)")
@@ -241,8 +244,9 @@ def load(args: argparse.Namespace) -> JobConfig:
         bivdiff=_bivdiff_section(raw.get("bivdiff"), limits), samplers=_samplers(getattr(args, "samplers", None) or
                                                                                  raw.get("samplers"), model.backbone),
         scores=scores, regression=regression, manifest=manifest, output=output.rstrip("/"), model=model, tiny=tiny,
-        tiny_cache=tiny_cache, limits=limits, layout=layout, export=export, defaults=defaults, compute=compute, commit=commit,
-        mlflow_uri=args.mlflow_uri or mlflow_raw.get("uri") or os.environ.get("MLFLOW_TRACKING_URI") or default_mlflow_uri(),
+        tiny_cache=tiny_cache, limits=limits, layout=layout, export=export, defaults=defaults, compute=compute,
+        commit=commit, mlflow_uri=(args.mlflow_uri or mlflow_raw.get("uri") or os.environ.get("MLFLOW_TRACKING_URI")
+                                   or default_mlflow_uri()),
         experiment=args.experiment or mlflow_raw.get("experiment") or JobConfig.experiment,
         run_name=args.run_name, limit=limit, fail_on_error=bool(args.fail_on_error or raw.get("fail_on_error", False)))
 
@@ -258,6 +262,7 @@ def _samplers(samplers: Any, backbone: str) -> tuple[str, ...] | None:
     foreign = [s for s in samplers if presets.PRESETS[s].backbones and backbone not in presets.PRESETS[s].backbones]
     if foreign:
         raise ValueError(f"--samplers: {', '.join(foreign)} reproduce(s) another backbone's code "
-                         f"({', '.join('/'.join(presets.PRESETS[s].backbones) for s in foreign)}); the {backbone} backbone "
-                         "takes " + ", ".join(n for n, p in presets.PRESETS.items() if not p.backbones or backbone in p.backbones))
+                         f"({', '.join('/'.join(presets.PRESETS[s].backbones) for s in foreign)}); the {backbone} "
+                         "backbone takes " + ", ".join(n for n, p in presets.PRESETS.items()
+                                                       if not p.backbones or backbone in p.backbones))
     return tuple(samplers)

@@ -1,5 +1,5 @@
 """Build a filtered dataset from a finished run: its ok rows whose scores pass the thresholds, in the same layout as a
-run's output (README "Datasets"): WebDataset shards with their stats and Parquet metadata, or files.
+run's output (docs/datasets.md "Filtering by score"): WebDataset shards with their stats and Parquet metadata, or files.
 
     python -m jobs.export --output s3://bucket/runs/2026-11-24 --to s3://bucket/datasets/2026-11-24-clip30 \\
         --min-clipsim 0.30 --format webdataset
@@ -13,19 +13,19 @@ import argparse
 import datetime as dt
 import json
 import logging
-import os
 import sys
 from dataclasses import asdict, dataclass
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+import pyarrow as pa
+import pyarrow.compute as pc
 
-import pyarrow as pa  # noqa: E402
-import pyarrow.compute as pc  # noqa: E402
+from operators import metadata, shards, storage
+from operators.layout import Layout
+from operators.resume import media
 
 logger = logging.getLogger("jobs.export")
-THRESHOLDS = (("min_clipsim", "clipsim", pc.greater_equal), ("min_frame_consistency", "frame_consistency", pc.greater_equal),
+THRESHOLDS = (("min_clipsim", "clipsim", pc.greater_equal),
+              ("min_frame_consistency", "frame_consistency", pc.greater_equal),
               ("max_flicker", "flicker", pc.less_equal))
 
 
@@ -53,12 +53,11 @@ def select(table: pa.Table, flt: Filter) -> pa.Table:
 def export(output: str, dest: str, flt: Filter, *, fmt: str = "webdataset", shard_max_mb: float = 256.0,
            shard_max_samples: int = 1000, contact_sheets: bool = True, code_version: str = "") -> dict:
     """Write the filtered dataset to `dest`; returns its summary (also written to `dest/export.json`)."""
-    from operators import metadata, shards, storage
-
     table = metadata.read_latest(output)
     if table is None:
         raise ValueError(f"--output: no metadata under {output}")
     dfs, droot = storage.filesystem(dest)
+    out_layout = Layout(droot)
     if metadata.part_paths(dfs, droot) or shards.listed(dfs, droot):
         raise ValueError(f"--to: {dest} already holds a dataset; export to a new prefix")
     sfs, sroot = storage.filesystem(output)
@@ -67,16 +66,17 @@ def export(output: str, dest: str, flt: Filter, *, fmt: str = "webdataset", shar
     writer = metadata.MetadataWriter(dfs, droot, tag)
 
     def members(row: dict) -> dict[str, bytes]:
-        out = {"mp4": metadata.media(sfs, sroot, row, "mp4")}
-        png = metadata.media(sfs, sroot, row, "png") if contact_sheets else None
+        out = {"mp4": media(sfs, sroot, row, "mp4")}
+        png = media(sfs, sroot, row, "png") if contact_sheets else None
         return {**out, **({"png": png} if png else {})}
 
     stats: list[dict] = []
     if fmt == "webdataset":  # the sample is in the shard now: the source's file uris are not carried over
-        rows = rows.set_column(rows.schema.get_field_index("video_uri"), "video_uri", pa.nulls(rows.num_rows, pa.string()))
-        rows = rows.set_column(rows.schema.get_field_index("contact_uri"), "contact_uri", pa.nulls(rows.num_rows, pa.string()))
+        for name in ("video_uri", "contact_uri"):
+            rows = rows.set_column(rows.schema.get_field_index(name), name, pa.nulls(rows.num_rows, pa.string()))
         sink = shards.ShardSink(dfs, droot, writer, tag, members, code_version=code_version or "export",
-                                max_bytes=int(shard_max_mb * 1e6), max_samples=shard_max_samples, max_seconds=float("inf"))
+                                max_bytes=int(shard_max_mb * 1e6), max_samples=shard_max_samples,
+                                max_seconds=float("inf"))
         for batch in rows.to_batches(max_chunksize=shard_max_samples):
             sink.add(pa.Table.from_batches([batch], rows.schema))
         sink.close()
@@ -85,9 +85,9 @@ def export(output: str, dest: str, flt: Filter, *, fmt: str = "webdataset", shar
         out = []
         for row in rows.to_pylist():
             files = members(row)
-            video = storage.join(metadata.videos_dir(droot), f"{row['id']}.mp4")
+            video = out_layout.video(row["id"])
             storage.put_bytes(dfs, files["mp4"], video, droot)
-            sheet = storage.join(metadata.contact_dir(droot), f"{row['id']}.png")
+            sheet = out_layout.contact_sheet(row["id"])
             if files.get("png"):
                 storage.put_bytes(dfs, files["png"], sheet, droot)
             out.append({**row, "video_uri": storage.full_uri(dfs, video), "shard_uri": None, "shard_offset": None,
@@ -100,8 +100,9 @@ def export(output: str, dest: str, flt: Filter, *, fmt: str = "webdataset", shar
                "rows": rows.num_rows, "ok_rows": int(pc.sum(pc.equal(table["status"], "ok")).as_py() or 0),
                "shards": [s["uri"] for s in stats], "bytes": sum(s["bytes"] for s in stats),
                "written_at": dt.datetime.now(dt.timezone.utc).isoformat()}
-    storage.put_bytes(dfs, json.dumps(summary, indent=1).encode(), storage.join(droot, "export.json"), droot)
-    logger.info("export: %d of %d ok rows (%s) -> %s", summary["rows"], summary["ok_rows"], flt.describe(), summary["to"])
+    storage.put_bytes(dfs, json.dumps(summary, indent=1).encode(), out_layout.export, droot)
+    logger.info("export: %d of %d ok rows (%s) -> %s", summary["rows"], summary["ok_rows"], flt.describe(),
+                summary["to"])
     return summary
 
 

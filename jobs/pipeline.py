@@ -1,4 +1,4 @@
-"""The Ray part of the job (README "Architecture"): Ray start-up, the capacity check, and the passes that turn the
+"""The Ray part of the job (docs/architecture.md): Ray start-up, the capacity check, and the passes that turn the
 manifest into committed metadata parts. The driver splits rows by kind here: each kind present in the manifest runs
 through its own actor pool (`operators.kinds.KINDS`), one kind after the other, so an actor holds one model set."""
 from __future__ import annotations
@@ -7,20 +7,28 @@ import logging
 import os
 import time
 
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
 from jobs.config import ComputeConfig
-from jobs.setup import RunContext
-from operators import metadata, storage
+from jobs.setup import Recorded, Run
+from operators import storage
+from operators.compute import ErroredBlocks, actor_pool
 from operators.kinds import KINDS
+from operators.layout import Layout
+from operators.metadata import WORKER_DIED
+from operators.resolve import resolve_rows
+from operators.worker import lost_rows
+from pipelines.params import BIVDIFF, GENERATION
 
 logger = logging.getLogger("jobs.generate")
 READ_CPUS = 0.25  # per read / resolve task
 RESERVED_CPUS = 1.0  # Ray's internal ListFiles task of read_parquet takes one whole CPU (not configurable in 2.60)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def init_ray():
-    import ray
-
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
         kwargs = {"logging_level": logging.WARNING, "log_to_driver": True}
@@ -40,92 +48,83 @@ def check_capacity(compute: ComputeConfig, resources: dict, device: str) -> None
     need_cpu = compute.num_actors * compute.cpus_per_actor
     problems = []
     if device == "cuda" and compute.num_actors > gpus:
-        problems.append(f"compute.num_actors: {compute.num_actors} GPU actors need {compute.num_actors} GPUs; the cluster has {gpus:g}")
+        problems.append(f"compute.num_actors: {compute.num_actors} GPU actors need {compute.num_actors} GPUs; "
+                        f"the cluster has {gpus:g}")
     if need_cpu + RESERVED_CPUS > cpus:
-        problems.append(f"compute: {compute.num_actors} actors x {compute.cpus_per_actor:g} CPU leave less than {RESERVED_CPUS:g} CPU "
-                        f"for reading the manifest on a {cpus:g}-CPU cluster; lower compute.num_actors or compute.cpus_per_actor")
+        problems.append(f"compute: {compute.num_actors} actors x {compute.cpus_per_actor:g} CPU leave less than "
+                        f"{RESERVED_CPUS:g} CPU for reading the manifest on a {cpus:g}-CPU cluster; lower "
+                        "compute.num_actors or compute.cpus_per_actor")
     if problems and compute.autoscaling:
         logger.warning("cluster is smaller than the pool right now (autoscaling expected): %s", "; ".join(problems))
     elif problems:
         raise ValueError("; ".join(problems))
 
 
-def _of_kind(batch, kind: str):
-    import pyarrow.compute as pc
-
+def _of_kind(batch: pa.Table, kind: str) -> pa.Table:
     return batch.filter(pc.equal(batch["_kind"], kind))
 
 
-def run_passes(ray, ctx: RunContext, consume) -> None:
+def run_passes(ray, run: Run, recorded: Recorded, consume) -> None:
     """For each row kind in the manifest: pass 1 runs its rows in their batches. Batches lost with their worker (killed
     for memory, a crash, a node gone, a row past its time) come back as Ray Data errored blocks: pass 2 runs their rows
     again one at a time on fresh actors, and pass 3 records whatever was lost again as failed rows with the reason
-    (README, "Reliability"). `consume(ds)` commits a dataset's metadata rows and returns its errored blocks."""
-    from operators.compute import actor_pool
-    from operators.generate import BivdiffGenerator, VideoGenerator, resolve_rows
-    from operators.worker import lost_rows
-
-    cfg = ctx.cfg
-    env = storage.storage_env()
-    if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:  # local Ray: make the project importable in workers
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
-    runtime_env = {"env_vars": env}
-    mfs, mpath = storage.filesystem(ctx.todo or cfg.manifest)
-    operators = {"VideoGenerator": (VideoGenerator, {"sampler_batch": cfg.compute.sampler_batch}),
-                 "BivdiffGenerator": (BivdiffGenerator, {"stage1_batch": cfg.bivdiff.stage1_batch})}
+    (docs/reliability.md). `consume(ds)` commits a dataset's metadata rows and returns its errored blocks."""
+    cfg = run.cfg
+    runtime_env = {"env_vars": storage.storage_env()}
+    mfs, mpath = storage.filesystem(run.todo or cfg.manifest)
+    # each kind's operator batch sizes (a pass that runs rows alone sets them to 1)
+    batching = {GENERATION: {"sampler_batch": cfg.compute.sampler_batch},
+                BIVDIFF: {"stage1_batch": cfg.bivdiff.stage1_batch}}
 
     def resolved(kind: str):
-        ds = ray.data.read_parquet(mpath, filesystem=storage.arrow_filesystem(mfs), runtime_env=runtime_env, num_cpus=READ_CPUS)
-        if cfg.limit and not ctx.todo:
+        ds = ray.data.read_parquet(mpath, filesystem=storage.arrow_filesystem(mfs), runtime_env=runtime_env,
+                                   num_cpus=READ_CPUS)
+        if cfg.limit and not run.todo:
             ds = ds.limit(cfg.limit)
         # the plan dropped the rows whose manifest id is done; `done` is needed only for ids known once resolved
-        ds = ds.map_batches(resolve_rows, batch_format="pyarrow", batch_size=512, num_cpus=READ_CPUS, runtime_env=runtime_env,
-                            fn_args=(ctx.resolver,), fn_kwargs={"done": ctx.done if ctx.plan.resolve_done else None,
-                                                              "duplicate_ids": ctx.manifest.duplicate_ids,
-                                                              "poisoned": ctx.committed.poisoned,
-                                                              "seen": ctx.seen if ctx.seen_chunks else None})
+        ds = ds.map_batches(resolve_rows, batch_format="pyarrow", batch_size=512, num_cpus=READ_CPUS,
+                            runtime_env=runtime_env, fn_args=(run.resolver,),
+                            fn_kwargs={"done": run.done if run.plan.resolve_done else None,
+                                       "duplicate_ids": run.manifest.duplicate_ids,
+                                       "poisoned": run.committed.poisoned, "seen": recorded.ids})
         return ds.map_batches(_of_kind, batch_format="pyarrow", num_cpus=READ_CPUS, fn_args=(kind,))
 
     def generation(kind: str, batch_size: int, batched: bool):
-        cls, extra = operators[KINDS[kind].operator]
-        if not batched:
-            extra = {k: 1 for k in extra}
+        extra = batching[kind] if batched else {k: 1 for k in batching[kind]}
         # one actor call per block: rows stream to the driver as they finish and spread over the whole pool
         ds = resolved(kind).repartition(target_num_rows_per_block=batch_size).map_batches(
-            cls, fn_constructor_args=(ctx.resolver, cfg.output, ctx.run_id, ctx.version),
-            fn_constructor_kwargs={"scorer": ctx.scorer, "memory_budget_gb": cfg.compute.memory_budget_gb,
+            KINDS[kind].operator, fn_constructor_args=(run.resolver, cfg.output, run.run_id, run.version),
+            fn_constructor_kwargs={"scorer": run.scorer, "memory_budget_gb": cfg.compute.memory_budget_gb,
                                    "row_timeout_s": cfg.compute.row_timeout_s, "output_format": cfg.layout.format,
                                    "contact_sheets": cfg.layout.contact_sheets, **extra},
             batch_size=batch_size, batch_format="pyarrow", runtime_env=runtime_env,
-            **actor_pool(ray, size=cfg.compute.num_actors, num_gpus=1 if ctx.device == "cuda" else 0,
+            **actor_pool(ray, size=cfg.compute.num_actors, num_gpus=1 if run.device == "cuda" else 0,
                          num_cpus=cfg.compute.cpus_per_actor, max_restarts=cfg.compute.max_restarts,
                          max_task_retries=cfg.compute.max_task_retries))
         return consume(ds)
 
-    for kind in ctx.kinds:
+    for kind in run.kinds:
         errors = generation(kind, cfg.compute.batch_size, True)
         if errors.count:
             logger.warning("%d batch(es) were lost with their worker (%s); running their rows again one at a time on "
                            "fresh actors", errors.count, errors.summary())
             errors = generation(kind, 1, False)
         if errors.count:
-            reason = f"{metadata.WORKER_DIED} ({errors.summary()}); it was lost in its batch and again when run alone"
+            reason = f"{WORKER_DIED} ({errors.summary()}); it was lost in its batch and again when run alone"
             logger.warning("%d row batch(es) lost again; recording their rows as failed", errors.count)
             errors = consume(resolved(kind).map_batches(
                 lost_rows, batch_format="pyarrow", num_cpus=READ_CPUS, runtime_env=runtime_env,
-                fn_kwargs={"kind": kind, "resolver": ctx.resolver, "run_id": ctx.run_id, "code_version": ctx.version,
-                           "reason": reason}))
+                fn_kwargs={"operator": KINDS[kind].operator, "resolver": run.resolver, "run_id": run.run_id,
+                           "code_version": run.version, "reason": reason}))
             if errors.count:  # not even the failures could be recorded: a fault outside the rows (e.g. the manifest)
                 raise RuntimeError(f"{errors.count} block(s) could not be processed: {errors.summary()}")
 
 
-def commit_loop(ctx: RunContext, writer, progress, log_metrics, sink=None):
+def commit_loop(run: Run, recorded: Recorded, writer, progress, log_metrics, sink=None):
     """`consume(ds)` for run_passes: every result batch goes to the metadata writer (a part per `commit.every_rows` rows
     or `every_seconds`) or, with webdataset output, to the shard sink (ok rows commit with their shard), the progress
     counters and, every `progress_seconds`, the log and MLflow."""
-    from operators.compute import ErroredBlocks
-
-    commit = ctx.cfg.commit
+    commit = run.cfg.commit
 
     def consume(ds):
         last_commit = last_log = time.monotonic()
@@ -133,7 +132,7 @@ def commit_loop(ctx: RunContext, writer, progress, log_metrics, sink=None):
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 (sink or writer).add(batch)
                 progress.add(batch)
-                ctx.seen_chunks.append(batch.column("id").combine_chunks())
+                recorded.add(batch.column("id").combine_chunks())
                 now = time.monotonic()
                 if writer.pending >= commit.every_rows or now - last_commit >= commit.every_seconds:
                     writer.flush()
@@ -148,13 +147,9 @@ def commit_loop(ctx: RunContext, writer, progress, log_metrics, sink=None):
     return consume
 
 
-def remove_scratch(fs, root: str, run_id: str) -> None:
+def remove_scratch(fs: fsspec.AbstractFileSystem, layout: Layout) -> None:
     """This run's scratch (`OUTPUT/.runs/<run>/`: timeout marks), and the folder when no other run left one."""
-    from operators.worker import RUN_DIR, run_dir
-
-    scratch = run_dir(root, run_id)
-    if fs.exists(scratch):
-        fs.rm(scratch, recursive=True)
-    parent = storage.join(root, RUN_DIR)
-    if storage.is_local(fs) and fs.exists(parent) and not fs.ls(parent):
-        fs.rmdir(parent)
+    if fs.exists(layout.scratch):
+        fs.rm(layout.scratch, recursive=True)
+    if storage.is_local(fs) and fs.exists(layout.runs) and not fs.ls(layout.runs):
+        fs.rmdir(layout.runs)

@@ -8,14 +8,17 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from jobs import report
+from operators import metadata, resume
 from pipelines.metrics import SCORES
 
 logger = logging.getLogger(__name__)
 # what the aggregates read of every current row, and what the score table and the report read of the rows they show
 AGGREGATE = ("id", "finished_at", "status", "sampler", "pair_id", *SCORES)
-COLUMNS = ("id", "finished_at", "status", "error", "sampler", "pair_id", "variant", "seed", "prompt", "task", "width", *SCORES,
-           "score_error", "video_uri", "contact_uri", "bytes", "shard_uri", "shard_offset")
+COLUMNS = ("id", "finished_at", "status", "error", "sampler", "pair_id", "variant", "seed", "prompt", "task", "width",
+           *SCORES, "score_error", "video_uri", "contact_uri", "bytes", "shard_uri", "shard_offset")
 SCORE_TABLE_ROWS = 100_000  # the per-video score table in MLflow holds at most this many rows (all of them: metadata)
 HIGHER_IS_BETTER = {"clipsim": True, "frame_consistency": True, "flicker": False, "success_rate": True}
 
@@ -23,8 +26,6 @@ HIGHER_IS_BETTER = {"clipsim": True, "frame_consistency": True, "flicker": False
 def aggregate(table: pa.Table) -> dict[str, dict[str, float]]:
     """{sampler: {n, success_rate, <score>_mean, <score>_p5, <score>_p95}} over the current metadata rows (masks in
     Arrow, numbers in numpy: no Python row per video, so a 10M-row output aggregates in seconds)."""
-    import pyarrow.compute as pc
-
     n = table.num_rows
     sampler = table["sampler"] if "sampler" in table.column_names else pa.nulls(n, pa.string())
     sampler = pc.fill_null(pc.if_else(pc.equal(sampler, ""), None, sampler), "unresolved") if n else sampler
@@ -85,7 +86,8 @@ def healthy(groups: dict[str, dict[str, float]], regressions: list[str], baselin
     return all(current.get(k, 0.0) >= v for k, v in baseline.items() if k.endswith(".success_rate"))
 
 
-def baseline_metrics(client, experiment_id: str, baseline: str, current_run: str) -> tuple[str | None, dict[str, float]]:
+def baseline_metrics(client, experiment_id: str, baseline: str,
+                     current_run: str) -> tuple[str | None, dict[str, float]]:
     """(run id, metrics) of a named run, or ("last") of the newest healthy finished run of the experiment: one with
     group metrics that is neither tagged regression=true nor healthy=false (a regressed or failed night never
     becomes the baseline of the next one)."""
@@ -109,8 +111,8 @@ def log_groups(mlflow, groups: dict[str, dict[str, float]], table: pa.Table) -> 
         with mlflow.start_run(run_name=f"sampler={sampler}", nested=True):
             mlflow.set_tag("sampler", sampler)
             mlflow.log_metrics(stats)
-    cols = [c for c in ("id", "pair_id", "sampler", "variant", "seed", "prompt", "status", *SCORES, "score_error", "video_uri")
-            if c in table.column_names]
+    cols = [c for c in ("id", "pair_id", "sampler", "variant", "seed", "prompt", "status", *SCORES, "score_error",
+                        "video_uri") if c in table.column_names]
     if table.num_rows > SCORE_TABLE_ROWS:
         logger.warning("scores/scores.json: the first %d of %d rows (the metadata holds every row)", SCORE_TABLE_ROWS,
                        table.num_rows)
@@ -120,9 +122,7 @@ def log_groups(mlflow, groups: dict[str, dict[str, float]], table: pa.Table) -> 
 def regression_check(mlflow, cfg_regression, groups: dict[str, dict[str, float]],
                      run_id: str) -> tuple[list[str], dict[str, float]]:
     """Compare with the baseline; tags the run; returns (the regressions found, the baseline's metrics)."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient()
+    client = mlflow.tracking.MlflowClient()
     exp_id = client.get_run(run_id).info.experiment_id
     base_id, base = baseline_metrics(client, exp_id, cfg_regression.baseline, run_id)
     if not base:
@@ -149,35 +149,27 @@ def summary(groups: dict[str, dict[str, Any]]) -> str:
 def shown(current: pa.Table) -> pa.Array:
     """Ids of the rows the score table (the first SCORE_TABLE_ROWS by id) and the report (its first rows by pair and
     id) show: all of them below SCORE_TABLE_ROWS rows."""
-    import pyarrow.compute as pc
-
-    from jobs.report import MAX_ROWS, display_order
-
     ids = current["id"]
     if current.num_rows <= SCORE_TABLE_ROWS:
         return ids.combine_chunks()
     first = ids.take(pc.sort_indices(ids)[:SCORE_TABLE_ROWS])
-    report = ids.take(display_order(current)[:MAX_ROWS])
-    return pc.unique(pa.chunked_array([*first.chunks, *report.chunks], pa.string()).combine_chunks())
+    shown_in_report = ids.take(report.display_order(current)[:report.MAX_ROWS])
+    return pc.unique(pa.chunked_array([*first.chunks, *shown_in_report.chunks], pa.string()).combine_chunks())
 
 
 def read_current(fs, root) -> tuple[dict[str, dict[str, float]], pa.Table | None]:
     """(per-sampler aggregates over the output's current metadata, all attempts; the rows the score table and the
     report show, whole): the aggregates' columns of every row, then only the shown rows with their prompts, uris and
     errors (so a 10M-row output is never read whole)."""
-    from operators import metadata
-
-    current = metadata.latest(metadata.scan(fs, root, AGGREGATE))
+    current = metadata.latest(resume.scan(fs, root, AGGREGATE))
     if current is None or current.num_rows == 0:
         return {}, None
-    return aggregate(current), metadata.latest(metadata.scan(fs, root, COLUMNS, ids=shown(current)))
+    return aggregate(current), metadata.latest(resume.scan(fs, root, COLUMNS, ids=shown(current)))
 
 
 def finish(mlflow, cfg, fs, root, run_id, export=None) -> list[str]:
     """Per-sampler aggregates over the output's current metadata (`read_current`), nested runs, score table, report
     (linking `export`, the run's filtered dataset), and the regression check when a baseline is configured."""
-    from jobs import report
-
     groups, current = read_current(fs, root)
     if current is None:
         mlflow.set_tag("healthy", "false")

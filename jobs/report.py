@@ -8,15 +8,24 @@ import html
 import io
 import logging
 import posixpath
+import tempfile
 from collections import defaultdict
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from operators import metadata, storage
+from operators import storage
+from operators.layout import REPORT, VIDEOS, Layout, video_href
+from operators.resume import media
 from pipelines.metrics import SCORES
 
 logger = logging.getLogger(__name__)
 MAX_ROWS = 300  # gallery cap: inlined contact sheets keep the page self-contained, and bounded
+STYLE = ("body { font-family: sans-serif; margin: 1.5em; } .row { display: flex; gap: 1em; flex-wrap: wrap; }\n"
+         ".card { border: 1px solid #ccc; padding: .5em; max-width: 560px; } "
+         ".contact { display: block; max-width: 540px; margin-top: .3em; }\n"
+         ".score { margin-right: 1em; font-family: monospace; } .error { color: #b00; } .prompt { color: #333; }\n"
+         "table { border-collapse: collapse; } td, th { border: 1px solid #ccc; padding: .2em .6em; }")
 
 
 def _data_uri(data: bytes, mime: str) -> str:
@@ -25,7 +34,7 @@ def _data_uri(data: bytes, mime: str) -> str:
 
 def score_plots(rows: list[dict]) -> dict[str, bytes]:
     """One PNG per score: its distribution per sampler (box plot with the points)."""
-    import matplotlib
+    import matplotlib  # heavy, and its backend must be chosen before pyplot loads: only the report needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -55,12 +64,13 @@ def _fmt(v) -> str:
 
 def _card(r: dict, contact: str | None) -> str:
     scores = " ".join(f"<span class='score'>{n}: {_fmt(r.get(n))}</span>" for n in SCORES)
-    video = (f"<video src='../videos/{html.escape(r['id'])}.mp4' controls muted loop preload='metadata' "
+    video = (f"<video src='{html.escape(video_href(r['id']))}' controls muted loop preload='metadata' "
              f"width='{r.get('width') or 256}'></video>") if r["status"] == "ok" else ""
     img = f"<img class='contact' alt='contact sheet of {html.escape(r['id'])}' src='{contact}'>" if contact else ""
     err = f"<p class='error'>{html.escape(r.get('error') or '')}</p>" if r["status"] != "ok" else ""
-    return (f"<div class='card'><h4>{html.escape(r['id'])} <small>{_fmt(r.get('sampler'))} · seed {_fmt(r.get('seed'))}</small></h4>"
-            f"<p class='prompt'>{html.escape(r.get('prompt') or '')}</p>{video}{img}<p>{scores}</p>{err}</div>")
+    return (f"<div class='card'><h4>{html.escape(r['id'])} <small>{_fmt(r.get('sampler'))} · "
+            f"seed {_fmt(r.get('seed'))}</small></h4><p class='prompt'>{html.escape(r.get('prompt') or '')}</p>"
+            f"{video}{img}<p>{scores}</p>{err}</div>")
 
 
 def _export_section(export: dict | None) -> str:
@@ -68,8 +78,9 @@ def _export_section(export: dict | None) -> str:
     if not export:
         return ""
     to = html.escape(export["to"])
-    return (f"<h2>Filtered dataset</h2><p id='export'><a href='{to}'>{to}</a>: {export['rows']} of {export['ok_rows']} ok "
-            f"videos ({html.escape(export['describe'])}), {export['format']}, {len(export['shards'])} shard(s)</p>")
+    return (f"<h2>Filtered dataset</h2><p id='export'><a href='{to}'>{to}</a>: {export['rows']} of "
+            f"{export['ok_rows']} ok videos ({html.escape(export['describe'])}), {export['format']}, "
+            f"{len(export['shards'])} shard(s)</p>")
 
 
 def build_html(rows: list[dict], contacts: dict[str, str], plots: dict[str, bytes], title: str, groups: dict,
@@ -83,21 +94,21 @@ def build_html(rows: list[dict], contacts: dict[str, str], plots: dict[str, byte
         + "".join(f"<td>{_fmt(s.get(n + '_mean'))}</td>" for n in SCORES) + "</tr>" for g, s in groups.items())
     ab = "".join(
         f"<section class='pair'><h3>{html.escape(pid)}</h3><div class='row'>"
-        + "".join(_card(r, contacts.get(r["id"])) for r in sorted(rs, key=lambda r: r.get("sampler") or "")) + "</div></section>"
+        + "".join(_card(r, contacts.get(r["id"])) for r in sorted(rs, key=lambda r: r.get("sampler") or ""))
+        + "</div></section>"
         for pid, rs in sorted(pairs.items()))
     gallery = "".join(_card(r, contacts.get(r["id"])) for r in rows if not r.get("pair_id"))
-    plot_imgs = "".join(f"<img class='plot' alt='{n} per sampler' src='{_data_uri(b, 'image/png')}'>" for n, b in plots.items())
+    plot_imgs = "".join(f"<img class='plot' alt='{n} per sampler' src='{_data_uri(b, 'image/png')}'>"
+                        for n, b in plots.items())
+    heads = "".join(f"<th>{n} (mean)</th>" for n in SCORES)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
-body {{ font-family: sans-serif; margin: 1.5em; }} .row {{ display: flex; gap: 1em; flex-wrap: wrap; }}
-.card {{ border: 1px solid #ccc; padding: .5em; max-width: 560px; }} .contact {{ display: block; max-width: 540px; margin-top: .3em; }}
-.score {{ margin-right: 1em; font-family: monospace; }} .error {{ color: #b00; }} .prompt {{ color: #333; }}
-table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: .2em .6em; }}
+{STYLE}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
 <h2>Summary per sampler</h2>
-<table><tr><th>sampler</th><th>videos</th><th>success</th>{''.join(f'<th>{n} (mean)</th>' for n in SCORES)}</tr>{summary}</table>
+<table><tr><th>sampler</th><th>videos</th><th>success</th>{heads}</tr>{summary}</table>
 {_export_section(export)}
 <h2>Score distributions</h2><div class="row">{plot_imgs}</div>
 <h2>A/B pairs (same prompt, seed and initial noise)</h2>{ab or '<p>none</p>'}
@@ -128,8 +139,6 @@ window.addEventListener('load', async () => {{
 
 def display_order(table: pa.Table):
     """Row indices in the report's order: A/B pairs by pair id (rows without one first), then by id."""
-    import pyarrow.compute as pc
-
     pair = table["pair_id"] if "pair_id" in table.column_names else pa.nulls(table.num_rows, pa.string())
     keys = pa.table({"pair": pc.fill_null(pair, ""), "id": table["id"]})
     return pc.sort_indices(keys, sort_keys=[("pair", "ascending"), ("id", "ascending")])
@@ -140,11 +149,11 @@ def write_report(fs, root: str, table: pa.Table, groups: dict, title: str, expor
     rows = table.take(display_order(table)[:MAX_ROWS]).to_pylist()
     contacts = {}
     for r in rows:
-        png = metadata.media(fs, root, r, "png") if r["status"] == "ok" else None
+        png = media(fs, root, r, "png") if r["status"] == "ok" else None
         if png:
             contacts[r["id"]] = _data_uri(png, "image/png")
     page = build_html(rows, contacts, score_plots(rows), title, groups, export)
-    dest = storage.join(root, "report", "index.html")
+    dest = Layout(root).report
     storage.put_bytes(fs, page.encode(), dest, root)
     ok = sum(r["status"] == "ok" for r in rows)
     logger.info("report: %s (%d videos, %d failed rows)", storage.full_uri(fs, dest), ok, len(rows) - ok)
@@ -165,15 +174,14 @@ def report_videos(table: pa.Table, cap_bytes: int = 256 << 20) -> list[dict]:
 
 
 def log_report(mlflow, fs, root: str, path: str, table: pa.Table) -> None:
-    """The report and (within a cap) the videos it links, under report/ and videos/ in the run's artifacts."""
-    import tempfile
-
+    """The report and (within a cap) the videos it links, under report/ and videos/ in the run's artifacts: the
+    output's layout, so that the report's relative links resolve there too."""
     with tempfile.TemporaryDirectory() as tmp:
-        local = posixpath.join(tmp, "index.html")
+        local = posixpath.join(tmp, posixpath.basename(path))
         fs.get_file(path, local)
-        mlflow.log_artifact(local, "report")
+        mlflow.log_artifact(local, REPORT)
         for row in report_videos(table):
             dst = posixpath.join(tmp, f"{row['id']}.mp4")
             with open(dst, "wb") as f:
-                f.write(metadata.media(fs, root, row, "mp4") or b"")
-            mlflow.log_artifact(dst, "videos")
+                f.write(media(fs, root, row, "mp4") or b"")
+            mlflow.log_artifact(dst, VIDEOS)

@@ -1,16 +1,31 @@
 """The driver's set-up before any Ray work: which model folders the actors load (tiny builds for laptops and tests),
-checks that fail fast with exit 2 (a scorer that cannot load), and the planning shortcut for a rerun with nothing
-left to do. Only `jobs/generate.py` calls this module."""
+checks that fail fast with exit 2 (a scorer that cannot load), the manifest read once, the plan (what is left to run)
+and the planning shortcut for a rerun with nothing left to do. The run as its parts see it is `Run` (frozen: each
+stage of the driver makes a new one); its one mutable state, the ids it has recorded, is `Recorded`. Only the driver
+(`jobs/`) uses this module."""
 from __future__ import annotations
 
 import logging
 import os
 from dataclasses import dataclass, field, replace
-from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from jobs import config as job_config
+from operators import resume, storage
+from operators.kinds import KIND_COLUMNS, Setup, kinds_present
+from operators.layout import Layout
+from operators.manifest import read_schema
+from operators.resolve import Resolver, resolve_rows
+from operators.scoring import ClipScorer
+from pipelines.backbones.registry import structure
 from pipelines.bivdiff.config import BivdiffSpec
 from pipelines.config import ModelSpec
+from pipelines.fixtures.tiny import ensure_tiny
 from pipelines.params import BIVDIFF, GENERATION
 
 logger = logging.getLogger(__name__)
@@ -20,8 +35,6 @@ PLAN_CHUNK = 256  # rows resolved at a time; the check stops at the first chunk 
 
 def models(cfg: job_config.JobConfig, bivdiff_rows: bool) -> tuple[ModelSpec, BivdiffSpec, str | None]:
     """(generation models, BIVDiff models, CLIP scorer source or None), tiny sets built into tiny_cache first."""
-    from pipelines.tiny import ensure_tiny
-
     model, bivdiff = cfg.model, cfg.bivdiff.spec
     if cfg.tiny:  # build first, then read the folder's layout (which optional parts it has)
         folder = os.path.abspath(ensure_tiny(cfg.tiny, os.path.join(cfg.tiny_cache, cfg.tiny)))
@@ -39,44 +52,36 @@ def models(cfg: job_config.JobConfig, bivdiff_rows: bool) -> tuple[ModelSpec, Bi
 
 def check_scorer(source: str) -> None:
     """Load the CLIP scorer once here, so that a model that cannot load stops the job before any video is made."""
-    from operators.scoring import ClipScorer
-
     try:
         ClipScorer(source, "cpu")
-    except Exception as err:  # noqa: BLE001 - a missing folder, no hub access, a broken checkpoint
+    except Exception as err:  # a missing folder, no hub access, a broken checkpoint
         text = " ".join(str(err).split())[:300]
         raise ValueError(f"scores.clip_model: {source!r} cannot be loaded ({type(err).__name__}: {text})") from None
 
 
-@dataclass
+@dataclass(frozen=True)
 class Manifest:
     """What the driver knows of the manifest after its one read: row count, its ids and duplicate ids (Arrow, never
     Python sets), the row kinds present, whether it has per-row A/B groups, and (up to PLAN_IN_DRIVER_ROWS rows) the
     rows themselves, for the exact nothing-to-do check of rows whose id is only known after resolving."""
 
     rows: int
-    duplicate_ids: Any  # pa.Array of ids that appear in more than one row
+    duplicate_ids: pa.Array  # ids that appear in more than one row
     kinds: tuple[str, ...]
-    table: Any = None
-    ids: Any = None  # pa.ChunkedArray (after --limit), None without an id column
+    table: pa.Table | None = None
+    ids: pa.ChunkedArray | None = None  # after --limit; None without an id column
     groups: bool = False  # a non-null `samplers` column: ids are <id>-<sampler>
 
 
 def read_manifest(cfg: job_config.JobConfig) -> Manifest:
     """Check the manifest's schema (ManifestError) and read it once: `id` and the columns that decide a row's kind
     (Arrow, about 25 bytes a row), and every column when it is small enough to plan in the driver."""
-    import pyarrow as pa
-    import pyarrow.dataset as pads
-
-    from operators import storage
-    from operators.kinds import KIND_COLUMNS, kinds_present
-    from operators.manifest import read_schema
-
     schema, n = read_schema(cfg.manifest)
     fs, path = storage.filesystem(cfg.manifest)
     dataset = pads.dataset(path, filesystem=storage.arrow_filesystem(fs), format="parquet")
     small = n <= PLAN_IN_DRIVER_ROWS
-    table = dataset.to_table(columns=None if small else [c for c in ("id", "samplers", *KIND_COLUMNS) if c in schema.names])
+    table = dataset.to_table(columns=None if small else [c for c in ("id", "samplers", *KIND_COLUMNS)
+                                                         if c in schema.names])
     if cfg.limit:
         table = table.slice(0, cfg.limit)
     ids, dups = None, pa.array([], pa.string())
@@ -87,12 +92,9 @@ def read_manifest(cfg: job_config.JobConfig) -> Manifest:
     return Manifest(n, dups, kinds_present(table), table if small else None, ids, groups)
 
 
-def duplicates(ids):
+def duplicates(ids: pa.ChunkedArray) -> pa.Array:
     """The ids that appear more than once (Arrow): sorted, then neighbours compared (half the memory of a hash
     count on 10M ids)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     ids = ids.drop_null()
     if len(ids) < 2:
         return pa.array([], pa.string())
@@ -101,21 +103,19 @@ def duplicates(ids):
     return pc.unique(ordered.slice(1).filter(same))
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
     """The manifest rows left to run, decided in Arrow: a row whose manifest id is committed ok is skipped without
     resolving it (one hash anti-join over the whole manifest). `keep` is a mask over the manifest's rows (after
     --limit); `resolve_done` says some kept rows get their id only when resolved (no id column or null ids, A/B
     groups), so the resolve stage must still check them against the committed ids."""
 
-    keep: Any  # pa.Array of bool, or None: every row
+    keep: pa.Array | None  # bool, one per manifest row; None: every row
     pending: int
     resolve_done: bool
 
 
-def plan(cfg: job_config.JobConfig, manifest: Manifest, done) -> Plan:
-    import pyarrow.compute as pc
-
+def plan(cfg: job_config.JobConfig, manifest: Manifest, done: pa.Array) -> Plan:
     n = min(manifest.rows, cfg.limit or manifest.rows)
     ids = manifest.ids
     groups = bool(cfg.samplers) or manifest.groups  # ids are <id>-<sampler>: known once resolved
@@ -128,21 +128,16 @@ def plan(cfg: job_config.JobConfig, manifest: Manifest, done) -> Plan:
     return Plan(keep, pc.sum(keep).as_py() or 0, resolve_done)
 
 
-def write_todo(ctx: "RunContext", dest: str) -> str:
-    """The manifest's rows left to run (`ctx.plan.keep`), streamed batch by batch into one Parquet file at `dest`
+def write_todo(run: "Run", dest: str) -> str:
+    """The manifest's rows left to run (`run.plan.keep`), streamed batch by batch into one Parquet file at `dest`
     (this run's scratch): what the Ray stage reads instead of the manifest, so that a rerun of a 10M-row manifest
     with two rows missing resolves two rows."""
-    import pyarrow.dataset as pads
-    import pyarrow.parquet as pq
-
-    from operators import storage
-
-    mfs, mpath = storage.filesystem(ctx.cfg.manifest)
+    mfs, mpath = storage.filesystem(run.cfg.manifest)
     dataset = pads.dataset(mpath, filesystem=storage.arrow_filesystem(mfs), format="parquet")
-    keep, start = ctx.plan.keep, 0
-    limit = min(ctx.manifest.rows, ctx.cfg.limit or ctx.manifest.rows)
-    ctx.fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)
-    with ctx.fs.open(dest, "wb") as f, pq.ParquetWriter(f, dataset.schema) as writer:
+    keep, start = run.plan.keep, 0
+    limit = min(run.manifest.rows, run.cfg.limit or run.manifest.rows)
+    run.fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)
+    with run.fs.open(dest, "wb") as f, pq.ParquetWriter(f, dataset.schema) as writer:
         for batch in dataset.to_batches(batch_size=65536, use_threads=False):
             take = min(batch.num_rows, limit - start)
             if take <= 0:
@@ -152,81 +147,112 @@ def write_todo(ctx: "RunContext", dest: str) -> str:
                 part = part.filter(keep.slice(start, take))
             start += batch.num_rows
             writer.write_batch(part)
-    return storage.full_uri(ctx.fs, dest)
+    return storage.full_uri(run.fs, dest)
 
 
-@dataclass
-class RunContext:
-    """One run of the job, as its parts see it: the config, the output prefix, how rows resolve, what is done."""
+def committed(cfg: job_config.JobConfig, fs: fsspec.AbstractFileSystem, root: str) -> resume.Committed:
+    """What the output prefix holds; with --retry-poisoned, no row counts as poisoned."""
+    found = resume.committed(fs, root)
+    return replace(found, poisoned=resume.Committed.empty().poisoned) if cfg.compute.retry_poisoned else found
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run of the job, as its parts see it: the config, the manifest read once, how rows resolve, the output
+    prefix (`layout`: its paths, with this run's scratch once the MLflow run exists), what is committed there and what
+    is left to run. Each stage of the driver makes a new one: `replanned` (after a killed run's samples were
+    committed), `on_device` (once Ray says where actors run), `started` (the MLflow run's id), `with_todo`."""
 
     cfg: job_config.JobConfig
     manifest: Manifest
-    resolver: Any  # operators.kinds.Resolver
-    fs: Any
-    root: str
-    committed: Any  # operators.metadata.Committed: done / poisoned ids (Arrow) and the shards metadata names
-    scorer: str | None
-    run_name: str
+    resolver: Resolver
+    fs: fsspec.AbstractFileSystem
+    layout: Layout
+    committed: resume.Committed  # done / poisoned ids (Arrow) and the shards metadata names
     plan: Plan
-    device: str = "cpu"
-    run_id: str = ""
-    version: str = ""
+    scorer: str | None  # the CLIP scorer's source, None without scores
+    run_name: str
+    version: str  # the code version recorded in every row
+    device: str = "none"  # "cuda" or "cpu" once Ray has started
     todo: str | None = None  # the planned rows' Parquet in this run's scratch (None: the manifest itself)
-    seen_chunks: list = field(default_factory=list)  # ids this run has recorded, as Arrow arrays (retry passes skip them)
+
+    @property
+    def root(self) -> str:
+        return self.layout.root
+
+    @property
+    def run_id(self) -> str:
+        """The MLflow run's id ("" before it exists): the run's scratch folder and every row's `run_id`."""
+        return self.layout.run
 
     @property
     def kinds(self) -> tuple[str, ...]:
         return self.manifest.kinds
 
     @property
-    def done(self):
+    def done(self) -> pa.Array:
         return self.committed.done
 
-    @property
-    def seen(self):
-        import pyarrow as pa
+    def replanned(self) -> "Run":
+        """After samples of a killed run were packed and committed: what is done now, and what is left to run."""
+        found = replace(resume.committed(self.fs, self.root), poisoned=self.committed.poisoned)
+        return replace(self, committed=found, plan=plan(self.cfg, self.manifest, found.done))
 
-        return pa.chunked_array(self.seen_chunks, pa.string()).combine_chunks()
-
-    def with_device(self, device: str) -> "RunContext":
-        """The resolved device ("cuda" or "cpu") set on every kind's model spec (BIVDiff follows the generation model's
-        dtype and decode chunk)."""
-        from operators.kinds import Setup
-
+    def on_device(self, device: str) -> "Run":
+        """The resolved device ("cuda" or "cpu") set on every kind's model spec (BIVDiff follows the generation
+        model's dtype and decode chunk)."""
         gen = replace(self.resolver.setups[GENERATION].spec, device=device)
-        biv = replace(self.resolver.setups[BIVDIFF].spec, device=device, dtype=gen.dtype, decode_chunk=gen.decode_chunk)
+        biv = replace(self.resolver.setups[BIVDIFF].spec, device=device, dtype=gen.dtype,
+                      decode_chunk=gen.decode_chunk)
         specs = {GENERATION: gen, BIVDIFF: biv}
         setups = {k: Setup(specs[k], s.defaults, s.structure) for k, s in self.resolver.setups.items()}
         return replace(self, device=device, resolver=replace(self.resolver, setups=setups))
 
+    def started(self, run_id: str) -> "Run":
+        return replace(self, layout=self.layout.for_run(run_id))
 
-def resolver(cfg: job_config.JobConfig, model: ModelSpec, bivdiff: BivdiffSpec, kinds: tuple[str, ...]):
+    def with_todo(self) -> "Run":
+        """The rows left to run written to this run's scratch (only when the plan skips some manifest rows)."""
+        return self if self.plan.keep is None else replace(self, todo=write_todo(self, self.layout.todo))
+
+
+@dataclass
+class Recorded:
+    """The run's one mutable state: the ids it has recorded so far, as Arrow arrays (the retry passes skip them)."""
+
+    chunks: list[pa.Array] = field(default_factory=list)
+
+    def add(self, ids: pa.Array) -> None:
+        self.chunks.append(ids)
+
+    @property
+    def ids(self) -> pa.Array | None:
+        """Every recorded id, or None before any."""
+        return pa.chunked_array(self.chunks, pa.string()).combine_chunks() if self.chunks else None
+
+
+def resolver(cfg: job_config.JobConfig, model: ModelSpec, bivdiff: BivdiffSpec, kinds: tuple[str, ...]) -> Resolver:
     """The run's row resolver, with each present kind's structural facts read from its model configs (no weights)."""
-    from operators.kinds import Resolver
-    from pipelines.backbones import structure
-
     structures = {}
     if GENERATION in kinds:
         structures[GENERATION] = structure(model)
     if BIVDIFF in kinds:
         structures[BIVDIFF] = structure(bivdiff.model_spec())
-    return Resolver.build(model, bivdiff, defaults=cfg.defaults, bivdiff_defaults=cfg.bivdiff.defaults, limits=cfg.limits,
-                          samplers=cfg.samplers, structures=structures)
+    return Resolver.build(model, bivdiff, defaults=cfg.defaults, bivdiff_defaults=cfg.bivdiff.defaults,
+                          limits=cfg.limits, samplers=cfg.samplers, structures=structures)
 
 
-def anything_to_do(ctx: RunContext) -> bool:
+def anything_to_do(run: Run) -> bool:
     """Whether some manifest row is not committed ok yet: the plan's count, and for kept rows whose id is only known
     once resolved, the resolve stage's own function (same ids) on manifests up to PLAN_IN_DRIVER_ROWS rows; larger
     ones are left to the Ray stage (True)."""
-    from operators.generate import resolve_rows
-
-    if not ctx.plan.pending:
+    if not run.plan.pending:
         return False
-    table = ctx.manifest.table
-    if not ctx.plan.resolve_done or table is None:
+    table = run.manifest.table
+    if not run.plan.resolve_done or table is None:
         return True
-    if ctx.plan.keep is not None:
-        table = table.filter(ctx.plan.keep)
-    return any(resolve_rows(table.slice(i, PLAN_CHUNK), ctx.resolver, done=ctx.done,
-                            duplicate_ids=ctx.manifest.duplicate_ids).num_rows
+    if run.plan.keep is not None:
+        table = table.filter(run.plan.keep)
+    return any(resolve_rows(table.slice(i, PLAN_CHUNK), run.resolver, done=run.done,
+                            duplicate_ids=run.manifest.duplicate_ids).num_rows
                for i in range(0, table.num_rows, PLAN_CHUNK))

@@ -10,6 +10,14 @@ import os
 import pathlib
 import tempfile
 import time
+from dataclasses import asdict
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import yaml
+
+from operators import storage
+from pipelines.params import BIVDIFF, GENERATION
 
 logger = logging.getLogger(__name__)
 SQLITE = "sqlite:///"
@@ -39,16 +47,15 @@ def check_baseline(mlflow, cfg) -> None:
     baseline = cfg.regression.baseline
     if not baseline or baseline == "last":
         return
-    from mlflow.tracking import MlflowClient
-
     try:
-        MlflowClient().get_run(baseline)
+        mlflow.tracking.MlflowClient().get_run(baseline)
     except mlflow.exceptions.MlflowException:
         raise ValueError(f"--baseline: no MLflow run {baseline!r} at {cfg.mlflow_uri}; give a run id of experiment "
                          f"{cfg.experiment!r} or 'last'") from None
 
 
-FAILURE_CAUSES = {"worker died": "rows_worker_died", "row_timeout_s:": "rows_timed_out", "memory:": "rows_out_of_memory"}
+FAILURE_CAUSES = {"worker died": "rows_worker_died", "row_timeout_s:": "rows_timed_out",
+                  "memory:": "rows_out_of_memory"}
 
 
 class Progress:
@@ -60,7 +67,7 @@ class Progress:
         self.start = time.monotonic()
         self.logged: tuple[int, int] | None = None  # (ok, failed) of the last line logged
         self.step = 0  # MLflow progress step
-        self.causes = dict.fromkeys(FAILURE_CAUSES.values(), 0)  # failed rows by cause (README, "Reliability")
+        self.causes = dict.fromkeys(FAILURE_CAUSES.values(), 0)  # failed rows by cause (docs/reliability.md)
 
     def log(self, final: bool = False) -> None:
         """Log the progress line, unless the final one would repeat the last one logged."""
@@ -69,7 +76,8 @@ class Progress:
             self.logged = (self.ok, self.failed)
 
     def add(self, table) -> None:
-        for status, secs, nfe, error in zip(*(table.column(c).to_pylist() for c in ("status", "seconds", "nfe", "error"))):
+        columns = (table.column(c).to_pylist() for c in ("status", "seconds", "nfe", "error"))
+        for status, secs, nfe, error in zip(*columns):
             if status == "ok":
                 self.ok += 1
                 self.seconds += secs or 0.0
@@ -107,26 +115,20 @@ def flat(prefix: str, value, out: dict) -> dict:
     return out
 
 
-def open_run(mlflow, ctx, git_sha: str | None):
-    """The job's MLflow run, opened with the resolved config as params, the tags and the config artifact."""
-    from dataclasses import asdict
-
-    from operators import storage
-    from pipelines.params import BIVDIFF, GENERATION
-
-    cfg, fs, root, version = ctx.cfg, ctx.fs, ctx.root, ctx.version
-    mlrun = mlflow.start_run(run_name=ctx.run_name)
+def open_run(mlflow, run, git_sha: str | None):
+    """The job's MLflow run (`run`: the driver's jobs.setup.Run), opened with the resolved config as params, the tags
+    and the config artifact."""
+    cfg, fs, root, version = run.cfg, run.fs, run.root, run.version
+    mlrun = mlflow.start_run(run_name=run.run_name)
     record = cfg.record()
-    record["model"]["device"] = ctx.device
-    record["bivdiff"]["spec"] = asdict(ctx.resolver.setups[BIVDIFF].spec)
+    record["model"]["device"] = run.device
+    record["bivdiff"]["spec"] = asdict(run.resolver.setups[BIVDIFF].spec)
     mlflow.log_params(flat("", {k: v for k, v in record.items() if k != "commit"}, {}))
     mlflow.set_tags({"manifest": cfg.manifest, "output": storage.full_uri(fs, root), "git_sha": git_sha or "unknown",
                      "code_version": version, "ray_submission_id": submission_id() or "local",
-                     "backbone": ctx.resolver.setups[GENERATION].spec.backbone})
+                     "backbone": run.resolver.setups[GENERATION].spec.backbone})
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "job_config.yaml")
-        import yaml
-
         with open(path, "w") as f:
             yaml.safe_dump(record, f, sort_keys=False)
         mlflow.log_artifact(path, "config")
@@ -135,9 +137,6 @@ def open_run(mlflow, ctx, git_sha: str | None):
 
 def log_run_metadata(mlflow, parts, run_id: str) -> None:
     """This run's metadata rows (out of every part of the output, read once at the end) as one Parquet artifact."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
     if parts is None or "run_id" not in parts.column_names:
         return
     mine = parts.filter(pc.equal(parts["run_id"], run_id))

@@ -1,4 +1,4 @@
-"""The one place that knows how this Ray version spells an actor pool (ecosystem notes §1.2).
+"""The one place that knows how this Ray version spells an actor pool (`ActorPoolStrategy` or `concurrency=`).
 
 Ray flipped between `compute=` and `concurrency=` twice (2.9, 2.51); restart caps have no named
 parameter in 2.60 and still go through the deprecated `**ray_remote_args`. Callers ask for a fixed pool
@@ -15,7 +15,8 @@ import warnings
 from typing import Any, Iterator
 
 
-def actor_pool(ray, *, size: int, num_gpus: float, num_cpus: float, max_restarts: int, max_task_retries: int) -> dict[str, Any]:
+def actor_pool(ray, *, size: int, num_gpus: float, num_cpus: float, max_restarts: int,
+               max_task_retries: int) -> dict[str, Any]:
     """map_batches kwargs for a fixed-size actor pool with capped restarts (pain points 1, 8, 9)."""
     # Ray Data's default is max_restarts=-1 (unlimited): a deterministic crash on one row would loop forever
     warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated", category=DeprecationWarning)

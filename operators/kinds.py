@@ -1,8 +1,9 @@
-"""Row kinds: the one place that tells a generation row from a BIVDiff row (README "Architecture").
+"""Row kinds: the one place that tells a generation row from a BIVDiff row (docs/architecture.md).
 
 A manifest row with a non-null `task` is a BIVDiff edit of `source_video`; every other row generates a video from its
-prompt. Everything kind-specific hangs off `KINDS`: how a row resolves, how its record turns back into parameters,
-which Ray Data operator runs it, its metadata columns (`pipelines/params.py`), what it may check before any GPU work.
+prompt. Everything kind-specific hangs off `KINDS`: how a row resolves (operators/resolve.py), the Ray Data operator
+that runs it (operators/actors.py: its parameter class and the metadata's `backbone`), its metadata columns
+(`pipelines/params.py`), what it may check before any GPU work.
 """
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from pipelines import presets
-from pipelines.bivdiff.config import BivdiffParams, BivdiffSpec, resolve_bivdiff_params
-from pipelines.config import GenParams, ModelSpec, resolve_params
+from pipelines.bivdiff.config import BivdiffParams, resolve_bivdiff_params
+from pipelines.config import resolve_params
 from pipelines.params import BIVDIFF, GENERATION, Limits, Structure
 
+from .actors import BivdiffGenerator, VideoGenerator
+from .storage import filesystem
+from .worker import RowWorker
 
 KIND_COLUMNS = ("task",)  # the manifest columns that decide a row's kind
 
@@ -42,22 +46,21 @@ class Setup:
 
 @dataclass(frozen=True)
 class RowKind:
-    name: str
+    operator: type[RowWorker]  # the Ray Data operator (callable class) that runs the kind's rows
     resolve: Callable[[Mapping[str, Any], Setup, Limits], Any]
-    params: type
-    operator: str  # class name in operators/generate.py
     ab_groups: bool  # whether a row may expand into one row per sampler (A/B)
     default_sampler: str
     precheck: Callable[[Any], str | None] = lambda params: None  # a reason to fail before any GPU work, or None
     id_salt: Mapping[str, str] = field(default_factory=dict)  # hashed into derived ids (ids made before stay stable)
-    backbone_name: Callable[[Any], str] = lambda spec: spec.backbone  # the metadata's `backbone`
+
+    @property
+    def name(self) -> str:
+        return self.operator.kind
 
 
 def _missing_input(p: BivdiffParams) -> str | None:
     """A BIVDiff row's first input URI that certainly does not exist; storage errors other than 'not found' are left
     to the actor, which reads the files anyway."""
-    from .storage import filesystem
-
     for name in ("source_video", "mask_video", "condition_video"):
         uri = getattr(p, name)
         if uri is None:
@@ -66,37 +69,16 @@ def _missing_input(p: BivdiffParams) -> str | None:
             fs, path = filesystem(uri)
             if not fs.exists(path):
                 return f"{name}: {uri!r} does not exist"
-        except Exception:  # noqa: BLE001 - e.g. no credentials in this task: the actor will say
+        except Exception:  # e.g. no credentials in this task: the actor will say
             continue
     return None
 
 
-KINDS: dict[str, RowKind] = {
-    GENERATION: RowKind(GENERATION, lambda row, s, lim: resolve_params(row, s.defaults, backbone=s.spec.backbone,
-                                                                          structure=s.structure, limits=lim),
-                        GenParams, "VideoGenerator", True, presets.DEFAULT_SAMPLER),
-    BIVDIFF: RowKind(BIVDIFF, lambda row, s, lim: resolve_bivdiff_params(row, s.defaults, structure=s.structure, limits=lim),
-                     BivdiffParams, "BivdiffGenerator", False, presets.BIVDIFF_DEFAULTS["sampler"], _missing_input,
-                     {"kind": BIVDIFF}, lambda spec: f"bivdiff/{spec.vdm}"),
-}
-
-
-@dataclass(frozen=True)
-class Resolver:
-    """How a run resolves manifest rows (built once by the driver, shipped to the resolve tasks): per kind its setup,
-    the row limits, the A/B sampler list of the job."""
-
-    setups: Mapping[str, Setup]
-    limits: Limits = Limits()
-    samplers: tuple[str, ...] | None = None
-
-    @classmethod
-    def build(cls, model: ModelSpec | Mapping | None = None, bivdiff: BivdiffSpec | Mapping | None = None, *,
-              defaults: Mapping | None = None, bivdiff_defaults: Mapping | None = None, limits: Limits | Mapping | None = None,
-              samplers=None, structures: Mapping[str, Structure] | None = None) -> "Resolver":
-        spec = model if isinstance(model, ModelSpec) else ModelSpec(**(model or {}))
-        bspec = bivdiff if isinstance(bivdiff, BivdiffSpec) else BivdiffSpec(**(bivdiff or {}))
-        st = structures or {}
-        return cls({GENERATION: Setup(spec, dict(defaults or {}), st.get(GENERATION, Structure())),
-                    BIVDIFF: Setup(bspec, dict(bivdiff_defaults or {}), st.get(BIVDIFF, Structure()))},
-                   limits if isinstance(limits, Limits) else Limits(**(limits or {})), tuple(samplers) if samplers else None)
+KINDS: dict[str, RowKind] = {k.name: k for k in (
+    RowKind(VideoGenerator, lambda row, s, lim: resolve_params(row, s.defaults, backbone=s.spec.backbone,
+                                                               structure=s.structure, limits=lim),
+            True, presets.DEFAULT_SAMPLER),
+    RowKind(BivdiffGenerator, lambda row, s, lim: resolve_bivdiff_params(row, s.defaults, structure=s.structure,
+                                                                         limits=lim),
+            False, presets.BIVDIFF_DEFAULTS["sampler"], _missing_input, {"kind": BIVDIFF}),
+)}

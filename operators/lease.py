@@ -1,7 +1,8 @@
 """One run per output prefix: a lease object `OUTPUT/_lease.json` held by the running driver and refreshed by a
 heartbeat. A second driver refuses while the lease is fresh and names its holder; a lease whose heartbeat is older
-than its TTL (a crashed or killed driver elsewhere), or whose holder ran on this host and is gone, is taken over. Two drivers starting in the same instant both write, wait,
-and read back: only the one that reads its own token goes on (last writer wins), so at most one run writes."""
+than its TTL (a crashed or killed driver elsewhere), or whose holder ran on this host and is gone, is taken over. Two
+drivers starting in the same instant both write, wait, and read back: only the one that reads its own token goes on
+(last writer wins), so at most one run writes."""
 from __future__ import annotations
 
 import json
@@ -13,9 +14,9 @@ import time
 import uuid
 
 from . import storage
+from .layout import LEASE, Layout
 
 logger = logging.getLogger(__name__)
-NAME = "_lease.json"
 SETTLE_S = 1.0  # wait between writing the lease and reading it back (S3 PUTs are strongly consistent)
 
 
@@ -55,7 +56,7 @@ class Lease:
 
     def __init__(self, fs, root: str, run: str, ttl_s: float):
         self.fs, self.root, self.run, self.ttl = fs, root, run, float(ttl_s)
-        self.path = storage.join(root, NAME)
+        self.path = Layout(root).lease
         self.token = uuid.uuid4().hex
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -75,17 +76,18 @@ class Lease:
             logger.warning("the run holding %s is gone (%s); taking its lease", self.path, describe(current, now))
         elif fresh:
             raise LeaseHeld(f"--output: another run is writing {storage.full_uri(self.fs, self.root)}: "
-                            f"{describe(current, now)}; wait for it to end (its lease goes stale {self.ttl:.0f} s after its "
-                            f"last heartbeat), or delete {NAME} there if that run is dead")
+                            f"{describe(current, now)}; wait for it to end (its lease goes stale {self.ttl:.0f} s "
+                            f"after its last heartbeat), or delete {LEASE} there if that run is dead")
         elif current is not None:
-            logger.warning("taking over a stale lease of %s", describe(current, now) if current else "an unreadable lease")
+            logger.warning("taking over a stale lease of %s",
+                           describe(current, now) if current else "an unreadable lease")
         self.fs.makedirs(self.root, exist_ok=True)
         self._write()
         time.sleep(SETTLE_S)
         back = _read(self.fs, self.path) or {}
         if back.get("token") != self.token:
-            raise LeaseHeld(f"--output: another run started on {storage.full_uri(self.fs, self.root)} at the same moment: "
-                            f"{describe(back, time.time())}")
+            raise LeaseHeld(f"--output: another run started on {storage.full_uri(self.fs, self.root)} at the same "
+                            f"moment: {describe(back, time.time())}")
         self._thread = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)
         self._thread.start()
         return self
@@ -94,7 +96,7 @@ class Lease:
         while not self._stop.wait(self.ttl / 4):
             try:
                 self._write()
-            except Exception:  # noqa: BLE001 - a missed beat is retried; the TTL leaves three more chances
+            except Exception:  # a missed beat is retried; the TTL leaves three more chances
                 logger.warning("lease heartbeat failed", exc_info=True)
 
     def release(self) -> None:
@@ -104,5 +106,5 @@ class Lease:
         try:
             if (_read(self.fs, self.path) or {}).get("token") == self.token:
                 self.fs.rm(self.path)
-        except Exception:  # noqa: BLE001 - a lease left behind goes stale by itself
+        except Exception:  # a lease left behind goes stale by itself
             logger.warning("could not remove the lease %s", self.path, exc_info=True)

@@ -23,6 +23,7 @@ class ClipScorer:
     on a CPU); features are compared in float32."""
 
     def __init__(self, source: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        # transformers takes seconds to import and only an actor (or the driver's check) with scores needs it
         from transformers import AutoImageProcessor, CLIPModel, CLIPTokenizer
 
         self.device, self.dtype = torch.device(device), dtype
@@ -57,4 +58,5 @@ class ClipScorer:
         """{clipsim, frame_consistency, flicker} for one video; raises on failure (the caller records why)."""
         image = self.embed_frames(frames)
         text = self.embed_text([prompt])[0]
-        return {"clipsim": clipsim(text, image), "frame_consistency": frame_consistency(image), "flicker": flicker(frames)}
+        return {"clipsim": clipsim(text, image), "frame_consistency": frame_consistency(image),
+                "flicker": flicker(frames)}

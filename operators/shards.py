@@ -1,4 +1,5 @@
-"""WebDataset output (README "Datasets"): ok rows packed into tar shards `OUTPUT/shards/{run}-{nnnnn}.tar`.
+"""WebDataset output (docs/datasets.md "WebDataset shards"): ok rows packed into tar shards
+`OUTPUT/shards/{run}-{nnnnn}.tar`.
 
 A sample is the row's members in the WebDataset naming convention, one after another in the tar: `<key>.json` (every
 metadata field of the row), `<key>.mp4`, `<key>.txt` (the prompt; a BIVDiff row's `vdm_prompt`) and optionally
@@ -28,16 +29,13 @@ from typing import Any, Callable, Mapping
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from . import storage
+from . import metadata, storage
+from .layout import Layout, shard_name
 
 logger = logging.getLogger(__name__)
-SHARDS = "shards"
 MEMBERS = ("json", "mp4", "txt", "png")  # in this order inside a sample
-
-
-def shards_dir(root: str) -> str:
-    return storage.join(root, SHARDS)
 
 
 def sample_key(rid: str) -> str:
@@ -47,7 +45,8 @@ def sample_key(rid: str) -> str:
 def row_json(row: Mapping[str, Any]) -> bytes:
     """A row's metadata as the sample's `json` member (timestamps in ISO 8601)."""
     return json.dumps({k: v for k, v in row.items() if k not in ("shard_uri", "shard_offset")}, sort_keys=True,
-                      default=lambda v: v.isoformat() if isinstance(v, (dt.datetime, dt.date)) else str(v)).encode()
+                      default=lambda v: v.isoformat() if isinstance(v, (dt.datetime, dt.date)) else str(v)
+                      ).encode()
 
 
 def _member(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> None:
@@ -84,10 +83,6 @@ def read_sample(fs, shard: str, offset: int) -> dict[str, bytes]:
     return out
 
 
-def stats_path(root: str, name: str) -> str:
-    return storage.join(shards_dir(root), f"{name}.json")
-
-
 def pack(fs, root: str, name: str, rows: list[dict], members: Callable[[dict], dict[str, bytes]], *, failed: int,
          code_version: str) -> tuple[str, list[int], dict]:
     """Pack `rows` (ok metadata rows) into `shards/{name}.tar`, put it whole, then write its stats next to it.
@@ -100,7 +95,8 @@ def pack(fs, root: str, name: str, rows: list[dict], members: Callable[[dict], d
         caption = row.get("prompt") or row.get("vdm_prompt") or ""  # a BIVDiff row's caption is its VDM prompt
         samples.append((sample_key(row["id"]), {"json": row_json(row), "txt": caption.encode(), **files},
                         stamp.timestamp() if isinstance(stamp, dt.datetime) else time.time()))
-    dest = storage.join(shards_dir(root), f"{name}.tar")
+    layout = Layout(root)
+    dest = layout.shard(name)
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, f"{name}.tar")
         offsets = write_tar(local, samples)
@@ -112,21 +108,22 @@ def pack(fs, root: str, name: str, rows: list[dict], members: Callable[[dict], d
              "failed": failed, "bytes": size, "sha256": digest, "video_bytes": sum(r.get("bytes") or 0 for r in rows),
              "seconds": round(sum(r.get("seconds") or 0.0 for r in rows), 3),
              "pack_seconds": round(time.perf_counter() - start, 3), "code_version": code_version,
-             "run_ids": sorted({r.get("run_id") or "" for r in rows}), "members": [m for m in MEMBERS if m in samples[0][1]],
+             "run_ids": sorted({r.get("run_id") or "" for r in rows}),
+             "members": [m for m in MEMBERS if m in samples[0][1]],
              "first_finished_at": min(finished).isoformat() if finished else None,
              "last_finished_at": max(finished).isoformat() if finished else None,
              "written_at": dt.datetime.now(dt.timezone.utc).isoformat()}
-    storage.put_bytes(fs, json.dumps(stats, indent=1).encode(), stats_path(root, name), root)
+    storage.put_bytes(fs, json.dumps(stats, indent=1).encode(), layout.shard_stats(name), root)
     return stats["uri"], offsets, stats
 
 
-def scratch_members(fs, folder: Callable[[str], str], contact: bool) -> Callable[[dict], dict[str, bytes]]:
-    """A finished sample's media from the scratch folder `folder(id)` its worker left it in."""
+def scratch_members(fs, scratch: Callable[[str], Layout], contact: bool) -> Callable[[dict], dict[str, bytes]]:
+    """A finished sample's media from the scratch `scratch(id)` (the layout of the run) its worker left it in."""
     def read(row: dict) -> dict[str, bytes]:
-        base = storage.join(folder(row["id"]), row["id"])
-        out = {"mp4": storage.with_retries(lambda: fs.cat_file(f"{base}.mp4"), f"read {base}.mp4")}
-        if contact and fs.exists(f"{base}.png"):
-            out["png"] = fs.cat_file(f"{base}.png")
+        video, sheet = (scratch(row["id"]).sample(row["id"], ext) for ext in ("mp4", "png"))
+        out = {"mp4": storage.with_retries(lambda: fs.cat_file(video), f"read {video}")}
+        if contact and fs.exists(sheet):
+            out["png"] = fs.cat_file(sheet)
         return out
     return read
 
@@ -137,8 +134,9 @@ class ShardSink:
     in a background thread, and are committed (with `shard_uri` / `shard_offset`) once the shard is put. `poll()`
     commits what has been packed; `close()` packs the rest and waits. Commits happen on the caller's thread only."""
 
-    def __init__(self, fs, root: str, writer, tag: str, members: Callable[[dict], dict[str, bytes]], *, code_version: str,
-                 max_bytes: int, max_samples: int, max_seconds: float, after_commit: Callable[[list[dict]], None] | None = None):
+    def __init__(self, fs, root: str, writer, tag: str, members: Callable[[dict], dict[str, bytes]], *,
+                 code_version: str, max_bytes: int, max_samples: int, max_seconds: float,
+                 after_commit: Callable[[list[dict]], None] | None = None):
         self.fs, self.root, self.writer, self.tag, self.members = fs, root, writer, tag, members
         self.code_version = code_version
         self.max_bytes, self.max_samples, self.max_seconds = max_bytes, max_samples, max_seconds
@@ -174,8 +172,8 @@ class ShardSink:
         name = f"{self.tag}-{self.seq:05d}"
         self.seq += 1
         table = pa.concat_tables(self.tables, promote_options="permissive")
-        future = self.pool.submit(pack, self.fs, self.root, name, table.to_pylist(), self.members, failed=self.failed,
-                                  code_version=self.code_version)
+        future = self.pool.submit(pack, self.fs, self.root, name, table.to_pylist(), self.members,
+                                  failed=self.failed, code_version=self.code_version)
         self.inflight.append((future, table))
         self.tables, self.opened = [], None
         self.samples = self.bytes = self.failed = 0
@@ -190,7 +188,8 @@ class ShardSink:
                 continue
             uri, offsets, stats = future.result()
             cols = table.drop_columns([c for c in ("shard_uri", "shard_offset") if c in table.column_names])
-            cols = cols.append_column(pa.field("shard_uri", pa.string()), pa.array([uri] * table.num_rows, pa.string()))
+            cols = cols.append_column(pa.field("shard_uri", pa.string()),
+                                      pa.array([uri] * table.num_rows, pa.string()))
             cols = cols.append_column(pa.field("shard_offset", pa.int64()), pa.array(offsets, pa.int64()))
             self.writer.add(cols)
             self.writer.flush()  # the shard's commit marker
@@ -214,69 +213,66 @@ class ShardSink:
 
 def listed(fs, root: str, suffix: str = ".tar") -> set[str]:
     """Names of the shard files under `shards/` (without the suffix)."""
-    d = shards_dir(root)
-    if not fs.exists(d):
+    folder = Layout(root).shards
+    if not fs.exists(folder):
         return set()
-    return {posixpath.basename(p)[: -len(suffix)] for p in fs.ls(d, detail=False) if p.endswith(suffix)}
-
-
-def shard_name(uri: str) -> str:
-    return posixpath.basename(uri)[: -len(".tar")]
-
+    return {posixpath.basename(p)[: -len(suffix)] for p in fs.ls(folder, detail=False) if p.endswith(suffix)}
 
 def remove_orphans(fs, root: str, committed_uris) -> list[str]:
     """Remove shards (and their stats) that no metadata row names: a driver killed between putting a shard and
     committing its rows. Only under the output's lease (one writer)."""
     named = {shard_name(u) for u in committed_uris if u}
     orphans = sorted((listed(fs, root) | listed(fs, root, ".json")) - named)
+    layout = Layout(root)
     for name in orphans:
-        for path in (storage.join(shards_dir(root), f"{name}.tar"), stats_path(root, name)):
+        for path in (layout.shard(name), layout.shard_stats(name)):
             if fs.exists(path):
                 fs.rm(path)
     if orphans:
-        logger.warning("removed %d shard(s) that no metadata row names (a killed run's last shards): %s", len(orphans),
-                       ", ".join(orphans[:5]))
+        logger.warning("removed %d shard(s) that no metadata row names (a killed run's last shards): %s",
+                       len(orphans), ", ".join(orphans[:5]))
     return orphans
 
 
-def _drop_scratch(fs, folder: str) -> Callable[[list[dict]], None]:
+def _drop_scratch(fs, scratch: Layout) -> Callable[[list[dict]], None]:
     """After a shard's rows are committed: their media and scratch rows go (best effort; the run's scratch folder
     is removed at its end anyway)."""
     def drop(rows: list[dict]) -> None:
-        paths = [storage.join(folder, f"{r['id']}.{ext}") for r in rows for ext in ("mp4", "png", "parquet")]
+        paths = [scratch.sample(r["id"], ext) for r in rows for ext in ("mp4", "png", "parquet")]
         try:
             fs.rm([p for p in paths if fs.exists(p)])
-        except Exception:  # noqa: BLE001
+        except Exception:  # best effort: the run's scratch goes at its end
             logger.warning("could not remove packed samples from scratch", exc_info=True)
     return drop
 
 
-def run_sink(fs, root: str, writer, tag: str, run_id: str, layout, code_version: str) -> ShardSink:
-    """The shard sink of a run whose workers leave samples in its own scratch (`layout`: the job's OutputConfig)."""
-    from .worker import samples_dir
-
-    folder = samples_dir(root, run_id)
-    return ShardSink(fs, root, writer, tag, scratch_members(fs, lambda rid: folder, layout.contact_sheets),
-                     code_version=code_version, max_bytes=int(layout.shard_max_mb * 1e6),
-                     max_samples=layout.shard_max_samples, max_seconds=layout.shard_max_seconds,
-                     after_commit=_drop_scratch(fs, folder))
+def run_sink(fs, root: str, writer, tag: str, run_id: str, output, code_version: str) -> ShardSink:
+    """The shard sink of a run whose workers leave samples in its own scratch (`output`: the job's OutputConfig)."""
+    scratch = Layout(root, run_id)
+    return _sink(fs, root, writer, tag, lambda rid: scratch, output, code_version, output.shard_max_seconds,
+                 after_commit=_drop_scratch(fs, scratch))
 
 
-def salvage(fs, root: str, done, *, code_version: str, layout) -> int:
+def _sink(fs, root: str, writer, tag: str, scratch: Callable[[str], Layout], output, code_version: str,
+          max_seconds: float, after_commit: Callable[[list[dict]], None] | None = None) -> ShardSink:
+    """A sink of samples left in scratch, its shards sized by the job's OutputConfig (`output`)."""
+    return ShardSink(fs, root, writer, tag, scratch_members(fs, scratch, output.contact_sheets),
+                     code_version=code_version, max_bytes=int(output.shard_max_mb * 1e6),
+                     max_samples=output.shard_max_samples, max_seconds=max_seconds, after_commit=after_commit)
+
+
+def salvage(fs, root: str, done, *, code_version: str, output) -> int:
     """Samples that a killed run finished but never committed (their scratch rows `<id>.parquet` under
     `.runs/<run>/samples/`): packed into shards and committed now, instead of generated again; then the dead runs'
-    scratch goes. Only under the output's lease (every other run folder belongs to a dead run). Returns the count."""
-    import pyarrow.parquet as pq
-
-    from . import metadata
-    from .worker import RUN_DIR
-
-    runs = storage.join(root, RUN_DIR)
+    scratch goes. Only under the output's lease (every other run folder belongs to a dead run). Returns the count
+    (`output`: the job's OutputConfig)."""
+    runs = Layout(root).runs
     if not fs.exists(runs):
         return 0
     tables, where = [], {}
     for run in fs.ls(runs, detail=False):
-        folder = storage.join(run, "samples")
+        scratch = Layout(root, posixpath.basename(run))
+        folder = scratch.samples
         if not fs.exists(folder):
             continue
         for path in fs.ls(folder, detail=False):
@@ -284,12 +280,12 @@ def salvage(fs, root: str, done, *, code_version: str, layout) -> int:
                 try:
                     with fs.open(path, "rb") as f:
                         t = pq.read_table(f)
-                except Exception:  # noqa: BLE001 - a scratch row cut short by the kill: its sample is made again
+                except Exception:  # a scratch row cut short by the kill: its sample is made again
                     logger.warning("unreadable scratch row %s", path)
                     continue
                 if fs.exists(path[: -len(".parquet")] + ".mp4"):
                     tables.append(t)
-                    where[t["id"][0].as_py()] = folder
+                    where[t["id"][0].as_py()] = scratch
     count = 0
     if tables:
         table = pa.concat_tables(tables, promote_options="permissive")
@@ -298,9 +294,7 @@ def salvage(fs, root: str, done, *, code_version: str, layout) -> int:
         if table.num_rows:
             tag = f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-salvage"
             writer = metadata.MetadataWriter(fs, root, tag)
-            sink = ShardSink(fs, root, writer, tag, scratch_members(fs, where.__getitem__, layout.contact_sheets),
-                             code_version=code_version, max_bytes=int(layout.shard_max_mb * 1e6),
-                             max_samples=layout.shard_max_samples, max_seconds=float("inf"))
+            sink = _sink(fs, root, writer, tag, where.__getitem__, output, code_version, float("inf"))
             sink.add(table)
             sink.close()
             count = table.num_rows

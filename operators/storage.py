@@ -14,21 +14,26 @@ import logging
 import os
 import posixpath
 import random
+import tempfile
 import time
 import uuid
 from typing import Callable, TypeVar
 
 import fsspec
+import pyarrow.fs as pafs
 
-from pipelines.outputs import filesystem, is_local  # noqa: F401 - one S3 endpoint rule for the CLIs and the job
+# re-exported: one S3 endpoint rule for the CLIs and the job
+from pipelines.outputs import filesystem, is_local  # noqa: F401 - re-exported for the job
+
+from .layout import Layout
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # forwarded to Ray workers so every process sees the same store (and the same drill hooks, IVMIX_FAULTS)
-ENV_VARS = ("IVMIX_FAULTS", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
-            "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "HF_HOME", "HF_HUB_OFFLINE", "HF_TOKEN")
-STAGING = ".staging"
+ENV_VARS = ("IVMIX_FAULTS", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
+            "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "HF_HOME", "HF_HUB_OFFLINE",
+            "HF_TOKEN")
 
 
 def storage_env() -> dict[str, str]:
@@ -47,7 +52,8 @@ def _transient(err: BaseException) -> bool:
     if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError)):
         return False
     return isinstance(err, (OSError, ConnectionError, TimeoutError)) or type(err).__name__ in (
-        "ClientError", "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ServerDisconnectedError")
+        "ClientError", "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
+        "ServerDisconnectedError")
 
 
 def with_retries(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: float = 0.5) -> T:
@@ -55,11 +61,12 @@ def with_retries(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: 
     for attempt in range(1, attempts + 1):
         try:
             return fn()
-        except Exception as err:  # noqa: BLE001 - classified below
+        except Exception as err:  # classified below
             if attempt == attempts or not _transient(err):
                 raise
             delay = base_delay * 2 ** (attempt - 1) * (0.5 + random.random())
-            logger.warning("%s failed (%s: %s); retry %d/%d in %.1fs", what, type(err).__name__, err, attempt, attempts - 1, delay)
+            logger.warning("%s failed (%s: %s); retry %d/%d in %.1fs", what, type(err).__name__, err, attempt,
+                           attempts - 1, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
 
@@ -75,7 +82,7 @@ def sha256_file(path: str) -> str:
 def put_file(fs: fsspec.AbstractFileSystem, local_path: str, dest: str, root: str) -> None:
     """Copy a local file to `dest` so that `dest` is never visible half-written."""
     if is_local(fs):
-        staging = join(root, STAGING)
+        staging = Layout(root).staging
         fs.makedirs(staging, exist_ok=True)
         fs.makedirs(posixpath.dirname(dest), exist_ok=True)
         tmp = join(staging, f"{uuid.uuid4().hex}-{posixpath.basename(dest)}")
@@ -86,8 +93,6 @@ def put_file(fs: fsspec.AbstractFileSystem, local_path: str, dest: str, root: st
 
 
 def put_bytes(fs: fsspec.AbstractFileSystem, data: bytes, dest: str, root: str) -> None:
-    import tempfile
-
     with tempfile.NamedTemporaryFile(suffix=posixpath.splitext(dest)[1]) as tmp:
         tmp.write(data)
         tmp.flush()
@@ -96,15 +101,13 @@ def put_bytes(fs: fsspec.AbstractFileSystem, data: bytes, dest: str, root: str) 
 
 def clear_staging(fs: fsspec.AbstractFileSystem, root: str) -> None:
     """Remove leftovers of interrupted local writes (never visible as outputs). One job per output prefix."""
-    staging = join(root, STAGING)
+    staging = Layout(root).staging
     if is_local(fs) and fs.exists(staging):
         fs.rm(staging, recursive=True)
 
 
 def arrow_filesystem(fs: fsspec.AbstractFileSystem):
     """A pyarrow filesystem over an fsspec one (for Ray's read_parquet and pyarrow datasets)."""
-    import pyarrow.fs as pafs
-
     if is_local(fs):
         return pafs.LocalFileSystem()
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs))

@@ -1,12 +1,13 @@
-"""What every row operator shares (README "Architecture"): the metadata row of a result, publishing a video
+"""What every row operator shares (docs/architecture.md): the metadata row of a result, publishing a video
 (encode, upload, contact sheet, sha256), quality scores, and the guards around a model call (memory estimate,
-watchdog, fault drills). `VideoGenerator` and `BivdiffGenerator` (operators/generate.py) add how their kind runs.
+watchdog, fault drills). `VideoGenerator` and `BivdiffGenerator` (operators/actors.py) add how their kind runs.
 Errors are values: a failing row comes back with status "failed" and its reason; video bytes never enter Ray's
 object store.
 """
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -16,15 +17,21 @@ import socket
 import tempfile
 import threading
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
+from pipelines import memory
+from pipelines.backbones.common import resolve_placement
+from pipelines.cli import quiet_libraries
 from pipelines.config import spec_json
+from pipelines.video import contact_sheet, png_bytes, write_mp4
 
 from . import metadata, storage
-from .kinds import KINDS, Resolver
+from .layout import Layout
 from .manifest import COLUMNS
+from .scoring import ClipScorer
 
 logger = logging.getLogger(__name__)
 WORKER = f"{socket.gethostname()}:{os.getpid()}"  # evaluated in each worker process that imports this module
@@ -45,7 +52,8 @@ class Recorder:
 
     def row(self, rid: str, status: str, error: str | None, params=None, **extra) -> dict:
         row = {"id": rid, "status": status, "error": error, "code_version": self.code_version, "run_id": self.run_id,
-               "worker": WORKER, "backbone": self.backbone, "model_spec": self.model_json, "finished_at": metadata.now()}
+               "worker": WORKER, "backbone": self.backbone, "model_spec": self.model_json,
+               "finished_at": metadata.now()}
         if params is not None:
             row.update(params.record())
         row.update(extra)
@@ -64,15 +72,17 @@ class Recorder:
         return metadata.to_table(rows, extra if extra.num_columns else None, self.kind)
 
 
-def recorder(kind: str, resolver: Resolver, run_id: str, code_version: str) -> Recorder:
-    spec = resolver.setups[kind].spec
-    return Recorder(kind, spec, KINDS[kind].backbone_name(spec), run_id, code_version)
+def recorder(operator: type["RowWorker"], resolver, run_id: str, code_version: str) -> Recorder:
+    """The recorder of `operator`'s kind in a run (`resolver`: the run's operators.resolve.Resolver)."""
+    spec = resolver.setups[operator.kind].spec
+    return Recorder(operator.kind, spec, operator.backbone_name(spec), run_id, code_version)
 
 
-def lost_rows(batch: pa.Table, *, kind: str, resolver: Resolver, run_id: str, code_version: str, reason: str) -> pa.Table:
+def lost_rows(batch: pa.Table, *, operator: type["RowWorker"], resolver, run_id: str, code_version: str,
+              reason: str) -> pa.Table:
     """Rows whose batch killed its worker in the batched pass and again when run alone: recorded failed with `reason`
     (a stateless task, no model). Rows that were already failed keep their own error."""
-    rec = recorder(kind, resolver, run_id, code_version)
+    rec = recorder(operator, resolver, run_id, code_version)
     rows = [rec.unresolved(r, r["_error"] if r["_status"] != "pending" else reason) for r in batch.to_pylist()]
     return rec.table(rows, batch)
 
@@ -92,28 +102,27 @@ class RowWorker:
     """One actor of a kind's pool: `__call__` handles a batch of resolved rows of that kind. Models load on first use,
     once (`load`). Rows that failed to resolve, or that ran past their time on an earlier worker, are recorded without
     running; the rest go to `run(items)` as (position, id, params) triples, params rebuilt from the resolved record
-    without a second validation."""
+    without a second validation. A subclass names its kind, its parameter class and the metadata's `backbone`."""
 
     kind: str
+    params: type  # the kind's parameters: `params.from_record(record)` rebuilds a resolved row's
+    backbone_name: Callable[[Any], str] = staticmethod(lambda spec: spec.backbone)  # the metadata's `backbone`
 
-    def __init__(self, resolver: Resolver, output: str, run_id: str, code_version: str, *, scorer: str | None = None,
-                 memory_budget_gb: float | None = None, row_timeout_s: float | None = None, output_format: str = "files",
-                 contact_sheets: bool = True):
-        from pipelines.backbones.common import resolve_placement
-        from pipelines.cli import quiet_libraries
-
+    def __init__(self, resolver, output: str, run_id: str, code_version: str, *, scorer: str | None = None,
+                 memory_budget_gb: float | None = None, row_timeout_s: float | None = None,
+                 output_format: str = "files", contact_sheets: bool = True):
+        """`resolver`: the run's operators.resolve.Resolver (this kind's model set is `resolver.setups[kind].spec`)."""
         quiet_libraries()  # no per-file load bars or advisory warnings in the worker logs the driver prints
         self.spec = resolver.setups[self.kind].spec
-        self.rec = recorder(self.kind, resolver, run_id, code_version)
+        self.rec = recorder(type(self), resolver, run_id, code_version)
         self.device, self.dtype = resolve_placement(self.spec.device, self.spec.dtype)
         self._models = self._scorer = self._scorer_error = None
         self.scorer_source = scorer
         self.fs, self.root = storage.filesystem(output)
+        self.layout = Layout(self.root, run_id)
         self.memory_budget_gb, self.row_timeout_s = memory_budget_gb, row_timeout_s
-        self.timeouts = timeouts_dir(self.root, run_id)
         self.faults = drill_faults()
         self.shards, self.contact = output_format == "webdataset", contact_sheets
-        self.samples = samples_dir(self.root, run_id)
 
     @property
     def models(self):
@@ -132,12 +141,11 @@ class RowWorker:
         """The CLIP scorer, loaded on first use; a load failure is remembered and raised again for every video (the
         caller turns it into `score_error`, never into a lost video)."""
         if self._scorer is None and self._scorer_error is None:
-            from .scoring import ClipScorer
-
             try:
                 self._scorer = ClipScorer(self.scorer_source, self.device, self.dtype)
-            except Exception as err:  # noqa: BLE001
-                self._scorer_error = f"{type(err).__name__} while loading the scorer: {' '.join(str(err).split())[:300]}"
+            except Exception as err:  # any load failure: the videos are kept, their scores say why
+                text = " ".join(str(err).split())[:300]
+                self._scorer_error = f"{type(err).__name__} while loading the scorer: {text}"
         if self._scorer_error:
             raise RuntimeError(self._scorer_error)
         return self._scorer
@@ -145,13 +153,12 @@ class RowWorker:
     # -- guards: memory, time, drills ---------------------------------------------------------------------------
     def _memory_problem(self, backbone, batch: int, p) -> str | None:
         """None if `batch` videos like `p` fit what the device has free, else the reason with both numbers."""
-        from pipelines import memory
-
         need = memory.estimate(backbone, batch, p.frames, p.height, p.width, backbone.decode_chunk)
         budget = memory.budget(self.device, self.memory_budget_gb)
         if need.total <= budget:
             return None
-        source = "compute.memory_budget_gb" if self.memory_budget_gb is not None else f"90% of the free {self.device.type} memory"
+        source = ("compute.memory_budget_gb" if self.memory_budget_gb is not None
+                  else f"90% of the free {self.device.type} memory")
         return (f"memory: {p.frames} frames at {p.width}x{p.height} need {need.describe()}; the actor has "
                 f"{memory.gib(budget)} ({source})")
 
@@ -172,8 +179,9 @@ class RowWorker:
         def fire() -> None:
             mark = SPLIT if len(items) > 1 else f"{seconds:g}"  # a batched call that stalls: its rows retry alone first
             for _, rid, _ in items:
-                storage.put_bytes(self.fs, mark.encode(), storage.join(self.timeouts, f"{rid}.txt"), self.root)
-            logger.error("rows %s ran past %.0f s; ending this worker so that Ray replaces it", [r for _, r, _ in items], seconds)
+                storage.put_bytes(self.fs, mark.encode(), self.layout.timeout_mark(rid), self.root)
+            logger.error("rows %s ran past %.0f s; ending this worker so that Ray replaces it",
+                         [r for _, r, _ in items], seconds)
             os._exit(75)
 
         timer = threading.Timer(seconds, fire)
@@ -194,12 +202,13 @@ class RowWorker:
 
     def _timed_out(self) -> dict[str, str]:
         """Rows of this run that ran past their time on an earlier worker: {id: seconds}."""
+        folder = self.layout.timeouts
         try:
-            if not self.fs.exists(self.timeouts):
+            if not self.fs.exists(folder):
                 return {}
             return {posixpath.basename(p)[: -len(".txt")]: self.fs.cat_file(p).decode()
-                    for p in self.fs.ls(self.timeouts, detail=False) if p.endswith(".txt")}
-        except Exception:  # noqa: BLE001 - an unreadable marker folder must not fail the batch
+                    for p in self.fs.ls(folder, detail=False) if p.endswith(".txt")}
+        except Exception:  # an unreadable marker folder must not fail the batch
             logger.exception("could not read the timeout marks")
             return {}
 
@@ -207,18 +216,15 @@ class RowWorker:
     def _publish(self, result, rid: str) -> dict:
         """Encode, upload, describe one video: to `videos/` and `contact/` (files), or to the run's scratch until the
         driver packs it into a shard (webdataset; its uris are then the shard's)."""
-        from pipelines.video import contact_sheet, png_bytes, write_mp4
-
         p = result.params
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             local = os.path.join(tmp, "video.mp4")
             size = write_mp4(result.frames, local, p.fps)
             digest = storage.sha256_file(local)
-            folder = self.samples if self.shards else metadata.videos_dir(self.root)
-            dest = storage.join(folder, f"{rid}.mp4")
+            dest = self.layout.sample(rid, "mp4") if self.shards else self.layout.video(rid)
             storage.put_file(self.fs, local, dest, self.root)
-        sheet = storage.join(self.samples if self.shards else metadata.contact_dir(self.root), f"{rid}.png")
+        sheet = self.layout.sample(rid, "png") if self.shards else self.layout.contact_sheet(rid)
         if self.contact:
             storage.put_bytes(self.fs, png_bytes(contact_sheet(result.frames)), sheet, self.root)
         uri = (lambda path: None) if self.shards else (lambda path: storage.full_uri(self.fs, path))
@@ -230,7 +236,7 @@ class RowWorker:
         """Publish one sampled video: its ok row, or a failed row saying why writing it failed."""
         try:
             return self.rec.row(rid, "ok", None, result.params, **self._publish(result, rid), **self._scores(result))
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:  # a failed upload is the row's error
             logger.exception("publishing %s failed", rid)
             return self.rec.row(rid, "failed", f"{type(err).__name__} while writing the video: {err}", result.params)
 
@@ -240,7 +246,7 @@ class RowWorker:
             return {}
         try:
             return self.scorer.score(result.frames, result.params.prompt)
-        except Exception as err:  # noqa: BLE001 - never lose a video to its scores
+        except Exception as err:  # never lose a video to its scores
             logger.exception("scoring failed")
             return {"score_error": f"{type(err).__name__}: {err}"}
 
@@ -249,7 +255,6 @@ class RowWorker:
         meta: dict[int, dict] = {}
         pending, alone = [], []
         timed_out = self._timed_out() if any(r["_status"] == "pending" for r in rows) else {}
-        params_cls = KINDS[self.kind].params
         for i, r in enumerate(rows):
             mark = timed_out.get(r["_id"])
             if r["_status"] != "pending":
@@ -258,7 +263,8 @@ class RowWorker:
                 meta[i] = self.rec.unresolved(r, f"row_timeout_s: still running after {mark} s; "
                                                  "its worker was ended and replaced")
             else:
-                (alone if mark == SPLIT else pending).append((i, r["_id"], params_cls.from_record(json.loads(r["_params"]))))
+                params = self.params.from_record(json.loads(r["_params"]))  # the column between stages is JSON
+                (alone if mark == SPLIT else pending).append((i, r["_id"], params))
         meta.update(self.run(pending, alone))
         table = self.rec.table([meta[i] for i in range(len(rows))], batch)
         if self.shards:
@@ -268,34 +274,14 @@ class RowWorker:
     def _sidecars(self, table: pa.Table) -> None:
         """Each finished sample's metadata row beside its media in scratch (`<id>.parquet`, written last): what the
         next run packs if this run's driver dies before the sample's shard is committed (operators/shards.py)."""
-        import io
-
-        import pyarrow.parquet as pq
-
         for i, (rid, status) in enumerate(zip(table["id"].to_pylist(), table["status"].to_pylist())):
             if status == "ok":
                 sink = io.BytesIO()
                 pq.write_table(table.slice(i, 1), sink)
                 try:
-                    storage.put_bytes(self.fs, sink.getvalue(), storage.join(self.samples, f"{rid}.parquet"), self.root)
-                except Exception:  # noqa: BLE001 - only the salvage of a killed run needs it
+                    storage.put_bytes(self.fs, sink.getvalue(), self.layout.sample(rid, "parquet"), self.root)
+                except Exception:  # only the salvage of a killed run needs it
                     logger.exception("could not write the scratch row of %s", rid)
 
 
-def run_dir(root: str, run_id: str) -> str:
-    """A run's scratch under the output prefix (never read as output; removed by the driver at the end of the run)."""
-    return storage.join(root, RUN_DIR, run_id)
-
-
-def samples_dir(root: str, run_id: str) -> str:
-    """Where a run's workers leave finished samples until the driver packs them into shards (operators/shards.py)."""
-    return storage.join(run_dir(root, run_id), "samples")
-
-
-def timeouts_dir(root: str, run_id: str) -> str:
-    """Where a worker marks the rows that ran past their time."""
-    return storage.join(run_dir(root, run_id), "timeouts")
-
-
-RUN_DIR = ".runs"  # per-run scratch under the output prefix (never read as output)
 SPLIT = "split"  # timeout mark of a row whose batched call stalled: it runs alone next

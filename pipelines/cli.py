@@ -1,18 +1,28 @@
-"""What both single-video CLIs share: checks of model sources before loading, one-line model errors, a quiet
-console (the libraries' load bars and advisory warnings off), the per-step progress bar, exit codes."""
+"""What both single-video CLIs (`pipelines.sample`, `pipelines.bivdiff`) share: their one `main`, the placement and
+output flags, checks of model sources before loading, one-line model errors, a quiet console (the libraries' load
+bars and advisory warnings off), the per-step progress bar, writing the result, exit codes."""
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
 import re
 import sys
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
+
+import numpy as np
+
+from . import presets
+from .config import DTYPE_NAMES
+from .outputs import write_atomic
+from .video import write_mp4
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-EXIT_CODES = "exit status: 0 written; 2 bad input or a model that cannot be loaded (one 'error: <what>: <why>' line); 1 a crash"
+EXIT_CODES = ("exit status: 0 written; 2 bad input or a model that cannot be loaded (one 'error: <what>: <why>' line); "
+              "1 a crash")
 # a hub repository id: "name" or "org/name" (what huggingface_hub accepts); anything else must be an existing path
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 
@@ -27,7 +37,8 @@ def check_source(name: str, value: str | None) -> None:
 
 
 def tiny_kind(folder: str) -> str | None:
-    """The model kind a `python -m pipelines.tiny KIND DIR` folder holds (its tiny.json), or None for other folders."""
+    """The model kind a `python -m pipelines.fixtures.tiny KIND DIR` folder holds (its tiny.json), or None for other
+    folders."""
     try:
         with open(os.path.join(folder, "tiny.json")) as f:
             return json.load(f).get("model")
@@ -82,3 +93,65 @@ def progress_bar(total: int, desc: str, quiet: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="step", disable=quiet, file=sys.stderr, dynamic_ncols=True)
+
+
+def add_placement_flags(group) -> None:
+    """--dtype, --device, --decode-chunk: how the models run (a model spec's placement fields)."""
+    group.add_argument("--dtype", default=presets.DEFAULT_DTYPE, choices=DTYPE_NAMES,
+                       help="auto: float16 on CUDA, float32 on CPU")
+    group.add_argument("--device", default=presets.DEFAULT_DEVICE, help="auto: cuda if available, else cpu")
+    group.add_argument("--decode-chunk", type=int, default=presets.DEFAULT_DECODE_CHUNK,
+                       help=f"frames per VAE decode call (default {presets.DEFAULT_DECODE_CHUNK}; lower it if "
+                            "decoding runs out of memory)")
+
+
+def add_output_flags(group, *, required: bool) -> None:
+    """--output-type, --out, -q."""
+    group.add_argument("--output-type", default="mp4", choices=["mp4", "latent"], help="default mp4")
+    group.add_argument("--out", required=required,
+                       help="output path or fsspec URI (s3://...): .mp4, or .npy for --output-type latent")
+    group.add_argument("-q", "--quiet", action="store_true",
+                       help="no progress bar or log lines; errors and the result only")
+
+
+def model_dir_kind(folder: str) -> str | None:
+    """`--model-dir`: it must be a folder; the tiny kind it holds (None: not a tiny folder)."""
+    if not os.path.isdir(folder):
+        raise ValueError(f"--model-dir: {folder!r} is not a folder")
+    return tiny_kind(folder)
+
+
+def write_output(path: str, output_type: str, latents, frames, fps: int) -> None:
+    """Write `latents` as float32 .npy (output_type "latent") or `frames` as an mp4, atomically, to a path or URI."""
+    if output_type == "latent":
+        def save(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                np.save(f, latents.numpy().astype(np.float32))
+    else:
+        def save(tmp: str) -> None:
+            write_mp4(frames, tmp, fps)
+    write_atomic(path, save)
+
+
+def configure_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_libraries()
+
+
+def main(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], Any], summary: Callable[[Any], str],
+         argv: list[str] | None = None, *, listing: Callable[[argparse.Namespace], str | None] | None = None) -> int:
+    """The one main of both CLIs: parse, answer a listing flag (`listing` returns its text, None: no listing), set up
+    logging, `run`, print its `summary`; a ValueError is one `error: ...` line and exit status 2 (EXIT_CODES)."""
+    args = parser.parse_args(argv)
+    text = listing(args) if listing else None
+    if text is not None:
+        print(text)
+        return 0
+    configure_logging(args.quiet)
+    try:
+        out = run(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(summary(out))
+    return 0

@@ -1,22 +1,24 @@
-"""Frozen configuration: which models to load (`ModelSpec`; BIVDiff's in `pipelines/bivdiff/config.py`) and one generated
-video's resolved parameters (`GenParams`); a row's bounds (`Limits`, `Structure`) live with the parameters (params.py).
+"""Frozen configuration: which models to load (`ModelSpec`; BIVDiff's in `pipelines/bivdiff/config.py`) and one
+generated video's resolved parameters (`GenParams`); a row's bounds (`Limits`, `Structure`) live with the parameters
+(params.py).
 
-`resolve_params` (and BIVDiff's `resolve_bivdiff_params`) merge the defaults and validate once (types and bounds from the one
-declaration of each parameter, `pipelines/params.py`), for the CLIs, the job's defaults and manifest rows alike, so a
-bad value gets the same one-line `ValueError` wherever it comes from. `from_record` rebuilds resolved parameters
+`resolve_params` (and BIVDiff's `resolve_bivdiff_params`) merge the defaults and validate once (types and bounds from
+the one declaration of each parameter, `pipelines/params.py`), for the CLIs, the job's defaults and manifest rows alike,
+so a bad value gets the same one-line `ValueError` wherever it comes from. `from_record` rebuilds resolved parameters
 from their metadata record without validating again.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
-from . import params as schema
-from .params import DEFAULT_LIMITS, Limits, Structure
-from . import presets
+from . import params, presets
+from .backbones import registry
 from .grammar import Interval, Variant, parse_variant
+from .params import DEFAULT_LIMITS, Limits, Structure
 from .schedule import CFGRamp, is_finite_number
 
 DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
@@ -37,24 +39,20 @@ class ModelSpec:
     lora_scale: float = 1.0
     dtype: str = presets.DEFAULT_DTYPE
     device: str = presets.DEFAULT_DEVICE
-    decode_chunk: int = presets.DEFAULT_DECODE_CHUNK  # frames per VAE decode call (README "Memory")
+    decode_chunk: int = presets.DEFAULT_DECODE_CHUNK  # frames per VAE decode call (docs/checkpoints.md "Memory")
 
     def __post_init__(self) -> None:
         check_placement(self)
-        if self.backbone not in presets.BACKBONES:
-            raise ValueError(f"backbone: unknown {self.backbone!r}; choose one of {sorted(presets.BACKBONES)}")
+        defaults = registry.defaults(self.backbone)  # an unknown backbone: ValueError with the choices
         if not is_finite_number(self.lora_scale):
             raise ValueError(f"lora_scale: must be a finite number, got {self.lora_scale!r}")
-        defaults = presets.BACKBONES[self.backbone]
         for name in ("base", "motion_adapter", "image_model", "unet"):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, getattr(defaults, name))
 
     @classmethod
     def from_model_dir(cls, backbone: str, model_dir: str, **kw: Any) -> "ModelSpec":
-        """The folder layout written by `python -m pipelines.tiny BACKBONE DIR`."""
-        import os
-
+        """The folder layout written by `python -m pipelines.fixtures.tiny BACKBONE DIR`."""
         adapter, unet = os.path.join(model_dir, "motion_adapter"), os.path.join(model_dir, "unet")
         return cls(backbone=backbone, base=os.path.join(model_dir, "base"),
                    motion_adapter=adapter if os.path.isdir(adapter) else None,
@@ -105,7 +103,7 @@ class GenParams:
     interval: Interval
     zz: int | None
 
-    kind = schema.GENERATION
+    kind = params.GENERATION
 
     @property
     def preset(self) -> presets.Preset:
@@ -130,7 +128,8 @@ class GenParams:
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> "GenParams":
-        """The resolved parameters back from `record()` (no second validation: the record was made by resolve_params)."""
+        """The resolved parameters back from `record()` (no second validation: the record was made by
+        resolve_params)."""
         out = {f.name: record[f.name] for f in fields(cls)}
         out.update(idm_guidance=CFGRamp.parse(out["idm_guidance"]), vdm_guidance=CFGRamp.parse(out["vdm_guidance"]),
                    interval=Interval.parse(out["interval"]))
@@ -155,12 +154,14 @@ def resolve_params(row: Mapping[str, Any], defaults: Mapping[str, Any] | None = 
         raise ValueError(f"sampler: unknown preset {sampler!r}; choose one of {sorted(presets.PRESETS)}")
     preset = presets.PRESETS[sampler]
     if preset.backbones and backbone not in preset.backbones:
+        takes = sorted(n for n, p in presets.PRESETS.items() if not p.backbones or backbone in p.backbones)
         raise ValueError(f"sampler: preset {sampler!r} reproduces the {'/'.join(preset.backbones)} code; "
-                         f"the {backbone} backbone takes {sorted(n for n, p in presets.PRESETS.items() if not p.backbones or backbone in p.backbones)}")
-    bb = presets.BACKBONES[backbone]
+                         f"the {backbone} backbone takes {takes}")
+    bb = registry.defaults(backbone)
     base = {"negative_prompt": presets.DEFAULT_NEGATIVE_PROMPT, "seed": presets.DEFAULT_SEED,
             "steps": bb.steps, "frames": bb.frames, "height": bb.height, "width": bb.width, "fps": bb.fps,
-            "guidance": bb.guidance if bb.guidance is not None else preset.guidance, "idm_guidance": preset.idm_guidance,
+            "guidance": bb.guidance if bb.guidance is not None else preset.guidance,
+            "idm_guidance": preset.idm_guidance,
             "vdm_guidance": preset.vdm_guidance, "interval": preset.interval, "zz": preset.zz, **preset.overrides}
     pattern = merged.get("variant", preset.variant)
     if not isinstance(pattern, str):
@@ -169,7 +170,7 @@ def resolve_params(row: Mapping[str, Any], defaults: Mapping[str, Any] | None = 
         parsed = parse_variant(pattern)
     except ValueError as err:
         raise ValueError(f"variant: {err}") from None
-    values = schema.validate(schema.GENERATION, {**base, **parsed.params, **merged, "sampler": sampler,
+    values = params.validate(params.GENERATION, {**base, **parsed.params, **merged, "sampler": sampler,
                                                  "variant": parsed.variant.pattern()})
     if not values["prompt"].strip():
         raise ValueError("prompt: must be a non-empty string")

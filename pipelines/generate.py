@@ -15,7 +15,6 @@ import torch
 
 from .config import GenParams
 from .grammar import Plan, compile_plan
-from . import presets
 from .sampling import RowNoise, sample_plan, sde_dpmpp_2m
 from .schedule import dpm_timesteps, timesteps
 
@@ -39,24 +38,19 @@ class VideoResult:
         return 2 * self.total_calls
 
 
-def main_solver(backbone) -> str:
-    """The backbone code's main solver ("ddim" or "sde-dpmpp2m"): the one place that reads it (presets.BACKBONES)."""
-    return presets.BACKBONES[backbone.name].main_solver if backbone.name in presets.BACKBONES else "ddim"
-
-
 def main_grid(backbone, preset, steps: int) -> list[int]:
     """The main solver's timesteps: the preset's DDIM grid, or the DPM-Solver grid of the VDM's scheduler config."""
     cfg = backbone.scheduler_config
     n_train = int(cfg.get("num_train_timesteps", 1000))
-    if main_solver(backbone) == "sde-dpmpp2m":
+    if backbone.main_solver == "sde-dpmpp2m":  # the backbone code's main solver (`BackboneBase.main_solver`)
         return dpm_timesteps(steps, cfg.get("timestep_spacing", "linspace"), n_train, int(cfg.get("steps_offset", 0)))
     return timesteps(steps, preset.timestep_spacing, n_train, preset.steps_offset)
 
 
 def move_tables(backbone, preset) -> tuple:
-    """(table of denoise moves, table of inversion moves): one shared table, unless the preset reproduces code that reads
-    the IDM's table for inversions (`split_tables`) or for the whole zigzag (`zigzag_on_image_table`); the one place
-    that reads these preset flags (docs/algorithms.md "Presets")."""
+    """(table of denoise moves, table of inversion moves): one shared table, unless the preset reproduces code that
+    reads the IDM's table for inversions (`split_tables`) or for the whole zigzag (`zigzag_on_image_table`); the one
+    place that reads these preset flags (docs/algorithms.md §4, §5)."""
     down, image = backbone.video_table(), backbone.image_table()
     if preset.zigzag_on_image_table:
         return image, image
@@ -95,13 +89,15 @@ def generate(backbone, rows: Sequence[GenParams], *, decode: bool = True,
     plan = build_plan(backbone, rows)
     p = rows[0]
     noise = RowNoise([r.seed for r in rows])
-    shape = (backbone.latent_channels, p.frames, p.height // backbone.spatial_factor, p.width // backbone.spatial_factor)
+    factor = backbone.spatial_factor
+    shape = (backbone.latent_channels, p.frames, p.height // factor, p.width // factor)
     x = noise.draw(shape, backbone.device)  # (B, C, F, h, w) float32; latents stay fp32 between moves
     with torch.inference_mode():
         models = backbone.denoisers([r.prompt for r in rows], [r.negative_prompt for r in rows],
                                     frames=p.frames, idm_text=p.preset.idm_text, fps=p.fps)
         main_step = None
-        if main_solver(backbone) == "sde-dpmpp2m":  # its SDE noise: row b's own stream seeded seed_b + 1 (README "Noise")
+        if backbone.main_solver == "sde-dpmpp2m":
+            # its SDE noise: row b's own stream seeded seed_b + 1 (docs/algorithms.md §7)
             table = backbone.video_table()
             sde = RowNoise([r.seed + 1 for r in rows])
             c, f, h, w = shape
@@ -116,7 +112,8 @@ def generate(backbone, rows: Sequence[GenParams], *, decode: bool = True,
 
 
 def batches(rows: Sequence[GenParams], max_batch: int) -> Iterator[list[int]]:
-    """Indices of rows grouped into structurally uniform batches of at most `max_batch` (input order kept within a group)."""
+    """Indices of rows grouped into structurally uniform batches of at most `max_batch` (input order kept within a
+    group)."""
     if max_batch < 1:
         raise ValueError(f"batch size must be >= 1, got {max_batch}")
     order = sorted(range(len(rows)), key=lambda i: (repr(rows[i].batch_key()), i))

@@ -61,14 +61,16 @@ class Interval:
             raise ValueError(f"interval bounds must be numbers, got {value!r}") from None
         if fraction:
             if not (0.0 <= lo < hi <= 1.0):
-                raise ValueError(f"interval {value!r}: fractions need 0 <= a < b <= 1 (an empty or out-of-range interval)")
+                raise ValueError(f"interval {value!r}: fractions need 0 <= a < b <= 1 "
+                                 "(an empty or out-of-range interval)")
         elif lo < 0 or hi < lo:
             raise ValueError(f"interval {value!r}: indices need 0 <= a <= b (an empty or out-of-range interval)")
         return cls(lo, hi, "fraction" if fraction else "index")
 
     def check(self, num_steps: int) -> None:
         if self.unit == "index" and self.hi > num_steps - 1:
-            raise ValueError(f"interval {self.text()} is out of range for {num_steps} steps (last index {num_steps - 1})")
+            raise ValueError(f"interval {self.text()} is out of range for {num_steps} steps "
+                             f"(last index {num_steps - 1})")
         if self.unit == "fraction" and not any(self.active(i, num_steps) for i in range(num_steps)):
             raise ValueError(f"interval {self.text()} selects no step of a {num_steps}-step run")
 
@@ -94,8 +96,9 @@ class Variant:
     front: str = ""
     back: str = ""
     main: str = "V"
-    labels: str = "chain"  # "chain": every call's timestep = its latent's level; "legacy_ad": docs/algorithms.md §2 swap
-    resize: str = "none"  # "nearest64": IDM sees latents resized to 64x64 (ModelScope code, docs/algorithms.md §2)
+    # "chain": every call's timestep = its latent's level; "legacy_ad": docs/algorithms.md §2 swap
+    labels: str = "chain"
+    resize: str = "none"  # "nearest64": IDM sees latents resized to 64x64 (ModelScope code, docs/algorithms.md §3)
     sub_cfg: str = "V"  # CFG schedule of letters substituted by `sub_every` (AD: V, VC: I)
     w: tuple[tuple[str, CFGRamp], ...] = ()  # explicit signed zigzag scales, e.g. (("w_go_I", CFGRamp(4,4,7,-1)),)
 
@@ -320,7 +323,8 @@ def compile_plan(
                     u = max(0, t - (k - 1 - j) * delta)
                     model, w = letter(ch, "go")
                     kind = "noise" if model == "R" else "up"
-                    moves.append(Move(model, None if model == "R" else max(0, u - delta), U(u - delta), U(u), w, kind, u - delta, u))
+                    moves.append(Move(model, None if model == "R" else max(0, u - delta), U(u - delta), U(u), w, kind,
+                                      u - delta, u))
             else:  # up-first (paper figure): levels clamp at T-1
                 levels = [min(T - 1, t + j * delta) for j in range(k + 1)]
                 for j, ch in enumerate(variant.front):

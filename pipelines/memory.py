@@ -1,11 +1,11 @@
 """What one sampler call will allocate, estimated from the model configs before it runs, and what the device has free,
-so that a row which cannot fit fails alone with both numbers instead of killing its worker (README, "Reliability").
+so that a row which cannot fit fails alone with both numbers instead of killing its worker (docs/reliability.md).
 
 The estimate is first order and errs high: fp32 latents with their working copies; the largest UNet call's activations
 (CFG-doubled batch, frames folded for the image model, the feature maps of every level kept for the skip connections,
 attention through memory-efficient kernels so no quadratic term); the VAE decode of one chunk in float32. Weights are
 already resident when it is used, so the budget is the memory free at that moment. The copy counts are calibrated on
-the published architectures at 16 x 512 x 512 (`benchmarks/memory.py`, README "Real checkpoints and memory"): one
+the published architectures at 16 x 512 x 512 (`benchmarks/memory.py`, docs/checkpoints.md "Memory"): one
 video's CFG-doubled UNet call measured 2.11 GiB (AnimateDiff VDM), 2.36 GiB (SD-1.5 IDM), 2.71 GiB (ModelScope
 VDM) and 2.67 GiB (VideoCrafter2 VDM); the float32 decode 1.48, 3.51 and 12.29 GiB for chunks of 1, 4 and 16 frames."""
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 - CLIPSIM: mean cosine similarity between the prompt's CLIP text embedding and each frame's CLIP image
   embedding (Wu et al., GODIVA / the T2V literature's MSR-VTT protocol).
-- Frame consistency: mean cosine similarity of CLIP image embeddings of consecutive frames (BIVDiff §4).
+- Frame consistency: mean cosine similarity of CLIP image embeddings of consecutive frames
+  (the BIVDiff paper, arXiv 2312.02813, §4).
 - Flicker: mean absolute difference of consecutive frames in [0, 1] pixel units (weight-free).
 - Fréchet distance between two Gaussians fitted to feature sets: the FID/FVD formula
   d² = |μ1 − μ2|² + tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^{1/2}) with a pluggable feature extractor.
@@ -74,5 +75,6 @@ def frechet_from_features(a: np.ndarray, b: np.ndarray) -> float:
 def frechet_video_distance(videos_a, videos_b, extract) -> float:
     """The FVD formula over two sets of videos with a pluggable extractor: `extract(video) -> (D,) features`
     (I3D logits for the paper's FVD, CLIP mean embeddings, ...)."""
-    feats = [np.stack([np.asarray(extract(v), dtype=np.float64).reshape(-1) for v in vids]) for vids in (videos_a, videos_b)]
+    feats = [np.stack([np.asarray(extract(v), dtype=np.float64).reshape(-1) for v in vids])
+             for vids in (videos_a, videos_b)]
     return frechet_from_features(*feats)

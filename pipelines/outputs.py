@@ -24,7 +24,8 @@ def filesystem(uri: str):
         if endpoint:
             kwargs["client_kwargs"] = {"endpoint_url": endpoint}
         kwargs["skip_instance_cache"] = False
-        # throttling (503 SlowDown) and dropped connections: the S3 client's own retries, exponential backoff with jitter
+        # throttling (503 SlowDown) and dropped connections: the S3 client's own retries, exponential backoff with
+        # jitter
         kwargs["config_kwargs"] = {"retries": {"max_attempts": S3_ATTEMPTS, "mode": "standard"}}
     return fsspec.core.url_to_fs(uri, **kwargs)
 
@@ -47,7 +48,8 @@ def check_output(uri: str, output_type: str, flag: str = "--out") -> None:
     if not uri or uri.endswith(("/", os.sep)):
         raise ValueError(f"{flag}: give a file name ending in {suffix}, got {uri!r}")
     if not uri.lower().endswith(suffix):
-        raise ValueError(f"{flag}: --output-type {output_type} writes a {suffix} file; {uri!r} does not end in {suffix}")
+        raise ValueError(f"{flag}: --output-type {output_type} writes a {suffix} file; {uri!r} does not end in "
+                         f"{suffix}")
     fs, path = _fs(uri)
     if not is_local(fs):
         bucket = path.split("/")[0]

@@ -55,7 +55,7 @@ class Param:
 @dataclass(frozen=True)
 class Limits:
     """Upper bounds of one row (job config `limits:`; the CLIs use these defaults). A row over them fails alone, before
-    any model work: no row may ask a worker for more than it can hold (README, "Reliability")."""
+    any model work: no row may ask a worker for more than it can hold (docs/reliability.md)."""
 
     max_frames: int = 256
     max_height: int = 2048
@@ -85,8 +85,8 @@ DEFAULT_LIMITS = Limits()
 @dataclass(frozen=True)
 class Structure:
     """What a model set allows structurally: sizes in multiples of its VAE factor, at most `max_frames` frames (a motion
-    adapter's positional table). Read from config files without weights (`backbones.structure`), or from a loaded
-    backbone; `check` is the one place these rules live."""
+    adapter's positional table). Read from config files without weights (`backbones.registry.structure`), or from a
+    loaded backbone; `check` is the one place these rules live."""
 
     spatial_factor: int = 8
     max_frames: int | None = None
@@ -103,11 +103,14 @@ G, B = (GENERATION,), (BIVDIFF,)
 PARAMS: tuple[Param, ...] = (
     Param("prompt", "str", help="the caption (BIVDiff: sets idm_prompt and vdm_prompt when they are not given)"),
     Param("negative_prompt", "str", help="default '' (BIVDiff tasks with quality tags: the official NEG tags)"),
-    Param("seed", "int", lo=0, hi=MAX_SEED, help=f"initial-noise seed (default {presets.DEFAULT_SEED}; the *_v1 presets: "
+    Param("seed", "int", lo=0, hi=MAX_SEED,
+          help=f"initial-noise seed (default {presets.DEFAULT_SEED}; the *_v1 presets: "
           f"23523; BIVDiff: {presets.BIVDIFF_DEFAULTS['seed']})"),
-    Param("sampler", "str", help="preset: " + ", ".join(presets.PRESETS) + "; BIVDiff: " + ", ".join(presets.BIVDIFF_PRESETS)),
+    Param("sampler", "str",
+          help="preset: " + ", ".join(presets.PRESETS) + "; BIVDiff: " + ", ".join(presets.BIVDIFF_PRESETS)),
     Param("variant", "str", G, help="grammar pattern overriding the preset's, e.g. 'down:IV-IV', 'up:IV-IV@main=V'"),
-    Param("steps", "int", lo=1, hi=1000, help="sampling steps (BIVDiff: inversion = smoothing steps, a divisor of 1000)"),
+    Param("steps", "int", lo=1, hi=1000,
+          help="sampling steps (BIVDiff: inversion = smoothing steps, a divisor of 1000)"),
     Param("frames", "int", lo=1, help="frames of the video"),
     Param("height", "int", lo=1, help="pixels, a multiple of the VAE factor"),
     Param("width", "int", lo=1, help="pixels, a multiple of the VAE factor"),
@@ -116,12 +119,15 @@ PARAMS: tuple[Param, ...] = (
     Param("idm_guidance", "ramp", G, help="zigzag CFG of IDM sub-steps: W or BEGIN,END[,RHO] (Karras ramp; default 4)"),
     Param("idm_guidance", "float", B, help="stage-1 CFG of the image model (7.5)"),
     Param("vdm_guidance", "ramp", G, help="zigzag CFG of VDM sub-steps: W or BEGIN,END[,RHO] (default 4)"),
-    Param("interval", "interval", G, help="steps with the zigzag: 'a..b' step indices or '0.0..0.5' fractions (default all)"),
+    Param("interval", "interval", G,
+          help="steps with the zigzag: 'a..b' step indices or '0.0..0.5' fractions (default all)"),
     Param("zz", "int", G, lo=1, nullable=True, help="substitute the IDM letters by the VDM when step %% zz == zz-1"),
     Param("task", "choice", B, choices=tuple(presets.BIVDIFF_TASKS), help="the BIVDiff stage-1 task"),
-    Param("source_video", "str", B, nullable=True, help="source video URI (external: the edited frames: mp4, PNG folder or .npy)"),
+    Param("source_video", "str", B, nullable=True,
+          help="source video URI (external: the edited frames: mp4, PNG folder or .npy)"),
     Param("mask_video", "str", B, nullable=True, help="inpaint: mask video URI, white = region to fill"),
-    Param("condition_video", "str", B, nullable=True, help="controlnet-depth/-pose: precomputed condition maps (default: the source)"),
+    Param("condition_video", "str", B, nullable=True,
+          help="controlnet-depth/-pose: precomputed condition maps (default: the source)"),
     Param("idm_prompt", "str", B, help="stage-1 prompt (instruct-pix2pix: the edit instruction)"),
     Param("vdm_prompt", "str", B, help="smoothing prompt: a caption of the target video"),
     Param("inversion_prompt", "str", B, help="bivdiff preset: text the inversions are conditioned on (default '')"),
@@ -134,8 +140,10 @@ PARAMS: tuple[Param, ...] = (
     Param("frame_joint_norm", "bool", B, help="inversion UNet GroupNorm pooled over frames (bivdiff_compat: on)"),
     Param("edit_type", "choice", B, choices=presets.P2P_EDIT_TYPES,
           help="p2p: refine (add words; aligned tokens keep the source's maps) | replace (swap words one for one)"),
-    Param("cross_replace", "float", B, lo=0.0, hi=1.0, help=f"p2p: fraction of steps with cross-attention replaced ({presets.P2P_REPLACE})"),
-    Param("self_replace", "float", B, lo=0.0, hi=1.0, help=f"p2p: fraction of steps with self-attention replaced ({presets.P2P_REPLACE})"),
+    Param("cross_replace", "float", B, lo=0.0, hi=1.0,
+          help=f"p2p: fraction of steps with cross-attention replaced ({presets.P2P_REPLACE})"),
+    Param("self_replace", "float", B, lo=0.0, hi=1.0,
+          help=f"p2p: fraction of steps with self-attention replaced ({presets.P2P_REPLACE})"),
     Param("local_blend", "str", B, help="p2p: words whose attention bounds the edit, e.g. 'car' or 'car,truck' (one "
           "group per prompt); default '' = edit everywhere"),
 )
@@ -198,7 +206,8 @@ def _message(p: Param, err: Mapping[str, Any]) -> str:
     reason = {"finite_number": "a finite number", "literal_error": f"one of {p.choices}", "bool_type": "true or false",
               "string_type": "a string"}.get(kind)
     if reason is None:
-        reason = "an integer" if kind.startswith("int") else "a number" if kind.startswith("float") else err["msg"].lower()
+        reason = ("an integer" if kind.startswith("int") else "a number" if kind.startswith("float")
+                  else err["msg"].lower())
     return f"{p.name}: must be {reason}, got {got!r}"
 
 
@@ -241,16 +250,25 @@ def from_args(args: argparse.Namespace, kind: str) -> dict[str, Any]:
 def markdown() -> str:
     """docs/parameters.md: the table of every parameter (`python -m pipelines.params > docs/parameters.md`)."""
     rows = [f"| `{p.name}` | {', '.join(p.kinds)} | {p.type}{' or null' if p.nullable else ''} | "
-            f"{_bounds(p)} | {' '.join(p.help.split()).replace('%%', '%')} |"
+            f"{_bounds(p)} | {_cell(p.help)} |"
             for p in PARAMS]
-    return ("# Row parameters\n\nGenerated from `pipelines/params.py` (`python -m pipelines.params > docs/parameters.md`). Each is a "
-            "manifest column, a job-config `defaults` key (BIVDiff's under `bivdiff.defaults`), a flag of the CLI of its kind "
-            "(`--name-with-dashes`) and a metadata column. Defaults come from the preset, the backbone or the task "
-            "(README).\n\n| name | row kinds | type | bounds | meaning |\n|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+    return ("# Row parameters\n\nGenerated from `pipelines/params.py` (`python -m pipelines.params > "
+            "docs/parameters.md`). Each is a manifest column, a job-config `defaults` key (BIVDiff's under "
+            "`bivdiff.defaults`), a flag of the CLI of its kind (`--name-with-dashes`) and a metadata column. Defaults "
+            "come from the preset, the backbone or the task (docs/sample.md, docs/bivdiff.md).\n\n"
+            "| name | row kinds | type | bounds | meaning |\n|---|---|---|---|---|\n"
+            + "\n".join(rows) + "\n")
+
+
+def _cell(text: str) -> str:
+    """One markdown table cell: one line, `%%` (argparse's escape) as `%`, pipes escaped."""
+    return " ".join(text.split()).replace("%%", "%").replace("|", "\\|")
 
 
 def _bounds(p: Param) -> str:
-    g = lambda v: str(int(v)) if float(v).is_integer() else f"{v:g}"  # noqa: E731
+    def g(v) -> str:
+        return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
     return "" if p.lo is None else f"≥ {g(p.lo)}" if p.hi is None else f"[{g(p.lo)}, {g(p.hi)}]"
 
 

@@ -1,7 +1,8 @@
-"""Every default in one place: model ids per backbone and the named sampler presets.
+"""The named sampler presets and the run defaults (device, dtype, decode chunk, BIVDiff's tasks and models); each
+backbone's model ids and native settings sit on its class (`pipelines/backbones/`, `BackboneDefaults`).
 
-Library code never names a hub id or a device; it reads them from here through the config objects.
-Presets marked `_v1` reproduce the official IV-Mixed code (docs/algorithms.md §5); the others are the
+Library code never names a hub id or a device; it reads them from here or the backbone classes through the config
+objects. Presets marked `_v1` reproduce the official IV-Mixed code (docs/algorithms.md §5); the others are the
 clean, self-consistent versions (docs/algorithms.md §2).
 """
 from __future__ import annotations
@@ -13,69 +14,8 @@ from .schedule import CFGRamp
 DEFAULT_DEVICE = "auto"  # "auto": cuda if available, else cpu
 DEFAULT_DTYPE = "auto"  # "auto": float16 on cuda, float32 elsewhere
 # frames per VAE decode call: the float32 decode of 16 frames at 512 x 512 at once needs far more than a 24 GB GPU
-# has left beside the weights (benchmarks/memory.py, README "Memory")
+# has left beside the weights (benchmarks/memory.py, docs/checkpoints.md "Memory")
 DEFAULT_DECODE_CHUNK = 4
-
-
-@dataclass(frozen=True)
-class BackboneDefaults:
-    """Model ids and native settings of one backbone (hub ids or local folders are interchangeable)."""
-
-    base: str
-    motion_adapter: str | None
-    image_model: str
-    frames: int
-    height: int
-    width: int
-    fps: int
-    steps: int = 50
-    guidance: float | None = None  # main-step CFG default of this backbone's code (None: the preset's)
-    main_solver: str = "ddim"  # "ddim" or "sde-dpmpp2m" (SDE-DPM-Solver++ order 2, VideoCrafter2 code)
-    unet: str | None = None  # a VDM UNet loaded on its own (VideoCrafter2)
-
-
-BACKBONES: dict[str, BackboneDefaults] = {
-    # docs/algorithms.md §5: RV5.1 + motion adapter v1-5-3 as VDM, SD1.5 as IDM, 16 x 512 x 512, 8 fps output
-    "animatediff": BackboneDefaults(
-        base="SG161222/Realistic_Vision_V5.1_noVAE",
-        motion_adapter="guoyww/animatediff-motion-adapter-v1-5-3",
-        image_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
-        frames=16, height=512, width=512, fps=8,
-    ),
-    # docs/algorithms.md §5: UNet3DConditionModel VDM, SD1.5 IDM with its own text encoder; the code runs 16 x 512 x 512
-    # (the model card's native size is 256)
-    "modelscope": BackboneDefaults(
-        base="ali-vilab/text-to-video-ms-1.7b",
-        motion_adapter=None,
-        image_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
-        frames=16, height=512, width=512, fps=8,
-    ),
-    # BIVDiff's VDM (docs/algorithms.md §8): ModelScope architecture; model card: 24 x 320 x 576 (BIVDiff runs 8 x 512 x 512)
-    "zeroscope": BackboneDefaults(
-        base="cerspense/zeroscope_v2_576w",
-        motion_adapter=None,
-        image_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
-        frames=24, height=320, width=576, fps=8,
-    ),
-    # docs/algorithms.md §5: VideoCrafter2 UNet (diffusers conversion) + zeroscope's VAE/text encoder/scheduler, RV6.0 IDM,
-    # fps conditioning 24, SDE-DPM-Solver++ main steps with CFG 9.0
-    "videocrafter2": BackboneDefaults(
-        base="cerspense/zeroscope_v2_576w",
-        motion_adapter=None,
-        image_model="SG161222/Realistic_Vision_V6.0_B1_noVAE",
-        unet="adamdad/videocrafterv2_diffusers",
-        frames=16, height=512, width=512, fps=24, guidance=9.0, main_solver="sde-dpmpp2m",
-    ),
-    # BIVDiff's default VDM (docs/algorithms.md §9): SD-2.1-base + VidRD's temporal layers, text encoder from ModelT2V.pth.
-    # `base` is the folder `python -m pipelines.backbones.vidrd` writes from ModelT2V.pth and this SD-2.1-base folder;
-    # the SD-2.1-base folder alone has no temporal weights and is refused with that instruction. Native size 256.
-    "vidrd": BackboneDefaults(
-        base="stabilityai/stable-diffusion-2-1-base",
-        motion_adapter=None,
-        image_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
-        frames=8, height=256, width=256, fps=8,
-    ),
-}
 
 
 @dataclass(frozen=True)
@@ -104,10 +44,12 @@ PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
         Preset("standard", "standard", "plain DDIM, same grid/CFG/noise as the IV-Mixed presets (the A/B baseline)"),
-        Preset("ivmixed", "down:IV-IV", "clean IV-IV zigzag, self-consistent timestep labels (docs/algorithms.md §2), t=0 no-op skipped"),
+        Preset("ivmixed", "down:IV-IV",
+               "clean IV-IV zigzag, self-consistent timestep labels (docs/algorithms.md §2), t=0 no-op skipped"),
         Preset(
             "ivmixed_ad_v1", "down:IV-IV@labels=legacy_ad",
-            "official AnimateDiff code (docs/algorithms.md §5): legacy label swap, VDM text embeddings for the IDM, zz=1000",
+            "official AnimateDiff code (docs/algorithms.md §5): legacy label swap, VDM text embeddings for the IDM, "
+            "zz=1000",
             zz=1000, idm_text="vdm", keep_noop=True, split_tables=True,
             overrides={"seed": 23523}, backbones=("animatediff",),
         ),
@@ -119,9 +61,11 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "ivmixed_vc_v1", "down:IV-IV@sub_every=3(cfg=I),w_go_I=-4,w_back_I=4,w_go_V=-4,w_back_V=4",
-            "official VideoCrafter2 code (docs/algorithms.md §5): chain labels, every third step the VDM replaces the IDM "
-            "with the IDM's CFG, zigzag CFG fixed at +-4, zigzag moves on the IDM's table, SDE-DPM-Solver++ main steps",
-            guidance=9.0, keep_noop=True, zigzag_on_image_table=True, overrides={"seed": 23523}, backbones=("videocrafter2",),
+            "official VideoCrafter2 code (docs/algorithms.md §5): chain labels, every third step the VDM replaces the "
+            "IDM with the IDM's CFG, zigzag CFG fixed at +-4, zigzag moves on the IDM's table, SDE-DPM-Solver++ main "
+            "steps",
+            guidance=9.0, keep_noop=True, zigzag_on_image_table=True, overrides={"seed": 23523},
+            backbones=("videocrafter2",),
         ),
     )
 }
@@ -133,7 +77,7 @@ DEFAULT_NEGATIVE_PROMPT = ""
 
 
 # ---- BIVDiff (docs/algorithms.md §8) -----------------------------------------------------------------------------
-# the quality tags the official ControlNet / InstructPix2Pix stage-1 code appends (docs/algorithms.md §2 table, typos kept)
+# the quality tags the official ControlNet / InstructPix2Pix stage-1 code appends (docs/algorithms.md §8, typos kept)
 BIVDIFF_POS = (" ,best quality, extremely detailed, HD, ultra-realistic, 8K, HQ, masterpiece, trending on artstation, "
                "art, smooth")
 BIVDIFF_NEG = ("longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer difits, cropped, worst "
@@ -142,13 +86,15 @@ BIVDIFF_NEG = ("longbody, lowres, bad anatomy, bad hands, missing fingers, extra
 
 @dataclass(frozen=True)
 class BivdiffTask:
-    """One stage-1 task: which image model runs per frame, what it needs, its mixing ratio α (docs/algorithms.md §3)."""
+    """One stage-1 task: which image model runs per frame, what it needs, its mixing ratio α (docs/algorithms.md
+    §8)."""
 
     name: str
     idm: str  # "controlnet" | "t2i_adapter" | "instruct_pix2pix" | "p2p" | "inpainting" | "external"
     alpha: float
     quality_tags: bool  # append BIVDIFF_POS to the prompts and default the negative prompt to BIVDIFF_NEG
-    condition: str | None = None  # controlnet / t2i_adapter: "canny" (computed here) | "depth" | "pose" (a condition video)
+    # controlnet / t2i_adapter: "canny" (computed here) | "depth" | "pose" (a condition video)
+    condition: str | None = None
     mask: str | None = None  # inpainting: "video" (a mask video) | "horizontal" | "vertical" (static outpaint masks)
     description: str = ""
 
@@ -165,10 +111,12 @@ BIVDIFF_TASKS: dict[str, BivdiffTask] = {
         BivdiffTask("t2i-adapter-depth", "t2i_adapter", 1.0, False, condition="depth",
                     description="T2I-Adapter (DDIM) on a precomputed depth video (condition_video, else source_video)"),
         BivdiffTask("t2i-adapter-canny", "t2i_adapter", 1.0, False, condition="canny",
-                    description="T2I-Adapter (DDIM) on one-channel canny edges of the source frames (thresholds 100/200)"),
+                    description="T2I-Adapter (DDIM) on one-channel canny edges of the source frames "
+                                "(thresholds 100/200)"),
         BivdiffTask("p2p", "p2p", 0.25, False,
-                    description="Prompt2Prompt: the source frames inverted with SD, re-denoised for [idm_prompt (source "
-                                "caption), vdm_prompt (edited caption)] with attention control; the edited frames go on"),
+                    description="Prompt2Prompt: the source frames inverted with SD, re-denoised for [idm_prompt "
+                                "(source caption), vdm_prompt (edited caption)] with attention control; the edited "
+                                "frames go on"),
         BivdiffTask("instruct-pix2pix", "instruct_pix2pix", 1.0, True,
                     description="InstructPix2Pix: idm_prompt is the edit instruction, vdm_prompt the target caption"),
         BivdiffTask("inpaint", "inpainting", 0.1, False, mask="video",
@@ -190,7 +138,7 @@ class BivdiffPreset:
 
     name: str
     compat: bool  # official inversion grid 1 -> ... -> 981 -> 998 and inversion on the negative prompt's embedding
-    frame_joint_norm: bool  # default of the inversion UNet's frame-joint GroupNorm (docs/algorithms.md §2)
+    frame_joint_norm: bool  # default of the inversion UNet's frame-joint GroupNorm (docs/algorithms.md §8)
     description: str
 
 
@@ -202,15 +150,17 @@ BIVDIFF_PRESETS: dict[str, BivdiffPreset] = {
                                     "official code: inversion 1 -> ... -> 981 -> 998, conditioned on the negative "
                                     "prompt's embedding, frame-joint GroupNorm in the inversion UNet"),
 }
-# docs/algorithms.md §3 "common to all configs" and §2.1 (stride = the code's frame_rate); the zeroscope VDM is the default
+# the official configs (docs/bivdiff.md "The official configurations"; stride = the code's frame_rate); the zeroscope
+# VDM is the default
 BIVDIFF_DEFAULTS = dict(sampler="bivdiff", steps=50, idm_steps=50, frames=8, stride=4, height=512, width=512, seed=42,
                         guidance=7.5, idm_guidance=7.5, image_guidance=1.5, fps=8, noise="independent",
                         edit_type="refine", cross_replace=0.4, self_replace=0.4, local_blend="")
-BIVDIFF_VDMS = ("zeroscope", "vidrd", "modelscope", "videocrafter2", "animatediff")
-# Prompt2Prompt (docs/algorithms.md §8): the official controller's fractions of the steps with cross / self attention replaced
+# Prompt2Prompt (docs/algorithms.md §8): the official controller's fractions of the steps with cross / self attention
+# replaced
 P2P_REPLACE = 0.4
 P2P_EDIT_TYPES = ("refine", "replace")
-P2P_SELF_MAX_TOKENS = 16**2  # self-attention maps replaced only at latent resolutions up to 16 x 16 (the official controller)
+# self-attention maps replaced only at latent resolutions up to 16 x 16 (the official controller)
+P2P_SELF_MAX_TOKENS = 16**2
 P2P_BLEND_THRESHOLD = 0.3  # local blend: the official LocalBlend mask threshold
 BIVDIFF_MODELS = dict(
     vdm="zeroscope",

@@ -15,33 +15,35 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import sys
 import time
 
-import numpy as np
-
-from . import params as schema
-from . import presets
-from .cli import EXIT_CODES, check_source, load_models, progress_bar, quiet_libraries, tiny_kind
+from . import cli, params, presets
+from .backbones import registry
+from .backbones.common import resolve_placement
+from .cli import EXIT_CODES, check_source, load_models, progress_bar
 from .config import ModelSpec, resolve_params
-from .outputs import check_output, write_atomic
+from .generate import generate
+from .outputs import check_output
 
 logger = logging.getLogger("pipelines.sample")
 
 
 def _defaults_help() -> str:
-    return "; ".join(f"{n}: {b.frames} frames x {b.height}x{b.width}, {b.steps} steps, {b.fps} fps"
-                     for n, b in presets.BACKBONES.items())
+    return "; ".join(f"{n}: {c.defaults.frames} frames x {c.defaults.height}x{c.defaults.width}, {c.defaults.steps} "
+                     f"steps, {c.defaults.fps} fps" for n, c in registry.BACKBONES.items())
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m pipelines.sample", description="Generate one video with an image+video mixing sampler.",
+    ap = argparse.ArgumentParser(prog="python -m pipelines.sample",
+                                 description="Generate one video with an image+video mixing sampler.",
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=f"{LAPTOP}\n\n{EXIT_CODES}\n\n--list-presets and --list-backbones describe the choices.")
+                                 epilog=f"{LAPTOP}\n\n{EXIT_CODES}\n\n--list-presets and --list-backbones describe "
+                                        "the choices.")
     m = ap.add_argument_group("models (hub ids or local folders)")
-    m.add_argument("--backbone", default="animatediff", choices=sorted(presets.BACKBONES), help="video model family (default animatediff)")
-    m.add_argument("--model-dir", help="folder written by `python -m pipelines.tiny BACKBONE DIR` (sets base, motion adapter, image model)")
+    m.add_argument("--backbone", default="animatediff", choices=sorted(registry.BACKBONES),
+                   help="video model family (default animatediff)")
+    m.add_argument("--model-dir", help="folder written by `python -m pipelines.fixtures.tiny BACKBONE DIR` (sets base, "
+                   "motion adapter, image model)")
     m.add_argument("--base", help="VDM base pipeline (default: the backbone's, see --list-backbones)")
     m.add_argument("--motion-adapter")
     m.add_argument("--unet", help="VDM UNet folder loaded on its own (videocrafter2: the VC UNet)")
@@ -49,25 +51,21 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--vae", help="VAE source (default: the base pipeline's)")
     m.add_argument("--lora", help="LoRA for the image model (file, folder or hub id)")
     m.add_argument("--lora-scale", type=float, default=1.0, help="default 1.0")
-    m.add_argument("--dtype", default=presets.DEFAULT_DTYPE, choices=["auto", "float32", "float16", "bfloat16"],
-                   help="auto: float16 on CUDA, float32 on CPU")
-    m.add_argument("--device", default=presets.DEFAULT_DEVICE, help="auto: cuda if available, else cpu")
-    m.add_argument("--decode-chunk", type=int, default=presets.DEFAULT_DECODE_CHUNK,
-                   help=f"frames per VAE decode call (default {presets.DEFAULT_DECODE_CHUNK}; lower it if decoding runs out of memory)")
+    cli.add_placement_flags(m)
     s = ap.add_argument_group("sampling (unset flags take the preset's or the backbone's value)")
-    schema.add_flags(s, schema.GENERATION, extra_help={"steps": "; defaults per backbone: " + _defaults_help()})
+    params.add_flags(s, params.GENERATION, extra_help={"steps": "; defaults per backbone: " + _defaults_help()})
     o = ap.add_argument_group("output")
-    o.add_argument("--output-type", default="mp4", choices=["mp4", "latent"], help="default mp4")
-    o.add_argument("--out", help="output path or fsspec URI (s3://...): .mp4, or .npy for --output-type latent")
-    o.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log lines; errors and the result only")
+    cli.add_output_flags(o, required=False)  # not with --list-presets / --list-backbones
     o.add_argument("--list-presets", action="store_true", help="print the sampler presets and exit")
-    o.add_argument("--list-backbones", action="store_true", help="print the backbones with their default models and exit")
+    o.add_argument("--list-backbones", action="store_true",
+                   help="print the backbones with their default models and exit")
     return ap
 
 
-LAPTOP = ("On a laptop (CPU, tiny random models): python -m pipelines.tiny animatediff .cache/tiny/animatediff, then add\n"
-          "--model-dir .cache/tiny/animatediff --steps 6 --frames 8 --height 64 --width 64 (the backbone's defaults,\n"
-          "16 x 512 x 512 and 50 steps, take over an hour on a CPU even with tiny models).")
+LAPTOP = ("On a laptop (CPU, tiny random models):\n"
+          "python -m pipelines.fixtures.tiny animatediff .cache/tiny/animatediff,\n"
+          "then add --model-dir .cache/tiny/animatediff --steps 6 --frames 8 --height 64 --width 64 (the backbone's\n"
+          "defaults, 16 x 512 x 512 and 50 steps, take over an hour on a CPU even with tiny models).")
 
 
 def list_presets() -> str:
@@ -78,9 +76,11 @@ def list_presets() -> str:
 
 def list_backbones() -> str:
     out = []
-    for name, b in presets.BACKBONES.items():
-        models = ", ".join(f"{k}={v}" for k, v in (("base", b.base), ("unet", b.unet), ("motion_adapter", b.motion_adapter),
-                                                   ("image_model", b.image_model)) if v)
+    for name, cls in registry.BACKBONES.items():
+        b = cls.defaults
+        models = ", ".join(f"{k}={v}" for k, v in (("base", b.base), ("unet", b.unet),
+                                                   ("motion_adapter", b.motion_adapter), ("image_model", b.image_model))
+                           if v)
         out.append(f"{name:<14} {b.frames} x {b.height}x{b.width}, {b.steps} steps, {b.fps} fps; {models}")
     return "\n".join(out)
 
@@ -91,100 +91,73 @@ def _spec(args: argparse.Namespace) -> ModelSpec:
     if args.model_dir:
         if any((args.base, args.motion_adapter, args.image_model, args.unet)):
             raise ValueError("--model-dir: give either --model-dir or --base/--motion-adapter/--unet/--image-model")
-        if not os.path.isdir(args.model_dir):
-            raise ValueError(f"--model-dir: {args.model_dir!r} is not a folder")
-        kind = tiny_kind(args.model_dir)
+        kind = cli.model_dir_kind(args.model_dir)
         if kind is not None and kind != args.backbone:
             raise ValueError(f"--model-dir: {args.model_dir!r} holds tiny {kind} models; pass --backbone {kind}"
-                             if kind in presets.BACKBONES else
-                             f"--model-dir: {args.model_dir!r} holds a tiny {kind} set, not the models of a video backbone")
+                             if kind in registry.BACKBONES else
+                             f"--model-dir: {args.model_dir!r} holds a tiny {kind} set, not the models of a video "
+                             "backbone")
         spec = ModelSpec.from_model_dir(args.backbone, args.model_dir, **common)
     else:
         spec = ModelSpec(backbone=args.backbone, base=args.base, motion_adapter=args.motion_adapter, unet=args.unet,
                          image_model=args.image_model, **common)
-    from .backbones.common import resolve_placement
-
     resolve_placement(spec.device, spec.dtype)  # device/dtype errors first: they need no file
     for name in ("base", "motion_adapter", "unet", "image_model", "vae", "lora"):
         check_source(name, getattr(spec, name))
     return spec
 
 
-def write_output(path: str, output_type: str, latents, frames, fps: int) -> None:
-    """Write `latents` as float32 .npy (output_type "latent") or `frames` as an mp4, atomically, to a path or URI."""
-    from .video import write_mp4
-
-    if output_type == "latent":
-        def save(tmp: str) -> None:
-            with open(tmp, "wb") as f:
-                np.save(f, latents.numpy().astype(np.float32))
-    else:
-        def save(tmp: str) -> None:
-            write_mp4(frames, tmp, fps)
-    write_atomic(path, save)
-
-
-def _warn_if_slow(spec: ModelSpec, params) -> None:
-    from .backbones.common import resolve_placement
-
-    if resolve_placement(spec.device, spec.dtype)[0].type == "cpu" and params.frames * params.height * params.width * params.steps > 8 * 128 * 128 * 25:
-        logger.warning("sampling %d x %dx%d for %d steps on the CPU is slow (the full default size takes over an hour even "
-                       "with tiny models); on a laptop pass --steps 6 --frames 8 --height 64 --width 64",
-                       params.frames, params.height, params.width, params.steps)
+def _warn_if_slow(spec: ModelSpec, p) -> None:
+    if (resolve_placement(spec.device, spec.dtype)[0].type == "cpu"
+            and p.frames * p.height * p.width * p.steps > 8 * 128 * 128 * 25):
+        logger.warning("sampling %d x %dx%d for %d steps on the CPU is slow (the full default size takes over an hour "
+                       "even with tiny models); on a laptop pass --steps 6 --frames 8 --height 64 --width 64",
+                       p.frames, p.height, p.width, p.steps)
 
 
 def run(args: argparse.Namespace) -> dict:
-    from .backbones import load_backbone
-    from .generate import generate
-
     if not args.prompt:
         raise ValueError("--prompt: required")
     if not args.out:
         raise ValueError("--out: required (a .mp4 path, or .npy with --output-type latent)")
     spec = _spec(args)
-    params = resolve_params(schema.from_args(args, schema.GENERATION), backbone=spec.backbone)
+    p = resolve_params(params.from_args(args, params.GENERATION), backbone=spec.backbone)
     check_output(args.out, args.output_type)
-    _warn_if_slow(spec, params)
+    _warn_if_slow(spec, p)
     start = time.perf_counter()
     logger.info("loading %s models", spec.backbone)
-    backbone = load_models(lambda: load_backbone(spec))
+    backbone = load_models(lambda: registry.load_backbone(spec))
     load_s = time.perf_counter() - start
-    bar = progress_bar(params.steps, "sampling", args.quiet)
+    bar = progress_bar(p.steps, "sampling", args.quiet)
 
     def step(info: dict) -> None:
         bar.set_postfix_str(f"model calls {sum(info['calls'].values())}", refresh=False)
         bar.update(1)
 
     try:
-        result = generate(backbone, [params], decode=args.output_type == "mp4", callback=step)[0]
+        result = generate(backbone, [p], decode=args.output_type == "mp4", callback=step)[0]
     finally:
         bar.close()
-    write_output(args.out, args.output_type, result.latents, result.frames, params.fps)
-    return {"out": args.out, "calls": result.calls, "nfe": result.nfe, "seconds": result.seconds, "load_seconds": load_s,
-            "params": params}
+    cli.write_output(args.out, args.output_type, result.latents, result.frames, p.fps)
+    return {"out": args.out, "calls": result.calls, "nfe": result.nfe, "seconds": result.seconds,
+            "load_seconds": load_s, "params": p}
 
 
-def configure_logging(quiet: bool) -> None:
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    quiet_libraries()
+def summary(out: dict) -> str:
+    c = out["calls"]
+    return (f"wrote {out['out']}: sampler={out['params'].sampler} variant={out['params'].variant} "
+            f"model calls={sum(c.values())} (IDM {c['I']}, VDM {c['V']}), NFE={out['nfe']}, "
+            f"sampling {out['seconds']:.2f}s, loading {out['load_seconds']:.2f}s")
+
+
+def listing(args: argparse.Namespace) -> str | None:
+    if args.list_presets:
+        return list_presets()
+    return list_backbones() if args.list_backbones else None
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.list_presets or args.list_backbones:
-        print(list_presets() if args.list_presets else list_backbones())
-        return 0
-    configure_logging(args.quiet)
-    try:
-        out = run(args)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    c = out["calls"]
-    print(f"wrote {out['out']}: sampler={out['params'].sampler} variant={out['params'].variant} "
-          f"model calls={sum(c.values())} (IDM {c['I']}, VDM {c['V']}), NFE={out['nfe']}, "
-          f"sampling {out['seconds']:.2f}s, loading {out['load_seconds']:.2f}s")
-    return 0
+    return cli.main(build_parser(), run, summary, argv, listing=listing)
 
 
 if __name__ == "__main__":

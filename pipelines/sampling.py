@@ -57,13 +57,14 @@ class RowNoise:
         return self.draw(x.shape[1:], x.device).to(x.dtype)
 
 
-def sde_dpmpp_2m(alphas_cumprod: torch.Tensor, grid: Sequence[int],
-                 noise: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]:
+def sde_dpmpp_2m(alphas_cumprod: torch.Tensor, grid: Sequence[int], noise: Callable[[torch.Tensor], torch.Tensor]
+                 ) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]:
     """The main move of SDE-DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095, the SDE form of the 2M update;
-    docs/algorithms.md "Main solvers"): `step(x, ε, i)` goes from grid[i] to grid[i + 1] (to σ = 0 after the last
-    level, first order). σ_t = √((1 − ᾱ_t)/ᾱ_t), α_t = 1/√(1 + σ_t²), λ = log(α/σ), h = λ_next − λ_i; data prediction
-    x̂0 = (x − σ_i α_i ε)/α_i; D = x̂0 + (x̂0 − x̂0_prev)·h/(2 h_prev) from the second step on;
-    x_next = (σ_next α_next)/(σ_i α_i)·e^{−h} x + α_next(1 − e^{−2h}) D + σ_next α_next √(1 − e^{−2h}) z, z = noise(x).
+    docs/algorithms.md §6): `step(x, ε, i)` goes from grid[i] to grid[i + 1] (to σ = 0 after the last
+    level, first order). σ_t = √((1 − ᾱ_t)/ᾱ_t), α_t = 1/√(1 + σ_t²), λ = log(α/σ), h = λ_next − λ_i; data
+    prediction x̂0 = (x − σ_i α_i ε)/α_i; D = x̂0 + (x̂0 − x̂0_prev)·h/(2 h_prev) from the second step on;
+    x_next = (σ_next α_next)/(σ_i α_i)·e^{−h} x + α_next(1 − e^{−2h}) D + σ_next α_next √(1 − e^{−2h}) z,
+    z = noise(x).
     The history (the previous x̂0 and h) is this closure's local state: it holds main-step predictions only."""
     a = alphas_cumprod.double()
     sigmas = [math.sqrt((1 - float(a[t])) / float(a[t])) for t in grid] + [0.0]
@@ -81,7 +82,8 @@ def sde_dpmpp_2m(alphas_cumprod: torch.Tensor, grid: Sequence[int],
         d = x0 if "x0" not in state else x0 + (x0 - state["x0"]) * (h / (2 * state["h"]))
         state.update(x0=x0, h=h)
         e = math.exp(-h)
-        return (t * alpha_t / (s * alpha_s) * e) * x + (alpha_t * (1 - e * e)) * d + (t * alpha_t * math.sqrt(1 - e * e)) * noise(x)
+        return ((t * alpha_t / (s * alpha_s) * e) * x + (alpha_t * (1 - e * e)) * d
+                + (t * alpha_t * math.sqrt(1 - e * e)) * noise(x))
 
     return step
 

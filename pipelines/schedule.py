@@ -58,11 +58,13 @@ class AlphaTable:
                 "models sharing one ᾱ table (docs/algorithms.md §4)"
             )
         if getattr(sched.config, "rescale_betas_zero_snr", False):
-            raise ValueError("zero-terminal-SNR schedules (rescale_betas_zero_snr) are not supported (docs/algorithms.md §4)")
+            raise ValueError("zero-terminal-SNR schedules (rescale_betas_zero_snr) are not supported "
+                             "(docs/algorithms.md §4)")
         return cls(sched.alphas_cumprod.clone().float(), sched.final_alpha_cumprod.clone().float())
 
 
-def timesteps(num_steps: int, spacing: str = "linspace", num_train_timesteps: int = 1000, steps_offset: int = 0) -> list[int]:
+def timesteps(num_steps: int, spacing: str = "linspace", num_train_timesteps: int = 1000,
+              steps_offset: int = 0) -> list[int]:
     """The descending model timesteps of an N-step DDIM run (diffusers `set_timesteps`, Table 2 of 2305.08891)."""
     if num_steps < 1:
         raise ValueError(f"steps must be >= 1, got {num_steps}")
@@ -81,13 +83,15 @@ def timesteps(num_steps: int, spacing: str = "linspace", num_train_timesteps: in
     return [int(t) for t in ts]
 
 
-def dpm_timesteps(num_steps: int, spacing: str = "linspace", num_train_timesteps: int = 1000, steps_offset: int = 0) -> list[int]:
+def dpm_timesteps(num_steps: int, spacing: str = "linspace", num_train_timesteps: int = 1000,
+                  steps_offset: int = 0) -> list[int]:
     """The descending grid of an N-step DPM-Solver run: N + 1 evenly placed levels without the last one (diffusers'
     `DPMSolverMultistepScheduler.set_timesteps`; it differs from the DDIM grid above)."""
     if spacing == "linspace":
         ts = np.linspace(0, num_train_timesteps - 1, num_steps + 1).round()[::-1][:-1].astype(np.int64)
     elif spacing == "leading":
-        ts = (np.arange(0, num_steps + 1) * (num_train_timesteps // (num_steps + 1))).round()[::-1][:-1].astype(np.int64)
+        ts = (np.arange(0, num_steps + 1) * (num_train_timesteps // (num_steps + 1))).round()[::-1][:-1]
+        ts = ts.astype(np.int64)
         ts = ts + steps_offset
     elif spacing == "trailing":
         ts = np.arange(num_train_timesteps, 0, -num_train_timesteps / num_steps).round().astype(np.int64) - 1
@@ -130,7 +134,8 @@ def is_finite_number(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class CFGRamp:
-    """A per-step CFG scale: `sign · karras_ramp(begin, end, rho)`; begin == end is a constant (docs/algorithms.md §2)."""
+    """A per-step CFG scale: `sign · karras_ramp(begin, end, rho)`; begin == end is a constant (docs/algorithms.md
+    §2)."""
 
     begin: float
     end: float

@@ -7,8 +7,9 @@ import tempfile
 import numpy as np
 
 
-def to_uint8(frames) -> np.ndarray:
-    """(F, H, W, 3) floats in [0, 1] (tensor or array) -> uint8."""
+def unit_to_uint8(frames) -> np.ndarray:
+    """(F, H, W, 3) floats in [0, 1] (tensor or array) -> uint8, rounded (the decoders' and diffusers' "np" output);
+    uint8 frames pass through. BIVDiff's [-1, 1] frames: `bivdiff.inputs.signed_to_uint8`."""
     arr = frames.numpy() if hasattr(frames, "numpy") else np.asarray(frames)
     if arr.dtype == np.uint8:
         return arr
@@ -19,7 +20,7 @@ def write_mp4(frames, path: str, fps: int, *, quality_crf: int = 18) -> int:
     """Encode to `path` (a local file); returns its size in bytes. Height and width must be even."""
     import imageio_ffmpeg
 
-    arr = to_uint8(frames)
+    arr = unit_to_uint8(frames)
     if arr.ndim != 4 or arr.shape[-1] != 3:
         raise ValueError(f"frames must be (F, H, W, 3), got {arr.shape}")
     f, h, w, _ = arr.shape
@@ -56,7 +57,7 @@ def read_mp4(path: str) -> tuple[np.ndarray, float]:
 
 def contact_sheet(frames, columns: int = 8) -> np.ndarray:
     """(F, H, W, 3) -> one uint8 image with the frames in a grid, `columns` per row, in time order."""
-    arr = to_uint8(frames)
+    arr = unit_to_uint8(frames)
     f, h, w, c = arr.shape
     cols = max(1, min(columns, f))
     rows = -(-f // cols)

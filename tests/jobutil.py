@@ -1,4 +1,4 @@
-"""Helpers for tests that run the real job and real servers as subprocesses."""
+"""Helpers for tests that run the real job and real servers as subprocesses (their fixtures: tests/conftest.py)."""
 from __future__ import annotations
 
 import hashlib
@@ -15,6 +15,10 @@ import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
+CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+# the session's Ray (`ray start --head`, tests/conftest.py `shared_ray`) while a test that asked for it runs: job_env
+# points the job at it through RAY_ADDRESS; None: each job starts its own local Ray, as a user's first run does
+SHARED_RAY: str | None = None
 
 
 def free_port() -> int:
@@ -39,13 +43,57 @@ def wait_http(url: str, timeout: float = 60.0) -> None:
     raise TimeoutError(f"{url} did not answer within {timeout}s")
 
 
+def wait_port(port: int, timeout: float = 60.0) -> None:
+    """Until something listens on 127.0.0.1:port (a bare connection: no request a server would count)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout}s")
+
+
 def job_env(**extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS", "MLFLOW_"))}
     env.update(PATH=BIN + os.pathsep + env.get("PATH", ""),  # like an activated venv: `python` and `ray` are ours
                HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
                PYTHONPATH=ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""))
+    if SHARED_RAY:
+        env["RAY_ADDRESS"] = SHARED_RAY
     env.update(extra)
     return env
+
+
+def start_server(cmd: list[str], env: dict, log, cwd: str | None = None) -> subprocess.Popen:
+    """A server in its own process group, its output in `log`; `stop_server` ends the group."""
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd)
+
+
+def stop_server(proc: subprocess.Popen, grace: float = 20) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+
+
+def s3_bucket(endpoint: str, bucket: str, monkeypatch):
+    """Create `bucket` on the endpoint, point this process's AWS settings at it, return an s3fs filesystem."""
+    import boto3
+    import s3fs
+
+    boto3.client("s3", endpoint_url=endpoint, **{k.lower(): v for k, v in CREDS.items() if k != "AWS_DEFAULT_REGION"},
+                 region_name="us-east-1").create_bucket(Bucket=bucket)
+    for k, v in {**CREDS, "AWS_ENDPOINT_URL": endpoint}.items():
+        monkeypatch.setenv(k, v)
+    s3fs.S3FileSystem.clear_instance_cache()
+    return s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
 
 
 def tiny_config(path, tiny_cache: str, **overrides) -> str:
@@ -70,8 +118,9 @@ def job_cmd(*args: str) -> list[str]:
 def kill_job_when(args: list[str], ready, timeout: float = 300, poll: float = 0.05) -> None:
     """Start the job, then SIGKILL it and the local Ray it started (its process group) once `ready()` holds, it has
     ended, or `timeout` seconds passed."""
-    proc = subprocess.Popen(job_cmd(*args), env=job_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    env = {k: v for k, v in job_env().items() if k != "RAY_ADDRESS"}  # its own Ray, killed with it
+    proc = subprocess.Popen(job_cmd(*args), env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + timeout
     try:
         while time.time() < deadline and proc.poll() is None and not ready():
@@ -85,7 +134,8 @@ def kill_job_when(args: list[str], ready, timeout: float = 300, poll: float = 0.
 
 
 def run_job(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(job_cmd(*args), env=env or job_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return subprocess.run(job_cmd(*args), env=env or job_env(), capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT)
 
 
 def sha256_file(path: str) -> str:

@@ -8,7 +8,8 @@ import torch
 
 
 def encode(tokenizer, text_encoder, texts: list[str]) -> torch.Tensor:
-    """What diffusers' pipelines feed the UNet: ids padded/truncated to the tokenizer's max length, last hidden state."""
+    """What diffusers' pipelines feed the UNet: ids padded/truncated to the tokenizer's max length, last hidden
+    state."""
     ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids
     with torch.inference_mode():
@@ -16,7 +17,7 @@ def encode(tokenizer, text_encoder, texts: list[str]) -> torch.Tensor:
 
 
 def cfg_values(spec, n: int) -> list[float]:
-    """Per-step CFG of a `W` or `BEGIN,END[,RHO]` spec (README): the Karras ramp
+    """Per-step CFG of a `W` or `BEGIN,END[,RHO]` spec (docs/algorithms.md §2): the Karras ramp
     w_i = (b^(1/ρ) + i/(n-1)·(e^(1/ρ) - b^(1/ρ)))^ρ, ρ = 7 unless given; a single number is constant."""
     parts = [float(Fraction(p)) for p in str(spec).split(",")]
     if len(parts) == 1:

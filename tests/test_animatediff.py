@@ -20,8 +20,8 @@ def rel(a, b):
 
 @pytest.fixture(scope="module")
 def ad_pipe(tiny_ad_dir):
-    pipe = AnimateDiffPipeline.from_pretrained(os.path.join(tiny_ad_dir, "base"),
-                                               motion_adapter=MotionAdapter.from_pretrained(os.path.join(tiny_ad_dir, "motion_adapter")))
+    adapter = MotionAdapter.from_pretrained(os.path.join(tiny_ad_dir, "motion_adapter"))
+    pipe = AnimateDiffPipeline.from_pretrained(os.path.join(tiny_ad_dir, "base"), motion_adapter=adapter)
     pipe.scheduler = DDIMScheduler.from_pretrained(os.path.join(tiny_ad_dir, "base"), subfolder="scheduler",
                                                    timestep_spacing="linspace", steps_offset=1, clip_sample=False)
     pipe.set_progress_bar_config(disable=True)
@@ -30,13 +30,14 @@ def ad_pipe(tiny_ad_dir):
 
 @pytest.mark.parametrize("seed, guidance", [(0, 7.5), (23523, 3.0)])
 def test_standard_equals_diffusers_animatediff_pipeline(ad_backbone, ad_pipe, small, seed, guidance):
-    ours = generate(ad_backbone, [resolve_params(dict(prompt=PROMPT, sampler="standard", seed=seed, guidance=guidance, **small))])[0]
+    ours = generate(ad_backbone,
+                    [resolve_params(dict(prompt=PROMPT, sampler="standard", seed=seed, guidance=guidance, **small))])[0]
     kw = dict(prompt=PROMPT, num_frames=small["frames"], height=small["height"], width=small["width"],
               num_inference_steps=small["steps"], guidance_scale=guidance)
     ref_latents = ad_pipe(**kw, generator=torch.Generator("cpu").manual_seed(seed), output_type="latent").frames
     ref_frames = ad_pipe(**kw, generator=torch.Generator("cpu").manual_seed(seed), output_type="np").frames
     assert ours.latents.shape == ref_latents.shape == (1, 4, small["frames"], 8, 8)
-    assert torch.equal(ours.latents, ref_latents)  # README: relative error 0
+    assert torch.equal(ours.latents, ref_latents)  # docs/testing.md "Notes on exactness": relative error 0
     ref_frames = torch.from_numpy(ref_frames[0])  # (F, H, W, 3) in [0, 1]
     assert ours.frames.shape == ref_frames.shape
     # decoded 4 frames per VAE call (decode_chunk) against diffusers' 16: float32 rounding of the batched convs only
@@ -45,8 +46,9 @@ def test_standard_equals_diffusers_animatediff_pipeline(ad_backbone, ad_pipe, sm
 
 
 # ---------------------------------------------------------------------------------------------
-# An independent loop in the official code's shape (docs/algorithms.md §2/§2.4): diffusers' DDIMScheduler.step and
-# DDIMInverseScheduler.step called with the code's timestep arguments, raw UNet calls, CFG written out.
+# An independent loop in the official code's shape (docs/algorithms.md §2, "Timestep labels"): diffusers'
+# DDIMScheduler.step and DDIMInverseScheduler.step called with the code's timestep arguments, raw UNet calls, CFG
+# written out.
 
 
 def _official_loop(bb, tiny_dir, params, *, legacy: bool, idm_guidance=4, vdm_guidance=4, guidance=7.5):
@@ -63,7 +65,8 @@ def _official_loop(bb, tiny_dir, params, *, legacy: bool, idm_guidance=4, vdm_gu
 
     vdm, idm = video_cfg(bb.unet, emb_v), framewise_cfg(bb.image_unet, emb_i)
 
-    x = torch.randn((1, 4, frames, params.height // 8, params.width // 8), generator=torch.Generator("cpu").manual_seed(params.seed))
+    x = torch.randn((1, 4, frames, params.height // 8, params.width // 8),
+                    generator=torch.Generator("cpu").manual_seed(params.seed))
     delta = 1000 // n
     w_i, w_v = cfg_values(idm_guidance, n), cfg_values(vdm_guidance, n)
     with torch.inference_mode():
@@ -88,7 +91,8 @@ def _official_loop(bb, tiny_dir, params, *, legacy: bool, idm_guidance=4, vdm_gu
     ("ivmixed", False, {}),
     ("ivmixed", False, {"idm_guidance": "6,2,7", "guidance": 5.0}),
 ])
-def test_ivmixed_presets_equal_an_independent_official_style_loop(ad_backbone, tiny_ad_dir, small, sampler, legacy, extra):
+def test_ivmixed_presets_equal_an_independent_official_style_loop(ad_backbone, tiny_ad_dir, small, sampler,
+                                                                  legacy, extra):
     params = resolve_params(dict(prompt=PROMPT, sampler=sampler, seed=7, **small, **extra))
     ours = generate(ad_backbone, [params], decode=False)[0]
     ref = _official_loop(ad_backbone, tiny_ad_dir, params, legacy=legacy, **extra)
@@ -107,7 +111,8 @@ def test_batched_rows_equal_rows_sampled_alone(ad_backbone, small):
     rows = [
         resolve_params(dict(prompt=PROMPT, seed=1, **small)),
         resolve_params(dict(prompt="A red kite over a beach", seed=2, guidance=4.0, idm_guidance="6,2,7", **small)),
-        resolve_params(dict(prompt="Snow falling on a quiet street at night", negative_prompt="blurry", seed=3, vdm_guidance="2,6", **small)),
+        resolve_params(dict(prompt="Snow falling on a quiet street at night", negative_prompt="blurry", seed=3,
+                            vdm_guidance="2,6", **small)),
     ]
     together = generate(ad_backbone, rows)
     for row, res in zip(rows, together):
@@ -145,7 +150,8 @@ def test_motion_modules_are_live(ad_backbone):
     with torch.inference_mode():
         v0, v1 = (ad_backbone.unet(z, 500, encoder_hidden_states=emb).sample for z in (x, y))
         fold = lambda z: z.permute(0, 2, 1, 3, 4).reshape(8, 4, 8, 8)  # noqa: E731
-        i0, i1 = (ad_backbone.image_unet(fold(z), 500, encoder_hidden_states=emb).sample.reshape(2, 4, 4, 8, 8) for z in (x, y))
+        i0, i1 = (ad_backbone.image_unet(fold(z), 500, encoder_hidden_states=emb).sample.reshape(2, 4, 4, 8, 8)
+                  for z in (x, y))
     assert (v0[:, :, 3] - v1[:, :, 3]).abs().max() > 1e-3
     assert (i0[:, 3] - i1[:, 3]).abs().max() == 0
 
@@ -160,7 +166,7 @@ def test_lora_is_fused_into_the_image_model_with_its_scaling(tiny_ad_dir, tmp_pa
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    from pipelines.backbones import load_backbone
+    from pipelines.backbones.registry import load_backbone
     from pipelines.config import ModelSpec
 
     unet = UNet2DConditionModel.from_pretrained(os.path.join(tiny_ad_dir, "image_model"), subfolder="unet")
@@ -188,8 +194,8 @@ def test_lora_is_fused_into_the_image_model_with_its_scaling(tiny_ad_dir, tmp_pa
 
 
 def test_r_letter_noise_continues_each_rows_own_stream(ad_backbone, small):
-    """README "Seeds and batching": R draws continue the row's seeded stream, so a row sampled in a batch (in either
-    position) equals the row alone, and two seeds give different fresh noise."""
+    """docs/sample.md "Seeds and batching": R draws continue the row's seeded stream, so a row sampled in a batch (in
+    either position) equals the row alone, and two seeds give different fresh noise."""
     rows = [resolve_params(dict(prompt=PROMPT, variant="RR-VV", seed=s, **small)) for s in (11, 12)]
     alone = [generate(ad_backbone, [r], decode=False)[0].latents for r in rows]
     together = generate(ad_backbone, rows, decode=False)

@@ -9,11 +9,13 @@ import pytest
 
 from operators.metadata import read_latest
 from pipelines import presets
+from pipelines.backbones import registry
 from pipelines.sample import main as sample_main
 
 from .jobutil import run_job, tiny_config
 
-BACKBONES = ("modelscope", "videocrafter2")
+# the registered backbones with a tiny set of their own; animatediff's presets run in test_animatediff.py
+BACKBONES = tuple(n for n, c in registry.BACKBONES.items() if c.tiny is not None and n != "animatediff")
 
 
 def presets_for(backbone):
@@ -21,23 +23,24 @@ def presets_for(backbone):
 
 
 @pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory):
-    from pipelines.tiny import BUILDERS
-
-    root = tmp_path_factory.mktemp("tinies")
-    return str(root), {b: BUILDERS[b](str(root / b)) for b in BACKBONES}
+def tiny_dirs(tiny_root, tiny_model):
+    """(the session's tiny cache, backbone -> its tiny set)"""
+    return tiny_root, {b: tiny_model(b) for b in BACKBONES}
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_every_preset_through_the_cli(backbone, tiny_dirs, tmp_path):
     for name in presets_for(backbone):
         out = tmp_path / f"{name}.npy"
-        rc = sample_main(["--backbone", backbone, "--model-dir", tiny_dirs[1][backbone], "--device", "cpu", "--prompt", "a cat",
+        rc = sample_main(["--backbone", backbone, "--model-dir", tiny_dirs[1][backbone], "--device", "cpu", "--prompt",
+                          "a cat",
                           "--sampler", name, "--steps", "4", "--frames", "3", "--height", "64", "--width", "64",
                           "--output-type", "latent", "--out", str(out), "-q"])
         assert rc == 0 and np.load(out).shape == (1, 4, 3, 8, 8), name
 
 
+@pytest.mark.integration
+@pytest.mark.usefixtures("shared_ray")
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_every_preset_through_the_job(backbone, tiny_dirs, tmp_path):
     names = presets_for(backbone)

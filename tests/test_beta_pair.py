@@ -31,8 +31,8 @@ def with_beta_end(folder: str, beta_end: float) -> None:
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    from pipelines.backbones import load_backbone
-    from pipelines.tiny import build_animatediff
+    from pipelines.backbones.registry import load_backbone
+    from pipelines.fixtures.models import build_animatediff
 
     folder = build_animatediff(str(tmp_path_factory.mktemp("pair") / "ad"))
     with_beta_end(os.path.join(folder, "image_model"), IDM_BETA_END)
@@ -65,9 +65,9 @@ def test_legacy_ad_preset_inverts_on_the_image_models_table(pair):
 
 
 def test_bivdiff_refuses_a_vdm_with_another_table(tmp_path):
-    from pipelines.bivdiff.runner import BIVDiff
     from pipelines.bivdiff.config import BivdiffSpec
-    from pipelines.tiny import ensure_tiny
+    from pipelines.bivdiff.runner import BIVDiff
+    from pipelines.fixtures.tiny import ensure_tiny
 
     folder = str(tmp_path / "bivdiff")
     shutil.copytree(ensure_tiny("bivdiff", str(tmp_path / "src")), folder)

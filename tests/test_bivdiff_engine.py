@@ -1,4 +1,4 @@
-"""BIVDiff stages 2-3 on the shared engine (docs/algorithms.md §8 items 1-5, 7): grids, Mixed Inversion, the
+"""BIVDiff stages 2-3 on the shared engine (docs/algorithms.md §8): grids, Mixed Inversion, the
 zero-weight branch, conditioning, the latent-space guard, frame-joint GroupNorm. Golden numbers come from closed
 forms, hand-written loops over the literal official pairs, or diffusers' own modules."""
 from __future__ import annotations
@@ -8,11 +8,19 @@ import pytest
 import torch
 
 from pipelines import presets
-from pipelines.bivdiff.program import (LatentSpace, State, bivdiff_sample, inversion_moves, mix, mixed_inversion,
-                                       smoothing_grid, smoothing_moves)
 from pipelines.bivdiff.config import resolve_bivdiff_params
+from pipelines.bivdiff.program import (
+    LatentSpace,
+    State,
+    bivdiff_sample,
+    inversion_moves,
+    mix,
+    mixed_inversion,
+    smoothing_grid,
+    smoothing_moves,
+)
+from pipelines.fixtures.models import SD15_SCHEDULER
 from pipelines.schedule import AlphaTable
-from pipelines.tiny import SD15_SCHEDULER
 
 SPACE = LatentSpace(4, 8, 0.18215)
 
@@ -42,7 +50,8 @@ class Counting:
 
 
 def test_grids_compat_and_clean(table):
-    """§9 item 3: compat 1,21,…,981 -> 21,…,981,998; clean 0 -> 1 -> … -> 981; denoise 981…1 ending at ᾱ_0."""
+    """docs/algorithms.md §8, the two inversion grids: compat 1,21,…,981 -> 21,…,981,998; clean 0 -> 1 -> … -> 981;
+    denoise 981…1 ending at ᾱ_0."""
     compat = inversion_moves(table, 50, "I", compat=True)
     assert [m.src for m in compat] == list(range(1, 982, 20))
     assert [m.dst for m in compat] == [*range(21, 982, 20), 998]
@@ -57,7 +66,8 @@ def test_grids_compat_and_clean(table):
         assert float(m.a_from) == pytest.approx(ref[m.src], rel=1e-5)
     assert float(compat[-1].a_to) == pytest.approx(ref[998], rel=1e-5)
     assert float(clean[-1].a_to) == pytest.approx(ref[981], rel=1e-5)
-    assert float(clean[-1].a_to) ** 0.5 == pytest.approx(0.0760, abs=5e-5)  # docs/algorithms.md §8: √ᾱ_981, given to 4 places
+    assert float(clean[-1].a_to) ** 0.5 == pytest.approx(0.0760,
+                                                         abs=5e-5)  # docs/algorithms.md §8: √ᾱ_981, given to 4 places
     assert float(compat[-1].a_to) ** 0.5 == pytest.approx(0.0687, abs=5e-5)  # √ᾱ_998
 
 
@@ -78,7 +88,8 @@ def test_compat_inversion_matches_literal_official_pairs(table):
 
 
 def test_inverse_consistency_constant_eps_is_exact(table):
-    """§9 item 1: with a constant ε, inverting then denoising over the same grid returns the input."""
+    """docs/algorithms.md §1 (DDIM move): with a constant ε, inverting then denoising over the same grid returns the
+    input."""
     torch.manual_seed(1)
     z0, c = torch.randn(2, 4, 3, 4, 4), torch.randn(2, 4, 3, 4, 4)
     const = Counting(lambda x, t: c)
@@ -90,11 +101,12 @@ def test_inverse_consistency_constant_eps_is_exact(table):
 
 
 def test_inverse_consistency_tiny_unet_first_order(table):
-    """§9 item 1: on a 2-step grid, inverting 1 -> 501 with a tiny random UNet then denoising 501 -> 1 misses the
-    input by exactly the first-order term (c/r)·(ε(x0, 1) − ε(x1, 501)), r = √(ᾱ_501/ᾱ_1), c = √(1−ᾱ_501) − r√(1−ᾱ_1)."""
+    """docs/algorithms.md §1 (DDIM move): on a 2-step grid, inverting 1 -> 501 with a tiny random UNet then denoising
+    501 -> 1 misses the input by exactly the first-order term (c/r)·(ε(x0, 1) − ε(x1, 501)), r = √(ᾱ_501/ᾱ_1), c =
+    √(1−ᾱ_501) − r√(1−ᾱ_1)."""
     from pipelines.backbones.common import framewise_eps
     from pipelines.bivdiff.program import run_moves
-    from pipelines.tiny import _unet
+    from pipelines.fixtures.models import _unet
 
     unet = _unet(3, cross_dim=16).eval()
     f = framewise_eps(unet, torch.randn(3, 77, 16), torch.float32)
@@ -117,7 +129,8 @@ def test_inverse_consistency_tiny_unet_first_order(table):
 
 
 def test_alpha_one_zero_half_and_zero_weight_branch_not_run(table):
-    """§9 item 2: α = 1 is the image chain bit for bit, α = 0 the video chain; the zero-weight branch never runs."""
+    """docs/algorithms.md §8 item 2: α = 1 is the image chain bit for bit, α = 0 the video chain; the zero-weight branch
+    never runs."""
     torch.manual_seed(3)
     z0 = State(torch.randn(1, 4, 2, 4, 4), -1, SPACE)
     img = lambda x, t: torch.tanh(x + 0.1)  # noqa: E731
@@ -132,18 +145,22 @@ def test_alpha_one_zero_half_and_zero_weight_branch_not_run(table):
     half, _ = mixed_inversion({"I": Counting(img), "U": Counting(vid)}, z0, 0.5, up_i, up_v)
     assert torch.allclose(half.x, (chain_i + chain_v) / 2, atol=1e-6)
     per_row = State(torch.cat([z0.x, z0.x]), -1, SPACE)  # per-row α: row 0 image chain, row 1 video chain
-    both, calls = mixed_inversion({"I": Counting(img), "U": Counting(vid)}, per_row, torch.tensor([1.0, 0.0]), up_i, up_v)
+    both, calls = mixed_inversion({"I": Counting(img), "U": Counting(vid)}, per_row, torch.tensor([1.0, 0.0]), up_i,
+                                  up_v)
     assert torch.allclose(both.x[0], chain_i[0]) and torch.allclose(both.x[1], chain_v[0])
     with pytest.raises(ValueError, match="alpha"):
         mixed_inversion({}, z0, 1.5, up_i, up_v)
 
 
 def test_latent_space_guard():
-    """§9 item 5: mixing across latent spaces, shapes or levels is refused; the space is read from the VAE config."""
+    """docs/algorithms.md §8 (latent spaces): mixing across latent spaces, shapes or levels is refused; the space is
+    read from the VAE config."""
     x = torch.zeros(1, 4, 2, 4, 4)
-    sd = LatentSpace.from_vae_config({"latent_channels": 4, "block_out_channels": [128, 256, 512, 512], "scaling_factor": 0.18215})
+    sd = LatentSpace.from_vae_config({"latent_channels": 4, "block_out_channels": [128, 256, 512, 512],
+                                      "scaling_factor": 0.18215})
     assert sd == SPACE
-    sdxl = LatentSpace.from_vae_config({"latent_channels": 4, "block_out_channels": [128, 256, 512, 512], "scaling_factor": 0.13025})
+    sdxl = LatentSpace.from_vae_config({"latent_channels": 4, "block_out_channels": [128, 256, 512, 512],
+                                        "scaling_factor": 0.13025})
     with pytest.raises(ValueError, match="different latent spaces"):
         mix([(State(x, 981, sd), 0.5), (State(x, 981, sdxl), 0.5)])
     with pytest.raises(ValueError, match="shapes"):
@@ -179,10 +196,11 @@ def test_smoothing_equals_diffusers_ddim_loop(table):
 
 
 def test_frame_joint_groupnorm_equals_5d_groupnorm():
-    """§11 A: the wrapper on folded frames equals torch's GroupNorm applied to the 5-D (B, C, F, h, w) tensor, which
-    is what the official inflated UNet does; identical frames reduce it to per-frame GroupNorm."""
+    """docs/algorithms.md §8 (frame-joint GroupNorm): the wrapper on folded frames equals torch's GroupNorm applied to
+    the 5-D (B, C, F, h, w) tensor, which is what the official inflated UNet does; identical frames reduce it to
+    per-frame GroupNorm."""
     from pipelines.backbones.common import FrameJointGroupNorm, framewise_eps
-    from pipelines.tiny import _unet
+    from pipelines.fixtures.models import _unet
 
     gn = torch.nn.GroupNorm(4, 8)
     with torch.no_grad():
@@ -200,7 +218,8 @@ def test_frame_joint_groupnorm_equals_5d_groupnorm():
     emb = torch.randn(1, 77, 16).repeat(3, 1, 1)  # one text for the 3 frames
     with torch.inference_mode():
         same = torch.randn(1, 4, 1, 8, 8).repeat(1, 1, 3, 1, 1)
-        plain, pooled = framewise_eps(unet, emb, torch.float32), framewise_eps(unet, emb, torch.float32, joint_norm=True)
+        plain, pooled = (framewise_eps(unet, emb, torch.float32),
+                         framewise_eps(unet, emb, torch.float32, joint_norm=True))
         assert torch.allclose(plain(same, 500), pooled(same, 500), atol=1e-5)
         varied = torch.randn(1, 4, 3, 8, 8)
         assert (plain(varied, 500) - pooled(varied, 500)).abs().max() > 1e-3
@@ -208,7 +227,7 @@ def test_frame_joint_groupnorm_equals_5d_groupnorm():
 
 
 def test_task_table_and_inversion_conditioning():
-    """§9 items 4 and 7: per-task α and prompts of docs/algorithms.md §8; compat inverts under the negative prompt (the NEG tags for
+    """Per-task α and prompts of docs/algorithms.md §8; compat inverts under the negative prompt (the NEG tags for
     ControlNet/IP2P, '' for inpainting/outpainting), clean under the explicit inversion prompt whatever the CFG."""
     alphas = {t: presets.BIVDIFF_TASKS[t].alpha for t in presets.BIVDIFF_TASKS}
     assert alphas["controlnet-canny"] == alphas["instruct-pix2pix"] == 1.0
@@ -228,7 +247,8 @@ def test_task_table_and_inversion_conditioning():
     p = resolve_bivdiff_params({"task": "controlnet-canny", "prompt": "a bear", "source_video": "v.mp4"})
     assert p.stage1_prompts() == ("a bear" + presets.BIVDIFF_POS, presets.BIVDIFF_NEG)
     assert (p.seed, p.steps, p.frames, p.stride, p.height, p.width, p.guidance) == (42, 50, 8, 4, 512, 512, 7.5)
-    ext = resolve_bivdiff_params({"task": "external", "idm_prompt": "x", "vdm_prompt": "a dog", "source_video": "e.npy"})
+    ext = resolve_bivdiff_params({"task": "external", "idm_prompt": "x", "vdm_prompt": "a dog",
+                                  "source_video": "e.npy"})
     assert ext.smoothing_prompts() == ("a dog", "") and ext.stride == 1  # prompts exactly as given
 
 
@@ -236,7 +256,8 @@ def test_task_table_and_inversion_conditioning():
     ({"task": "nope"}, "task: unknown"),
     ({"task": "inpaint", "source_video": "v.mp4"}, "mask_video: task 'inpaint' needs"),
     ({"task": "controlnet-canny"}, "source_video: task"),
-    ({"task": "controlnet-canny", "source_video": "v", "mask_video": "m"}, "mask_video: task 'controlnet-canny' does not use"),
+    ({"task": "controlnet-canny", "source_video": "v", "mask_video": "m"},
+     "mask_video: task 'controlnet-canny' does not use"),
     ({"task": "external", "source_video": "v", "alpha": 1.2}, "alpha: must lie in"),
     ({"task": "external", "source_video": "v", "alpha": float("nan")}, "alpha: must be a finite number"),
     ({"task": "external", "source_video": "v", "steps": 7}, "steps: the SD DDIM grid"),

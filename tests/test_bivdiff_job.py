@@ -1,6 +1,6 @@
 """BIVDiff rows through the real batch job: a manifest mixing BIVDiff edits (source and mask videos on an S3
-endpoint started here, moto's server mode), a pre-edited .npy, bad rows and a generation row; local Ray, SQLite
-MLflow; then a rerun that resumes (only the failed rows are retried)."""
+endpoint, moto's server mode), a pre-edited .npy, bad rows and a generation row; the session's Ray (conftest.py),
+SQLite MLflow; then a rerun that resumes (only the failed rows are retried)."""
 from __future__ import annotations
 
 import os
@@ -8,17 +8,20 @@ import os
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from operators.metadata import read_latest
 from pipelines.video import mp4_bytes, read_mp4
 
-from .jobutil import job_env, parent_runs, run_job, tiny_config
-from .test_bivdiff_tasks import synthetic_frames
-from .test_s3_mlflow import CREDS, s3_bucket, s3_endpoint  # noqa: F401 - the moto server fixture
+from .conftest import synthetic_frames
+from .jobutil import CREDS, job_env, parent_runs, run_job, s3_bucket, tiny_config
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("shared_ray")]
 
 
 def clip_reference(clip_dir: str, row: dict, other_prompt: str, out) -> tuple[float, float, float]:
-    """(the row's clipsim, an independent CLIPSIM of its contact-sheet frames vs its prompt, the same vs other_prompt)."""
+    """(the row's clipsim, an independent CLIPSIM of its contact-sheet frames vs its prompt, the same vs
+    other_prompt)."""
     import torch
     from PIL import Image
     from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
@@ -29,14 +32,15 @@ def clip_reference(clip_dir: str, row: dict, other_prompt: str, out) -> tuple[fl
               for c in range(sheet.shape[1] // w)][: row["frames"]]
     model, tok = CLIPModel.from_pretrained(clip_dir).eval(), CLIPTokenizer.from_pretrained(clip_dir)
     pixels = CLIPImageProcessor.from_pretrained(clip_dir)(images=frames, return_tensors="pt").pixel_values
-    ids = tok([row["prompt"], other_prompt], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    ids = tok([row["prompt"], other_prompt], padding="max_length", max_length=77, truncation=True,
+              return_tensors="pt").input_ids
     with torch.inference_mode():
         out_ = model(input_ids=ids, pixel_values=pixels)
         cos = (out_.logits_per_image / model.logit_scale.exp()).mean(0)
     return row["clipsim"], float(cos[0]), float(cos[1])
 
 
-def test_bivdiff_manifest_through_the_job(s3_endpoint, tmp_path, tiny_ad_dir, monkeypatch):  # noqa: F811
+def test_bivdiff_manifest_through_the_job(s3_endpoint, tmp_path, tiny_ad_dir, monkeypatch):
     fs = s3_bucket(s3_endpoint, "clips", monkeypatch)
     mask = np.zeros((16, 48, 80, 3), np.float32)
     mask[:, 8:40, 16:64] = 1.0
@@ -49,14 +53,16 @@ def test_bivdiff_manifest_through_the_job(s3_endpoint, tmp_path, tiny_ad_dir, mo
     manifest = tmp_path / "edits.parquet"
     pq.write_table(pa.table({
         "id": ["canny", "inpaint", "ext", "short", "badtask", "nomask", "gen", "gone", "poison", "p2p", "adapter"],
-        "task": ["controlnet-canny", "inpaint", "external", "outpaint-vertical", "prompt2prompt", "inpaint", None, "inpaint",
+        "task": ["controlnet-canny", "inpaint", "external", "outpaint-vertical", "prompt2prompt", "inpaint", None,
+                 "inpaint",
                  "external", "p2p", "t2i-adapter-canny"],
         "source_video": ["s3://clips/bear.mp4", "s3://clips/bear.mp4", str(npy), "s3://clips/short.mp4",
                          "s3://clips/bear.mp4", "s3://clips/bear.mp4", None, "s3://clips/bear.mp4", str(npy),
                          "s3://clips/bear.mp4", "s3://clips/bear.mp4"],
         "mask_video": [None, "s3://clips/bear-mask.mp4", None, None, None, None, None, "s3://clips/gone-mask.mp4", None,
                        None, None],
-        "prompt": ["a bear walking through a snow mountain", None, None, None, None, None, "A cat on a sofa.", None, None,
+        "prompt": ["a bear walking through a snow mountain", None, None, None, None, None, "A cat on a sofa.", None,
+                   None,
                    None, "a red car"],
         "idm_prompt": [None] * 9 + ["a bear on a hill", None],
         "vdm_prompt": [None, None, "a square", None, None, None, None, None, "POISON: kills its worker",
@@ -104,11 +110,12 @@ def test_bivdiff_manifest_through_the_job(s3_endpoint, tmp_path, tiny_ad_dir, mo
     assert [(meta[i]["task"], meta[i]["sampler"]) for i in ("badtask", "nomask", "gone")] == [
         ("prompt2prompt", "bivdiff"), ("inpaint", "bivdiff"), ("inpaint", "bivdiff")]
     # CLIPSIM against the VDM prompt ("a square"), not the empty IDM prompt: recomputed here with transformers' own
-    # CLIPImageProcessor (PIL resize) and CLIPModel on the frames of the lossless contact sheet (the actor scored its float
-    # frames before the uint8 rounding: a small difference, far below the gap between the two prompts)
+    # CLIPImageProcessor (PIL resize) and CLIPModel on the frames of the lossless contact sheet (the actor scored its
+    # float frames before the uint8 rounding: a small difference, far below the gap between the two prompts)
     ours, theirs, other = clip_reference(os.path.join(os.path.dirname(tiny_ad_dir), "clip"), meta["ext"], "", out)
     assert abs(ours - theirs) < 2e-3 and abs(other - theirs) > 0.02, (ours, theirs, other)  # measured: 4e-4 and 0.08
-    assert meta["poison"]["error"].startswith("worker died while generating this row (") and meta["poison"]["task"] == "external"
+    assert (meta["poison"]["error"].startswith("worker died while generating this row (")
+            and meta["poison"]["task"] == "external")
 
     from mlflow.tracking import MlflowClient
 

@@ -16,78 +16,7 @@ import torch
 from pipelines import presets
 from pipelines.bivdiff.config import BivdiffSpec, resolve_bivdiff_params
 
-SMALL = dict(frames=4, height=64, width=64, steps=5, idm_steps=2)
-
-
-@pytest.fixture(scope="module")
-def tiny_bivdiff(tmp_path_factory) -> str:
-    from pipelines.tiny import build_bivdiff
-
-    return build_bivdiff(str(tmp_path_factory.mktemp("tiny") / "bivdiff"))
-
-
-@pytest.fixture(scope="module")
-def worker(tiny_bivdiff):
-    from pipelines.bivdiff.runner import BIVDiff
-
-    return BIVDiff(BivdiffSpec.from_model_dir(tiny_bivdiff, device="cpu", dtype="float32"))
-
-
-def synthetic_frames(n: int = 16, h: int = 48, w: int = 80, shift: int = 0) -> np.ndarray:
-    """A square moving right over a colour gradient: (n, h, w, 3) floats in [0, 1]."""
-    yy, xx = np.mgrid[:h, :w]
-    out = np.zeros((n, h, w, 3), np.float32)
-    for i in range(n):
-        out[i, ..., 0], out[i, ..., 1], out[i, ..., 2] = xx / w, yy / h, 0.3
-        x0 = 4 + 3 * i + shift
-        out[i, 12:32, x0 : x0 + 18] = (1.0, 0.9, 0.2)
-    return out
-
-
-@pytest.fixture(scope="module")
-def videos(tmp_path_factory) -> dict:
-    from pipelines.video import write_mp4
-
-    d = tmp_path_factory.mktemp("videos")
-    paths = {k: str(d / f"{k}.mp4") for k in ("source", "mask", "short", "wide_mask")}
-    write_mp4(synthetic_frames(), paths["source"], 8)
-    mask = np.zeros((16, 48, 80, 3), np.float32)
-    mask[:, 10:40, 20:60] = 1.0
-    write_mp4(mask, paths["mask"], 8)
-    write_mp4(synthetic_frames(n=6), paths["short"], 8)
-    write_mp4(np.zeros((16, 48, 96, 3), np.float32), paths["wide_mask"], 8)
-    pngs = d / "pngs"
-    pngs.mkdir()
-    from PIL import Image
-
-    for i, f in enumerate(synthetic_frames(n=4, shift=5)):
-        Image.fromarray((f * 255).astype(np.uint8)).save(pngs / f"{i:03d}.png")
-    paths["pngs"] = str(pngs)
-    paths["npy"] = str(d / "edited.npy")
-    np.save(paths["npy"], np.random.default_rng(0).uniform(-1, 1, (5, 64, 64, 3)).astype(np.float32))
-    (d / "broken.mp4").write_bytes(b"not a video at all")
-    paths["broken"] = str(d / "broken.mp4")
-    return paths
-
-
-TASK_ROWS = {
-    "controlnet-canny": {"prompt": "a robot dancing"},
-    "controlnet-depth": {"prompt": "a robot dancing"},  # the source video stands in for its depth maps
-    "controlnet-pose": {"prompt": "a robot dancing", "condition_video": "{source}"},
-    "t2i-adapter-canny": {"prompt": "a robot dancing"},
-    "t2i-adapter-depth": {"prompt": "a robot dancing", "condition_video": "{source}"},
-    "p2p": {"idm_prompt": "a square on a wall", "vdm_prompt": "a square on a wall at night", "local_blend": "square"},
-    "instruct-pix2pix": {"idm_prompt": "make it snowy", "vdm_prompt": "a snowy street"},
-    "inpaint": {"mask_video": "{mask}"},
-    "outpaint-horizontal": {},
-    "outpaint-vertical": {"alpha": 0.5},
-    "external": {"source_video": "{pngs}", "vdm_prompt": "a square"},
-}
-
-
-def _row(task: str, videos: dict, **extra) -> dict:
-    row = {"task": task, "source_video": "{source}", **TASK_ROWS[task], **SMALL, **extra}
-    return {k: v.format(**videos) if isinstance(v, str) and v.startswith("{") else v for k, v in row.items()}
+from .conftest import BIVDIFF_SMALL, TASK_ROWS, quiet, synthetic_frames, task_row
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +32,7 @@ def vidrd_worker(tiny_bivdiff, worker):
 @pytest.mark.parametrize("vdm", ["zeroscope", "vidrd"])
 @pytest.mark.parametrize("task", sorted(TASK_ROWS))
 def test_every_task_end_to_end(request, videos, task, vdm):
-    p = resolve_bivdiff_params(_row(task, videos))
+    p = resolve_bivdiff_params(task_row(task, videos))
     r = request.getfixturevalue("worker" if vdm == "zeroscope" else "vidrd_worker").run(p)
     assert r.frames.shape == (4, 64, 64, 3) and torch.isfinite(r.frames).all()
     assert 0.0 <= float(r.frames.min()) and float(r.frames.max()) <= 1.0 and float(r.frames.std()) > 0.01
@@ -121,14 +50,13 @@ def test_every_task_end_to_end(request, videos, task, vdm):
 def test_stage1_controlnet_is_the_diffusers_pipeline_on_canny_maps(worker, videos):
     """Frame 0 of stage 1 equals diffusers' ControlNet pipeline called directly on OpenCV's canny map with the prompt +
     POS tags, the NEG tags and a CPU generator seeded `seed`; the next frame draws on from the same generator."""
+    import cv2
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
     from PIL import Image
 
-    import cv2
-
     from pipelines.bivdiff.inputs import read_row_inputs
 
-    p = resolve_bivdiff_params(_row("controlnet-canny", videos, frames=2))
+    p = resolve_bivdiff_params(task_row("controlnet-canny", videos, frames=2))
     source, _, _ = read_row_inputs(p)
     ours = worker.stage1.run(p, source, None, None)
     spec = worker.spec
@@ -138,15 +66,11 @@ def test_stage1_controlnet_is_the_diffusers_pipeline_on_canny_maps(worker, video
     pipe.set_progress_bar_config(disable=True)
     g = torch.Generator("cpu").manual_seed(p.seed)
     ref = [pipe(prompt="a robot dancing" + presets.BIVDIFF_POS, negative_prompt=presets.BIVDIFF_NEG,
-                image=Image.fromarray(cv2.Canny(source[i], 100, 200)).convert("RGB"), num_inference_steps=2, guidance_scale=7.5, generator=g,
+                image=Image.fromarray(cv2.Canny(source[i], 100, 200)).convert("RGB"), num_inference_steps=2,
+                guidance_scale=7.5, generator=g,
                 height=64, width=64, output_type="np").images[0] for i in range(2)]
     ref = (np.clip(np.stack(ref), 0, 1) * 255).round().astype(np.uint8)
     assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 1
-
-
-def _quiet(pipe):
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def _as_uint8(images) -> np.ndarray:
@@ -162,12 +86,12 @@ def test_stage1_depth_and_pose_feed_their_condition_frames_to_the_diffusers_pipe
 
     from pipelines.bivdiff.inputs import read_row_inputs
 
-    p = resolve_bivdiff_params(_row(task, videos, frames=2))
+    p = resolve_bivdiff_params(task_row(task, videos, frames=2))
     source, _, condition = read_row_inputs(p)
     maps = source if condition is None else condition
     ours = worker.stage1.run(p, source, None, condition)
     model = worker.spec.controlnet_depth if task == "controlnet-depth" else worker.spec.controlnet_pose
-    pipe = _quiet(StableDiffusionControlNetPipeline.from_pretrained(
+    pipe = quiet(StableDiffusionControlNetPipeline.from_pretrained(
         worker.spec.image_model, controlnet=ControlNetModel.from_pretrained(model), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False))
     g = torch.Generator("cpu").manual_seed(42)
@@ -178,17 +102,17 @@ def test_stage1_depth_and_pose_feed_their_condition_frames_to_the_diffusers_pipe
 
 
 def test_stage1_instruct_pix2pix_is_the_diffusers_pipeline(worker, videos):
-    """InstructPix2Pix with the edit instruction + POS tags, the NEG tags, CFG 7.5 and image guidance 1.5 (docs/algorithms.md §8),
-    one CPU generator seeded `seed` drawn on frame after frame."""
+    """InstructPix2Pix with the edit instruction + POS tags, the NEG tags, CFG 7.5 and image guidance 1.5
+    (docs/algorithms.md §8), one CPU generator seeded `seed` drawn on frame after frame."""
     from diffusers import StableDiffusionInstructPix2PixPipeline
     from PIL import Image
 
     from pipelines.bivdiff.inputs import read_row_inputs
 
-    p = resolve_bivdiff_params(_row("instruct-pix2pix", videos, frames=2))
+    p = resolve_bivdiff_params(task_row("instruct-pix2pix", videos, frames=2))
     source, _, _ = read_row_inputs(p)
     ours = worker.stage1.run(p, source, None, None)
-    pipe = _quiet(StableDiffusionInstructPix2PixPipeline.from_pretrained(
+    pipe = quiet(StableDiffusionInstructPix2PixPipeline.from_pretrained(
         worker.spec.instruct_pix2pix, safety_checker=None, feature_extractor=None, requires_safety_checker=False))
     g = torch.Generator("cpu").manual_seed(42)
     ref = [pipe(prompt="make it snowy" + presets.BIVDIFF_POS, negative_prompt=presets.BIVDIFF_NEG,
@@ -206,7 +130,7 @@ def test_stage1_inpainting_is_the_diffusers_pipeline_with_its_mask_convention(wo
 
     from pipelines.bivdiff.inputs import read_row_inputs
 
-    p = resolve_bivdiff_params(_row(task, videos, frames=2))
+    p = resolve_bivdiff_params(task_row(task, videos, frames=2))
     source, mask, _ = read_row_inputs(p)
     ours = worker.stage1.run(p, source, mask, None)
     if task != "inpaint":
@@ -215,7 +139,7 @@ def test_stage1_inpainting_is_the_diffusers_pipeline_with_its_mask_convention(wo
             mask[:, :16], mask[:, 48:] = 255, 255
         else:
             mask[:, :, :16], mask[:, :, 48:] = 255, 255
-    pipe = _quiet(StableDiffusionInpaintPipeline.from_pretrained(
+    pipe = quiet(StableDiffusionInpaintPipeline.from_pretrained(
         worker.spec.inpainting, safety_checker=None, feature_extractor=None, requires_safety_checker=False))
     g = torch.Generator("cpu").manual_seed(42)
     ref = [pipe(prompt="", negative_prompt="", image=Image.fromarray(source[i]), mask_image=Image.fromarray(mask[i]),
@@ -263,13 +187,14 @@ def test_stages_2_3_match_an_independent_diffusers_computation(worker, videos, t
     diffusers UNets called directly -> mix -> diffusers' TextToVideoSDPipeline from those latents with a DDIM scheduler
     in the SD config. Compat (the shipped default: frame-joint GroupNorm on): the literal (e, min(998, e + Δ)) pairs,
     conditioned on the negative prompt. Clean: 0 -> 1 -> 1 + Δ ... mirroring the smoothing grid, on the null text."""
-    from diffusers import (AutoencoderKL, DDIMScheduler, TextToVideoSDPipeline, UNet2DConditionModel)
+    from diffusers import AutoencoderKL, DDIMScheduler, TextToVideoSDPipeline, UNet2DConditionModel
     from diffusers.models.resnet import ResnetBlock2D
     from transformers import CLIPTextModel, CLIPTokenizer
 
     p = resolve_bivdiff_params({"task": "external", "source_video": videos["npy"], "vdm_prompt": "a dog",
                                 "negative_prompt": "blurry", "alpha": 0.3, "sampler": sampler,
-                                "frame_joint_norm": joint, **{k: v for k, v in SMALL.items() if k != "idm_steps"}})
+                                "frame_joint_norm": joint,
+                                **{k: v for k, v in BIVDIFF_SMALL.items() if k != "idm_steps"}})
     ours = worker.run(p, decode=False).latents
 
     im, vm = os.path.join(tiny_bivdiff, "image_model"), os.path.join(tiny_bivdiff, "video_model")
@@ -278,7 +203,8 @@ def test_stages_2_3_match_an_independent_diffusers_computation(worker, videos, t
     with torch.no_grad():
         z0 = vae.encode(frames).latent_dist.sample(generator=torch.Generator("cpu").manual_seed(p.seed + 1)) * 0.18215
         z0 = z0.permute(1, 0, 2, 3).unsqueeze(0)  # (1, 4, F, 8, 8)
-        tok_i, te_i = CLIPTokenizer.from_pretrained(im, subfolder="tokenizer"), CLIPTextModel.from_pretrained(im, subfolder="text_encoder")
+        tok_i = CLIPTokenizer.from_pretrained(im, subfolder="tokenizer")
+        te_i = CLIPTextModel.from_pretrained(im, subfolder="text_encoder")
         unet_i = UNet2DConditionModel.from_pretrained(im, subfolder="unet")
         if joint:
             for block in [m for m in unet_i.modules() if isinstance(m, ResnetBlock2D)]:
@@ -287,7 +213,8 @@ def test_stages_2_3_match_an_independent_diffusers_computation(worker, videos, t
         t2v = TextToVideoSDPipeline.from_pretrained(vm)
         t2v.scheduler = DDIMScheduler.from_config(DDIMScheduler.load_config(im, subfolder="scheduler"))
         t2v.set_progress_bar_config(disable=True)
-        ids = lambda tok, s: tok([s], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids  # noqa: E731
+        ids = lambda tok, s: tok([s], padding="max_length", max_length=77, truncation=True,  # noqa: E731
+                                 return_tensors="pt").input_ids
         text = "blurry" if sampler == "bivdiff_compat" else ""
         emb_i = te_i(ids(tok_i, text))[0].repeat(4, 1, 1)
         emb_v = t2v.text_encoder(ids(t2v.tokenizer, text))[0]
@@ -335,7 +262,7 @@ def test_latent_space_guard_refuses_a_vdm_with_another_vae(tiny_bivdiff, tmp_pat
 def test_input_errors_are_clear(videos, row, match):
     from pipelines.bivdiff.inputs import read_row_inputs
 
-    full = {"task": "controlnet-canny", "source_video": "{source}", **SMALL, **row}
+    full = {"task": "controlnet-canny", "source_video": "{source}", **BIVDIFF_SMALL, **row}
     full = {k: v.format(**videos) if isinstance(v, str) and v.startswith("{") else v for k, v in full.items()}
     with pytest.raises(ValueError, match=match):
         read_row_inputs(resolve_bivdiff_params(full))
@@ -360,13 +287,15 @@ def test_cli(tiny_bivdiff, videos, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     base = [sys.executable, "-m", "pipelines.bivdiff", "--model-dir", tiny_bivdiff, "--device", "cpu", "--frames", "4",
             "--height", "64", "--width", "64", "--steps", "5", "--idm-steps", "2", "-q"]
-    long_prompt = "a silver robot " + " ".join(["dancing on a wide sunny beach with waves"] * 6)  # > 77 tokens with tags
+    # > 77 tokens with tags
+    long_prompt = "a silver robot " + " ".join(["dancing on a wide sunny beach with waves"] * 6)
     r = subprocess.run([*base[:-1], "--task", "controlnet-canny", "--video", videos["source"], "--prompt", long_prompt,
                         "--vdm", "vidrd", "--out", str(out), "--save-stage1", str(tmp_path / "s1.mp4")],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     # what the console shows without -q: progress, one truncation note, nothing that reads as a failure
-    assert "inversion + smoothing: 100%" in r.stderr and r.stderr.count("CLIP tokens are truncated") == 1, r.stderr[-3000:]
+    assert "inversion + smoothing: 100%" in r.stderr and r.stderr.count("CLIP tokens are truncated") == 1, \
+        r.stderr[-3000:]
     for noise in ("Token indices sequence length", "The following part of your input was truncated", "Loading weights",
                   "requires torchvision", "should be kept in float32"):
         assert noise not in r.stderr, r.stderr[-3000:]
@@ -380,19 +309,20 @@ def test_cli(tiny_bivdiff, videos, tmp_path):
 
 
 @pytest.mark.parametrize("vdm", ["modelscope", "videocrafter2", "animatediff"])
-def test_other_video_models_smooth_in_the_shared_space(vdm, videos, tmp_path_factory, worker):
+def test_other_video_models_smooth_in_the_shared_space(vdm, videos, tiny_model, worker):
     """The stage-3 VDM can be any adapter whose VAE shares the SD latent space: each one runs external frames and
     gives its own video from the same inverted latent (α = 1: the SD chain only)."""
     from pipelines.bivdiff.runner import BIVDiff
-    from pipelines.tiny import BUILDERS
 
-    d = BUILDERS[vdm](str(tmp_path_factory.mktemp("tiny") / vdm))
+    d = tiny_model(vdm)
     j = lambda name: os.path.join(d, name)  # noqa: E731
     spec = BivdiffSpec(vdm=vdm, video_model=j("base"), image_model=j("image_model"),
                        video_unet=j("unet") if vdm == "videocrafter2" else None,
-                       motion_adapter=j("motion_adapter") if vdm == "animatediff" else None, device="cpu", dtype="float32")
+                       motion_adapter=j("motion_adapter") if vdm == "animatediff" else None, device="cpu",
+                       dtype="float32")
     other = BIVDiff(spec)
-    p = resolve_bivdiff_params({"task": "external", "source_video": videos["npy"], "vdm_prompt": "a dog", **SMALL})
+    p = resolve_bivdiff_params({"task": "external", "source_video": videos["npy"], "vdm_prompt": "a dog",
+                                **BIVDIFF_SMALL})
     r = other.run(p)
     assert r.frames.shape == (4, 64, 64, 3) and torch.isfinite(r.latents).all()
     assert r.calls == {"I": 5, "V": 5}
@@ -407,7 +337,7 @@ def test_stage1_batched_frames_equal_one_call_per_frame(worker, videos, task):
 
     outs = {}
     for noise in ("shared", "per_frame", "independent"):
-        p = resolve_bivdiff_params(_row(task, videos, noise=noise))
+        p = resolve_bivdiff_params(task_row(task, videos, noise=noise))
         loaded = read_row_inputs(p)
         worker.stage1.batch = 1
         one = worker.stage1.run(p, *loaded)
@@ -417,17 +347,18 @@ def test_stage1_batched_frames_equal_one_call_per_frame(worker, videos, task):
         if noise != "independent":
             assert np.abs(one.astype(int) - many.astype(int)).max() <= 1, noise
         outs[noise] = one
-    assert np.array_equal(outs["shared"][0], outs["independent"][0]) and np.array_equal(outs["per_frame"][0], outs["shared"][0])
+    assert (np.array_equal(outs["shared"][0], outs["independent"][0])
+            and np.array_equal(outs["per_frame"][0], outs["shared"][0]))
     assert not np.array_equal(outs["shared"][1:], outs["per_frame"][1:])  # frame i: seed vs seed + i
     assert not np.array_equal(outs["per_frame"][1:], outs["independent"][1:])
 
 
 def test_bin_copies_for_the_official_code(tiny_bivdiff, tmp_path):
-    """`python -m pipelines.tiny bivdiff DIR --with-bin`: the .bin copy (all the official inflated UNet reads) holds
-    the same weights as the safetensors file."""
+    """`python -m pipelines.fixtures.tiny bivdiff DIR --with-bin`: the .bin copy (all the official inflated UNet
+    reads) holds the same weights as the safetensors file."""
     from diffusers import UNet2DConditionModel
 
-    from pipelines.tiny import add_bin_copies
+    from pipelines.fixtures.models import add_bin_copies
 
     unet_dir = tmp_path / "unet"
     shutil.copytree(os.path.join(tiny_bivdiff, "image_model", "unet"), unet_dir)
@@ -445,7 +376,7 @@ def test_reduced_precision_worker_runs_every_stage(tiny_bivdiff, videos):
 
     w = BIVDiff(BivdiffSpec.from_model_dir(tiny_bivdiff, device="cpu", dtype="bfloat16"))
     for task in ("instruct-pix2pix", "inpaint"):
-        r = w.run(resolve_bivdiff_params(_row(task, videos, frames=2, alpha=0.5)))
+        r = w.run(resolve_bivdiff_params(task_row(task, videos, frames=2, alpha=0.5)))
         assert torch.isfinite(r.frames).all() and r.latents.dtype == torch.float32
     assert next(w.stage1.pipeline(presets.BIVDIFF_TASKS["inpaint"]).vae.parameters()).dtype == torch.bfloat16
     assert next(w.vae.parameters()).dtype == torch.float32
@@ -455,7 +386,8 @@ def _ffmpeg_frames(path: str, w: int, h: int) -> np.ndarray:
     """Every frame decoded by the ffmpeg binary itself (raw RGB24 on a pipe), not through the project's readers."""
     import imageio_ffmpeg
 
-    raw = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", path, "-f", "rawvideo", "-pix_fmt", "rgb24",
+    raw = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", path, "-f", "rawvideo", "-pix_fmt",
+                          "rgb24",
                           "-"], capture_output=True, check=True).stdout
     return np.frombuffer(raw, np.uint8).reshape(-1, h, w, 3)
 
@@ -492,17 +424,18 @@ def test_compat_canny_size_rule_and_resize_back(worker, videos):
         img = np.random.default_rng(h + w).integers(0, 256, (h, w, 3), dtype=np.uint8)
         k = 512 / min(h, w)
         assert want == (round(h * k / 64) * 64, round(w * k / 64) * 64)
-        expect = img if want == (h, w) else cv2.resize(img, want[::-1], interpolation=cv2.INTER_LANCZOS4 if k > 1 else cv2.INTER_AREA)
+        expect = img if want == (h, w) else cv2.resize(img, want[::-1],
+                                                       interpolation=cv2.INTER_LANCZOS4 if k > 1 else cv2.INTER_AREA)
         assert np.array_equal(annotator_resize(img), expect)
-    p = resolve_bivdiff_params(_row("controlnet-canny", videos, frames=1, idm_steps=1, sampler="bivdiff_compat"))
+    p = resolve_bivdiff_params(task_row("controlnet-canny", videos, frames=1, idm_steps=1, sampler="bivdiff_compat"))
     source, _, _ = read_row_inputs(p)
     maps = condition_maps(source, compat=True)
-    assert maps.shape == (1, 512, 512) and np.array_equal(maps[0], cv2.Canny(cv2.resize(source[0], (512, 512),
-                                                                                       interpolation=cv2.INTER_LANCZOS4), 100, 200))
+    big = cv2.resize(source[0], (512, 512), interpolation=cv2.INTER_LANCZOS4)
+    assert maps.shape == (1, 512, 512) and np.array_equal(maps[0], cv2.Canny(big, 100, 200))
     assert condition_maps(source, compat=False).shape == (1, 64, 64)
     ours = worker.stage1.run(p, source, None, None)
     spec = worker.spec
-    pipe = _quiet(StableDiffusionControlNetPipeline.from_pretrained(
+    pipe = quiet(StableDiffusionControlNetPipeline.from_pretrained(
         spec.image_model, controlnet=ControlNetModel.from_pretrained(spec.controlnet_canny), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False))
     big = pipe(prompt=p.idm_prompt + presets.BIVDIFF_POS, negative_prompt=presets.BIVDIFF_NEG,
@@ -523,11 +456,11 @@ def test_stage1_t2i_adapter_is_the_diffusers_adapter_pipeline(worker, videos, ta
 
     from pipelines.bivdiff.inputs import read_row_inputs
 
-    p = resolve_bivdiff_params(_row(task, videos, frames=2))
+    p = resolve_bivdiff_params(task_row(task, videos, frames=2))
     source, _, condition = read_row_inputs(p)
     ours = worker.stage1.run(p, source, None, condition)
     folder = worker.spec.t2i_adapter_canny if task.endswith("canny") else worker.spec.t2i_adapter_depth
-    pipe = _quiet(StableDiffusionAdapterPipeline.from_pretrained(
+    pipe = quiet(StableDiffusionAdapterPipeline.from_pretrained(
         worker.spec.image_model, adapter=T2IAdapter.from_pretrained(folder), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False))
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)

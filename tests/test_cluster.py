@@ -11,6 +11,8 @@ from operators.metadata import read_latest
 
 from .jobutil import BIN, ROOT, free_port, job_env, parent_runs, tiny_config, wait_http
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def cluster_env(tmp_path_factory):

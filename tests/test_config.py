@@ -7,13 +7,15 @@ import numpy as np
 import pytest
 
 from pipelines import presets
+from pipelines.backbones import registry
 from pipelines.config import ModelSpec, resolve_params
 from pipelines.sample import main
 
 
 def test_preset_defaults_and_precedence():
     p = resolve_params({"prompt": "x"})
-    assert (p.sampler, p.variant, p.steps, p.frames, p.height, p.width, p.guidance) == ("ivmixed", "down:IV-IV", 50, 16, 512, 512, 7.5)
+    assert (p.sampler, p.variant, p.steps, p.frames, p.height, p.width, p.guidance) == (
+        "ivmixed", "down:IV-IV", 50, 16, 512, 512, 7.5)
     assert resolve_params({"prompt": "x", "sampler": "ivmixed_ad_v1"}).seed == 23523
     assert resolve_params({"prompt": "x", "sampler": "standard"}).variant == "standard"
     # preset < pattern options < job defaults < row values
@@ -67,7 +69,7 @@ def test_model_spec_validation():
     with pytest.raises(ValueError, match="dtype"):
         ModelSpec(dtype="float8")
     spec = ModelSpec()
-    assert spec.base == presets.BACKBONES["animatediff"].base  # hub ids come from the presets module only
+    assert spec.base == registry.defaults("animatediff").base  # hub ids come from the backbone classes only
     assert spec.fingerprint() == ModelSpec(device="cpu").fingerprint() != ModelSpec(lora="x").fingerprint()
 
 
@@ -95,14 +97,17 @@ def test_cli_writes_latents_and_mp4(tiny_ad_dir, tmp_path):
     from pipelines.video import read_mp4
 
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
-    common = [sys.executable, "-m", "pipelines.sample", "--model-dir", tiny_ad_dir, "--device", "cpu", "--prompt", "a cat",
+    common = [sys.executable, "-m", "pipelines.sample", "--model-dir", tiny_ad_dir, "--device", "cpu", "--prompt",
+              "a cat",
               "--steps", "4", "--frames", "6", "--height", "64", "--width", "96", "--seed", "1"]
-    r = subprocess.run(common + ["--output-type", "latent", "--out", str(tmp_path / "x.npy")], capture_output=True, text=True, env=env)
+    r = subprocess.run(common + ["--output-type", "latent", "--out", str(tmp_path / "x.npy")], capture_output=True,
+                       text=True, env=env)
     assert r.returncode == 0, r.stderr
     assert "model calls=16 (IDM 6, VDM 10)" in r.stdout
     lat = np.load(tmp_path / "x.npy")
     assert lat.shape == (1, 4, 6, 8, 12) and lat.dtype == np.float32
-    r = subprocess.run(common + ["--sampler", "standard", "--fps", "12", "--out", str(tmp_path / "v.mp4")], capture_output=True, text=True, env=env)
+    r = subprocess.run(common + ["--sampler", "standard", "--fps", "12", "--out", str(tmp_path / "v.mp4")],
+                       capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     frames, fps = read_mp4(str(tmp_path / "v.mp4"))
     assert frames.shape == (6, 64, 96, 3) and fps == 12
@@ -125,10 +130,11 @@ def test_every_surface_comes_from_the_parameter_table():
         assert names <= set(COLUMNS) and names <= set(metadata.SCHEMAS[kind].names)
         assert names <= {a.dest for a in parser._actions}
         other = params.BIVDIFF if kind == params.GENERATION else params.GENERATION
-        assert not (set(params.names(other)) - names) & set(metadata.SCHEMAS[kind].names)  # no null columns of the other kind
+        # no null columns of the other kind
+        assert not (set(params.names(other)) - names) & set(metadata.SCHEMAS[kind].names)
     assert set(job_config.DEFAULT_KEYS) == set(params.names(params.GENERATION))
-    assert set(job_config.BIVDIFF_DEFAULT_KEYS) == set(params.names(params.BIVDIFF)) - {"task", "source_video", "mask_video",
-                                                                                       "condition_video"}
+    assert set(job_config.BIVDIFF_DEFAULT_KEYS) == set(params.names(params.BIVDIFF)) - {
+        "task", "source_video", "mask_video", "condition_video"}
     assert COLUMNS["idm_guidance"] == ("string", "integer", "floating") and COLUMNS["alpha"] == ("integer", "floating")
     with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "parameters.md")) as f:
         assert f.read() == params.markdown()  # regenerate: python -m pipelines.params > docs/parameters.md
@@ -139,7 +145,8 @@ def test_resolved_params_round_trip_through_their_record():
     from pipelines.bivdiff.config import BivdiffParams, resolve_bivdiff_params
     from pipelines.config import GenParams
 
-    for row in ({"prompt": "x"}, {"prompt": "y", "sampler": "ivmixed_ad_v1", "idm_guidance": "6,2,1/7", "interval": "0.1..0.6"},
+    for row in ({"prompt": "x"},
+                {"prompt": "y", "sampler": "ivmixed_ad_v1", "idm_guidance": "6,2,1/7", "interval": "0.1..0.6"},
                 {"prompt": "z", "variant": "up:RR-II@w_go_I=-karras(6,2,7)", "zz": 3, "steps": 30, "guidance": 5}):
         p = resolve_params(row)
         assert GenParams.from_record(p.record()) == p
@@ -150,7 +157,7 @@ def test_resolved_params_round_trip_through_their_record():
 def test_structure_read_from_the_model_configs_equals_the_loaded_models(tiny_ad_dir, ad_backbone):
     """The driver's structural facts (VAE factor, motion-adapter frame limit) come from config files, without weights,
     and agree with the loaded backbone; a row past them fails at resolution with the loaded models' message."""
-    from pipelines.backbones import structure
+    from pipelines.backbones.registry import structure
     from pipelines.params import Structure
 
     spec = ModelSpec.from_model_dir("animatediff", tiny_ad_dir, device="cpu")
@@ -161,4 +168,5 @@ def test_structure_read_from_the_model_configs_equals_the_loaded_models(tiny_ad_
         resolve_params({"prompt": "x", "frames": too_many, "height": 64, "width": 64}, structure=facts)
     with pytest.raises(ValueError, match="multiple of the VAE factor 16"):
         resolve_params({"prompt": "x", "height": 72, "width": 64}, structure=Structure(16))
-    assert structure(ModelSpec(device="cpu", base="/no/such/folder")) == Structure()  # unreadable: defaults, with a warning
+    assert structure(ModelSpec(device="cpu",
+                               base="/no/such/folder")) == Structure()  # unreadable: defaults, with a warning

@@ -1,6 +1,6 @@
-"""WebDataset output (README "Datasets"): a real run's shards read back by webdataset, Hugging Face datasets and Ray
-Data with exactly the ok rows; per-shard stats; the export by score; a SIGKILL mid-run and a rerun leave no partial
-shard and no duplicate sample; the driver's plan and the metadata's newest-row rule in Arrow."""
+"""WebDataset output (docs/datasets.md "Reading a finished run"): a real run's shards read back by webdataset, Hugging
+Face datasets and Ray Data with exactly the ok rows; per-shard stats; the export by score; a SIGKILL mid-run and a rerun
+leave no partial shard and no duplicate sample; the driver's plan and the metadata's newest-row rule in Arrow."""
 import datetime as dt
 import glob
 import hashlib
@@ -65,7 +65,8 @@ def check_dataset(prefix_fs, root: str, ok: dict[str, dict]) -> list[str]:
     return tars
 
 
-def test_webdataset_run_read_by_three_readers_and_exported_by_score(tmp_path, tiny_cache):
+@pytest.mark.integration
+def test_webdataset_run_read_by_three_readers_and_exported_by_score(tmp_path, tiny_cache, shared_ray):
     manifest = tmp_path / "m.parquet"
     ids = ["a1", "a2", "a.3", "a4", "a5", "bad"]
     pq.write_table(pa.table({"id": ids, "prompt": [f"A lantern number {i} over a lake." for i in range(6)],
@@ -112,7 +113,7 @@ def test_webdataset_run_read_by_three_readers_and_exported_by_score(tmp_path, ti
     # Ray Data (the stats .json files beside the tars are not samples: file_extensions)
     import ray
 
-    ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
+    ray.init(address=shared_ray, logging_level="ERROR")
     try:
         rows = ray.data.read_webdataset(str(out / "shards"), file_extensions=["tar"]).take_all()
     finally:
@@ -133,7 +134,8 @@ def test_webdataset_run_read_by_three_readers_and_exported_by_score(tmp_path, ti
     scores = sorted(m["clipsim"] for m in ok.values())
     cut = (scores[1] + scores[2]) / 2
     dest = tmp_path / "best"
-    r = subprocess.run([os.path.join(os.path.dirname(job_cmd()[0]), "python"), "-m", "jobs.export", "--output", str(out),
+    r = subprocess.run([os.path.join(os.path.dirname(job_cmd()[0]), "python"), "-m", "jobs.export", "--output",
+                        str(out),
                         "--to", str(dest), "--min-clipsim", str(cut), "--shard-max-samples", "2"],
                        cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -142,11 +144,13 @@ def test_webdataset_run_read_by_three_readers_and_exported_by_score(tmp_path, ti
     exp_meta = {m["id"]: m for m in read_latest(str(dest)).to_pylist()}
     check_dataset(fs, str(dest), {i: {**m, "shard_uri": exp_meta[i]["shard_uri"]} for i, m in kept.items()})
     assert json.loads((dest / "export.json").read_text())["rows"] == 3
-    again = subprocess.run([os.path.join(os.path.dirname(job_cmd()[0]), "python"), "-m", "jobs.export", "--output", str(out),
+    again = subprocess.run([os.path.join(os.path.dirname(job_cmd()[0]), "python"), "-m", "jobs.export", "--output",
+                            str(out),
                             "--to", str(dest)], cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "already holds a dataset" in again.stderr
 
 
+@pytest.mark.integration
 def test_killed_webdataset_run_leaves_no_partial_shard_and_no_duplicate(tmp_path, tiny_cache):
     """SIGKILL the driver while shards are being written, rerun: every sample once, in a committed shard; samples the
     killed run finished but never committed are packed by the rerun instead of being generated again."""
@@ -157,13 +161,15 @@ def test_killed_webdataset_run_leaves_no_partial_shard_and_no_duplicate(tmp_path
     out = tmp_path / "out"
     cfg = tiny_config(tmp_path / "job.yaml", tiny_cache, compute={"batch_size": 1, "sampler_batch": 1},
                       defaults={"steps": 10}, output={"format": "webdataset", "shard_max_samples": 2})
-    args = ["--config", cfg, "--manifest", str(manifest), "--output", str(out), "--mlflow-uri", f"sqlite:///{tmp_path / 'db'}"]
+    args = ["--config", cfg, "--manifest", str(manifest), "--output", str(out), "--mlflow-uri",
+            f"sqlite:///{tmp_path / 'db'}"]
     # kill once a shard is committed and the next samples wait in scratch
     kill_job_when(args, lambda: bool(glob.glob(str(out / "metadata" / "part-*"))
                                      and glob.glob(str(out / ".runs" / "*" / "samples" / "*.parquet"))))
     first = read_parts(*filesystem(str(out)))
     assert first is not None and 0 < first.num_rows < n, "the first run was not interrupted mid-job"
-    waiting = {os.path.basename(p)[: -len(".parquet")] for p in glob.glob(str(out / ".runs" / "*" / "samples" / "*.parquet"))}
+    waiting = {os.path.basename(p)[: -len(".parquet")]
+               for p in glob.glob(str(out / ".runs" / "*" / "samples" / "*.parquet"))}
     # a shard put by the killed driver that no metadata row names: an orphan the rerun removes
     orphan = out / "shards" / "20000101T000000-deadbeef-00000.tar"
     orphan.write_bytes(b"\0" * 1024)
@@ -189,14 +195,16 @@ def test_killed_webdataset_run_leaves_no_partial_shard_and_no_duplicate(tmp_path
 def test_newest_row_and_done_ids_in_arrow(tmp_path, monkeypatch):
     """`latest` keeps each id's newest row (checked against a plain-Python reference); `committed` counts a row done
     only when its shard or video is there; the plan skips done ids without resolving them."""
-    from operators import metadata
+    from operators import metadata, resume
 
     t0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
     rows = [("a", "failed", 1, None), ("a", "ok", 2, None), ("b", "ok", 1, "file:///x/shards/s-00000.tar"),
-            ("c", "ok", 3, None), ("c", "failed", 5, metadata.WORKER_DIED + " (x)"), ("d", "ok", 1, "file:///x/shards/gone.tar")]
+            ("c", "ok", 3, None), ("c", "failed", 5, metadata.WORKER_DIED + " (x)"),
+            ("d", "ok", 1, "file:///x/shards/gone.tar")]
     table = pa.table({"id": [r[0] for r in rows], "status": [r[1] for r in rows],
                       "error": [r[3] if r[1] == "failed" else None for r in rows],
-                      "finished_at": pa.array([t0 + dt.timedelta(seconds=r[2]) for r in rows], pa.timestamp("us", tz="UTC")),
+                      "finished_at": pa.array([t0 + dt.timedelta(seconds=r[2]) for r in rows],
+                                              pa.timestamp("us", tz="UTC")),
                       "shard_uri": [r[3] if r[1] == "ok" else None for r in rows]})
     newest = {}
     for r in rows:
@@ -216,20 +224,20 @@ def test_newest_row_and_done_ids_in_arrow(tmp_path, monkeypatch):
     (root / "videos" / "a.mp4").write_bytes(b"")
     import fsspec
 
-    c = metadata.committed(fsspec.filesystem("file"), str(root))
+    c = resume.committed(fsspec.filesystem("file"), str(root))
     assert sorted(c.done.to_pylist()) == ["a", "b"]  # d's shard is gone; c's newest row failed
     assert c.poisoned.to_pylist() == ["c"]
 
-    # past the score table's cap, only the rows shown are read whole (metadata.scan with the ids pushed down)
+    # past the score table's cap, only the rows shown are read whole (resume.scan with the ids pushed down)
     from jobs import quality, report
 
-    current = metadata.latest(metadata.scan(fsspec.filesystem("file"), str(root), quality.AGGREGATE))
+    current = metadata.latest(resume.scan(fsspec.filesystem("file"), str(root), quality.AGGREGATE))
     pairs = pa.array([None, "p", "p", None], pa.string())
     current = current.set_column(current.schema.get_field_index("pair_id"), "pair_id", pairs)
     monkeypatch.setattr(quality, "SCORE_TABLE_ROWS", 2)
     monkeypatch.setattr(report, "MAX_ROWS", 3)
     assert sorted(quality.shown(current).to_pylist()) == ["a", "b", "d"]  # a, b by id; a, d (no pair), then b (pair p)
-    detail = metadata.scan(fsspec.filesystem("file"), str(root), quality.COLUMNS, ids=quality.shown(current))
+    detail = resume.scan(fsspec.filesystem("file"), str(root), quality.COLUMNS, ids=quality.shown(current))
     assert sorted(detail["id"].to_pylist()) == ["a", "a", "b", "d"] and "shard_uri" in detail.column_names
 
     from collections import Counter

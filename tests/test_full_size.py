@@ -58,7 +58,7 @@ def test_decode_chunk_is_validated_and_not_part_of_the_fingerprint():
 def test_models_load_in_the_run_dtype_without_a_cast(tiny_ad_dir, caplog):
     """bfloat16 straight from from_pretrained (no float32 copy, no diffusers 'set torch_dtype' cast warning); the VAE
     stays float32 (every backbone decodes in float32)."""
-    from pipelines.backbones import load_backbone
+    from pipelines.backbones.registry import load_backbone
     from pipelines.config import ModelSpec
 
     with warnings.catch_warnings(record=True) as caught, caplog.at_level("WARNING"):
@@ -72,9 +72,9 @@ def test_models_load_in_the_run_dtype_without_a_cast(tiny_ad_dir, caplog):
 
 
 def test_videocrafter2_decodes_in_float32(tmp_path):
-    from pipelines.backbones import load_backbone
+    from pipelines.backbones.registry import load_backbone
     from pipelines.config import ModelSpec
-    from pipelines.tiny import build_videocrafter2
+    from pipelines.fixtures.models import build_videocrafter2
 
     folder = build_videocrafter2(str(tmp_path / "vc2"))
     bb = load_backbone(ModelSpec.from_model_dir("videocrafter2", folder, device="cpu", dtype="bfloat16"))
@@ -86,9 +86,9 @@ def test_bin_only_folders_load(tiny_ad_dir, tmp_path):
     """A pipeline whose weights are pickled .bin only (zeroscope, RV6.0's UNet, inpainting) loads like safetensors."""
     import shutil
 
-    from pipelines.backbones import load_backbone
+    from pipelines.backbones.registry import load_backbone
     from pipelines.config import ModelSpec
-    from pipelines.tiny import add_bin_copies
+    from pipelines.fixtures.models import add_bin_copies
 
     folder = str(tmp_path / "ad")
     shutil.copytree(tiny_ad_dir, folder)
@@ -111,7 +111,8 @@ def test_bin_only_folders_load(tiny_ad_dir, tmp_path):
 
 # -- slow: full-size random models in the published layouts ---------------------------------------------------------
 
-SMALL = ["--steps", "2", "--frames", "2", "--height", "64", "--width", "64", "--device", "cpu", "--dtype", "bfloat16", "-q"]
+SMALL = ["--steps", "2", "--frames", "2", "--height", "64", "--width", "64", "--device", "cpu", "--dtype", "bfloat16",
+         "-q"]
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +122,8 @@ def full_size(tmp_path_factory):
     def get(kind: str) -> str:
         folder = os.path.join(root, kind)
         if not os.path.isfile(os.path.join(folder, "tiny.json")):
-            subprocess.run([sys.executable, "-m", "pipelines.tiny", kind, folder, "--full-size"], cwd=ROOT, check=True)
+            subprocess.run([sys.executable, "-m", "pipelines.fixtures.tiny", kind, folder, "--full-size"], cwd=ROOT,
+                           check=True)
         return folder
 
     return get
@@ -139,7 +141,8 @@ def test_full_size_backbone_samples(full_size, backbone, tmp_path):
     folder = full_size(backbone)
     out = tmp_path / "v.mp4"
     extra = ["--vae", os.path.join(folder, "vae")] if backbone == "animatediff" else []  # root-level standalone VAE
-    proc = _cli("pipelines.sample", "--backbone", backbone, "--model-dir", folder, "--prompt", "a fox", "--out", str(out),
+    proc = _cli("pipelines.sample", "--backbone", backbone, "--model-dir", folder, "--prompt", "a fox", "--out",
+                str(out),
                 *extra, *SMALL)
     assert out.stat().st_size > 0 and "wrote" in proc.stdout
 
@@ -160,7 +163,8 @@ def test_full_size_bivdiff_vdm_samples(full_size, vdm, tmp_path):
                   os.path.join(folder, "controlnet"),
                   *(["--video-model", os.path.join(other, "base"), "--video-unet", os.path.join(other, "unet")]
                     if vdm == "videocrafter2" else
-                    ["--video-model", os.path.join(other, "base"), "--motion-adapter", os.path.join(other, "motion_adapter")])]
+                    ["--video-model", os.path.join(other, "base"), "--motion-adapter",
+                     os.path.join(other, "motion_adapter")])]
     out = tmp_path / "b.mp4"
     _cli("pipelines.bivdiff", "--task", "controlnet-canny", "--video", str(src), "--prompt", "a fox",
          "--out", str(out), *models, "--idm-steps", "2", *SMALL)
@@ -170,7 +174,8 @@ def test_full_size_bivdiff_vdm_samples(full_size, vdm, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("task", ["instruct-pix2pix", "inpaint"])
 def test_full_size_bivdiff_task_models_load_and_run(full_size, task, tmp_path):
-    """The InstructPix2Pix (Euler ancestral scheduler) and inpainting (.bin-only UNet, 9 channels) pipelines at full size."""
+    """The InstructPix2Pix (Euler ancestral scheduler) and inpainting (.bin-only UNet, 9 channels) pipelines at full
+    size."""
     import numpy as np
 
     folder = full_size("bivdiff")

@@ -1,4 +1,5 @@
-"""The variant grammar (docs/algorithms.md §3): parsing, compilation to moves, call counts, interval and zz semantics."""
+"""The variant grammar (docs/algorithms.md §3): parsing, compilation to moves, call counts, interval and zz
+semantics."""
 import pytest
 import torch
 
@@ -12,7 +13,8 @@ TABLE = AlphaTable.from_scheduler_config(SD15)
 A = TABLE.at
 
 
-def plan_for(pattern, n=50, rows=1, idm=CFGRamp(4, 4), vdm=CFGRamp(4, 4), interval=FULL_RUN, zz=None, keep_noop=False, guidance=7.5):
+def plan_for(pattern, n=50, rows=1, idm=CFGRamp(4, 4), vdm=CFGRamp(4, 4), interval=FULL_RUN, zz=None, keep_noop=False,
+             guidance=7.5):
     v = parse_variant(pattern)
     return compile_plan(v.variant, timesteps=timesteps(n, "linspace"), down_table=TABLE, up_table=TABLE,
                         guidance=[guidance] * rows, idm_guidance=[idm] * rows, vdm_guidance=[vdm] * rows,
@@ -41,7 +43,8 @@ def test_every_named_variant_parses_compiles_and_runs(name):
 
 
 def test_down_iv_iv_is_the_self_consistent_chain():
-    """Spec §2.3: I t->p (+w), V p->pp (+w), I pp->p (-w), V p->t (-w), then V t->t-Δ with 7.5."""
+    """docs/algorithms.md §2 (down-first): I t->p (+w), V p->pp (+w), I pp->p (-w), V p->t (-w), then V t->t-Δ with
+    7.5."""
     step = plan_for("down:IV-IV").steps[1]
     t, p, pp = 979, 959, 939
     assert step.t == t
@@ -55,7 +58,8 @@ def test_down_iv_iv_is_the_self_consistent_chain():
 
 
 def test_legacy_ad_labels_swap_the_first_two_substeps():
-    """Spec §2.4: the IDM predicts at p and steps p->pp although the latent is at t; the VDM then t->p."""
+    """docs/algorithms.md §2 (labels=legacy_ad): the IDM predicts at p and steps p->pp although the latent is at t; the
+    VDM then t->p."""
     step = plan_for("down:IV-IV@labels=legacy_ad").steps[1]
     t, p, pp = 979, 959, 939
     assert [sig(m) for m in step.zigzag] == [
@@ -141,7 +145,8 @@ def test_cfg_ramps_are_per_row_and_per_model():
                         idm_guidance=[CFGRamp(6, 2, 7), CFGRamp(4, 4)], vdm_guidance=[CFGRamp(2, 6, 7), CFGRamp(5, 5)])
     first, last = plan.steps[0], plan.steps[8]
     assert first.main.w.tolist() == [7.5, 3.0]
-    assert first.zigzag[0].w.tolist() == pytest.approx([6.0, 4.0]) and first.zigzag[2].w.tolist() == pytest.approx([-6.0, -4.0])
+    assert (first.zigzag[0].w.tolist() == pytest.approx([6.0, 4.0])
+            and first.zigzag[2].w.tolist() == pytest.approx([-6.0, -4.0]))
     assert first.zigzag[1].w.tolist() == pytest.approx([2.0, 5.0])
     assert last.zigzag[0].w[0] < 2.5 and last.zigzag[1].w[0] > 5.0
 
@@ -164,7 +169,8 @@ def test_r_letter_is_a_forward_jump():
 
     x, z = torch.randn(1, 4, 1, 2, 2), torch.randn(1, 4, 1, 2, 2)
     ratio = noise_mv.a_to / noise_mv.a_from
-    torch.testing.assert_close(apply_move({}, x, noise_mv, noise=lambda _: z), ratio.sqrt() * x + (1 - ratio).sqrt() * z)
+    torch.testing.assert_close(apply_move({}, x, noise_mv, noise=lambda _: z),
+                               ratio.sqrt() * x + (1 - ratio).sqrt() * z)
 
 
 @pytest.mark.parametrize("pattern", ["IV-IV", "up:IV-IV", "down:VI-IV@labels=legacy_ad", "II-VV@main=I",

@@ -8,11 +8,11 @@ import shlex
 import stat
 import subprocess
 import sys
-import tomllib
 
 import jsonschema
 import kubernetes_validate
 import pytest
+import tomllib
 import yaml
 
 from jobs import config as job_config
@@ -212,7 +212,8 @@ def test_versions_agree_with_the_project_pins():
             for c in template["spec"]["containers"]:
                 assert c["image"].endswith(f"/ivmix:{version}")
     cron = docs("nightly-cronjob.yaml")[0]
-    assert cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["image"].endswith(f"/ivmix:{version}")
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    assert pod["containers"][0]["image"].endswith(f"/ivmix:{version}")
     with open(os.path.join(INFRA, "compose.yaml")) as f:
         assert f"ivmix:{version}" in f.read()
 
@@ -232,7 +233,8 @@ def test_compose_validates_and_every_variable_is_documented():
 
 
 def test_dockerfile_lints_clean():
-    r = subprocess.run([os.path.join(BIN, "hadolint"), os.path.join(INFRA, "Dockerfile")], capture_output=True, text=True)
+    r = subprocess.run([os.path.join(BIN, "hadolint"), os.path.join(INFRA, "Dockerfile")], capture_output=True,
+                       text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     with open(os.path.join(INFRA, "Dockerfile")) as f:
         text = f.read()

@@ -20,6 +20,8 @@ def tiny_cache(tiny_ad_dir):
     return os.path.dirname(tiny_ad_dir)
 
 
+@pytest.mark.integration
+@pytest.mark.usefixtures("shared_ray")
 def test_job_end_to_end(tmp_path, tiny_cache):
     manifest = tmp_path / "m.parquet"
     pq.write_table(pa.table({
@@ -34,14 +36,17 @@ def test_job_end_to_end(tmp_path, tiny_cache):
         "idm_guidance": [None, None, "6,2,7", None, None, None, None],
         "interval": [None, None, "0..2", None, None, None, None],
         "category": ["animal", "scenery", "scenery", "object", "x", "y", "z"],
-        "status": ["kept", None, None, None, None, None, None],  # clashes with a metadata column: passed through renamed
+        # clashes with a metadata column: passed through renamed
+        "status": ["kept", None, None, None, None, None, None],
     }), manifest)
     out, db = tmp_path / "out", tmp_path / "mlflow.db"
-    # a video uploaded by a killed run but never committed (in no metadata part): regenerated to the same key (README)
+    # a video uploaded by a killed run but never committed (in no metadata part): regenerated to the same key
+    # (docs/job.md "Resume")
     (out / "videos").mkdir(parents=True)
     (out / "videos" / "r1.mp4").write_bytes(b"stale upload from a killed run")
     # two actors share the run (one row per actor call, so that both get rows): 2 x 0.5 CPU + the read task's 1 CPU
-    cfg = tiny_config(tmp_path / "job.yaml", tiny_cache, compute={"num_actors": 2, "cpus_per_actor": 0.5, "batch_size": 1})
+    cfg = tiny_config(tmp_path / "job.yaml", tiny_cache,
+                      compute={"num_actors": 2, "cpus_per_actor": 0.5, "batch_size": 1})
     r = run_job("--config", cfg, "--manifest", str(manifest), "--output", str(out), "--mlflow-uri", f"sqlite:///{db}",
                 "--experiment", "e2e")
     assert r.returncode == 0, r.stderr[-4000:]
@@ -53,20 +58,23 @@ def test_job_end_to_end(tmp_path, tiny_cache):
     derived = [i for i in ok if i.startswith("h")]
     assert ok == sorted(["r1", "r2", "r3", *derived]) and len(derived) == 1
     workers = {by_id[i]["worker"] for i in ok}  # host:pid of the actor that made each video
-    assert len(workers) == 2 and all(w.rsplit(":", 1)[1].isdigit() and int(w.rsplit(":", 1)[1]) != os.getpid() for w in workers)
+    assert len(workers) == 2 and all(w.rsplit(":",
+                                              1)[1].isdigit() and int(w.rsplit(":",
+                                                                               1)[1]) != os.getpid() for w in workers)
     failed = {i: m["error"] for i, m in by_id.items() if m["status"] == "failed"}
     assert failed["r4"].startswith("height:") and "multiple of the VAE factor 8" in failed["r4"]
     assert failed["r7"].startswith("prompt:")
     hostile = [e for i, e in failed.items() if i.startswith("invalid-")]
     assert len(hostile) == 1 and hostile[0].startswith("id:")
 
-    # README "Datasets": files output read with Hugging Face datasets through the metadata
+    # docs/datasets.md "Reading a finished run": files output read with Hugging Face datasets through the metadata
     import datasets
 
     hf = datasets.Dataset(read_latest(str(out))).filter(lambda r: r["status"] == "ok")
     assert sorted(hf["id"]) == ok and all(u.endswith(f"/videos/{i}.mp4") for i, u in zip(hf["id"], hf["video_uri"]))
 
-    # videos: exactly the ok rows (r1's stale upload replaced, no second copy), decodable, with each row's frames and size
+    # videos: exactly the ok rows (r1's stale upload replaced, no second copy), decodable, with each row's frames and
+    # size
     assert sorted(os.listdir(out / "videos")) == sorted(f"{i}.mp4" for i in ok)
     for i in ok:
         m = by_id[i]
@@ -81,7 +89,8 @@ def test_job_end_to_end(tmp_path, tiny_cache):
     assert (by_id["r1"]["sampler"], by_id["r1"]["steps"], by_id["r1"]["model_calls"]) == ("ivmixed", 6, 6 + 4 * 5)
     assert (by_id["r2"]["sampler"], by_id["r2"]["guidance"], by_id["r2"]["model_calls"]) == ("standard", 3.0, 6)
     assert (by_id["r3"]["variant"], by_id["r3"]["frames"], by_id["r3"]["height"], by_id["r3"]["idm_guidance"],
-            by_id["r3"]["interval"], by_id["r3"]["seed"]) == ("down:IV-IV@labels=legacy_ad", 4, 32, "karras(6,2,7)", "0..2", 23523)
+            by_id["r3"]["interval"], by_id["r3"]["seed"]) == (
+        "down:IV-IV@labels=legacy_ad", 4, 32, "karras(6,2,7)", "0..2", 23523)
     assert by_id["r3"]["model_calls"] == 6 + 4 * 3
     assert by_id["r1"]["category"] == "animal" and by_id["r1"]["manifest_status"] == "kept"
     # nothing outside the output prefix, nothing left half-written
@@ -97,13 +106,15 @@ def test_job_end_to_end(tmp_path, tiny_cache):
     assert len(runs) == 1
     run = runs[0]
     assert run.data.metrics["rows_ok"] == 4 and run.data.metrics["rows_failed"] == 3
-    # ivmixed 6 steps: 6 + 4 x 5 calls (r1 and the derived-id row), standard 6 (r2), ivmixed_ad_v1 interval 0..2: 6 + 4 x 3
+    # ivmixed 6 steps: 6 + 4 x 5 calls (r1 and the derived-id row), standard 6 (r2), ivmixed_ad_v1 interval 0..2:
+    # 6 + 4 x 3
     assert run.data.metrics["nfe_per_video"] == 2 * (26 + 6 + 18 + 26) / 4 == sum(by_id[i]["nfe"] for i in ok) / 4
     assert run.data.metrics["videos_per_hour"] > 0
     assert run.data.params["defaults.steps"] == "6" and run.data.params["model.backbone"] == "animatediff"
     assert run.data.tags["manifest"] == str(manifest) and run.data.tags["ray_submission_id"] == "local"
     assert run.info.run_id == by_id["r1"]["run_id"]
-    arts = {a.path for a in client.list_artifacts(run.info.run_id, "config")} | {a.path for a in client.list_artifacts(run.info.run_id, "metadata")}
+    arts = ({a.path for a in client.list_artifacts(run.info.run_id, "config")}
+            | {a.path for a in client.list_artifacts(run.info.run_id, "metadata")})
     assert arts == {"config/job_config.yaml", "metadata/metadata.parquet"}
     head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     tags = run.data.tags
@@ -111,9 +122,10 @@ def test_job_end_to_end(tmp_path, tiny_cache):
         head or "unknown", by_id["r1"]["code_version"], "animatediff", "FINISHED")
     metrics = run.data.metrics
     assert metrics["seconds_per_video"] == pytest.approx(sum(by_id[i]["seconds"] for i in ok) / 4, rel=1e-6)
-    assert metrics["elapsed_seconds"] >= sum(by_id[i]["seconds"] for i in ok)  # one actor: the rows ran one after another
+    # one actor: the rows ran one after another
+    assert metrics["elapsed_seconds"] >= sum(by_id[i]["seconds"] for i in ok)
 
-    # README: --fail-on-error exits 1 when a row failed; the committed rows are not generated again
+    # docs/job.md "Exit status": --fail-on-error exits 1 when a row failed; the committed rows are not generated again
     r = run_job("--config", cfg, "--manifest", str(manifest), "--output", str(out), "--mlflow-uri", f"sqlite:///{db}",
                 "--experiment", "e2e", "--fail-on-error")
     assert r.returncode == 1 and "progress: 3/3 rows (0 ok, 3 failed)" in r.stderr, r.stderr[-3000:]
@@ -151,7 +163,9 @@ def test_bad_configs_fail_with_the_key(tmp_path, tiny_cache, yaml_extra, message
     assert rc == 2 and message in capsys.readouterr().err
 
 
-@pytest.mark.slow  # make test runs the same kill and rerun with webdataset output (test_dataset.py); this is files output
+@pytest.mark.integration
+# make test runs the same kill and rerun with webdataset output (test_dataset.py); this is files output
+@pytest.mark.slow
 def test_killed_job_resumes_exactly_once(tmp_path, tiny_cache):
     """Kill the driver (and its local Ray) mid-run, rerun: one video per row, committed rows not redone."""
     n = 10
@@ -161,7 +175,8 @@ def test_killed_job_resumes_exactly_once(tmp_path, tiny_cache):
     out = tmp_path / "out"
     cfg = tiny_config(tmp_path / "job.yaml", tiny_cache, compute={"batch_size": 1, "sampler_batch": 1},
                       defaults={"steps": 12}, commit={"every_rows": 1, "every_seconds": 1})
-    args = ["--config", cfg, "--manifest", str(manifest), "--output", str(out), "--mlflow-uri", f"sqlite:///{tmp_path / 'db'}"]
+    args = ["--config", cfg, "--manifest", str(manifest), "--output", str(out), "--mlflow-uri",
+            f"sqlite:///{tmp_path / 'db'}"]
     fs, root = filesystem(str(out))
     kill_job_when(args, lambda: len(glob.glob(str(out / "metadata" / "part-*"))) >= 2, poll=0.1)
     first = read_parts(fs, root)
@@ -183,13 +198,14 @@ def test_killed_job_resumes_exactly_once(tmp_path, tiny_cache):
 
     # a third run finds nothing to do, and says so without starting Ray
     r = run_job(*args)
-    assert r.returncode == 0 and "nothing to do: every row is committed ok" in r.stderr and "starting Ray" not in r.stderr
+    assert (r.returncode == 0 and "nothing to do: every row is committed ok" in r.stderr
+            and "starting Ray" not in r.stderr)
     assert read_parts(fs, root).num_rows == n
 
 
 def test_capacity_check_refuses_pools_that_cannot_run(caplog):
     from jobs.config import ComputeConfig
-    from jobs.generate import check_capacity
+    from jobs.pipeline import check_capacity
 
     check_capacity(ComputeConfig(num_actors=1, cpus_per_actor=1), {"CPU": 2}, "cpu")
     with pytest.raises(ValueError, match="reading the manifest"):
@@ -205,9 +221,11 @@ def test_capacity_check_refuses_pools_that_cannot_run(caplog):
     assert "cluster is smaller than the pool right now (autoscaling expected)" in caplog.text and "GPU" in caplog.text
 
 
+@pytest.mark.integration
+@pytest.mark.usefixtures("shared_ray")
 def test_a_pool_that_cannot_run_exits_2_before_anything_is_written(tmp_path, tiny_cache):
-    """README: exit 2 for a pool the cluster cannot hold (64 one-CPU actors on this machine's local Ray), through the
-    real job, before a video or a metadata part exists."""
+    """docs/job.md "Config": exit 2 for a pool the cluster cannot hold (64 one-CPU actors on this machine's Ray),
+    through the real job, before a video or a metadata part exists."""
     manifest = tmp_path / "m.parquet"
     pq.write_table(pa.table({"prompt": ["A red kite over a beach."]}), manifest)
     out, db = tmp_path / "out", tmp_path / "mlflow.db"

@@ -7,10 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from operators.generate import resolve_rows
-from operators.kinds import Resolver
-from operators.manifest import ManifestError, check_id, read_schema, resolve_row
+from operators.manifest import ManifestError, read_schema
 from operators.metadata import latest, to_table
+from operators.resolve import Resolver, check_id, resolve_row, resolve_rows
 from pipelines.bivdiff.config import BivdiffSpec
 from pipelines.config import ModelSpec
 
@@ -69,7 +68,9 @@ def test_safe_ids(good):
     assert check_id(good) == good
 
 
-@pytest.mark.parametrize("bad", ["../../etc", "../x", "a/b", "a\\b", ".hidden", "", "x" * 200, "a..b", "s3://b/k", "é", "a b", 5])
+@pytest.mark.parametrize("bad",
+                         ["../../etc", "../x", "a/b", "a\\b", ".hidden", "", "x" * 200, "a..b", "s3://b/k", "é", "a b",
+                          5])
 def test_hostile_ids_are_refused(bad):
     with pytest.raises(ValueError, match="^id:"):
         check_id(bad)
@@ -92,7 +93,8 @@ def test_resolve_row_derives_stable_ids_and_fails_bad_rows():
 
 def test_resolve_rows_drops_committed_and_fails_duplicates():
     batch = pa.table({"id": ["a", "b", "c", "c"], "prompt": ["x", "y", "z", "w"], "note": [1, 2, 3, 4]})
-    out = resolve_rows(batch, Resolver.build({"device": "cpu"}, defaults={"steps": 4}), done=frozenset({"a"}), duplicate_ids=frozenset({"c"}))
+    out = resolve_rows(batch, Resolver.build({"device": "cpu"}, defaults={"steps": 4}), done=frozenset({"a"}),
+                       duplicate_ids=frozenset({"c"}))
     assert out.column("_id").to_pylist() == ["b", "c", "c"]
     assert out.column("_status").to_pylist() == ["pending", "failed", "failed"]
     assert "more than one manifest row" in out.column("_error").to_pylist()[1]
@@ -102,8 +104,8 @@ def test_resolve_rows_drops_committed_and_fails_duplicates():
 def benchmark_like_rows() -> pa.Table:
     """Rows shaped like the public benchmark sets (ChronoMagic-Bench, VBench GPT-longer and Chinese): ids with dashes,
     underscores and dots, prompts of 80+ CLIP tokens, CJK text, quotes and a colon, extra string columns."""
-    long = ("In a still frame, a weathered stop sign stands prominently at a quiet intersection, its red paint slightly "
-            "faded and edges rusted, evoking a sense of time passed. " * 3).strip()
+    long = ("In a still frame, a weathered stop sign stands prominently at a quiet intersection, its red paint "
+            "slightly faded and edges rusted, evoking a sense of time passed. " * 3).strip()
     return pa.table({
         "id": ["chronomagic-3d_printing_19", "vbench-gptlong-0001", "vbench-cn-0001", "vbench.v2.0007"],
         "prompt": ["Time-lapse of a 3D printing process: from an empty build plate to a finished model.", long,
@@ -131,7 +133,8 @@ def test_latest_keeps_the_newest_row_per_id():
     import datetime as dt
 
     t0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
-    rows = [{"id": "a", "status": "failed", "finished_at": t0}, {"id": "a", "status": "ok", "finished_at": t0 + dt.timedelta(1)},
+    rows = [{"id": "a", "status": "failed", "finished_at": t0},
+            {"id": "a", "status": "ok", "finished_at": t0 + dt.timedelta(1)},
             {"id": "b", "status": "ok", "finished_at": t0}]
     cur = latest(to_table(rows))
     assert dict(zip(cur.column("id").to_pylist(), cur.column("status").to_pylist())) == {"a": "ok", "b": "ok"}
@@ -160,7 +163,8 @@ def test_bivdiff_rows_in_manifests(tmp_path):
         "task": ["external", "inpaint", None, "controlnet-canny"],
         "source_video": [x, v, None, v],
         "prompt": [None, None, "a cat", "a bear"],
-        "samplers": pa.array([None, None, ["standard", "ivmixed"], ["bivdiff", "bivdiff_compat"]], pa.list_(pa.string())),
+        "samplers": pa.array([None, None, ["standard", "ivmixed"], ["bivdiff", "bivdiff_compat"]],
+                             pa.list_(pa.string())),
     })
     out = resolve_rows(batch, Resolver.build({"device": "cpu"}, defaults={"steps": 4}, bivdiff_defaults={"steps": 10}))
     ids, status, errors = (out.column(c).to_pylist() for c in ("_id", "_status", "_error"))
@@ -185,14 +189,17 @@ def test_bivdiff_job_config_section(tmp_path):
         path = tmp_path / "c.yaml"
         path.write_text(yaml.safe_dump({"bivdiff": section}))
         return job_config.load(argparse.Namespace(
-            config=str(path), manifest="m", output="o", device=None, num_actors=None, batch_size=None, sampler_batch=None,
-            mlflow_uri=None, experiment=None, run_name=None, limit=None, fail_on_error=False, scores=False, baseline=None,
+            config=str(path), manifest="m", output="o", device=None, num_actors=None, batch_size=None,
+            sampler_batch=None,
+            mlflow_uri=None, experiment=None, run_name=None, limit=None, fail_on_error=False, scores=False,
+            baseline=None,
             regression_threshold=None, samplers=None))
 
     cfg = load({"vdm": "videocrafter2", "defaults": {"alpha": 0.3, "steps": 25}})
     assert cfg.bivdiff.spec.vdm == "videocrafter2" and cfg.bivdiff.defaults["alpha"] == 0.3
     for section, match in (({"vdm": "sora"}, "vdm: BIVDiff's video model"), ({"controlnet": "x"}, "unknown key"),
-                           ({"defaults": {"alpha": 3}}, "alpha: must lie in"), ({"defaults": {"task": "inpaint"}}, "unknown key"),
+                           ({"defaults": {"alpha": 3}}, "alpha: must lie in"),
+                           ({"defaults": {"task": "inpaint"}}, "unknown key"),
                            ({"tiny": True, "image_model": "x"}, "'tiny' builds its own models")):
         with pytest.raises(ValueError, match=match):
             load(section)
@@ -210,10 +217,12 @@ def test_missing_bivdiff_inputs_fail_at_resolution(tmp_path):
 
 
 def test_a_manifest_samplers_column_wins_over_the_configs():
-    """README: `samplers` in the job config (or --samplers) applies to every row; a row's own `samplers` list wins."""
+    """docs/job.md: `samplers` in the job config (or --samplers) applies to every row; a row's own `samplers` list
+    wins."""
     batch = pa.table({"id": ["a", "b"], "prompt": ["x", "y"],
                       "samplers": pa.array([["ivmixed_ad_v1", "standard"], None], pa.list_(pa.string()))})
-    out = resolve_rows(batch, Resolver.build({"device": "cpu"}, defaults={"steps": 4}, samplers=("standard", "ivmixed")))
+    out = resolve_rows(batch,
+                       Resolver.build({"device": "cpu"}, defaults={"steps": 4}, samplers=("standard", "ivmixed")))
     got = sorted(zip(out.column("_id").to_pylist(), out.column("_sampler").to_pylist()))
     assert got == [("a-ivmixed_ad_v1", "ivmixed_ad_v1"), ("a-standard", "standard"),
                    ("b-ivmixed", "ivmixed"), ("b-standard", "standard")]

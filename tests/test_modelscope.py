@@ -22,10 +22,12 @@ def test_standard_equals_diffusers_text_to_video_pipeline(ms, ms_dir):
     from diffusers import DDIMScheduler, TextToVideoSDPipeline
 
     pipe = TextToVideoSDPipeline.from_pretrained(os.path.join(ms_dir, "base"))
-    pipe.scheduler = DDIMScheduler.from_pretrained(os.path.join(ms_dir, "base"), subfolder="scheduler", clip_sample=False,
+    pipe.scheduler = DDIMScheduler.from_pretrained(os.path.join(ms_dir, "base"), subfolder="scheduler",
+                                                   clip_sample=False,
                                                    timestep_spacing="linspace", steps_offset=1)
     pipe.set_progress_bar_config(disable=True)
-    p = resolve_params(dict(prompt=PROMPT, sampler="standard", seed=4, steps=5, frames=4, height=64, width=64, guidance=9.0),
+    p = resolve_params(dict(prompt=PROMPT, sampler="standard", seed=4, steps=5, frames=4, height=64, width=64,
+                            guidance=9.0),
                        backbone="modelscope")
     ours = generate(ms, [p], decode=False)[0]
     ref = pipe(prompt=PROMPT, num_frames=4, height=64, width=64, num_inference_steps=5, guidance_scale=9.0,
@@ -64,7 +66,8 @@ def _official_ms_loop(bb, ms_dir, params):
         back = F.interpolate(moved, size=(h, wd), mode="nearest")
         return back.reshape(b, f, ch, h, wd).permute(0, 2, 1, 3, 4)
 
-    x = torch.randn((1, 4, f, params.height // 8, params.width // 8), generator=torch.Generator("cpu").manual_seed(params.seed))
+    x = torch.randn((1, 4, f, params.height // 8, params.width // 8),
+                    generator=torch.Generator("cpu").manual_seed(params.seed))
     delta = 1000 // n
     with torch.inference_mode():
         for t in ddim.timesteps.tolist():
@@ -78,13 +81,15 @@ def _official_ms_loop(bb, ms_dir, params):
 
 
 def _clean_loop(bb, ms_dir, params):
-    """The clean `ivmixed` zigzag (README presets): IDM at t moving t -> t-Δ, VDM at t-Δ moving on, the two inverse
-    moves back with CFG -4, then the main DDIM step (CFG 7.5); no resize; the exact-identity zigzag at t = 0 skipped."""
+    """The clean `ivmixed` zigzag (docs/sample.md "Presets"): IDM at t moving t -> t-Δ, VDM at t-Δ moving on, the two
+    inverse moves back with CFG -4, then the main DDIM step (CFG 7.5); no resize; the exact-identity zigzag at t = 0
+    skipped."""
     n, f = params.steps, params.frames
     ddim, inv, emb_v, emb_i = _setup(bb, ms_dir, params, "base")
     vdm, idm = video_cfg(bb.unet, emb_v), framewise_cfg(bb.image_unet, emb_i)
 
-    x = torch.randn((1, 4, f, params.height // 8, params.width // 8), generator=torch.Generator("cpu").manual_seed(params.seed))
+    x = torch.randn((1, 4, f, params.height // 8, params.width // 8),
+                    generator=torch.Generator("cpu").manual_seed(params.seed))
     delta = 1000 // n
     with torch.inference_mode():
         for t in ddim.timesteps.tolist():
@@ -125,9 +130,11 @@ def test_ivmixed_ms_v1_equals_the_official_loop(ms, ms_dir, size):
 
 
 def test_paper_call_counts_for_50_steps(ms):
-    p = resolve_params(dict(prompt=PROMPT, sampler="ivmixed_ms_v1", steps=50, frames=2, height=64, width=64), backbone="modelscope")
+    p = resolve_params(dict(prompt=PROMPT, sampler="ivmixed_ms_v1", steps=50, frames=2, height=64, width=64),
+                       backbone="modelscope")
     assert build_plan(ms, [p]).calls() == {"I": 100, "V": 150}  # docs/algorithms.md §5: 250 calls
-    p = resolve_params(dict(prompt=PROMPT, sampler="ivmixed", steps=50, frames=2, height=64, width=64), backbone="modelscope")
+    p = resolve_params(dict(prompt=PROMPT, sampler="ivmixed", steps=50, frames=2, height=64, width=64),
+                       backbone="modelscope")
     assert build_plan(ms, [p]).calls() == {"I": 98, "V": 148}
 
 

@@ -16,8 +16,7 @@ import pytest
 
 from operators.metadata import read_latest
 
-from .jobutil import ROOT, job_env, parent_runs, run_job, tiny_config
-from .test_s3_mlflow import CREDS, s3_bucket, s3_endpoint  # noqa: F401 - the moto server fixture
+from .jobutil import CREDS, ROOT, job_env, parent_runs, run_job, s3_bucket, tiny_config
 
 SMALL = ["--steps", "2", "--frames", "2", "--height", "64", "--width", "64"]
 # what a user reads as failure or noise (each was seen on the console before)
@@ -26,8 +25,10 @@ NOISE = ("core_worker.cc", "restart will fail", "Token authentication is enabled
          "Token indices sequence length", "Execution plan of Dataset", "Creating initial MLflow database")
 
 
-def cli(module: str, *args: str, cwd: str = ROOT, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout,
+def cli(module: str, *args: str, cwd: str = ROOT, env: dict | None = None,
+        timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout,
                           env=env or job_env())
 
 
@@ -66,23 +67,27 @@ def one_error_line(r: subprocess.CompletedProcess, *expected: str) -> str:
 def test_a_bad_out_is_refused_before_any_model_loads(tmp_path, tiny_ad_dir, out, extra, expected):
     (tmp_path / "blocker").write_text("a file where a folder should be")
     (tmp_path / "dir.mp4").mkdir()
-    r = in_process("pipelines.sample", "--model-dir", tiny_ad_dir, "--prompt", "x", *SMALL, "--out", f"{tmp_path}/{out}", *extra)
+    r = in_process("pipelines.sample", "--model-dir", tiny_ad_dir, "--prompt", "x", *SMALL, "--out",
+                   f"{tmp_path}/{out}", *extra)
     one_error_line(r, "--out:", expected)
     assert sorted(os.listdir(tmp_path)) == ["blocker", "dir.mp4"]  # nothing written, not even a 0-byte file
 
 
 def test_a_folder_named_like_a_video_is_refused(tmp_path, tiny_ad_dir):
     (tmp_path / "dir.mp4").mkdir()
-    r = in_process("pipelines.sample", "--model-dir", tiny_ad_dir, "--prompt", "x", *SMALL, "--out", str(tmp_path / "dir.mp4"))
+    r = in_process("pipelines.sample", "--model-dir", tiny_ad_dir, "--prompt", "x", *SMALL, "--out",
+                   str(tmp_path / "dir.mp4"))
     one_error_line(r, "--out:", "is a folder")
 
 
-def test_the_cli_writes_through_fsspec_to_s3_with_the_jobs_file_mode(s3_endpoint, tmp_path, tiny_ad_dir, monkeypatch):  # noqa: F811
+@pytest.mark.integration
+def test_the_cli_writes_through_fsspec_to_s3_with_the_jobs_file_mode(s3_endpoint, tmp_path, tiny_ad_dir, monkeypatch):
     from pipelines.video import read_mp4
 
     fs = s3_bucket(s3_endpoint, "renders", monkeypatch)
     env = job_env(**CREDS, AWS_ENDPOINT_URL=s3_endpoint)
-    r = cli("pipelines.sample", "--model-dir", tiny_ad_dir, "--prompt", "x", *SMALL, "-q", "--out", "s3://renders/a/v.mp4",
+    r = cli("pipelines.sample", "--model-dir", tiny_ad_dir, "--prompt", "x", *SMALL, "-q", "--out",
+            "s3://renders/a/v.mp4",
             cwd=str(tmp_path), env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "wrote s3://renders/a/v.mp4" in r.stdout and os.listdir(tmp_path) == []  # no ./s3:/ folder
@@ -90,7 +95,8 @@ def test_the_cli_writes_through_fsspec_to_s3_with_the_jobs_file_mode(s3_endpoint
     fs.get_file("renders/a/v.mp4", str(local))
     assert read_mp4(str(local))[0].shape == (2, 64, 64, 3)
     # a bucket that does not exist is bad input, found before loading
-    r = cli("pipelines.sample", "--model-dir", tiny_ad_dir, "--prompt", "x", *SMALL, "--out", "s3://no-such-bucket/v.mp4",
+    r = cli("pipelines.sample", "--model-dir", tiny_ad_dir, "--prompt", "x", *SMALL, "--out",
+            "s3://no-such-bucket/v.mp4",
             env=env)
     one_error_line(r, "--out:", "no-such-bucket")
     # a local file gets 0666 less the umask, like the job's files (mkstemp alone would leave 0600)
@@ -110,7 +116,8 @@ def test_model_errors_are_one_line(tmp_path, tiny_ad_dir):
                    "base:", "is not an existing file or folder")
     one_error_line(in_process("pipelines.sample", "--backbone", "modelscope", "--model-dir", tiny_ad_dir, *base),
                    "--model-dir:", "holds tiny animatediff models; pass --backbone animatediff")
-    one_error_line(in_process("pipelines.sample", "--model-dir", tiny_ad_dir, "--lora", str(tmp_path / "lora.safetensors"), *base),
+    one_error_line(in_process("pipelines.sample", "--model-dir", tiny_ad_dir, "--lora",
+                              str(tmp_path / "lora.safetensors"), *base),
                    "lora:", "lora.safetensors")
     # a well-formed hub id that is not in the (offline) cache: loading fails, still one line
     r = cli("pipelines.sample", "--base", "someone/not-cached", "-q", *base)
@@ -145,7 +152,7 @@ def readme_laptop_commands() -> list[str]:
 
 def test_the_readmes_first_commands_run_on_a_laptop_with_progress(tmp_path):
     commands = readme_laptop_commands()
-    assert len(commands) == 2 and "pipelines.tiny" in commands[0] and "pipelines.sample" in commands[1]
+    assert len(commands) == 2 and "pipelines.fixtures.tiny" in commands[0] and "pipelines.sample" in commands[1]
     for command in commands:
         argv = shlex.split(command)
         assert argv[0] == "python"
@@ -182,7 +189,8 @@ def tiny_cache(tiny_ad_dir):
 
 
 def _manifest(path, n: int = 3, **cols) -> str:
-    pq.write_table(pa.table({"id": [f"r{i}" for i in range(n)], "prompt": [f"prompt {i}" for i in range(n)], **cols}), path)
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(n)], "prompt": [f"prompt {i}" for i in range(n)], **cols}),
+                   path)
     return str(path)
 
 
@@ -191,7 +199,8 @@ def test_job_refuses_foreign_presets_and_a_scorer_that_cannot_load(tmp_path, tin
     db = ["--mlflow-uri", f"sqlite:///{tmp_path / 'db.sqlite'}"]
     r = run_job("--config", tiny_config(tmp_path / "a.yaml", tiny_cache), "--manifest", manifest, "--output",
                 str(tmp_path / "out"), "--samplers", "standard,ivmixed_ms_v1", *db)
-    assert r.returncode == 2 and "--samplers: ivmixed_ms_v1 reproduce(s) another backbone's code (modelscope)" in r.stderr
+    assert (r.returncode == 2
+            and "--samplers: ivmixed_ms_v1 reproduce(s) another backbone's code (modelscope)" in r.stderr)
     cfg = tiny_config(tmp_path / "b.yaml", tiny_cache, scores={"enabled": True, "tiny": False,
                                                              "clip_model": str(tmp_path / "no-clip")})
     r = run_job("--config", cfg, "--manifest", manifest, "--output", str(tmp_path / "out"), *db)
@@ -204,14 +213,15 @@ def test_a_scorer_that_fails_in_the_actor_keeps_every_video(tmp_path, tiny_ad_di
     null with the reason (the operator called as Ray Data calls it)."""
     from dataclasses import asdict
 
-    from operators.generate import VideoGenerator, resolve_rows
-    from operators.kinds import Resolver
+    from operators.actors import VideoGenerator
+    from operators.resolve import Resolver, resolve_rows
     from pipelines.config import ModelSpec
 
     spec = asdict(ModelSpec.from_model_dir("animatediff", tiny_ad_dir, device="cpu", dtype="float32"))
     resolver = Resolver.build(spec, defaults={"steps": 2, "frames": 2, "height": 64, "width": 64})
     batch = resolve_rows(pa.table({"id": ["a", "b"], "prompt": ["one", "two"]}), resolver)
-    gen = VideoGenerator(resolver, str(tmp_path / "out"), "run", "test", sampler_batch=2, scorer=str(tmp_path / "no-clip"))
+    gen = VideoGenerator(resolver, str(tmp_path / "out"), "run", "test", sampler_batch=2,
+                         scorer=str(tmp_path / "no-clip"))
     rows = gen(batch).to_pylist()
     assert [r["status"] for r in rows] == ["ok", "ok"], rows
     assert all(r["clipsim"] is None and "while loading the scorer" in r["score_error"] for r in rows)
@@ -219,6 +229,8 @@ def test_a_scorer_that_fails_in_the_actor_keeps_every_video(tmp_path, tiny_ad_di
 
 
 # ---- 3, 6, 7: the nightly alarm, a quiet console, the small things -----------------------------------------------
+@pytest.mark.integration
+@pytest.mark.usefixtures("shared_ray")
 def test_nightly_alarm_quiet_console_and_small_things(tmp_path, tiny_cache):
     from mlflow.tracking import MlflowClient
 
@@ -256,7 +268,8 @@ def test_nightly_alarm_quiet_console_and_small_things(tmp_path, tiny_cache):
     r = night("n2", bad, "--baseline", "last")
     assert r.returncode == 3, r.stderr[-4000:]
     assert "ivmixed success_rate: 0 vs baseline 1" in r.stderr
-    assert {(m["status"], m["sampler"]) for m in read_latest(str(tmp_path / "n2")).to_pylist()} == {("failed", "ivmixed")}
+    assert {(m["status"], m["sampler"]) for m in read_latest(str(tmp_path / "n2")).to_pylist()} == {
+        ("failed", "ivmixed")}
     # the regressed night never becomes the baseline: the next bad night compares with the first one and fails too
     r = night("n3", bad, "--baseline", "last")
     assert r.returncode == 3, r.stderr[-4000:]
@@ -298,6 +311,7 @@ def test_every_shipped_job_config_loads():
                                                               "--output", "o"])
         cfg = job_config.load(args)
         assert cfg.mlflow_uri  # a default store is always chosen
-    tiny = job_config.load(build_parser().parse_args(["--config", os.path.join(folder, "tiny-bivdiff.yaml"), "--manifest",
+    tiny = job_config.load(build_parser().parse_args(["--config", os.path.join(folder, "tiny-bivdiff.yaml"),
+                                                      "--manifest",
                                                       "m", "--output", "o"]))
     assert tiny.bivdiff.tiny and tiny.bivdiff.defaults["steps"] == 5 and tiny.tiny == "animatediff"

@@ -1,6 +1,6 @@
 """Prompt2Prompt on tiny models: the token mappers, the attention control through diffusers' attention-processor hook
-(fraction 0 = plain SD sampling of the edited prompt from the same noise; fraction 1 = the edited branch's cross-attention
-maps are the source's), local blend, and the task through BIVDiff's runner and its row checks."""
+(fraction 0 = plain SD sampling of the edited prompt from the same noise; fraction 1 = the edited branch's
+cross-attention maps are the source's), local blend, and the task through BIVDiff's runner and its row checks."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,18 +10,18 @@ import torch
 from pipelines import presets
 from pipelines.bivdiff.config import resolve_bivdiff_params
 
-from .test_bivdiff_tasks import _quiet, _row, tiny_bivdiff, videos, worker  # noqa: F401 - fixtures
+from .conftest import quiet, task_row
 
 SRC, MORE, SWAP = "a cat on grass", "a cat on grass at night", "a dog on grass"
 
 
 @pytest.fixture(scope="module")
-def sd(tiny_bivdiff):  # noqa: F811
+def sd(tiny_bivdiff):
     import os
 
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    pipe = _quiet(StableDiffusionPipeline.from_pretrained(os.path.join(tiny_bivdiff, "image_model"), safety_checker=None,
+    pipe = quiet(StableDiffusionPipeline.from_pretrained(os.path.join(tiny_bivdiff, "image_model"), safety_checker=None,
                                                           feature_extractor=None, requires_safety_checker=False))
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     return pipe
@@ -122,10 +122,11 @@ def test_local_blend_keeps_the_source_outside_the_words(sd):
     assert images.shape == (2, 64, 64, 3) and np.isfinite(images).all()
 
 
-def test_p2p_task_rows_and_runner(worker, videos):  # noqa: F811
+def test_p2p_task_rows_and_runner(worker, videos):
     """Through the runner: the source frames inverted by the SD UNet, the edited frames go on (α 0.25); rows are
     checked before any model runs."""
-    p = resolve_bivdiff_params(_row("p2p", videos, local_blend="", idm_prompt=SRC, vdm_prompt=SWAP, edit_type="replace",
+    p = resolve_bivdiff_params(task_row("p2p", videos, local_blend="", idm_prompt=SRC, vdm_prompt=SWAP,
+                                        edit_type="replace",
                                     height=32, width=48))  # not the image model's native size
     assert (p.alpha, p.cross_replace, p.self_replace) == (0.25, 0.4, 0.4)
     r = worker.run(p)
@@ -136,4 +137,5 @@ def test_p2p_task_rows_and_runner(worker, videos):  # noqa: F811
                        ({"idm_steps": 3}, "divisor of 1000"),
                        ({"vdm_prompt": ""}, "source caption")):
         with pytest.raises(ValueError, match=match):
-            resolve_bivdiff_params(_row("p2p", videos, **{"idm_prompt": SRC, "vdm_prompt": MORE, "local_blend": "", **row}))
+            resolve_bivdiff_params(task_row("p2p", videos,
+                                            **{"idm_prompt": SRC, "vdm_prompt": MORE, "local_blend": "", **row}))

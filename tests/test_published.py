@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from pipelines import presets
+from pipelines.backbones import registry
+from pipelines.fixtures.published import CONFIGS, DEFAULT_MODELS, LAYOUTS, count
 from pipelines.generate import main_grid, move_tables
-from pipelines.published import CONFIGS, DEFAULT_MODELS, LAYOUTS, count
 
 SD_UNET = 859_520_964  # SD-1.5 UNet2DConditionModel, as published (model card / diffusers docs)
 VC2_UNET, VC2_TENSORS = 1_413_284_420, 1_484  # adamdad/videocrafterv2_diffusers (issue 12)
@@ -21,7 +22,8 @@ SD_VAE = 83_653_863  # AutoencoderKL of SD-1.x
 
 
 def clip_text_params(vocab: int, positions: int, hidden: int, mlp: int, layers: int) -> int:
-    """Closed form of a CLIP text transformer: embeddings, per layer 2 LayerNorms + q/k/v/out + 2-layer MLP, final LN."""
+    """Closed form of a CLIP text transformer: embeddings, per layer 2 LayerNorms + q/k/v/out + 2-layer MLP, final
+    LN."""
     layer = 2 * 2 * hidden + 4 * (hidden * hidden + hidden) + (hidden * mlp + mlp) + (mlp * hidden + hidden)
     return vocab * hidden + positions * hidden + layers * layer + 2 * hidden
 
@@ -97,19 +99,15 @@ def backbone_on_meta(name: str):
     read with diffusers' own loader from the shipped folders (a folder reads like a hub repository)."""
     from diffusers import DDIMScheduler, UNetMotionModel
 
-    from pipelines.backbones.animatediff import AnimateDiff
-    from pipelines.backbones.modelscope import ModelScope
-    from pipelines.backbones.videocrafter2 import VideoCrafter2
-
     folder = lambda repo: os.path.join(CONFIGS, repo.replace("/", "--"))  # noqa: E731
-    d = presets.BACKBONES[name]
+    d = registry.defaults(name)
     layout = LAYOUTS[name]
     if name == "animatediff":
         with torch.device("meta"):
             unet = UNetMotionModel.from_unet2d(built("rv51.unet"), built("motion_adapter.v1-5-3"), load_weights=False)
     else:
         unet = built("vc2.unet" if name == "videocrafter2" else "ms.unet")
-    cls = {"animatediff": AnimateDiff, "modelscope": ModelScope, "videocrafter2": VideoCrafter2}[name]
+    cls = registry.get(name)
     return cls(tokenizer=None, text_encoder=None, vae=built("sd15.vae"), unet=unet,
                scheduler_config=DDIMScheduler.load_config(folder(d.base), subfolder="scheduler"),
                image_unet=layout["image_model"][1]["unet"].build("meta"),
@@ -131,21 +129,23 @@ def test_every_backbone_and_preset_builds_from_the_published_scheduler_configs(b
         np.testing.assert_allclose(table.alphas_cumprod.double().numpy(), truth, rtol=2e-6)
         assert float(table.below_zero) == pytest.approx(truth[0], rel=1e-6)  # set_alpha_to_one false everywhere
     grid = main_grid(bb, p, 50)
-    if presets.BACKBONES[backbone].main_solver == "ddim":
+    if registry.get(backbone).main_solver == "ddim":
         assert grid == [int(t) for t in np.linspace(0, 999, 50).round()[::-1]]  # linspace, as the AD/MS code
     else:  # DPM-Solver++ over the zeroscope config: diffusers' default linspace grid of 51 points, last dropped
         assert grid == [int(t) for t in np.linspace(0, 999, 51).round()[::-1][:-1]]
 
 
 def test_the_animatediff_default_base_names_a_deis_scheduler():
-    with open(os.path.join(CONFIGS, "SG161222--Realistic_Vision_V5.1_noVAE", "scheduler", "scheduler_config.json")) as f:
+    with open(os.path.join(CONFIGS, "SG161222--Realistic_Vision_V5.1_noVAE", "scheduler",
+                           "scheduler_config.json")) as f:
         cfg = json.load(f)
     assert cfg["_class_name"] == "DEISMultistepScheduler" and "timestep_spacing" not in cfg  # the case that must work
 
 
 def test_schedules_that_differ_only_in_set_alpha_to_one_share_the_video_models_table(caplog):
     bb = backbone_on_meta("animatediff")
-    bb.image_scheduler_config = {**bb.image_scheduler_config, "set_alpha_to_one": True, "_class_name": "EulerDiscreteScheduler"}
+    bb.image_scheduler_config = {**bb.image_scheduler_config, "set_alpha_to_one": True,
+                                 "_class_name": "EulerDiscreteScheduler"}
     with caplog.at_level("INFO"):
         down, up = move_tables(bb, presets.PRESETS["ivmixed"])
     assert down is up and float(down.below_zero) == pytest.approx(scaled_linear_alphas_cumprod()[0])

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from jobs import quality
-from operators.kinds import Resolver
-from operators.manifest import expand_samplers
 from operators.metadata import read_latest
+from operators.resolve import Resolver, expand_samplers
 from pipelines.config import ModelSpec
 
 from .jobutil import ROOT, free_port, parent_runs, run_job, tiny_config, wait_http
@@ -20,7 +19,7 @@ SPEC = ModelSpec(device="cpu")
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    from pipelines.tiny import build_clip
+    from pipelines.fixtures.models import build_clip
 
     return build_clip(str(tmp_path_factory.mktemp("clip") / "clip"))
 
@@ -38,7 +37,8 @@ def test_scorer_matches_clips_own_similarity_and_known_answers(tiny_clip):
     model, tok = CLIPModel.from_pretrained(tiny_clip).eval(), CLIPTokenizer.from_pretrained(tiny_clip)
     mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
     std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
-    ids = tok(["a red kite over a beach"], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    ids = tok(["a red kite over a beach"], padding="max_length", max_length=77, truncation=True,
+              return_tensors="pt").input_ids
     with torch.no_grad():
         out = model(input_ids=ids, pixel_values=(frames.permute(0, 3, 1, 2) - mean) / std)
     cos = (out.logits_per_image[:, 0] / model.logit_scale.exp()).mean().item()
@@ -48,11 +48,11 @@ def test_scorer_matches_clips_own_similarity_and_known_answers(tiny_clip):
 
 
 def test_ab_groups_share_prompt_seed_and_pair_id():
-    rows = expand_samplers({"id": "horses", "prompt": "Two horses"}, Resolver.build(SPEC, defaults={"steps": 4}, samplers=["standard", "ivmixed_ad_v1"]))
-    assert [r["id"] for r in rows] == ["horses-standard", "horses-ivmixed_ad_v1"] and {r["pair_id"] for r in rows} == {"horses"}
-    import json
-
-    params = [json.loads(r["params_json"]) for r in rows]
+    rows = expand_samplers({"id": "horses", "prompt": "Two horses"},
+                           Resolver.build(SPEC, defaults={"steps": 4}, samplers=["standard", "ivmixed_ad_v1"]))
+    assert [r["id"] for r in rows] == ["horses-standard",
+                                       "horses-ivmixed_ad_v1"] and {r["pair_id"] for r in rows} == {"horses"}
+    params = [r["params"].record() for r in rows]
     assert params[0]["seed"] == params[1]["seed"] == 0  # ad_v1's own default seed (23523) must not split the pair
     assert [p["sampler"] for p in params] == ["standard", "ivmixed_ad_v1"]
     derived = expand_samplers({"prompt": "Two horses", "samplers": ["ivmixed", "standard"]}, Resolver.build(SPEC))
@@ -94,13 +94,16 @@ def _chromium():
     return path
 
 
+@pytest.mark.integration
+@pytest.mark.usefixtures("shared_ray")
 def test_job_scores_pairs_report_and_regression_check(tmp_path, tiny_ad_dir):
     from mlflow.tracking import MlflowClient
 
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = tiny_config(tmp_path / "job.yaml", os.path.dirname(tiny_ad_dir))
     manifest = os.path.join(ROOT, "datasets", "examples", "smoke.parquet")
-    common = ["--config", cfg, "--manifest", manifest, "--samplers", "standard,ivmixed", "--mlflow-uri", db, "--experiment", "q"]
+    common = ["--config", cfg, "--manifest", manifest, "--samplers", "standard,ivmixed", "--mlflow-uri", db,
+              "--experiment", "q"]
     r = run_job(*common, "--output", str(tmp_path / "night1"))
     assert r.returncode == 0, r.stderr[-3000:]
     meta = read_latest(str(tmp_path / "night1")).to_pylist()
@@ -108,8 +111,8 @@ def test_job_scores_pairs_report_and_regression_check(tmp_path, tiny_ad_dir):
     by_pair = {}
     for m in meta:
         by_pair.setdefault(m["pair_id"], []).append(m)
-    assert len(by_pair) == 5 and all(len({x["seed"] for x in v}) == 1 and {x["sampler"] for x in v} == {"standard", "ivmixed"}
-                                     for v in by_pair.values())
+    assert len(by_pair) == 5 and all(len({x["seed"] for x in v}) == 1
+                                     and {x["sampler"] for x in v} == {"standard", "ivmixed"} for v in by_pair.values())
 
     client = MlflowClient(db)
     exp = client.get_experiment_by_name("q").experiment_id
@@ -144,7 +147,8 @@ def test_job_scores_pairs_report_and_regression_check(tmp_path, tiny_ad_dir):
     # ... and a planted baseline with far better scores is
     planted = client.create_run(exp, tags={"mlflow.runName": "planted-baseline"})
     client.log_batch(planted.info.run_id, metrics=[__import__("mlflow").entities.Metric(k, v, 0, 0) for k, v in
-                                                    {"standard.clipsim_mean": 0.99, "standard.success_rate": 1.0}.items()])
+                                                    {"standard.clipsim_mean": 0.99,
+                                                     "standard.success_rate": 1.0}.items()])
     client.set_terminated(planted.info.run_id)
     r = run_job(*common, "--output", str(tmp_path / "night2"), "--baseline", planted.info.run_id)
     assert r.returncode == 3 and "quality regression" in r.stderr and "standard clipsim_mean" in r.stderr
@@ -154,7 +158,8 @@ def test_job_scores_pairs_report_and_regression_check(tmp_path, tiny_ad_dir):
 
     # the report in a real browser, last: a machine without Chromium skips only this part (CI fails instead)
     port = free_port()
-    server = subprocess.Popen(["python3", "-m", "http.server", str(port), "--bind", "127.0.0.1"], cwd=tmp_path / "night1",
+    server = subprocess.Popen(["python3", "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+                              cwd=tmp_path / "night1",
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         url = f"http://127.0.0.1:{port}/report/index.html"
@@ -166,7 +171,8 @@ def test_job_scores_pairs_report_and_regression_check(tmp_path, tiny_ad_dir):
         dom = subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
         assert 'data-state="ok"' in dom and 'data-videos="10/10"' in dom and 'data-images="13/13"' in dom, dom[-2000:]
         shot = tmp_path / "report.png"
-        subprocess.run([chromium, *flags, "--window-size=1280,2000", f"--screenshot={shot}", url], capture_output=True, timeout=120)
+        subprocess.run([chromium, *flags, "--window-size=1280,2000", f"--screenshot={shot}", url], capture_output=True,
+                       timeout=120)
         assert shot.exists() and shot.stat().st_size > 10_000 and shot.read_bytes()[:4] == b"\x89PNG"
     finally:
         server.terminate()

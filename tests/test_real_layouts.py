@@ -41,7 +41,8 @@ def test_a_standalone_vae_hub_id_resolves_from_the_hub_cache(tmp_path, tiny_ad_d
     r = subprocess.run([*common, "--vae", "someorg/sd-vae-standalone", "--out", str(tmp_path / "with.mp4")],
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = subprocess.run([*common, "--out", str(tmp_path / "without.mp4")], capture_output=True, text=True, env=env, cwd=ROOT,
+    r = subprocess.run([*common, "--out", str(tmp_path / "without.mp4")], capture_output=True, text=True, env=env,
+                       cwd=ROOT,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     from pipelines.video import read_mp4
@@ -50,7 +51,8 @@ def test_a_standalone_vae_hub_id_resolves_from_the_hub_cache(tmp_path, tiny_ad_d
     assert a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).mean() > 20  # the cached VAE decoded it
     # a pipeline hub id as --vae still reads its vae/ subfolder
     hub_cache_repo(hf_home, "someorg/a-pipeline", os.path.join(tiny_ad_dir, "base"))
-    r = subprocess.run([*common, "--vae", "someorg/a-pipeline", "--out", str(tmp_path / "pipe.mp4")], capture_output=True,
+    r = subprocess.run([*common, "--vae", "someorg/a-pipeline", "--out", str(tmp_path / "pipe.mp4")],
+                       capture_output=True,
                        text=True, env=env, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert np.array_equal(read_mp4(str(tmp_path / "pipe.mp4"))[0], b)  # the same VAE as the base's
@@ -61,7 +63,7 @@ def test_the_scorer_runs_in_the_run_dtype_whatever_the_checkpoint_stores(tmp_pat
     from transformers import CLIPModel
 
     from operators.scoring import ClipScorer
-    from pipelines.tiny import build_clip
+    from pipelines.fixtures.models import build_clip
 
     folder = build_clip(str(tmp_path / "clip"))
     CLIPModel.from_pretrained(folder).half().save_pretrained(folder)  # a float16 checkpoint, as many are published
@@ -72,18 +74,20 @@ def test_the_scorer_runs_in_the_run_dtype_whatever_the_checkpoint_stores(tmp_pat
 
 
 def test_image_model_as_a_bare_unet_folder(tiny_ad_dir, ad_backbone):
-    """README: --image-model may be a UNet folder on its own. With the legacy AnimateDiff preset (the IDM reads the
-    VDM's text embeddings) it samples exactly as the full image-model pipeline with the same UNet."""
+    """docs/sample.md "Flags": --image-model may be a UNet folder on its own. With the legacy AnimateDiff preset (the
+    IDM reads the VDM's text embeddings) it samples exactly as the full image-model pipeline with the same UNet."""
     import os
 
     import torch
 
-    from pipelines.backbones import load_backbone
+    from pipelines.backbones.registry import load_backbone
     from pipelines.config import ModelSpec, resolve_params
     from pipelines.generate import generate
 
     spec = ModelSpec.from_model_dir("animatediff", tiny_ad_dir, device="cpu", dtype="float32")
-    bare = load_backbone(ModelSpec(**{**spec.__dict__, "image_model": os.path.join(tiny_ad_dir, "image_model", "unet")}))
+    bare = load_backbone(ModelSpec(**{**spec.__dict__,
+                                      "image_model": os.path.join(tiny_ad_dir, "image_model", "unet")}))
     assert bare.image_text_encoder is None
     p = resolve_params(dict(prompt="a kite", sampler="ivmixed_ad_v1", steps=3, frames=2, height=64, width=64))
-    assert torch.equal(generate(bare, [p], decode=False)[0].latents, generate(ad_backbone, [p], decode=False)[0].latents)
+    assert torch.equal(generate(bare, [p], decode=False)[0].latents,
+                       generate(ad_backbone, [p], decode=False)[0].latents)

@@ -19,7 +19,21 @@ from operators.storage import filesystem
 from pipelines.config import resolve_params
 from pipelines.params import Limits
 
-from .jobutil import BIN, ROOT, free_port, job_cmd, job_env, parent_runs, run_job, sha256_file, tiny_config, wait_http
+from .jobutil import (
+    CREDS,
+    ROOT,
+    free_port,
+    job_cmd,
+    job_env,
+    parent_runs,
+    run_job,
+    s3_bucket,
+    sha256_file,
+    start_server,
+    stop_server,
+    tiny_config,
+    wait_port,
+)
 
 TINY = {"steps": 2, "frames": 4, "height": 32, "width": 32}
 
@@ -47,6 +61,8 @@ def test_every_size_parameter_is_bounded():
         Limits(max_steps=0)
 
 
+@pytest.mark.integration
+@pytest.mark.usefixtures("shared_ray")
 def test_poison_rows_and_a_straggler_never_sink_the_run(tmp_path, tiny_cache):
     """Among ordinary rows: one that kills every worker it lands on, one that stalls, one too big for the memory
     budget, one over the size bounds. The run ends 0 with every ordinary row ok; a rerun makes no new video."""
@@ -61,7 +77,8 @@ def test_poison_rows_and_a_straggler_never_sink_the_run(tmp_path, tiny_cache):
                                "max_task_retries": 1})
     out, db = tmp_path / "out", tmp_path / "mlflow.db"
     env = job_env(IVMIX_FAULTS="kill=POISON;sleep=SLOW:120")
-    args = ("--config", cfg, "--manifest", manifest, "--output", str(out), "--mlflow-uri", f"sqlite:///{db}", "--experiment", "r")
+    args = ("--config", cfg, "--manifest", manifest, "--output", str(out), "--mlflow-uri", f"sqlite:///{db}",
+            "--experiment", "r")
     start = time.monotonic()
     r = run_job(*args, env=env)
     first_s = time.monotonic() - start
@@ -69,9 +86,11 @@ def test_poison_rows_and_a_straggler_never_sink_the_run(tmp_path, tiny_cache):
     meta = {m["id"]: m for m in read_latest(str(out)).to_pylist()}
     assert {i: meta[i]["status"] for i in meta} == {**{f"ok-{i}": "ok" for i in range(4)}, "kill": "failed",
                                                     "slow": "failed", "big": "failed", "huge": "failed"}
-    assert meta["kill"]["error"].startswith("worker died while generating this row (") and meta["kill"]["sampler"] == "ivmixed"
+    assert (meta["kill"]["error"].startswith("worker died while generating this row (")
+            and meta["kill"]["sampler"] == "ivmixed")
     assert meta["slow"]["error"].startswith("row_timeout_s: still running after 5 s; its worker was ended and replaced")
-    assert meta["big"]["error"].startswith("memory: 4 frames at 512x512 need about ") and "compute.memory_budget_gb" in meta["big"]["error"]
+    assert (meta["big"]["error"].startswith("memory: 4 frames at 512x512 need about ")
+            and "compute.memory_budget_gb" in meta["big"]["error"])
     assert meta["huge"]["error"] == "height: at most 2048 (limits.max_height), got 100000"
     assert sorted(os.listdir(out / "videos")) == [f"ok-{i}.mp4" for i in range(4)]
     assert "running their rows again one at a time on fresh actors" in r.stderr
@@ -83,7 +102,8 @@ def test_poison_rows_and_a_straggler_never_sink_the_run(tmp_path, tiny_cache):
 
     (run,) = parent_runs(MlflowClient(f"sqlite:///{db}"), "r")
     m = run.data.metrics
-    assert (m["rows_ok"], m["rows_failed"], m["rows_worker_died"], m["rows_timed_out"], m["rows_out_of_memory"]) == (4, 4, 1, 1, 1)
+    assert (m["rows_ok"], m["rows_failed"], m["rows_worker_died"], m["rows_timed_out"], m["rows_out_of_memory"]) == (
+        4, 4, 1, 1, 1)
 
     videos = {p: sha256_file(str(out / "videos" / p)) for p in os.listdir(out / "videos")}
     start = time.monotonic()
@@ -111,9 +131,12 @@ def _wait_for(predicate, timeout: float, what: str):
     raise TimeoutError(what)
 
 
+@pytest.mark.integration
+@pytest.mark.usefixtures("shared_ray")
 def test_an_actor_killed_mid_run_is_replaced_and_the_run_completes(tmp_path, tiny_cache):
     n = 6
-    manifest = _manifest(tmp_path / "m.parquet", [{"id": f"v{i}", "prompt": f"prompt {i}", "seed": i} for i in range(n)])
+    manifest = _manifest(tmp_path / "m.parquet",
+                         [{"id": f"v{i}", "prompt": f"prompt {i}", "seed": i} for i in range(n)])
     cfg = tiny_config(tmp_path / "job.yaml", tiny_cache, defaults={**TINY, "steps": 8}, scores={"enabled": False},
                       compute={"batch_size": 1, "sampler_batch": 1}, commit={"every_rows": 1, "every_seconds": 1})
     out = tmp_path / "out"
@@ -138,13 +161,16 @@ def test_an_actor_killed_mid_run_is_replaced_and_the_run_completes(tmp_path, tin
     assert len(ids) == n and sorted(os.listdir(out / "videos")) == [f"v{i}.mp4" for i in range(n)]
 
 
+@pytest.mark.integration
+@pytest.mark.usefixtures("shared_ray")
 def test_a_second_driver_on_the_same_output_refuses(tmp_path, tiny_cache):
     n = 6
     manifest = _manifest(tmp_path / "m.parquet", [{"id": f"v{i}", "prompt": f"prompt {i}"} for i in range(n)])
     cfg = tiny_config(tmp_path / "job.yaml", tiny_cache, defaults={**TINY, "steps": 8}, scores={"enabled": False},
                       compute={"batch_size": 1, "sampler_batch": 1})
     out = tmp_path / "out"
-    common = ("--config", cfg, "--manifest", manifest, "--output", str(out), "--mlflow-uri", f"sqlite:///{tmp_path / 'db'}")
+    common = ("--config", cfg, "--manifest", manifest, "--output", str(out), "--mlflow-uri",
+              f"sqlite:///{tmp_path / 'db'}")
     first = subprocess.Popen(job_cmd(*common, "--run-name", "first-night"), env=job_env(), cwd=ROOT,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -187,28 +213,24 @@ def test_a_stale_lease_is_taken_over_and_a_fresh_one_is_not(tmp_path):
 
 
 @pytest.fixture
-def faulty_s3(tmp_path_factory):
-    """moto's server behind the fault-injecting proxy (every 4th request 503 SlowDown, every 7th PUT cut)."""
-    from .test_s3_mlflow import _start, _stop
-
+def faulty_s3(s3_endpoint, tmp_path_factory):
+    """The session's moto server and, in front of it, the fault-injecting proxy (every 4th request 503 SlowDown,
+    every 7th PUT cut): (direct URL, proxied URL)."""
     logs = tmp_path_factory.mktemp("faulty")
-    moto_port, proxy_port = free_port(), free_port()
-    moto = _start([os.path.join(BIN, "moto_server"), "-H", "127.0.0.1", "-p", str(moto_port)], job_env(),
-                  open(logs / "moto.log", "w"))
-    proxy = _start([sys.executable, os.path.join(ROOT, "tests", "faultproxy.py"), "--upstream",
-                    f"http://127.0.0.1:{moto_port}", "--port", str(proxy_port), "--every-503", "4", "--cut-put", "7"],
-                   job_env(), open(logs / "proxy.log", "w"))
-    try:
-        wait_http(f"http://127.0.0.1:{moto_port}/moto-api/")
-        yield f"http://127.0.0.1:{moto_port}", f"http://127.0.0.1:{proxy_port}"
-    finally:
-        _stop(proxy)
-        _stop(moto)
+    proxy_port = free_port()
+    with open(logs / "proxy.log", "w") as log:
+        proxy = start_server([sys.executable, os.path.join(ROOT, "tests", "faultproxy.py"), "--upstream", s3_endpoint,
+                              "--port", str(proxy_port), "--every-503", "4", "--cut-put", "7"], job_env(), log)
+        try:
+            wait_port(proxy_port)
+            yield s3_endpoint, f"http://127.0.0.1:{proxy_port}"
+        finally:
+            stop_server(proxy)
 
 
+@pytest.mark.integration
+@pytest.mark.usefixtures("shared_ray")
 def test_uploads_survive_throttling_and_cut_connections(faulty_s3, tmp_path, tiny_cache, monkeypatch):
-    from .test_s3_mlflow import CREDS, s3_bucket
-
     direct, proxied = faulty_s3
     fs = s3_bucket(direct, "flaky", monkeypatch)
     n = 8
@@ -228,6 +250,7 @@ def test_uploads_survive_throttling_and_cut_connections(faulty_s3, tmp_path, tin
         assert len(data) == m["bytes"] and hashlib.sha256(data).hexdigest() == m["sha256"]
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_a_node_lost_mid_run(tmp_path, tiny_cache):
     """Two worker nodes (ray.cluster_utils.Cluster); the node that hosts the actor is removed mid-run: the run ends
@@ -247,7 +270,8 @@ def test_a_node_lost_mid_run(tmp_path, tiny_cache):
         out = tmp_path / "out"
         proc = subprocess.Popen(job_cmd("--config", cfg, "--manifest", manifest, "--output", str(out), "--mlflow-uri",
                                         f"sqlite:///{tmp_path / 'db'}"), env=job_env(RAY_ADDRESS=cluster.address),
-                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
         try:
             _wait_for(lambda: (out / "metadata").exists() and os.listdir(out / "metadata"), 300, "no row committed")
             ray.init(address=cluster.address)
@@ -277,8 +301,8 @@ def test_a_batch_that_cannot_fit_is_split_and_a_row_that_cannot_fit_fails(tmp_pa
     what two rows need splits the batch (both ok); a budget under one row fails each row with both numbers."""
     from dataclasses import asdict
 
-    from operators.generate import VideoGenerator, resolve_rows
-    from operators.kinds import Resolver
+    from operators.actors import VideoGenerator
+    from operators.resolve import Resolver, resolve_rows
     from pipelines import memory
     from pipelines.config import ModelSpec
 
@@ -291,10 +315,12 @@ def test_a_batch_that_cannot_fit_is_split_and_a_row_that_cannot_fit_fails(tmp_pa
     split = VideoGenerator(resolver, str(tmp_path / "split"), "run", "test", sampler_batch=2,
                            memory_budget_gb=(one + two) / 2 / 2**30)
     assert [r["status"] for r in split(batch).to_pylist()] == ["ok", "ok"]
-    tight = VideoGenerator(resolver, str(tmp_path / "tight"), "run", "test", sampler_batch=2, memory_budget_gb=one / 2 / 2**30)
+    tight = VideoGenerator(resolver, str(tmp_path / "tight"), "run", "test", sampler_batch=2,
+                           memory_budget_gb=one / 2 / 2**30)
     rows = tight(batch).to_pylist()
     assert [r["status"] for r in rows] == ["failed", "failed"] and all(
-        r["error"].startswith("memory: 4 frames at 32x32 need about ") and "compute.memory_budget_gb" in r["error"] for r in rows)
+        r["error"].startswith("memory: 4 frames at 32x32 need about ") and "compute.memory_budget_gb" in r["error"]
+        for r in rows)
     assert not (tmp_path / "tight" / "videos").exists()
 
 
@@ -307,8 +333,8 @@ def test_a_failed_batch_frees_its_tensors_before_the_rows_are_retried_alone(tmp_
     import torch
 
     import pipelines.generate as gen_module
-    from operators.generate import VideoGenerator, resolve_rows
-    from operators.kinds import Resolver
+    from operators.actors import VideoGenerator
+    from operators.resolve import Resolver, resolve_rows
     from pipelines.config import ModelSpec
 
     real, held, alive_at_retry = gen_module.generate, [], []

@@ -3,45 +3,26 @@ reachable from the Ray workers, and an `mlflow server` over SQLite."""
 import hashlib
 import io
 import os
-import signal
-import subprocess
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from .jobutil import BIN, free_port, job_env, parent_runs, run_job, tiny_config, wait_http
+from .jobutil import (
+    BIN,
+    CREDS,
+    free_port,
+    job_env,
+    parent_runs,
+    run_job,
+    s3_bucket,
+    start_server,
+    stop_server,
+    tiny_config,
+    wait_http,
+)
 
-CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def _start(cmd, env, log):
-    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _stop(proc):
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=20)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint(tmp_path_factory):
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
-    proc = _start([os.path.join(BIN, "moto_server"), "-H", "127.0.0.1", "-p", str(port)], job_env(), log)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(url + "/moto-api/")
-        yield url
-    finally:
-        _stop(proc)
-        log.close()
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
@@ -49,44 +30,34 @@ def mlflow_server(tmp_path_factory):
     d = tmp_path_factory.mktemp("mlflow")
     port = free_port()
     log = open(d / "server.log", "w")
-    proc = _start([os.path.join(BIN, "mlflow"), "server", "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
-                   "--artifacts-destination", str(d / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-                   "--workers", "1"], job_env(), log)
+    proc = start_server([os.path.join(BIN, "mlflow"), "server", "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
+                         "--artifacts-destination", str(d / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+                         "--workers", "1"], job_env(), log)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(url + "/health", timeout=120)
         yield url
     finally:
-        _stop(proc)
+        stop_server(proc)
         log.close()
 
 
-def s3_bucket(endpoint: str, bucket: str, monkeypatch):
-    """Create `bucket` on the endpoint, point this process's AWS settings at it, return an s3fs filesystem."""
-    import boto3
-    import s3fs
-
-    boto3.client("s3", endpoint_url=endpoint, **{k.lower(): v for k, v in CREDS.items() if k != "AWS_DEFAULT_REGION"},
-                 region_name="us-east-1").create_bucket(Bucket=bucket)
-    for k, v in {**CREDS, "AWS_ENDPOINT_URL": endpoint}.items():
-        monkeypatch.setenv(k, v)
-    s3fs.S3FileSystem.clear_instance_cache()
-    return s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
-
-
-def test_job_writes_to_s3_and_logs_to_an_mlflow_server(s3_endpoint, mlflow_server, tmp_path, tiny_ad_dir, monkeypatch):
-    """The job on S3 with webdataset output and an MLflow server; its shards read by the README's three readers
+def test_job_writes_to_s3_and_logs_to_an_mlflow_server(s3_endpoint, mlflow_server, tmp_path, tiny_ad_dir, monkeypatch,
+                                                       shared_ray):
+    """The job on S3 with webdataset output and an MLflow server; its shards read by docs/datasets.md's three readers
     ("Datasets") through the S3 endpoint. (Files output on S3: tests/test_reliability.py, through a fault proxy.)"""
     fs = s3_bucket(s3_endpoint, "ivmix", monkeypatch)
     sink = io.BytesIO()
-    pq.write_table(pa.table({"id": ["a", "b", "c", "bad"], "prompt": ["A cat on a sofa.", "Waves on a rock.", "A red kite.",
+    pq.write_table(pa.table({"id": ["a", "b", "c", "bad"],
+                             "prompt": ["A cat on a sofa.", "Waves on a rock.", "A red kite.",
                                                                    "Bad row."],
                              "height": pa.array([None, 48, None, 30], pa.int64())}), sink)
     fs.pipe("ivmix/prompts/nightly.parquet", sink.getvalue())
 
     cfg = tiny_config(tmp_path / "job.yaml", os.path.dirname(tiny_ad_dir), output={"shard_max_samples": 2})
     env = job_env(**CREDS, AWS_ENDPOINT_URL=s3_endpoint)
-    args = ("--config", cfg, "--manifest", "s3://ivmix/prompts/nightly.parquet", "--output", "s3://ivmix/runs/2026-11-24",
+    args = ("--config", cfg, "--manifest", "s3://ivmix/prompts/nightly.parquet", "--output",
+            "s3://ivmix/runs/2026-11-24",
             "--output-format", "webdataset", "--mlflow-uri", mlflow_server, "--experiment", "nightly")
     r = run_job(*args, env=env)
     assert r.returncode == 0, r.stderr[-5000:]
@@ -107,7 +78,6 @@ def test_job_writes_to_s3_and_logs_to_an_mlflow_server(s3_endpoint, mlflow_serve
 
     import fsspec
     import webdataset as wds
-
     from webdataset.gopen import gopen_schemes
 
     monkeypatch.setitem(gopen_schemes, "s3", lambda url, mode="rb", bufsize=8192, **kw: fsspec.open(url, mode).open())
@@ -124,11 +94,13 @@ def test_job_writes_to_s3_and_logs_to_an_mlflow_server(s3_endpoint, mlflow_serve
     import pyarrow.fs as pafs
     import ray
 
-    s3 = pafs.S3FileSystem(endpoint_override=s3_endpoint, access_key="testing", secret_key="testing", region="us-east-1",
+    s3 = pafs.S3FileSystem(endpoint_override=s3_endpoint, access_key="testing", secret_key="testing",
+                           region="us-east-1",
                            scheme="http")
-    ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
+    ray.init(address=shared_ray, logging_level="ERROR")
     try:
-        rows = ray.data.read_webdataset("ivmix/runs/2026-11-24/shards/", filesystem=s3, file_extensions=["tar"]).take_all()
+        rows = ray.data.read_webdataset("ivmix/runs/2026-11-24/shards/", filesystem=s3,
+                                        file_extensions=["tar"]).take_all()
     finally:
         ray.shutdown()
     assert sorted(r["json"]["id"] for r in rows) == ok
@@ -139,7 +111,8 @@ def test_job_writes_to_s3_and_logs_to_an_mlflow_server(s3_endpoint, mlflow_serve
     (run,) = parent_runs(client, "nightly")
     assert run.data.metrics["rows_ok"] == 3 and run.data.metrics["rows_failed"] == 1 and run.data.metrics["shards"] == 2
     assert run.data.tags["output"] == "s3://ivmix/runs/2026-11-24"
-    assert {"config", "metadata", "report", "videos", "scores"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config", "metadata", "report", "videos",
+            "scores"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
     # the report's videos in MLflow come out of the shards
     assert len(client.list_artifacts(run.info.run_id, "videos")) == 3
 
@@ -151,7 +124,8 @@ def test_job_writes_to_s3_and_logs_to_an_mlflow_server(s3_endpoint, mlflow_serve
 
 
 def test_aws_endpoint_url_s3_wins_over_aws_endpoint_url(s3_endpoint, monkeypatch):
-    """README: the S3 endpoint comes from AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL (the AWS SDKs' own precedence)."""
+    """docs/job.md "Object storage": the S3 endpoint comes from AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL (the AWS
+    SDKs' own precedence)."""
     import s3fs
 
     from pipelines.outputs import filesystem

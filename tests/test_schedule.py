@@ -68,7 +68,8 @@ def test_denoise_then_invert_with_exact_noise_oracle_returns_to_start():
     """With the true ε of a sample, DDIM lands exactly on √ᾱ' x0 + √(1-ᾱ') ε and inversion comes back."""
     table = AlphaTable.from_scheduler_config(SD15)
     g = torch.Generator().manual_seed(0)
-    x0, eps = torch.randn(1, 4, 4, 8, 8, generator=g, dtype=torch.float64), torch.randn(1, 4, 4, 8, 8, generator=g, dtype=torch.float64)
+    x0, eps = (torch.randn(1, 4, 4, 8, 8, generator=g, dtype=torch.float64),
+               torch.randn(1, 4, 4, 8, 8, generator=g, dtype=torch.float64))
     for s, s2 in [(999, 979), (500, 480), (40, 20), (20, 0)]:
         a, a2 = table.at(s).double(), table.at(s2).double()
         xs = a.sqrt() * x0 + (1 - a).sqrt() * eps

@@ -1,5 +1,5 @@
 """Closed-form Gaussian toys: exact ε is known, so sampler outputs and the first-order analysis of
-docs/algorithms.md §4 (a denoise/invert round trip acts as extra guidance) can be checked against formulas."""
+docs/algorithms.md §2 (a denoise/invert round trip acts as extra guidance) can be checked against formulas."""
 import math
 
 import pytest
@@ -85,8 +85,8 @@ def test_guidance_moves_the_mean_toward_the_condition():
     for t in sched.timesteps.tolist():
         a = ab[t]
         m = sched.step((1 - a).sqrt() * (m - a.sqrt()) / (a * 0.25 + 1 - a), t, m).prev_sample
-    assert plain == pytest.approx(m.item(), abs=1e-6)  # 0.963: the linspace grid's label shift (README) lowers it
-    assert ivmix > plain + 0.1  # docs/algorithms.md §4: the round trips add guidance beyond the main step's
+    assert plain == pytest.approx(m.item(), abs=1e-6)  # 0.963: the linspace label shift (docs/testing.md) lowers it
+    assert ivmix > plain + 0.1  # docs/algorithms.md §2: the round trips add guidance beyond the main step's
 
 
 def _scaled(x, t):
@@ -112,8 +112,8 @@ def _one_zigzag(pattern, models, x, t, n):
 
 @pytest.mark.parametrize("t", [700, 400])
 def test_round_trip_acts_as_extra_guidance_to_first_order(t):
-    """Spec §4.2 / §2.7: down with ε^back then up with ε^go displaces x̄ by h(ε^go - ε^back) + O(h²);
-    crossed IV-IV: h1(ε_V^go - ε_I^back) + h2(ε_I^go - ε_V^back) + O(h²). The residual must shrink like h²."""
+    """docs/algorithms.md §2 (the guidance gap): down with ε^back then up with ε^go displaces x̄ by h(ε^go - ε^back) +
+    O(h²); crossed IV-IV: h1(ε_V^go - ε_I^back) + h2(ε_I^go - ε_V^back) + O(h²). The residual must shrink like h²."""
     vdm = cfg_model(exact_eps(1.0, 0.6), exact_eps(-0.5, 0.8))
     idm = cfg_model(exact_eps(0.7, 0.4), exact_eps(0.2, 1.1))
     x = torch.randn(1, 1, 1, 16, 16, generator=torch.Generator().manual_seed(t), dtype=torch.float64)
@@ -135,7 +135,8 @@ def test_round_trip_acts_as_extra_guidance_to_first_order(t):
 
 
 def test_same_model_round_trip_with_equal_scales_is_nearly_identity():
-    """Spec §2.7: with w_go = w_back the trip is ≈ identity (wasted compute); the code's -w makes it a push."""
+    """docs/algorithms.md §2: with w_go = w_back the trip is ≈ identity (wasted compute); the code's -w makes it a
+    push."""
     m = cfg_model(exact_eps(1.0, 0.6), exact_eps(-0.5, 0.8))
     x = torch.randn(1, 1, 1, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     same = _one_zigzag("V-V@w_go_V=2,w_back_V=2", {"V": m}, x, 500, 50)

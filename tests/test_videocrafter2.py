@@ -25,7 +25,8 @@ def test_unet_layout_round_trip_and_fps(vc, vc_dir, tmp_path):
 
     unet = vc.unet
     stock = UNet3DConditionModel(**{k: v for k, v in unet.config.items() if not k.startswith("_") and k != "fps_cond"})
-    assert set(unet.state_dict()) - set(stock.state_dict()) == {f"fps_embedding.linear_{i}.{p}" for i in (1, 2) for p in ("weight", "bias")}
+    assert set(unet.state_dict()) - set(stock.state_dict()) == {f"fps_embedding.linear_{i}.{p}" for i in (1, 2)
+                                                                for p in ("weight", "bias")}
     assert not set(stock.state_dict()) - set(unet.state_dict())
     again, info = VC.from_pretrained(os.path.join(vc_dir, "unet"), output_loading_info=True)
     assert info["missing_keys"] == info["unexpected_keys"] == []
@@ -37,7 +38,7 @@ def test_unet_layout_round_trip_and_fps(vc, vc_dir, tmp_path):
     assert torch.equal(a, b) and torch.equal(a, d) and (a - c).abs().max() > 1e-3
     # a stock UNet3D folder (no fps weights) is refused, never silently run without fps conditioning
     stock.save_pretrained(tmp_path / "stock")
-    from pipelines.backbones import load_backbone
+    from pipelines.backbones.registry import load_backbone
 
     with pytest.raises(ValueError, match="VideoCrafter2 layout"):
         spec = ModelSpec.from_model_dir("videocrafter2", vc_dir, device="cpu")
@@ -54,8 +55,9 @@ def _dpm(vc_dir, n):
 
 
 def _loop(vc, vc_dir, params, official: bool, clean: bool = False):
-    """Initial noise and SDE noise per the project contract (docs/algorithms.md §7); zigzag per docs/algorithms.md §5 when `official`;
-    `clean`: the same zigzag with the IDM on every step (no VDM stand-in), CFG +-4 (the clean `ivmixed` preset)."""
+    """Initial noise and SDE noise per the project contract (docs/algorithms.md §7); zigzag per docs/algorithms.md §5
+    when `official`; `clean`: the same zigzag with the IDM on every step (no VDM stand-in), CFG +-4 (the clean
+    `ivmixed` preset)."""
     from diffusers import DDIMInverseScheduler, DDIMScheduler
 
     n, f, fps = params.steps, params.frames, params.fps
@@ -74,7 +76,8 @@ def _loop(vc, vc_dir, params, official: bool, clean: bool = False):
 
     def idm(x, t, g):
         flat = torch.cat([x, x]).permute(0, 2, 1, 3, 4).reshape(2 * f, 4, h, w)
-        u, c = vc.image_unet(flat, t, encoder_hidden_states=emb_i).sample.reshape(2, f, 4, h, w).permute(0, 2, 1, 3, 4).chunk(2)
+        out = vc.image_unet(flat, t, encoder_hidden_states=emb_i).sample
+        u, c = out.reshape(2, f, 4, h, w).permute(0, 2, 1, 3, 4).chunk(2)
         return u + g * (c - u)
 
     x = torch.randn((1, 4, f, h, w), generator=torch.Generator("cpu").manual_seed(params.seed))
@@ -119,14 +122,17 @@ def test_ivmixed_clean_equals_an_independent_loop(vc, vc_dir):
 
 
 def test_paper_call_counts_for_50_steps(vc):
-    p = resolve_params(dict(prompt=PROMPT, sampler="ivmixed_vc_v1", steps=50, frames=2, height=64, width=64), backbone="videocrafter2")
+    p = resolve_params(dict(prompt=PROMPT, sampler="ivmixed_vc_v1", steps=50, frames=2, height=64, width=64),
+                       backbone="videocrafter2")
     assert build_plan(vc, [p]).calls() == {"I": 68, "V": 182}  # docs/algorithms.md §2
-    p = resolve_params(dict(prompt=PROMPT, sampler="ivmixed", steps=50, frames=2, height=64, width=64), backbone="videocrafter2")
-    assert build_plan(vc, [p]).calls() == {"I": 100, "V": 150}  # README: 250 (the DPM grid never reaches t = 0)
+    p = resolve_params(dict(prompt=PROMPT, sampler="ivmixed", steps=50, frames=2, height=64, width=64),
+                       backbone="videocrafter2")
+    assert build_plan(vc, [p]).calls() == {"I": 100, "V": 150}  # docs/sample.md: 250 (the DPM grid never reaches t = 0)
 
 
 def test_batched_rows_keep_their_own_sde_noise(vc):
-    rows = [resolve_params(dict(prompt=PROMPT, seed=s, steps=4, frames=2, height=64, width=64), backbone="videocrafter2")
+    rows = [resolve_params(dict(prompt=PROMPT, seed=s, steps=4, frames=2, height=64, width=64),
+                           backbone="videocrafter2")
             for s in (1, 2)]
     together = generate(vc, rows, decode=False)
     for row, res in zip(rows, together):
@@ -134,7 +140,8 @@ def test_batched_rows_keep_their_own_sde_noise(vc):
 
 
 def _stock_twin(unet):
-    """diffusers' own UNet3DConditionModel holding the VC UNet's weights except the fps MLP (independent of our class)."""
+    """diffusers' own UNet3DConditionModel holding the VC UNet's weights except the fps MLP (independent of our
+    class)."""
     from diffusers import UNet3DConditionModel
 
     stock = UNet3DConditionModel(**{k: v for k, v in unet.config.items() if not k.startswith("_") and k != "fps_cond"})

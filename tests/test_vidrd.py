@@ -62,7 +62,7 @@ def official(tmp_path_factory):
     """(SD-2.1-base-like folder, ModelT2V.pth in the published layout, its state_dict)."""
     from diffusers import UNet2DConditionModel
 
-    from pipelines.tiny import _vae, tiny_vidrd_base
+    from pipelines.fixtures.models import _vae, tiny_vidrd_base
 
     d = tmp_path_factory.mktemp("vidrd")
     base = str(d / "sd21")
@@ -115,7 +115,8 @@ def test_converter_keeps_the_published_key_layout(official, tmp_path):
 
     vae = AutoencoderKL.from_pretrained(out, subfolder="vae").state_dict()
     assert any(".query." in k for k in state) and len(vae) == sum(k.startswith("vae.") for k in state)
-    assert torch.equal(vae["encoder.mid_block.attentions.0.to_q.weight"], state["vae.encoder.mid_block.attentions.0.query.weight"])
+    assert torch.equal(vae["encoder.mid_block.attentions.0.to_q.weight"],
+                       state["vae.encoder.mid_block.attentions.0.query.weight"])
     assert sorted(os.listdir(out)) == ["scheduler", "text_encoder", "tokenizer", "unet", "vae", "vidrd.json"]
     # a checkpoint with a wrong layout, or no UNet at all, is refused with the reason; nothing is left behind
     broken = dict(state)
@@ -134,8 +135,8 @@ def test_converter_keeps_the_published_key_layout(official, tmp_path):
 
 def test_one_frame_is_sd21_and_frames_interact(official, tmp_path):
     """F = 1: the temporal layers are off and the UNet is diffusers' UNet2DConditionModel with the checkpoint's spatial
-    weights; F > 1: frame 0's output depends on frame 1 (temporal conv/attention); eval mode is deterministic, train mode
-    (the official code's: dropout on) is not."""
+    weights; F > 1: frame 0's output depends on frame 1 (temporal conv/attention); eval mode is deterministic, train
+    mode (the official code's: dropout on) is not."""
     from diffusers import UNet2DConditionModel
 
     from pipelines.backbones.vidrd import convert
@@ -161,13 +162,6 @@ def test_one_frame_is_sd21_and_frames_interact(official, tmp_path):
         assert not torch.equal(unet(v, 421, text[:1]).sample, a)  # 0.1 dropout in every temporal conv layer
 
 
-@pytest.fixture(scope="module")
-def tiny_bivdiff(tmp_path_factory) -> str:
-    from pipelines.tiny import build_bivdiff
-
-    return build_bivdiff(str(tmp_path_factory.mktemp("tiny") / "bivdiff"))
-
-
 def test_bivdiff_with_vidrd_checks_text_space_and_schedule(tiny_bivdiff, tmp_path):
     """The VidRD worker reads text with its own encoder (width 24), runs in eval mode, and a VidRD folder whose VAE or
     noise schedule differs from the SD image model's is refused with the reason."""
@@ -178,7 +172,8 @@ def test_bivdiff_with_vidrd_checks_text_space_and_schedule(tiny_bivdiff, tmp_pat
     spec = BivdiffSpec.from_model_dir(tiny_bivdiff, vdm="vidrd", device="cpu", dtype="float32")
     w = BIVDiff(spec)
     assert type(w.backbone).__name__ == "VidRD" and not w.backbone.unet.training
-    assert w.backbone.encode_text(["a dog"], "V").shape[-1] == 24 and w.backbone.encode_text(["a dog"], "I").shape[-1] == 16
+    assert (w.backbone.encode_text(["a dog"], "V").shape[-1] == 24
+            and w.backbone.encode_text(["a dog"], "I").shape[-1] == 16)
     np.save(tmp_path / "e.npy", np.random.default_rng(0).uniform(-1, 1, (4, 64, 64, 3)).astype(np.float32))
     p = resolve_bivdiff_params({"task": "external", "source_video": str(tmp_path / "e.npy"), "vdm_prompt": "a dog",
                                 "frames": 4, "height": 64, "width": 64, "steps": 5, "alpha": 0.5})

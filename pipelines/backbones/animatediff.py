@@ -1,7 +1,8 @@
 """AnimateDiff backbone (docs/algorithms.md §5): VDM = UNetMotionModel(base SD1.5-family UNet + motion
 adapter), IDM = an SD1.5-family UNet2DConditionModel on frames folded into the batch, shared VAE.
 
-Every model comes from `from_pretrained` with a hub id or a local folder; nothing here names one.
+Every model comes from `from_pretrained` with a hub id or a local folder; the default ids are the class's `defaults`
+(what a model spec leaves unset), nothing else here names one.
 """
 from __future__ import annotations
 
@@ -10,10 +11,19 @@ from typing import Sequence
 
 import torch
 
-from ..config import ModelSpec
+from ..fixtures.models import build_animatediff
 from ..sampling import CFGDenoiser, Denoiser
-from .common import (BackboneBase, encode_prompts, framewise_eps, load_image_model, load_pretrained, load_vae, place,
-                     resolve_placement)
+from .common import (
+    BackboneBase,
+    BackboneDefaults,
+    encode_prompts,
+    framewise_eps,
+    load_image_model,
+    load_pretrained,
+    load_vae,
+    place,
+    resolve_placement,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +51,14 @@ def motion_unet(unet, adapter):
 
 class AnimateDiff(BackboneBase):
     name = "animatediff"
+    # docs/algorithms.md §5: RV5.1 + motion adapter v1-5-3 as VDM, SD1.5 as IDM, 16 x 512 x 512, 8 fps output
+    defaults = BackboneDefaults(
+        base="SG161222/Realistic_Vision_V5.1_noVAE",
+        motion_adapter="guoyww/animatediff-motion-adapter-v1-5-3",
+        image_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        frames=16, height=512, width=512, fps=8,
+    )
+    tiny = staticmethod(build_animatediff)
 
     def __init__(self, **components):
         super().__init__(**components)
@@ -48,8 +66,15 @@ class AnimateDiff(BackboneBase):
 
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
-    def from_spec(cls, spec: ModelSpec) -> "AnimateDiff":
-        from diffusers import DDIMScheduler, MotionAdapter, UNet2DConditionModel, UNetMotionModel
+    def _read_max_frames(cls, spec) -> int:
+        """The motion adapter's positional table bounds the frames (its config, no weights)."""
+        from diffusers import MotionAdapter
+
+        return int(MotionAdapter.load_config(spec.motion_adapter).get("motion_max_seq_length") or 32)
+
+    @classmethod
+    def from_spec(cls, spec) -> "AnimateDiff":
+        from diffusers import DDIMScheduler, MotionAdapter, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
         device, dtype = resolve_placement(spec.device, spec.dtype)

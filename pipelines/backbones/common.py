@@ -1,18 +1,39 @@
-"""Pieces every backbone adapter shares: device/dtype placement, prompt encoding, VAE decode,
-noise tables, LoRA loading."""
+"""Pieces every backbone adapter shares: the class contract a backbone registers with (`BackboneBase`: name, defaults,
+main solver, tiny fixture, structure), device/dtype placement, prompt encoding, VAE decode, noise tables, LoRA
+loading."""
 from __future__ import annotations
 
 import logging
 import os
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 
+from ..params import Structure
 from ..presets import DEFAULT_DECODE_CHUNK
+from ..sampling import CFGDenoiser
 from ..schedule import AlphaTable
+from .norms import frame_joint_group_norm
 
 logger = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class BackboneDefaults:
+    """Model ids and native settings of one backbone (hub ids or local folders are interchangeable)."""
+
+    base: str
+    motion_adapter: str | None
+    image_model: str
+    frames: int
+    height: int
+    width: int
+    fps: int
+    steps: int = 50
+    guidance: float | None = None  # main-step CFG default of this backbone's code (None: the preset's)
+    unet: str | None = None  # a VDM UNet loaded on its own (VideoCrafter2)
 
 
 def resolve_placement(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
@@ -89,30 +110,63 @@ def load_lora_into_unet(unet, source: str, scale: float) -> None:
 
 
 class BackboneBase:
-    """Shared behaviour: components, noise tables, decode. Subclasses load (`from_spec`) and implement `denoisers`."""
+    """Shared behaviour: components, noise tables, decode. Subclasses load (`from_spec`) and implement `denoisers`.
+
+    What the registry (`registry.py`) and the rest of the library read from a backbone class, without loading it: its
+    `name`, its `defaults` (model ids, native size, steps), its `main_solver`, its `tiny` fixture builder and
+    `read_structure(spec)`."""
+
+    name: str
+    defaults: BackboneDefaults
+    main_solver: str = "ddim"  # "ddim" or "sde-dpmpp2m" (SDE-DPM-Solver++ order 2, VideoCrafter2 code)
+    # (out_dir, seed) -> out_dir: writes a tiny random model set of this backbone (`pipelines/fixtures/models.py`);
+    # None: the backbone has no tiny set of its own
+    tiny: Callable[[str, int], str] | None = None
 
     def __init__(self, *, tokenizer, text_encoder, vae, unet, scheduler_config, image_unet,
                  image_tokenizer=None, image_text_encoder=None, image_scheduler_config=None,
                  device: torch.device, dtype: torch.dtype):
         self.tokenizer, self.text_encoder, self.vae, self.unet = tokenizer, text_encoder, vae, unet
         # an IDM folder without its own tokenizer reads text with the VDM's
-        self.image_unet, self.image_tokenizer, self.image_text_encoder = image_unet, image_tokenizer or tokenizer, image_text_encoder
+        self.image_unet, self.image_tokenizer = image_unet, image_tokenizer or tokenizer
+        self.image_text_encoder = image_text_encoder
         self.scheduler_config = dict(scheduler_config)
         self.image_scheduler_config = dict(image_scheduler_config or scheduler_config)
         self.device, self.dtype = device, dtype
         self.latent_channels = int(unet.config.in_channels)
         self.spatial_factor = 2 ** (len(vae.config.block_out_channels) - 1)
 
-    name: str
     decode_chunk: int = DEFAULT_DECODE_CHUNK  # frames per VAE call; load_backbone sets the spec's
 
     max_frames: int | None = None  # a motion adapter's positional table bounds the frames
 
     @property
-    def structure(self):
-        from ..params import Structure
-
+    def structure(self) -> Structure:
         return Structure(self.spatial_factor, self.max_frames)
+
+    @classmethod
+    def read_structure(cls, spec) -> Structure:
+        """The model set's VAE factor and frame limit read from its config files, without weights: what the driver
+        resolves rows with. Config files it cannot read (a hub id with no access from the driver) leave the default
+        (factor 8, no frame limit) with a warning; the actor's `check` applies the loaded models' own facts anyway."""
+        try:
+            return Structure(cls._read_spatial_factor(spec), cls._read_max_frames(spec))
+        except Exception as err:  # noqa: BLE001 - no hub access, a missing folder: the actors check anyway
+            logger.warning("could not read the model configs (%s); rows are checked against a VAE factor of 8 here "
+                           "and against the loaded models in the actors", " ".join(str(err).split())[:200])
+            return Structure()
+
+    @classmethod
+    def _read_spatial_factor(cls, spec) -> int:
+        from diffusers import AutoencoderKL
+
+        config = vae_from(spec, lambda source, subfolder: AutoencoderKL.load_config(source, subfolder=subfolder))
+        return 2 ** (len(config["block_out_channels"]) - 1)
+
+    @classmethod
+    def _read_max_frames(cls, spec) -> int | None:
+        """The frame limit of the model set's configs (None: none); AnimateDiff's motion adapter has one."""
+        return None
 
     def check(self, p) -> None:
         """The structural rules of the loaded models for one row's parameters (`config.Structure`)."""
@@ -127,7 +181,8 @@ class BackboneBase:
         return AlphaTable.from_scheduler_config({**cfg, "clip_sample": False})
 
     def encode_text(self, texts: Sequence[str], model: str = "V") -> torch.Tensor:
-        """(B, L, D) embeddings of `texts` from the VDM's ("V") or the IDM's own ("I") text encoder, in the run dtype."""
+        """(B, L, D) embeddings of `texts` from the VDM's ("V") or the IDM's own ("I") text encoder, in the run
+        dtype."""
         if model == "V":
             return encode_prompts(self.tokenizer, self.text_encoder, texts, self.device).to(self.dtype)
         if self.image_text_encoder is None:
@@ -135,8 +190,8 @@ class BackboneBase:
         return encode_prompts(self.image_tokenizer, self.image_text_encoder, texts, self.device).to(self.dtype)
 
     def vdm_eps(self, emb: torch.Tensor, frames: int, fps: int):
-        """ε of the video UNet on (B', C, F, h, w) latents with the (B', L, D) text embeddings bound. This default serves
-        UNets that share each sample's text over its frames themselves and take no fps (ModelScope, VidRD)."""
+        """ε of the video UNet on (B', C, F, h, w) latents with the (B', L, D) text embeddings bound. This default
+        serves UNets that share each sample's text over its frames themselves and take no fps (ModelScope, VidRD)."""
         unet, dtype = self.unet, self.dtype
 
         def eps(x: torch.Tensor, t: int) -> torch.Tensor:
@@ -151,7 +206,7 @@ class BackboneBase:
         parts = {**load_base_components(spec, dtype), **load_own_text_image_model(spec, cls.name, dtype), "unet": unet}
         for name in ("text_encoder", "unet", "image_unet", "image_text_encoder"):
             place(parts[name], device, dtype)
-        place(parts["vae"], device, torch.float32)  # every backbone decodes in float32 (README "Real checkpoints")
+        place(parts["vae"], device, torch.float32)  # every backbone decodes in float32 (docs/checkpoints.md)
         return cls(**parts, device=device, dtype=dtype)
 
     def own_text_embeddings(self, prompts: Sequence[str], negatives: Sequence[str], frames: int,
@@ -166,8 +221,6 @@ class BackboneBase:
     def denoisers(self, prompts: Sequence[str], negatives: Sequence[str], *, frames: int, idm_text: str,
                   fps: int) -> dict:
         """One CFG denoiser per model ("V", "I") with the batch's text conditioning bound (docs/algorithms.md §1)."""
-        from ..sampling import CFGDenoiser
-
         emb_v, emb_i = self.own_text_embeddings(prompts, negatives, frames, idm_text)
         return {"V": CFGDenoiser(self.vdm_eps(emb_v, frames, fps)),
                 "I": CFGDenoiser(framewise_eps(self.image_unet, emb_i, self.dtype))}
@@ -209,24 +262,28 @@ def _optional(loader, path: str, subfolder: str, **kwargs):
         return None
 
 
-def load_vae(spec):
-    """The VAE in float32 (every backbone decodes in float32, README "Real checkpoints and memory"): `spec.vae` — a
-    standalone VAE (config at its root, like `stabilityai/sd-vae-ft-mse`) or a pipeline with `vae/`, hub id or folder —
-    else the base pipeline's `vae/`. diffusers falls back to a folder's root only for local folders; a hub id is tried
-    at its root first, then as a pipeline."""
-    from diffusers import AutoencoderKL
-
-    dtype = torch.float32
-
+def vae_from(spec, load: Callable[[str, str | None], object]):
+    """`load(source, subfolder)` on the VAE a spec names: `spec.vae` — a standalone VAE (config at its root, like
+    `stabilityai/sd-vae-ft-mse`) or a pipeline with `vae/`, hub id or folder — else the base pipeline's `vae/`.
+    diffusers falls back to a folder's root only for local folders; a hub id is tried at its root first, then as a
+    pipeline. The one place that decides where a VAE sits, for its weights and its config alike."""
     if not spec.vae:
-        return load_pretrained(AutoencoderKL, spec.base, dtype, subfolder="vae")
+        return load(spec.base, "vae")
     if os.path.isdir(spec.vae):
         root = os.path.isfile(os.path.join(spec.vae, "config.json"))
-        return load_pretrained(AutoencoderKL, spec.vae, dtype, subfolder=None if root else "vae")
+        return load(spec.vae, None if root else "vae")
     try:
-        return load_pretrained(AutoencoderKL, spec.vae, dtype)
+        return load(spec.vae, None)
     except OSError:
-        return load_pretrained(AutoencoderKL, spec.vae, dtype, subfolder="vae")
+        return load(spec.vae, "vae")
+
+
+def load_vae(spec):
+    """The VAE in float32 (every backbone decodes in float32, docs/checkpoints.md), found by `vae_from`."""
+    from diffusers import AutoencoderKL
+
+    return vae_from(spec, lambda source, subfolder: load_pretrained(AutoencoderKL, source, torch.float32,
+                                                                     subfolder=subfolder))
 
 
 def load_base_components(spec, dtype: torch.dtype) -> dict:
@@ -249,7 +306,8 @@ def load_own_text_image_model(spec, backbone: str, dtype: torch.dtype) -> dict:
 
 
 def load_image_model(path: str, lora: str | None, lora_scale: float, dtype: torch.dtype):
-    """The IDM in `dtype`: (unet, tokenizer | None, text_encoder | None, scheduler config | None), LoRA fused if given."""
+    """The IDM in `dtype`: (unet, tokenizer | None, text_encoder | None, scheduler config | None), LoRA fused if
+    given."""
     from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -265,7 +323,7 @@ def load_image_model(path: str, lora: str | None, lora_scale: float, dtype: torc
 
 class FrameJointGroupNorm(torch.nn.Module):
     """A GroupNorm whose statistics pool over the `frames` frames of each video that sit folded in the batch
-    (docs/algorithms.md §8 A: the official inflated SD UNet normalises its resnet and output GroupNorms
+    (docs/algorithms.md §8: the official inflated SD UNet normalises its resnet and output GroupNorms
     on the 5-D tensor). With `frames` unset it is the wrapped GroupNorm."""
 
     def __init__(self, norm: torch.nn.GroupNorm):
@@ -276,10 +334,7 @@ class FrameJointGroupNorm(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.frames is None:
             return self.norm(x)
-        bf, c = x.shape[:2]
-        y = x.reshape(bf // self.frames, self.frames, c, *x.shape[2:]).transpose(1, 2)  # (B, C, F, h, w)
-        y = torch.nn.functional.group_norm(y, self.norm.num_groups, self.norm.weight, self.norm.bias, self.norm.eps)
-        return y.transpose(1, 2).reshape(x.shape)
+        return frame_joint_group_norm(self.norm, x, self.frames)
 
 
 def frame_joint_norms(unet) -> list[FrameJointGroupNorm]:

@@ -5,17 +5,26 @@ from __future__ import annotations
 
 import logging
 
-from ..config import ModelSpec
-from .common import BackboneBase, load_pretrained, resolve_placement
+from ..fixtures.models import build_modelscope
+from .common import BackboneBase, BackboneDefaults, load_pretrained, resolve_placement
 
 logger = logging.getLogger(__name__)
 
 
 class ModelScope(BackboneBase):
     name = "modelscope"
+    # docs/algorithms.md §5: UNet3DConditionModel VDM, SD1.5 IDM with its own text encoder; the code runs
+    # 16 x 512 x 512 (the model card's native size is 256)
+    defaults = BackboneDefaults(
+        base="ali-vilab/text-to-video-ms-1.7b",
+        motion_adapter=None,
+        image_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        frames=16, height=512, width=512, fps=8,
+    )
+    tiny = staticmethod(build_modelscope)
 
     @classmethod
-    def from_spec(cls, spec: ModelSpec) -> "ModelScope":
+    def from_spec(cls, spec) -> "ModelScope":
         from diffusers import UNet3DConditionModel
 
         device, dtype = resolve_placement(spec.device, spec.dtype)
@@ -29,3 +38,12 @@ class ZeroScope(ModelScope):
     same folder layout; BIVDiff's stage-3 VDM (docs/algorithms.md §8)."""
 
     name = "zeroscope"
+    # BIVDiff's VDM (docs/algorithms.md §8): ModelScope architecture; model card: 24 x 320 x 576 (BIVDiff runs
+    # 8 x 512 x 512). Its tiny models are the BIVDiff set's video_model/ (`python -m pipelines.fixtures.tiny bivdiff`)
+    defaults = BackboneDefaults(
+        base="cerspense/zeroscope_v2_576w",
+        motion_adapter=None,
+        image_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        frames=24, height=320, width=576, fps=8,
+    )
+    tiny = None

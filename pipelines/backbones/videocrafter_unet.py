@@ -20,8 +20,10 @@ class UNet3DVideoCrafterConditionModel(UNet3DConditionModel):
         sample_size: int | None = None,
         in_channels: int = 4,
         out_channels: int = 4,
-        down_block_types: tuple[str, ...] = ("CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "DownBlock3D"),
-        up_block_types: tuple[str, ...] = ("UpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D"),
+        down_block_types: tuple[str, ...] = ("CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "CrossAttnDownBlock3D",
+                                             "DownBlock3D"),
+        up_block_types: tuple[str, ...] = ("UpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D",
+                                           "CrossAttnUpBlock3D"),
         block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280),
         layers_per_block: int = 2,
         downsample_padding: int = 1,
@@ -51,13 +53,14 @@ class UNet3DVideoCrafterConditionModel(UNet3DConditionModel):
                 mid_block_additional_residual=None, return_dict: bool = True):
         if not self.config.fps_cond:
             return super().forward(sample, timestep, encoder_hidden_states, class_labels, timestep_cond, attention_mask,
-                                   cross_attention_kwargs, down_block_additional_residuals, mid_block_additional_residual,
-                                   return_dict)
+                                   cross_attention_kwargs, down_block_additional_residuals,
+                                   mid_block_additional_residual, return_dict)
         if fps is None:
             raise ValueError("fps: this UNet is fps-conditioned; pass fps (VideoCrafter2 code: 24)")
         b = sample.shape[0]
         fps_t = torch.as_tensor(fps, device=sample.device)
-        fps_t = (fps_t.expand(b) if fps_t.dim() == 0 else fps_t).to(torch.int64 if not torch.is_floating_point(fps_t) else torch.float64)
+        fps_t = (fps_t.expand(b) if fps_t.dim() == 0 else fps_t).to(
+            torch.int64 if not torch.is_floating_point(fps_t) else torch.float64)
         fps_emb = self.fps_embedding(self.fps_proj(fps_t).to(self.dtype))  # (B, D), added before the per-frame repeat
 
         def add_fps(_module, _inputs, out):
@@ -66,7 +69,7 @@ class UNet3DVideoCrafterConditionModel(UNet3DConditionModel):
         handle = self.time_embedding.register_forward_hook(add_fps)
         try:
             return super().forward(sample, timestep, encoder_hidden_states, class_labels, timestep_cond, attention_mask,
-                                   cross_attention_kwargs, down_block_additional_residuals, mid_block_additional_residual,
-                                   return_dict)
+                                   cross_attention_kwargs, down_block_additional_residuals,
+                                   mid_block_additional_residual, return_dict)
         finally:
             handle.remove()

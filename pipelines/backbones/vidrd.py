@@ -19,8 +19,8 @@ import sys
 
 import torch
 
-from ..config import ModelSpec
-from .common import BackboneBase, load_pretrained, resolve_placement
+from .common import BackboneBase, BackboneDefaults, load_pretrained, resolve_placement
+from .vidrd_unet import VidRDUNet
 
 logger = logging.getLogger(__name__)
 
@@ -36,11 +36,19 @@ FIXED = dict(act_fn="silu", center_input_sample=False, class_embed_type=None, nu
 
 class VidRD(BackboneBase):
     name = "vidrd"
+    # BIVDiff's default VDM (docs/algorithms.md §9): SD-2.1-base + VidRD's temporal layers, text encoder from
+    # ModelT2V.pth. `base` is the folder `python -m pipelines.backbones.vidrd` writes from ModelT2V.pth and this
+    # SD-2.1-base folder; the SD-2.1-base folder alone has no temporal weights and is refused with that instruction.
+    # Native size 256. Its tiny models are the BIVDiff set's vidrd/ (`python -m pipelines.fixtures.tiny bivdiff`).
+    defaults = BackboneDefaults(
+        base="stabilityai/stable-diffusion-2-1-base",
+        motion_adapter=None,
+        image_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        frames=8, height=256, width=256, fps=8,
+    )
 
     @classmethod
-    def from_spec(cls, spec: ModelSpec) -> "VidRD":
-        from .vidrd_unet import VidRDUNet
-
+    def from_spec(cls, spec) -> "VidRD":
         device, dtype = resolve_placement(spec.device, spec.dtype)
         logger.info("loading VidRD: base=%s image_model=%s on %s/%s", spec.base, spec.image_model, device, dtype)
         config = VidRDUNet.load_config(spec.base, subfolder="unet")
@@ -57,7 +65,8 @@ class VidRD(BackboneBase):
 
 # ---- converter -------------------------------------------------------------------------------------------------------
 def _split(state: dict) -> dict[str, dict]:
-    """{"unet": {...}, "text_encoder": {...}, "vae": {...}} from the checkpoint's prefixed keys (`clip.*` is dropped)."""
+    """{"unet": {...}, "text_encoder": {...}, "vae": {...}} from the checkpoint's prefixed keys (`clip.*` is
+    dropped)."""
     out: dict[str, dict] = {"unet": {}, "text_encoder": {}, "vae": {}}
     for k, v in state.items():
         prefix, _, rest = k.partition(".")
@@ -119,8 +128,6 @@ def convert(checkpoint: str, base: str, out: str, *, resolution: int = 256) -> s
     from diffusers import AutoencoderKL, DDIMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from .vidrd_unet import VidRDUNet
-
     if os.path.exists(out):
         raise ValueError(f"out: {out!r} exists; give a new folder")
     parts = _split(load_checkpoint(checkpoint))
@@ -138,7 +145,8 @@ def convert(checkpoint: str, base: str, out: str, *, resolution: int = 256) -> s
         text_weights = _text_keys(parts["text_encoder"], set(text.state_dict()))
         report = text.load_state_dict(text_weights, strict=False)
         if report.missing_keys or report.unexpected_keys:
-            raise ValueError(f"checkpoint: its text encoder does not match {base!r}'s (missing {report.missing_keys[:4]}, "
+            raise ValueError(f"checkpoint: its text encoder does not match {base!r}'s (missing "
+                             f"{report.missing_keys[:4]}, "
                              f"unexpected {report.unexpected_keys[:4]})")
     else:
         logger.warning("the checkpoint has no text encoder; using the base folder's")
@@ -166,9 +174,11 @@ def convert(checkpoint: str, base: str, out: str, *, resolution: int = 256) -> s
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipelines.backbones.vidrd", description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=True, help="VidRD's ModelT2V.pth (Lightning: state_dict with unet.*, ...)")
-    ap.add_argument("--base", default="stabilityai/stable-diffusion-2-1-base", help="SD-2.1-base pipeline (hub id or folder)")
+    ap.add_argument("--base", default="stabilityai/stable-diffusion-2-1-base",
+                    help="SD-2.1-base pipeline (hub id or folder)")
     ap.add_argument("--out", required=True, help="new folder to write")
-    ap.add_argument("--resolution", type=int, default=256, help="nominal resolution (UNet sample_size x 8; default 256)")
+    ap.add_argument("--resolution", type=int, default=256,
+                    help="nominal resolution (UNet sample_size x 8; default 256)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -24,15 +24,9 @@ from diffusers.utils import BaseOutput
 from torch import nn
 from torch.nn import functional as F
 
+from .norms import frame_joint_group_norm
+
 TEMPORAL_GROUPS = 32  # hard-coded in the official temporal conv layers, whatever norm_num_groups says
-
-
-def joint_group_norm(norm: nn.GroupNorm, x: torch.Tensor, frames: int) -> torch.Tensor:
-    """GroupNorm of folded (B*F, C, h, w) features with statistics over each sample's F frames together."""
-    bf, c = x.shape[:2]
-    y = x.reshape(bf // frames, frames, c, *x.shape[2:]).transpose(1, 2)
-    y = F.group_norm(y, norm.num_groups, norm.weight, norm.bias, norm.eps)
-    return y.transpose(1, 2).reshape(x.shape)
 
 
 def frame_embedding(dim: int, frames: int) -> torch.Tensor:
@@ -80,9 +74,9 @@ class Resnet(nn.Module):
         self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, frames: int) -> torch.Tensor:
-        h = self.conv1(F.silu(joint_group_norm(self.norm1, x, frames)))
+        h = self.conv1(F.silu(frame_joint_group_norm(self.norm1, x, frames)))
         h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(joint_group_norm(self.norm2, h, frames))))
+        h = self.conv2(self.dropout(F.silu(frame_joint_group_norm(self.norm2, h, frames))))
         return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
 
 
@@ -95,7 +89,8 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.attn1 = Attention(dim, heads=heads, dim_head=head_dim, upcast_attention=upcast)
         self.norm2 = nn.LayerNorm(dim)
-        self.attn2 = Attention(dim, cross_attention_dim=cross_dim, heads=heads, dim_head=head_dim, upcast_attention=upcast)
+        self.attn2 = Attention(dim, cross_attention_dim=cross_dim, heads=heads, dim_head=head_dim,
+                               upcast_attention=upcast)
         self.temp_embed = temp_embed
         if temporal:
             self.temp_norm = nn.LayerNorm(dim)
@@ -177,7 +172,8 @@ class Level(nn.Module):
             self.temp_convs = nn.ModuleList([TemporalConv(cout) for _ in ins])
         if heads is not None:
             self.attentions = nn.ModuleList([
-                Transformer(cout, heads, cfg["groups"], cfg["cross"], cfg["linear"], cfg["upcast"], True, cfg["temp_embed"])
+                Transformer(cout, heads, cfg["groups"], cfg["cross"], cfg["linear"], cfg["upcast"], True,
+                            cfg["temp_embed"])
                 for _ in ins])
         if sampler is not None:
             setattr(self, "downsamplers" if kind == "down" else "upsamplers", nn.ModuleList([sampler]))
@@ -197,8 +193,8 @@ class Mid(nn.Module):
         self.resnets = nn.ModuleList([Resnet(c, c, temb, cfg["groups"], cfg["eps"]) for _ in range(2)])
         if cfg["temp_conv"]:
             self.temp_convs = nn.ModuleList([TemporalConv(c) for _ in range(2)])
-        self.attentions = nn.ModuleList([Transformer(c, heads, cfg["groups"], cfg["cross"], cfg["linear"], cfg["upcast"],
-                                                     True, cfg["temp_embed"])])
+        self.attentions = nn.ModuleList([Transformer(c, heads, cfg["groups"], cfg["cross"], cfg["linear"],
+                                                     cfg["upcast"], True, cfg["temp_embed"])])
 
     def forward(self, x, temb, context, frames):
         for i in range(2):
@@ -285,6 +281,6 @@ class VidRDUNet(ModelMixin, ConfigMixin):
                 x = level.layer(i, torch.cat([x, skips.pop()], dim=1), temb, context, f)
             if hasattr(level, "upsamplers"):
                 x = level.upsamplers[0](x, skips[-1].shape[-2:] if skips else None)
-        x = self.conv_out(F.silu(joint_group_norm(self.conv_norm_out, x, f)))
+        x = self.conv_out(F.silu(frame_joint_group_norm(self.conv_norm_out, x, f)))
         out = x.reshape(b, f, -1, hh, ww).permute(0, 2, 1, 3, 4)
         return VidRDUNetOutput(sample=out) if return_dict else (out,)

@@ -2,13 +2,15 @@
 (`BivdiffParams`, `resolve_bivdiff_params`; the checks come from `pipelines/params.py`, docs/algorithms.md §8)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-from .. import params as schema
-from .. import presets
+from .. import params, presets
+from ..backbones import registry
 from ..config import ModelSpec, check_placement, present, spec_fingerprint
 from ..params import DEFAULT_LIMITS, Limits, Structure
+from .p2p import check_words
 
 
 @dataclass(frozen=True)
@@ -35,15 +37,15 @@ class BivdiffSpec:
 
     def __post_init__(self) -> None:
         check_placement(self)
-        if self.vdm not in presets.BIVDIFF_VDMS:
-            raise ValueError(f"vdm: BIVDiff's video model must be one of {presets.BIVDIFF_VDMS}, got {self.vdm!r}")
+        if self.vdm not in registry.BACKBONES:  # every registered backbone can be BIVDiff's video model
+            raise ValueError(f"vdm: BIVDiff's video model must be one of {tuple(registry.BACKBONES)}, got {self.vdm!r}")
 
     @classmethod
     def from_model_dir(cls, model_dir: str, **kw: Any) -> "BivdiffSpec":
-        """The folder layout written by `python -m pipelines.tiny bivdiff DIR`."""
-        import os
+        """The folder layout written by `python -m pipelines.fixtures.tiny bivdiff DIR`."""
+        def j(name: str) -> str:
+            return os.path.join(model_dir, name)
 
-        j = lambda name: os.path.join(model_dir, name)  # noqa: E731
         return cls(video_model=j("vidrd" if kw.get("vdm") == "vidrd" else "video_model"), image_model=j("image_model"),
                    controlnet_canny=j("controlnet"), controlnet_depth=j("controlnet"), controlnet_pose=j("controlnet"),
                    t2i_adapter_depth=j("t2i_adapter_depth"), t2i_adapter_canny=j("t2i_adapter_canny"),
@@ -67,7 +69,7 @@ class BivdiffSpec:
 
 @dataclass(frozen=True)
 class BivdiffParams:
-    """Everything that determines one BIVDiff video (docs/algorithms.md "BIVDiff"), resolved and validated."""
+    """Everything that determines one BIVDiff video (docs/algorithms.md §8), resolved and validated."""
 
     task: str
     source_video: str | None
@@ -91,7 +93,8 @@ class BivdiffParams:
     idm_guidance: float
     image_guidance: float
     fps: int
-    noise: str  # stage-1 noise: "independent" (one generator across frames, official) | "shared" | "per_frame" (stage1.py)
+    # stage-1 noise: "independent" (one generator across frames, official) | "shared" | "per_frame" (stage1.py)
+    noise: str
     edit_type: str  # p2p: "refine" | "replace"
     cross_replace: float  # p2p: fraction of steps with cross-attention replaced
     self_replace: float  # p2p: fraction of steps with self-attention replaced
@@ -101,7 +104,7 @@ class BivdiffParams:
         """The local-blend word groups of [source, edited] caption (`blend_groups`): () when off."""
         return blend_groups(self.local_blend)
 
-    kind = schema.BIVDIFF
+    kind = params.BIVDIFF
 
     @property
     def preset(self) -> "presets.BivdiffPreset":
@@ -128,7 +131,8 @@ class BivdiffParams:
         return self.vdm_prompt
 
     def record(self) -> dict[str, Any]:
-        """Plain values; `prompt` = the VDM prompt, `idm_guidance` as text (the metadata column generation rows share)."""
+        """Plain values; `prompt` = the VDM prompt, `idm_guidance` as text (the metadata column generation rows
+        share)."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["prompt"] = self.vdm_prompt
         out["idm_guidance"] = f"{self.idm_guidance:g}"
@@ -146,8 +150,9 @@ def resolve_bivdiff_params(row: Mapping[str, Any], defaults: Mapping[str, Any] |
 
     `prompt` fills idm_prompt and vdm_prompt when they are absent; tasks with quality tags default the
     negative prompt to the official NEG string."""
-    declared = schema.names(schema.BIVDIFF)
-    merged = {**presets.BIVDIFF_DEFAULTS, **{k: v for k, v in present(defaults).items() if k in declared}, **present(row)}
+    declared = params.names(params.BIVDIFF)
+    merged = {**presets.BIVDIFF_DEFAULTS, **{k: v for k, v in present(defaults).items() if k in declared},
+              **present(row)}
     task = presets.BIVDIFF_TASKS.get(merged.get("task"))
     if task is None:
         raise ValueError(f"task: unknown {merged.get('task')!r}; choose one of {sorted(presets.BIVDIFF_TASKS)}")
@@ -155,9 +160,11 @@ def resolve_bivdiff_params(row: Mapping[str, Any], defaults: Mapping[str, Any] |
         raise ValueError(f"sampler: BIVDiff rows take {sorted(presets.BIVDIFF_PRESETS)}, got {merged['sampler']!r}")
     prompt = merged.get("prompt", "")
     given_stride = "stride" in present(row) or "stride" in present(defaults)
-    v = schema.validate(schema.BIVDIFF, {
-        "prompt": prompt, "idm_prompt": merged.get("idm_prompt", prompt), "vdm_prompt": merged.get("vdm_prompt", prompt),
-        "negative_prompt": presets.BIVDIFF_NEG if task.quality_tags else "", "inversion_prompt": "", "alpha": task.alpha,
+    v = params.validate(params.BIVDIFF, {
+        "prompt": prompt, "idm_prompt": merged.get("idm_prompt", prompt),
+        "vdm_prompt": merged.get("vdm_prompt", prompt),
+        "negative_prompt": presets.BIVDIFF_NEG if task.quality_tags else "", "inversion_prompt": "",
+        "alpha": task.alpha,
         "frame_joint_norm": presets.BIVDIFF_PRESETS[merged["sampler"]].frame_joint_norm, **merged,
         "stride": merged["stride"] if given_stride or task.idm != "external" else 1})
     for name in ("source_video", "mask_video", "condition_video"):
@@ -186,13 +193,7 @@ def _check_p2p(v: dict) -> None:
     src, edit = v["idm_prompt"], v["vdm_prompt"]
     if not src.strip() or not edit.strip():
         raise ValueError("idm_prompt: p2p needs the source caption (idm_prompt) and the edited one (vdm_prompt)")
-    if v["edit_type"] == "replace" and len(src.split(" ")) != len(edit.split(" ")):
-        raise ValueError(f"edit_type: 'replace' swaps words one for one; {src!r} has {len(src.split(' '))} words, "
-                         f"{edit!r} {len(edit.split(' '))} (use 'refine' to add words)")
-    for prompt, group in zip((src, edit), blend_groups(v["local_blend"])):
-        for word in group.split():
-            if word not in prompt.split(" "):
-                raise ValueError(f"local_blend: {word!r} is not a word of {prompt!r}")
+    check_words(src, edit, v["edit_type"], blend_groups(v["local_blend"]))
     if 1000 % v["idm_steps"]:
         raise ValueError(f"idm_steps: p2p inverts the source frames on the SD DDIM grid; give a divisor of 1000, "
                          f"got {v['idm_steps']}")

@@ -14,19 +14,14 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..outputs import filesystem
+from ..video import read_mp4
+
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
-
-
-def _fs(uri: str):
-    from ..outputs import filesystem
-
-    return filesystem(uri)
 
 
 def _decode_video(data: bytes, suffix: str) -> np.ndarray:
     """All frames of an encoded video as (N, H, W, 3) uint8 (ffmpeg via imageio-ffmpeg)."""
-    from ..video import read_mp4
-
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "input" + suffix)
         with open(path, "wb") as f:
@@ -37,7 +32,7 @@ def _decode_video(data: bytes, suffix: str) -> np.ndarray:
 def _read_any(name: str, uri: str) -> np.ndarray:
     """(N, H, W, 3) uint8 frames, or float32 in [-1, 1] for a .npy array."""
     try:
-        fs, path = _fs(uri)
+        fs, path = filesystem(uri)
         if fs.isdir(path):
             files = sorted(p for p in fs.ls(path, detail=False) if p.lower().endswith(IMAGE_EXTS))
             if not files:
@@ -59,17 +54,19 @@ def _read_any(name: str, uri: str) -> np.ndarray:
     if suffix == ".npy":
         try:
             arr = np.load(io.BytesIO(data), allow_pickle=False)
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:  # noqa: BLE001 - any reader failure becomes a readable row error
             raise ValueError(f"{name}: {uri!r} is not a readable .npy array ({err})") from None
         if arr.ndim != 4 or arr.shape[-1] != 3 or not np.issubdtype(arr.dtype, np.floating):
-            raise ValueError(f"{name}: {uri!r} must hold a float array of shape (F, H, W, 3), got {arr.dtype} {arr.shape}")
+            raise ValueError(f"{name}: {uri!r} must hold a float array of shape (F, H, W, 3), got {arr.dtype} "
+                             f"{arr.shape}")
         if not np.isfinite(arr).all() or arr.min() < -1.0 - 1e-6 or arr.max() > 1.0 + 1e-6:
             raise ValueError(f"{name}: {uri!r} must hold finite values in [-1, 1]")
         return arr.astype(np.float32)
     try:
         frames = _decode_video(data, suffix or ".mp4")
-    except Exception as err:  # noqa: BLE001
-        raise ValueError(f"{name}: {uri!r} is not a decodable video ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+    except Exception as err:  # noqa: BLE001 - any decoder failure becomes a readable row error
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"{name}: {uri!r} is not a decodable video ({reason})") from None
     if len(frames) == 0:
         raise ValueError(f"{name}: {uri!r} holds no frames")
     return frames
@@ -104,15 +101,17 @@ def read_frames(name: str, uri: str, *, frames: int, stride: int, height: int, w
     return _resize(raw[0:need:stride], height, width), info
 
 
-def to_unit(frames: np.ndarray) -> np.ndarray:
+def to_signed(frames: np.ndarray) -> np.ndarray:
     """uint8 frames -> float32 in [-1, 1]; float frames (already in [-1, 1]) pass through."""
     if frames.dtype == np.uint8:
         return frames.astype(np.float32) / 127.5 - 1.0
     return frames.astype(np.float32)
 
 
-def to_uint8(frames: np.ndarray) -> np.ndarray:
-    """float frames in [-1, 1] -> uint8 as the official conversion: (x + 1) / 2 · 255, truncated (docs/algorithms.md §8 D)."""
+def signed_to_uint8(frames: np.ndarray) -> np.ndarray:
+    """float frames in [-1, 1] -> uint8 as the official BIVDiff conversion: (x + 1) / 2 · 255, truncated (not rounded:
+    `video.unit_to_uint8` rounds [0, 1] frames); uint8 frames pass through (the official BIVDiff
+    code's conversion)."""
     if frames.dtype == np.uint8:
         return frames
     return ((np.clip(frames, -1.0, 1.0) + 1.0) / 2.0 * 255.0).astype(np.uint8)
@@ -132,13 +131,13 @@ def read_row_inputs(p) -> RowInputs:
     if p.source_video is not None:
         source, info = read_frames("source_video", p.source_video, **size)
         if task.idm != "external":
-            source = to_uint8(source)
+            source = signed_to_uint8(source)
     if task.mask == "video":
         m, _ = read_frames("mask_video", p.mask_video, like=info, **size)
-        mask = np.where(to_uint8(m).mean(-1) >= 128, 255, 0).astype(np.uint8)
+        mask = np.where(signed_to_uint8(m).mean(-1) >= 128, 255, 0).astype(np.uint8)
     if task.condition in ("depth", "pose"):
         if p.condition_video is None:  # the source video holds the maps: already read above
-            condition = to_uint8(source)
+            condition = signed_to_uint8(source)
         else:
-            condition = to_uint8(read_frames("condition_video", p.condition_video, like=info, **size)[0])
+            condition = signed_to_uint8(read_frames("condition_video", p.condition_video, like=info, **size)[0])
     return RowInputs(source, mask, condition)

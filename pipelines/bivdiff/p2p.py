@@ -33,6 +33,18 @@ def word_tokens(text: str, tokenizer) -> list[list[int]]:
     return out
 
 
+def check_words(source: str, edited: str, edit_type: str, blend_words: Sequence[str] = ()) -> None:
+    """The word rules of a Prompt2Prompt edit (docs/algorithms.md §8): `replace` swaps the captions' words one for one;
+    each local-blend word is a word of its caption (`blend_words`: one group per caption [source, edited])."""
+    if edit_type == "replace" and len(source.split(" ")) != len(edited.split(" ")):
+        raise ValueError(f"edit_type: 'replace' swaps words one for one; {source!r} has {len(source.split(' '))} "
+                         f"words, {edited!r} {len(edited.split(' '))} (use 'refine' to add words)")
+    for prompt, group in zip((source, edited), blend_words):
+        for word in group.split():
+            if word not in prompt.split(" "):
+                raise ValueError(f"local_blend: {word!r} is not a word of {prompt!r}")
+
+
 def _ids(text: str, tokenizer) -> list[int]:
     return tokenizer(text, truncation=True, max_length=MAX_TOKENS).input_ids
 
@@ -78,10 +90,7 @@ def refine_mapper(source: str, edited: str, tokenizer) -> tuple[torch.Tensor, to
 def replace_mapper(source: str, edited: str, tokenizer) -> torch.Tensor:
     """(77, 77) M with edited map n = Σ_w source map w · M[w, n]: identity for equal words, a swapped word's source
     tokens spread evenly over its replacement's tokens. The prompts must have the same number of words."""
-    ws, we = source.split(" "), edited.split(" ")
-    if len(ws) != len(we):
-        raise ValueError(f"edit_type: 'replace' swaps words one for one; the source caption has {len(ws)} words, the "
-                         f"edited one {len(we)} (use 'refine' to add words)")
+    check_words(source, edited, "replace")
     ts, te = word_tokens(source, tokenizer), word_tokens(edited, tokenizer)
     mapper = torch.zeros(MAX_TOKENS, MAX_TOKENS)
     mapper[0, 0] = 1.0  # start token
@@ -106,6 +115,7 @@ class P2PControl:
         self.cross_calls = int(cross * (steps + 1))
         self.self_calls = int(self_ * steps)
         self.step = 0
+        check_words(prompts[0], prompts[1], edit_type, blend_words)
         if edit_type == "replace":
             self.mapper = replace_mapper(prompts[0], prompts[1], tokenizer)
         elif edit_type == "refine":
@@ -120,8 +130,8 @@ class P2PControl:
                 words = prompt.split(" ")
                 for w in group.split():
                     hits = [t for i, word in enumerate(words) if word == w for t in spans[i]]
-                    if not hits:
-                        raise ValueError(f"local_blend: {w!r} is not a word of {prompt!r}")
+                    if not hits:  # a word of the caption, but past the text encoder's token limit
+                        raise ValueError(f"local_blend: {w!r} lies past the {MAX_TOKENS}-token limit of {prompt!r}")
                     blend[k, hits] = 1.0
             self.blend = blend
         self.maps: list[torch.Tensor] = []  # this step's conditional cross maps (local blend), (2, heads, N, 77)

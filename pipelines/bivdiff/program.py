@@ -75,7 +75,8 @@ def mix(states: Sequence[tuple[State, torch.Tensor | float]]) -> State:
 
 
 def smoothing_grid(steps: int, num_train_timesteps: int = 1000) -> list[int]:
-    """Descending grid of the SD-1.5 DDIM config: leading spacing, offset 1 (981, 961, …, 1 at N=50; docs/algorithms.md §8)."""
+    """Descending grid of the SD-1.5 DDIM config: leading spacing, offset 1 (981, 961, …, 1 at N=50;
+    docs/algorithms.md §8)."""
     return timesteps(steps, "leading", num_train_timesteps, steps_offset=1)
 
 
@@ -113,9 +114,11 @@ def run_moves(models: Mapping[str, Denoiser], state: State, moves: Sequence[Move
 
 
 def mixed_inversion(models: Mapping[str, Denoiser], z0: State, alpha: torch.Tensor | float, image_moves: Sequence[Move],
-                    video_moves: Sequence[Move], *, callback: Callable[[dict], None] | None = None) -> tuple[State, dict]:
+                    video_moves: Sequence[Move], *,
+                    callback: Callable[[dict], None] | None = None) -> tuple[State, dict]:
     """Invert z0 along the image model ("I") and the video model ("U") and mix `α·img + (1-α)·vid` once at the end
-    (docs/algorithms.md §8). A branch whose weight is 0 for every row is not computed (quirk Q4); returns (z_T, calls)."""
+    (docs/algorithms.md §8). A branch whose weight is 0 for every row is not computed (quirk Q4); returns (z_T,
+    calls)."""
     a = torch.as_tensor(alpha, dtype=torch.float32)
     if bool(((a < 0) | (a > 1)).any()) or not bool(torch.isfinite(a).all()):
         raise ValueError(f"alpha: must lie in [0, 1], got {a.tolist()}")
@@ -134,7 +137,8 @@ def mixed_inversion(models: Mapping[str, Denoiser], z0: State, alpha: torch.Tens
 def bivdiff_sample(models: Mapping[str, Denoiser], z0: State, alpha: torch.Tensor | float, *, table: AlphaTable,
                    steps: int, guidance: torch.Tensor, compat: bool,
                    callback: Callable[[dict], None] | None = None) -> tuple[torch.Tensor, dict]:
-    """Mixed Inversion then Video Temporal Smoothing (docs/algorithms.md §8): clean latents -> smoothed latents, calls per model."""
+    """Mixed Inversion then Video Temporal Smoothing (docs/algorithms.md §8): clean latents -> smoothed latents, calls
+    per model."""
     z_t, calls = mixed_inversion(models, z0, alpha, inversion_moves(table, steps, "I", compat=compat),
                                  inversion_moves(table, steps, "U", compat=compat), callback=callback)
     out = run_moves(models, z_t, smoothing_moves(table, steps, guidance), callback)

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .. import presets
-from .config import BivdiffParams, BivdiffSpec
+from ..backbones.common import decode_latents, framewise_eps, load_pretrained, place
+from ..backbones.registry import load_backbone
 from ..sampling import CFGDenoiser
 from ..schedule import AlphaTable
 from . import inputs
+from .config import BivdiffParams, BivdiffSpec
 from .program import CLEAN, LatentSpace, State, bivdiff_sample, inversion_moves, run_moves
 from .stage1 import Stage1
 
@@ -60,16 +61,14 @@ class BIVDiff:
     def __init__(self, spec: BivdiffSpec, stage1_batch: int = 8):
         from diffusers import AutoencoderKL
 
-        from ..backbones import load_backbone
-        from ..backbones.common import load_pretrained, place
-
         self.spec = spec
         self.backbone = bb = load_backbone(spec.model_spec())
         self.vae = place(load_pretrained(AutoencoderKL, spec.image_model, torch.float32, subfolder="vae"), bb.device,
                          torch.float32)
         self.space = LatentSpace.from_vae_config(self.vae.config)
         if self.space.shift_factor:
-            raise ValueError("image_model: VAEs with a shift_factor are not SD-1.5 latent spaces (docs/algorithms.md §8)")
+            raise ValueError("image_model: VAEs with a shift_factor are not SD-1.5 latent spaces "
+                             "(docs/algorithms.md §8)")
         vdm_space = LatentSpace.from_vae_config(bb.vae.config)
         if vdm_space != self.space:
             raise ValueError(f"video_model: the VDM's latent space ({vdm_space.describe()}) differs from the SD image "
@@ -84,11 +83,11 @@ class BIVDiff:
             raise ValueError("video_model: its noise schedule (ᾱ table) differs from the SD image model's; BIVDiff "
                              "passes timesteps unchanged between the two (docs/algorithms.md §8)")
         self.device, self.dtype = bb.device, bb.dtype
-        # the ControlNet pipeline shares the SD UNet and text encoder (already in the run dtype); its VAE is its own copy
-        # in the run dtype, the fp32 one above stays the stages-2/3 latent space
+        # the ControlNet pipeline shares the SD UNet and text encoder (already in the run dtype); its VAE is its own
+        # copy in the run dtype, the fp32 one above stays the stages-2/3 latent space
         components = dict(text_encoder=bb.image_text_encoder, tokenizer=bb.image_tokenizer, unet=bb.image_unet)
         self.stage1 = Stage1(spec, components, bb.device, bb.dtype, batch=stage1_batch)
-        self.vdm_fps = presets.BACKBONES[spec.vdm].fps  # fps conditioning of fps-aware VDMs (VideoCrafter2)
+        self.vdm_fps = bb.defaults.fps  # fps conditioning of fps-aware VDMs (VideoCrafter2)
 
     @property
     def spatial_factor(self) -> int:
@@ -99,7 +98,7 @@ class BIVDiff:
     def encode(self, frames: np.ndarray, seed: int, chunk: int = 16) -> State:
         """(F, H, W, 3) frames -> clean latents (1, C, F, h, w): posterior sample ε ~ CPU generator(seed + 1), one
         (F, C, h, w) draw, times the VAE's scaling factor (docs/algorithms.md §8)."""
-        x = torch.from_numpy(inputs.to_unit(frames)).permute(0, 3, 1, 2).to(self.device, torch.float32)
+        x = torch.from_numpy(inputs.to_signed(frames)).permute(0, 3, 1, 2).to(self.device, torch.float32)
         means, stds = [], []
         for i in range(0, x.shape[0], chunk):
             dist = self.vae.encode(x[i : i + chunk]).latent_dist
@@ -122,15 +121,13 @@ class BIVDiff:
 
     def image_denoiser(self, p: BivdiffParams) -> _Single:
         """"I": the SD UNet frame by frame on the inversion text, one pass (docs/algorithms.md §8)."""
-        from ..backbones.common import framewise_eps
-
         emb = self.backbone.encode_text([p.inversion_text()], "I").repeat_interleave(p.frames, dim=0)
         return _Single(framewise_eps(self.backbone.image_unet, emb, self.dtype, joint_norm=p.frame_joint_norm))
 
     @torch.inference_mode()
     def invert_source(self, p: BivdiffParams, source: np.ndarray) -> torch.Tensor:
-        """Prompt2Prompt's start latents (docs/algorithms.md §8): the source frames encoded like stage 2's, inverted by the
-        SD UNet alone (α = 1) on the inversion text over the `idm_steps` grid P2P denoises on; (1, C, F, h, w)."""
+        """Prompt2Prompt's start latents (docs/algorithms.md §8): the source frames encoded like stage 2's, inverted by
+        the SD UNet alone (α = 1) on the inversion text over the `idm_steps` grid P2P denoises on; (1, C, F, h, w)."""
         moves = inversion_moves(self.table, p.idm_steps, "I", compat=p.preset.compat)
         return run_moves({"I": self.image_denoiser(p)}, self.encode(source, p.seed), moves).x
 
@@ -153,10 +150,8 @@ class BIVDiff:
             x, calls = bivdiff_sample(models, z0, p.alpha, table=self.table, steps=p.steps,
                                       guidance=torch.tensor([p.guidance]), compat=p.preset.compat, callback=callback)
             frames = self.decode(x)[0] if decode else None
-        stage1 = edited if edited.dtype == np.uint8 else inputs.to_uint8(edited)
+        stage1 = inputs.signed_to_uint8(edited)  # uint8 frames pass through
         return BivdiffResult(p, x.float().cpu(), frames, stage1, calls, time.perf_counter() - start)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        from ..backbones.common import decode_latents
-
         return decode_latents(self.vae, latents, self.device, self.spec.decode_chunk)

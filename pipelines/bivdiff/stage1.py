@@ -1,11 +1,13 @@
-"""Stage 1: frame-wise generation or editing with a task image model through diffusers pipelines (docs/algorithms.md §8).
+"""Stage 1: frame-wise generation or editing with a task image model through diffusers pipelines (docs/algorithms.md
+§8).
 
-Every frame is denoised with the IDM's own scheduler, `idm_steps` steps and the stage-1 CFG. Noise policies (docs/algorithms.md §8,
-§11 E): "independent" = one CPU generator seeded `seed` drawn frame after frame (the official behaviour: one pipeline
-call per frame, in order); "shared" = every frame from a generator seeded `seed` (same noise per frame); "per_frame" =
-frame i from a generator seeded `seed + i`. The last two do not depend on frame order, so up to `batch` frames go
-through one pipeline call with one generator per frame (diffusers' list-of-generators contract) and give the same
-frames as one call per frame. Outputs are uint8 frames, as the official code hands PIL images to stage 2.
+Every frame is denoised with the IDM's own scheduler, `idm_steps` steps and the stage-1 CFG. Noise policies
+(docs/algorithms.md §7, §8): "independent" = one CPU generator seeded `seed` drawn frame after frame (the official
+behaviour: one pipeline call per frame, in order); "shared" = every frame from a generator seeded `seed` (same noise
+per frame); "per_frame" = frame i from a generator seeded `seed + i`. The last two do not depend on frame order, so up
+to `batch` frames go through one pipeline call with one generator per frame (diffusers' list-of-generators contract)
+and give the same frames as one call per frame. Outputs are uint8 frames, as the official code hands PIL images to
+stage 2.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ import numpy as np
 import torch
 
 from .. import presets
+from ..video import unit_to_uint8
+from . import p2p
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +70,8 @@ def resize_back(frames: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def outpaint_mask(kind: str, height: int, width: int) -> np.ndarray:
-    """Static outpainting mask, 255 = fill (docs/algorithms.md §8): horizontal = top and bottom quarters, vertical = left/right."""
+    """Static outpainting mask, 255 = fill (docs/algorithms.md §8): horizontal = top and bottom quarters, vertical =
+    left/right."""
     mask = np.zeros((height, width), np.uint8)
     if kind == "horizontal":
         mask[: height // 4] = 255
@@ -84,7 +89,8 @@ class Stage1:
     frame by frame. `components` = modules of the SD image model to share (text_encoder, tokenizer, unet: the ControlNet
     base)."""
 
-    def __init__(self, spec, components: dict, device: torch.device, dtype: torch.dtype, cache: int = 2, batch: int = 8):
+    def __init__(self, spec, components: dict, device: torch.device, dtype: torch.dtype, cache: int = 2,
+                 batch: int = 8):
         if batch < 1:
             raise ValueError(f"stage1_batch: must be >= 1, got {batch}")
         self.spec, self.components, self.device, self.dtype = spec, components, device, dtype
@@ -130,7 +136,8 @@ class Stage1:
         return pipe
 
     @torch.inference_mode()
-    def run(self, params, source: np.ndarray | None, mask: np.ndarray | None, condition: np.ndarray | None) -> np.ndarray:
+    def run(self, params, source: np.ndarray | None, mask: np.ndarray | None,
+            condition: np.ndarray | None) -> np.ndarray:
         """(F, H, W, 3) uint8 edited frames for one row."""
         from PIL import Image
 
@@ -148,15 +155,16 @@ class Stage1:
                 maps = np.repeat(maps[..., None], 3, -1) if task.idm == "controlnet" else maps
             else:
                 maps = condition
-            per_frame = lambda i: dict(image=Image.fromarray(maps[i]))  # noqa: E731
+            per_frame = lambda i: dict(image=Image.fromarray(maps[i]))  # noqa: E731 - the branch picks the inputs
             if not compat:  # compat: the model runs at the condition map's size, then frames are resized back
                 common.update(height=h, width=w)
         elif task.idm == "instruct_pix2pix":
-            per_frame = lambda i: dict(image=Image.fromarray(source[i]))  # noqa: E731
+            per_frame = lambda i: dict(image=Image.fromarray(source[i]))  # noqa: E731 - the branch picks the inputs
             common.update(image_guidance_scale=params.image_guidance)
         else:
             masks = mask if task.mask == "video" else np.stack([outpaint_mask(task.mask, h, w)] * params.frames)
-            per_frame = lambda i: dict(image=Image.fromarray(source[i]), mask_image=Image.fromarray(masks[i]))  # noqa: E731
+            per_frame = lambda i: dict(image=Image.fromarray(source[i]),  # noqa: E731 - the branch picks the inputs
+                                       mask_image=Image.fromarray(masks[i]))
             common.update(height=h, width=w)
         out = []
         if params.noise == "independent":
@@ -172,7 +180,7 @@ class Stage1:
                 images = pipe(**{**common, "prompt": [prompt] * len(idx), "negative_prompt": [negative] * len(idx)},
                               **batched, generator=[torch.Generator("cpu").manual_seed(s) for s in seeds]).images
                 out.extend(images)
-        return resize_back(np.stack([(np.clip(im, 0.0, 1.0) * 255.0).round().astype(np.uint8) for im in out]), h, w)
+        return resize_back(unit_to_uint8(np.stack(out)), h, w)
 
     @torch.inference_mode()
     def p2p(self, params, noise: torch.Tensor) -> np.ndarray:
@@ -181,8 +189,6 @@ class Stage1:
         the edited frames, (F, H, W, 3) uint8. Scheduler: the image model's own (compat) or DDIM on the
         inversion's grid (clean)."""
         import diffusers
-
-        from . import p2p
 
         task = params.spec_task
         pipe = self.pipeline(task)
@@ -199,11 +205,14 @@ class Stage1:
             previous = p2p.install(pipe.unet, control)
             try:
                 latents = noise[:, :, i].to(self.device, self.dtype).repeat(2, 1, 1, 1)
-                step = lambda _pipe, _i, _t, kw: {"latents": control.after_step(kw["latents"], (h, w))}  # noqa: E731
+
+                def step(_pipe, _i, _t, kw) -> dict:
+                    return {"latents": control.after_step(kw["latents"], (h, w))}
+
                 images = pipe(prompt=prompts, negative_prompt=[params.negative_prompt] * 2, latents=latents,
                               height=params.height, width=params.width, num_inference_steps=params.idm_steps,
                               guidance_scale=params.idm_guidance, output_type="np", callback_on_step_end=step).images
             finally:
                 pipe.unet.set_attn_processor(previous)
             out.append(images[1])
-        return np.stack([(np.clip(im, 0.0, 1.0) * 255.0).round().astype(np.uint8) for im in out])
+        return unit_to_uint8(np.stack(out))
