@@ -180,6 +180,11 @@ def ray_head():
     port = free_port()
     cmd = [os.path.join(BIN, "ray"), "start", "--head", "--block", "--port", str(port), "--node-ip-address",
            "127.0.0.1", "--include-dashboard", "false", "--temp-dir", temp, "--disable-usage-stats"]
+    # every port Ray would otherwise take at its fixed default, so a test's own head (test_cluster) or a local
+    # ray.init (the driver-kill tests) starts beside this one
+    for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
+                 "--runtime-env-agent-port", "--ray-client-server-port"):
+        cmd += [flag, str(free_port())]
     log_path = os.path.join(temp, "ray-start.log")
     with open(log_path, "w") as log:
         # the workers start in the head's folder: its temp dir, so that nothing a worker writes lands in the repo

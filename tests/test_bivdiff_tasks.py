@@ -232,8 +232,9 @@ def test_stages_2_3_match_an_independent_diffusers_computation(worker, videos, t
                   num_frames=4, height=64, width=64, output_type="latent").frames
     ref = torch.as_tensor(ref).reshape(ours.shape)
     err = ((ours - ref).norm() / ref.norm()).item()
-    # measured 4.8e-5 (float32 rounding, amplified by the tiny random VDM); a wrong grid end, embedding or mix is > 1e-2
-    assert err < 5e-4, err
+    # float32 rounding, amplified by the tiny random VDM: 4.8e-5 on the earlier machines, 7.1e-4 (1 thread) to 9.8e-4
+    # (2 threads) on AMD EPYC with the same code (main at 8f07e55 too); a wrong grid end, embedding or mix is > 1e-2
+    assert err < 2e-3, err
     if joint:  # the joint norm really changes the result, so the reference can tell it from per-frame norms
         plain = worker.run(resolve_bivdiff_params({**p.record(), "frame_joint_norm": False}), decode=False).latents
         assert ((plain - ours).norm() / ours.norm()).item() > 1e-2
