@@ -107,10 +107,15 @@ def _slug(heading: str) -> str:
     return re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
 
 
-def test_every_relative_link_resolves():
+def _doc_pages() -> list[str]:
+    """The README, the folder READMEs and every docs page."""
     pages = [os.path.join(ROOT, "README.md"), os.path.join(ROOT, "datasets", "README.md"),
              os.path.join(ROOT, "infra", "README.md")]
-    pages += [os.path.join(DOCS, n) for n in sorted(os.listdir(DOCS)) if n.endswith(".md")]
+    return pages + [os.path.join(DOCS, n) for n in sorted(os.listdir(DOCS)) if n.endswith(".md")]
+
+
+def test_every_relative_link_resolves():
+    pages = _doc_pages()
     bad = []
     for page in pages:
         text = _read(page)
@@ -167,9 +172,7 @@ def _resolves(name: str) -> bool:
 
 def test_every_file_and_module_the_docs_name_exists():
     """`pipelines/x.py`, `operators.y.z` in the README and docs: the file exists, the module and attribute import."""
-    pages = [os.path.join(ROOT, "README.md"), os.path.join(ROOT, "datasets", "README.md"),
-             os.path.join(ROOT, "infra", "README.md")]
-    pages += [os.path.join(DOCS, n) for n in sorted(os.listdir(DOCS)) if n.endswith(".md")]
+    pages = _doc_pages()
     bad = []
     for page in pages:
         for kind, ref in _named(_read(page)):
