@@ -3,6 +3,7 @@ manifest into committed metadata parts. The driver splits rows by kind here: eac
 through its own actor pool (`operators.kinds.KINDS`), one kind after the other, so an actor holds one model set."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -28,11 +29,27 @@ READ_CPUS = 0.25  # per read / resolve task
 RESERVED_CPUS = 1.0  # Ray's internal ListFiles task of read_parquet takes one whole CPU (not configurable in 2.60)
 
 
+def job_runtime_env() -> dict:
+    """The driver's storage variables (`operators.storage.ENV_VARS`) as the runtime env of the whole Ray job, so every
+    task and actor of a run on an existing cluster sees the same store: each operator passes them too, but Ray 2.60's
+    `ListFiles` task inside `read_parquet` takes no remote args and runs with the job's env alone. The keys a submitted
+    job's own runtime env already sets (`ray job submit --runtime-env-json`) are left to it: Ray refuses a key set
+    twice ("Failed to merge the Job's runtime env")."""
+    env = storage.storage_env()
+    injected = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # set by Ray's job supervisor for a submitted driver
+    if injected:
+        taken = (json.loads(injected).get("runtime_env") or {}).get("env_vars") or {}
+        env = {k: v for k, v in env.items() if k not in taken}
+    return {"env_vars": env} if env else {}
+
+
 def init_ray():
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
         kwargs = {"logging_level": logging.WARNING, "log_to_driver": True}
-        if not address:
+        if address:  # a local Ray started here inherits the driver's environment; a running cluster does not
+            kwargs["runtime_env"] = job_runtime_env()
+        else:
             kwargs["include_dashboard"] = False
         ray.init(address=address, **kwargs)
     ctx = ray.data.DataContext.get_current()

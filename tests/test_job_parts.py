@@ -1,5 +1,6 @@
 """Unit tests, no Ray: the metadata rows a worker records (Recorder), the count of blocks Ray Data gave up on
-(ErroredBlocks), the stderr filter that drops Ray's restart note, and the driver's progress counters (Progress)."""
+(ErroredBlocks), the stderr filter that drops Ray's restart note, the driver's progress counters (Progress), and the
+storage variables a run hands to the Ray job (job_runtime_env)."""
 from __future__ import annotations
 
 import datetime as dt
@@ -13,6 +14,7 @@ import pyarrow as pa
 import pytest
 
 from jobs import tracking
+from jobs.pipeline import job_runtime_env
 from operators import metadata
 from operators.compute import ERRORED_BLOCK_LOGGER, RESTART_NOTE, ErroredBlocks, without_actor_restart_note
 from operators.worker import Recorder
@@ -203,3 +205,19 @@ def test_the_final_progress_line_is_not_logged_twice(clock, caplog):
         p.log(final=True)
     lines = [r.getMessage().split(",")[0] + "," + r.getMessage().split(",")[1] for r in caplog.records]
     assert lines == ["progress: 1/2 rows (1 ok, 0 failed)"] * 2 + ["progress: 2/2 rows (1 ok, 1 failed)"]
+
+
+# ---- job_runtime_env -----------------------------------------------------------------------------------------------
+def test_the_job_runtime_env_carries_the_storage_variables_a_submitted_job_has_not_set(monkeypatch):
+    for key in list(os.environ):
+        if key.startswith(("AWS_", "IVMIX_", "HF_")) or key == "RAY_JOB_CONFIG_JSON_ENV_VAR":
+            monkeypatch.delenv(key)
+    assert job_runtime_env() == {}
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio:9000")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "id")
+    monkeypatch.setenv("PATH_NOT_FORWARDED", "x")
+    assert job_runtime_env() == {"env_vars": {"AWS_ENDPOINT_URL": "http://minio:9000", "AWS_ACCESS_KEY_ID": "id"}}
+    # `ray job submit --runtime-env-json '{"env_vars": {"AWS_ACCESS_KEY_ID": ...}}'`: Ray refuses that key twice
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR",
+                       json.dumps({"runtime_env": {"env_vars": {"AWS_ACCESS_KEY_ID": "id"}}, "metadata": {}}))
+    assert job_runtime_env() == {"env_vars": {"AWS_ENDPOINT_URL": "http://minio:9000"}}
