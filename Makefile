@@ -30,9 +30,9 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# test-unit: no Ray, server or browser (under a minute); test: all but the slow checks; test-all: everything
+# test-unit: no Ray, server, browser or model run (under a minute); test: all but the slow checks; test-all: everything
 test-unit: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow and not integration" -q -rs
+	$(BIN)/python -m pytest -m "not slow and not integration and not heavy" -q -rs
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" -q -rs

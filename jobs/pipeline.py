@@ -9,15 +9,13 @@ import os
 import time
 
 import fsspec
-import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 
 from jobs.config import ComputeConfig
 from jobs.setup import Recorded, Run
 from operators import storage
 from operators.compute import ErroredBlocks, actor_pool
-from operators.kinds import KINDS
+from operators.kinds import KINDS, of_kind
 from operators.layout import Layout
 from operators.metadata import WORKER_DIED
 from operators.resolve import resolve_rows
@@ -77,10 +75,6 @@ def check_capacity(compute: ComputeConfig, resources: dict, device: str) -> None
         raise ValueError("; ".join(problems))
 
 
-def _of_kind(batch: pa.Table, kind: str) -> pa.Table:
-    return batch.filter(pc.equal(batch["_kind"], kind))
-
-
 def run_passes(ray, run: Run, recorded: Recorded, consume) -> None:
     """For each row kind in the manifest: pass 1 runs its rows in their batches. Batches lost with their worker (killed
     for memory, a crash, a node gone, a row past its time) come back as Ray Data errored blocks: pass 2 runs their rows
@@ -104,7 +98,7 @@ def run_passes(ray, run: Run, recorded: Recorded, consume) -> None:
                             fn_kwargs={"done": run.done if run.plan.resolve_done else None,
                                        "duplicate_ids": run.manifest.duplicate_ids,
                                        "poisoned": run.committed.poisoned, "seen": recorded.ids})
-        return ds.map_batches(_of_kind, batch_format="pyarrow", num_cpus=READ_CPUS, fn_args=(kind,))
+        return ds.map_batches(of_kind, batch_format="pyarrow", num_cpus=READ_CPUS, fn_args=(kind,))
 
     def generation(kind: str, batch_size: int, batched: bool):
         extra = batching[kind] if batched else {k: 1 for k in batching[kind]}

@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from pipelines import presets
 from pipelines.bivdiff.config import BivdiffParams, resolve_bivdiff_params
 from pipelines.config import resolve_params
@@ -24,6 +27,12 @@ KIND_COLUMNS = ("task",)  # the manifest columns that decide a row's kind
 
 def kind_of(row: Mapping[str, Any]) -> str:
     return BIVDIFF if row.get("task") is not None else GENERATION
+
+
+def of_kind(batch: pa.Table, kind: str) -> pa.Table:
+    """The rows of a resolved batch (its `_kind` column) of one kind: a Ray Data task of the job, so this module
+    imports no model library (tests/test_architecture.py)."""
+    return batch.filter(pc.equal(batch["_kind"], kind))
 
 
 def kinds_present(table) -> tuple[str, ...]:

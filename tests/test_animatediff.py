@@ -28,6 +28,7 @@ def ad_pipe(tiny_ad_dir):
     return pipe
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("seed, guidance", [(0, 7.5), (23523, 3.0)])
 def test_standard_equals_diffusers_animatediff_pipeline(ad_backbone, ad_pipe, small, seed, guidance):
     ours = generate(ad_backbone,
@@ -91,6 +92,7 @@ def _official_loop(bb, tiny_dir, params, *, legacy: bool, idm_guidance=4, vdm_gu
     ("ivmixed", False, {}),
     ("ivmixed", False, {"idm_guidance": "6,2,7", "guidance": 5.0}),
 ])
+@pytest.mark.heavy
 def test_ivmixed_presets_equal_an_independent_official_style_loop(ad_backbone, tiny_ad_dir, small, sampler,
                                                                   legacy, extra):
     params = resolve_params(dict(prompt=PROMPT, sampler=sampler, seed=7, **small, **extra))
@@ -101,12 +103,14 @@ def test_ivmixed_presets_equal_an_independent_official_style_loop(ad_backbone, t
     assert ours.total_calls == (5 * n if legacy else n + 4 * (n - 1))
 
 
+@pytest.mark.heavy
 def test_ivmixed_differs_from_standard_from_the_same_noise(ad_backbone, small):
     rows = [resolve_params(dict(prompt=PROMPT, sampler=s, seed=11, **small)) for s in ("standard", "ivmixed")]
     std, iv = (generate(ad_backbone, [r], decode=False)[0] for r in rows)
     assert rel(iv.latents, std.latents) > 1e-2
 
 
+@pytest.mark.heavy
 def test_batched_rows_equal_rows_sampled_alone(ad_backbone, small):
     rows = [
         resolve_params(dict(prompt=PROMPT, seed=1, **small)),
@@ -123,6 +127,7 @@ def test_batched_rows_equal_rows_sampled_alone(ad_backbone, small):
         assert res.calls == alone.calls
 
 
+@pytest.mark.heavy
 def test_seed_fully_determines_the_initial_noise(ad_backbone, small):
     a = resolve_params(dict(prompt=PROMPT, seed=5, **small))
     b = resolve_params(dict(prompt=PROMPT, seed=6, **small))
@@ -161,6 +166,7 @@ def test_frames_beyond_the_motion_adapter_are_refused(ad_backbone, small):
         generate(ad_backbone, [resolve_params(dict(prompt=PROMPT, **{**small, "frames": 40}))])
 
 
+@pytest.mark.heavy
 def test_lora_is_fused_into_the_image_model_with_its_scaling(tiny_ad_dir, tmp_path):
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from peft import LoraConfig
@@ -193,6 +199,7 @@ def test_lora_is_fused_into_the_image_model_with_its_scaling(tiny_ad_dir, tmp_pa
     torch.testing.assert_close(loaded_weight(0.0), base_weight, rtol=0, atol=1e-7)
 
 
+@pytest.mark.heavy
 def test_r_letter_noise_continues_each_rows_own_stream(ad_backbone, small):
     """docs/sample.md "Seeds and batching": R draws continue the row's seeded stream, so a row sampled in a batch (in
     either position) equals the row alone, and two seeds give different fresh noise."""

@@ -28,6 +28,7 @@ def tiny_dirs(tiny_root, tiny_model):
     return tiny_root, {b: tiny_model(b) for b in BACKBONES}
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_every_preset_through_the_cli(backbone, tiny_dirs, tmp_path):
     for name in presets_for(backbone):

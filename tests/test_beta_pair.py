@@ -39,6 +39,7 @@ def pair(tmp_path_factory):
     return load_backbone(ModelSpec.from_model_dir("animatediff", folder, device="cpu", dtype="float32"))
 
 
+@pytest.mark.heavy
 def test_clean_preset_refuses_two_schedules(pair):
     from pipelines.generate import build_plan
 
@@ -64,6 +65,7 @@ def test_legacy_ad_preset_inverts_on_the_image_models_table(pair):
         assert float(m.a_to) == pytest.approx(at(video, m.dst), rel=1e-6)
 
 
+@pytest.mark.heavy
 def test_bivdiff_refuses_a_vdm_with_another_table(tmp_path):
     from pipelines.bivdiff.config import BivdiffSpec
     from pipelines.bivdiff.runner import BIVDiff

@@ -29,6 +29,7 @@ def vidrd_worker(tiny_bivdiff, worker):
     return w
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("vdm", ["zeroscope", "vidrd"])
 @pytest.mark.parametrize("task", sorted(TASK_ROWS))
 def test_every_task_end_to_end(request, videos, task, vdm):
@@ -47,6 +48,7 @@ def test_every_task_end_to_end(request, videos, task, vdm):
         assert np.array_equal(r.stage1, frames)
 
 
+@pytest.mark.heavy
 def test_stage1_controlnet_is_the_diffusers_pipeline_on_canny_maps(worker, videos):
     """Frame 0 of stage 1 equals diffusers' ControlNet pipeline called directly on OpenCV's canny map with the prompt +
     POS tags, the NEG tags and a CPU generator seeded `seed`; the next frame draws on from the same generator."""
@@ -77,6 +79,7 @@ def _as_uint8(images) -> np.ndarray:
     return (np.clip(np.stack(images), 0, 1) * 255).round().astype(np.uint8)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("task", ["controlnet-depth", "controlnet-pose"])
 def test_stage1_depth_and_pose_feed_their_condition_frames_to_the_diffusers_pipeline(worker, videos, task):
     """Precomputed condition maps (the condition video, else the source) go to diffusers' ControlNet pipeline as they
@@ -101,6 +104,7 @@ def test_stage1_depth_and_pose_feed_their_condition_frames_to_the_diffusers_pipe
     assert np.abs(ours.astype(int) - _as_uint8(ref).astype(int)).max() <= 1
 
 
+@pytest.mark.heavy
 def test_stage1_instruct_pix2pix_is_the_diffusers_pipeline(worker, videos):
     """InstructPix2Pix with the edit instruction + POS tags, the NEG tags, CFG 7.5 and image guidance 1.5
     (docs/algorithms.md §8), one CPU generator seeded `seed` drawn on frame after frame."""
@@ -121,6 +125,7 @@ def test_stage1_instruct_pix2pix_is_the_diffusers_pipeline(worker, videos):
     assert np.abs(ours.astype(int) - _as_uint8(ref).astype(int)).max() <= 1
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("task", ["inpaint", "outpaint-horizontal", "outpaint-vertical"])
 def test_stage1_inpainting_is_the_diffusers_pipeline_with_its_mask_convention(worker, videos, task):
     """diffusers' inpainting pipeline repaints white mask pixels: the mask video as given (white = fill), and for
@@ -181,6 +186,7 @@ class _JointNorm(torch.nn.Module):
         return y[0].permute(1, 0, 2, 3)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("sampler, joint", [("bivdiff_compat", False), ("bivdiff_compat", True), ("bivdiff", False)])
 def test_stages_2_3_match_an_independent_diffusers_computation(worker, videos, tiny_bivdiff, sampler, joint):
     """α = 0.3, external frames: SD VAE posterior sample (CPU generator seed + 1) -> image and video inversions with
@@ -240,6 +246,7 @@ def test_stages_2_3_match_an_independent_diffusers_computation(worker, videos, t
         assert ((plain - ours).norm() / ours.norm()).item() > 1e-2
 
 
+@pytest.mark.heavy
 def test_latent_space_guard_refuses_a_vdm_with_another_vae(tiny_bivdiff, tmp_path):
     from pipelines.bivdiff.runner import BIVDiff
 
@@ -281,6 +288,7 @@ def test_npy_input_checks(tmp_path):
         read_frames("source_video", str(bad), frames=2, stride=1, height=8, width=8)
 
 
+@pytest.mark.heavy
 def test_cli(tiny_bivdiff, videos, tmp_path):
     from pipelines.video import read_mp4
 
@@ -309,6 +317,7 @@ def test_cli(tiny_bivdiff, videos, tmp_path):
     assert "Loading" not in bad.stderr and not (tmp_path / "x.mp4").exists()  # refused before any model loaded
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("vdm", ["modelscope", "videocrafter2", "animatediff"])
 def test_other_video_models_smooth_in_the_shared_space(vdm, videos, tiny_model, worker):
     """The stage-3 VDM can be any adapter whose VAE shares the SD latent space: each one runs external frames and
@@ -330,6 +339,7 @@ def test_other_video_models_smooth_in_the_shared_space(vdm, videos, tiny_model, 
     assert (r.latents - worker.run(p, decode=False).latents).abs().max() > 1e-3  # a different VDM smoothed it
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("task", ["controlnet-canny", "t2i-adapter-canny", "instruct-pix2pix", "inpaint"])
 def test_stage1_batched_frames_equal_one_call_per_frame(worker, videos, task):
     """shared / per_frame noise: frames batched into one pipeline call (a generator per frame) equal one call per frame;
@@ -370,6 +380,7 @@ def test_bin_copies_for_the_official_code(tiny_bivdiff, tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
+@pytest.mark.heavy
 def test_reduced_precision_worker_runs_every_stage(tiny_bivdiff, videos):
     """dtype from config reaches every model, stage-1 pipelines (their VAEs too) included: bfloat16 on CPU (float16
     convolutions do not run on CPUs); the stages-2/3 SD VAE stays float32 and latents stay float32 between moves."""
@@ -409,6 +420,7 @@ def test_frame_selection_and_resize_match_an_independent_decode(videos):
     assert np.abs(resized.astype(int) - ref.astype(int)).max() <= 2
 
 
+@pytest.mark.heavy
 def test_compat_canny_size_rule_and_resize_back(worker, videos):
     """bivdiff_compat computes canny maps at the official processor's size (short side 512, sides rounded to multiples
     of 64; OpenCV Lanczos up, area down), the ControlNet runs at that size (not told height/width) and its frames come
@@ -447,6 +459,7 @@ def test_compat_canny_size_rule_and_resize_back(worker, videos):
     assert ours.shape == (1, 64, 64, 3) and np.abs(ours[0].astype(int) - ref.astype(int)).max() <= 1
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("task", ["t2i-adapter-canny", "t2i-adapter-depth"])
 def test_stage1_t2i_adapter_is_the_diffusers_adapter_pipeline(worker, videos, task):
     """Stage 1 of the T2I-Adapter tasks equals diffusers' StableDiffusionAdapterPipeline with DDIM called directly: on

@@ -93,6 +93,7 @@ def test_cli_bad_input_exits_2_with_one_line(argv, message, capsys, tmp_path, ti
     assert not out.exists()
 
 
+@pytest.mark.heavy
 def test_cli_writes_latents_and_mp4(tiny_ad_dir, tmp_path):
     from pipelines.video import read_mp4
 

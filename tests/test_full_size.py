@@ -15,6 +15,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.heavy
 def test_gpu_check_smoke_runs_every_backbone_and_preset(tmp_path):
     out = tmp_path / "check.json"
     proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--smoke", "--models", str(tmp_path / "models"),
@@ -55,6 +56,7 @@ def test_decode_chunk_is_validated_and_not_part_of_the_fingerprint():
     assert ModelSpec(decode_chunk=1).fingerprint() == ModelSpec(decode_chunk=8).fingerprint()
 
 
+@pytest.mark.heavy
 def test_models_load_in_the_run_dtype_without_a_cast(tiny_ad_dir, caplog):
     """bfloat16 straight from from_pretrained (no float32 copy, no diffusers 'set torch_dtype' cast warning); the VAE
     stays float32 (every backbone decodes in float32)."""
@@ -71,6 +73,7 @@ def test_models_load_in_the_run_dtype_without_a_cast(tiny_ad_dir, caplog):
     assert {p.dtype for p in bb.vae.parameters()} == {torch.float32}
 
 
+@pytest.mark.heavy
 def test_videocrafter2_decodes_in_float32(tmp_path):
     from pipelines.backbones.registry import load_backbone
     from pipelines.config import ModelSpec
@@ -82,6 +85,7 @@ def test_videocrafter2_decodes_in_float32(tmp_path):
     assert {p.dtype for p in bb.unet.parameters()} == {torch.bfloat16}
 
 
+@pytest.mark.heavy
 def test_bin_only_folders_load(tiny_ad_dir, tmp_path):
     """A pipeline whose weights are pickled .bin only (zeroscope, RV6.0's UNet, inpainting) loads like safetensors."""
     import shutil

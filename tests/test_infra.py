@@ -218,6 +218,7 @@ def test_versions_agree_with_the_project_pins():
         assert f"ivmix:{version}" in f.read()
 
 
+@pytest.mark.heavy
 def test_compose_validates_and_every_variable_is_documented():
     r = subprocess.run([os.path.join(BIN, "check-jsonschema"), "--builtin-schema", "vendor.compose-spec",
                         os.path.join(INFRA, "compose.yaml")], capture_output=True, text=True)
@@ -232,6 +233,7 @@ def test_compose_validates_and_every_variable_is_documented():
     assert used <= example
 
 
+@pytest.mark.heavy
 def test_dockerfile_lints_clean():
     r = subprocess.run([os.path.join(BIN, "hadolint"), os.path.join(INFRA, "Dockerfile")], capture_output=True,
                        text=True)

@@ -73,6 +73,7 @@ def test_frechet_from_samples_converges_to_the_population_distance():
         frechet_from_features(a[:1], b)
 
 
+@pytest.mark.heavy
 def test_frechet_video_distance_with_a_pluggable_extractor():
     """Videos whose mean colour is drawn from N(0, I) vs N(1, I): with the mean-colour extractor the distance
     is the closed form 3 * 1^2 = 3."""

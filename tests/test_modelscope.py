@@ -18,6 +18,7 @@ PROMPT = "A red kite dances over a windy beach."
 ms_dir, ms = tiny_backbone_fixtures("modelscope", "ms_dir")
 
 
+@pytest.mark.heavy
 def test_standard_equals_diffusers_text_to_video_pipeline(ms, ms_dir):
     from diffusers import DDIMScheduler, TextToVideoSDPipeline
 
@@ -103,6 +104,7 @@ def _clean_loop(bb, ms_dir, params):
     return x
 
 
+@pytest.mark.heavy
 def test_ivmixed_clean_equals_an_independent_loop(ms, ms_dir):
     p = resolve_params(dict(prompt=PROMPT, sampler="ivmixed", seed=4, steps=4, frames=3, height=64, width=64),
                        backbone="modelscope")
@@ -111,6 +113,7 @@ def test_ivmixed_clean_equals_an_independent_loop(ms, ms_dir):
     assert ours.calls == {"I": 6, "V": 10}  # t = 0 is the last grid point: its zigzag is skipped
 
 
+@pytest.mark.heavy
 def test_a_batched_row_equals_the_row_alone(ms):
     rows = [resolve_params(dict(prompt=prompt, seed=s, steps=3, frames=2, height=64, width=64), backbone="modelscope")
             for prompt, s in ((PROMPT, 1), ("A red kite over a beach.", 2))]
@@ -119,6 +122,7 @@ def test_a_batched_row_equals_the_row_alone(ms):
         assert rel(res.latents, generate(ms, [row], decode=False)[0].latents) < 1e-5
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("size", [64, 128])  # latents 8x8 and 16x16: the IDM path resizes to 64x64 and back
 def test_ivmixed_ms_v1_equals_the_official_loop(ms, ms_dir, size):
     p = resolve_params(dict(prompt=PROMPT, sampler="ivmixed_ms_v1", seed=9, steps=4, frames=3, height=size, width=size,

@@ -110,6 +110,7 @@ def test_the_cli_writes_through_fsspec_to_s3_with_the_jobs_file_mode(s3_endpoint
 
 
 # ---- 4. model errors ---------------------------------------------------------------------------------------------
+@pytest.mark.heavy
 def test_model_errors_are_one_line(tmp_path, tiny_ad_dir):
     base = ["--prompt", "x", *SMALL, "--out", str(tmp_path / "v.mp4")]
     one_error_line(in_process("pipelines.sample", "--base", str(tmp_path / "typo" / "base"), *base),
@@ -150,6 +151,7 @@ def readme_laptop_commands() -> list[str]:
     return [line for line in block.group(1).splitlines() if line.strip() and not line.startswith("#")]
 
 
+@pytest.mark.heavy
 def test_the_readmes_first_commands_run_on_a_laptop_with_progress(tmp_path):
     commands = readme_laptop_commands()
     assert len(commands) == 2 and "pipelines.fixtures.tiny" in commands[0] and "pipelines.sample" in commands[1]
@@ -194,6 +196,7 @@ def _manifest(path, n: int = 3, **cols) -> str:
     return str(path)
 
 
+@pytest.mark.heavy
 def test_job_refuses_foreign_presets_and_a_scorer_that_cannot_load(tmp_path, tiny_cache):
     manifest = _manifest(tmp_path / "m.parquet")
     db = ["--mlflow-uri", f"sqlite:///{tmp_path / 'db.sqlite'}"]
@@ -208,6 +211,7 @@ def test_job_refuses_foreign_presets_and_a_scorer_that_cannot_load(tmp_path, tin
     assert not (tmp_path / "out").exists()  # refused before any video
 
 
+@pytest.mark.heavy
 def test_a_scorer_that_fails_in_the_actor_keeps_every_video(tmp_path, tiny_ad_dir):
     """The actor's scorer cannot load (e.g. a node without the CLIP files): rows stay ok, videos stay, scores are
     null with the reason (the operator called as Ray Data calls it)."""

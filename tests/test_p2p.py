@@ -69,6 +69,7 @@ def _control(sd, prompts, edit_type, fraction, **kw):
                       self_max_tokens=presets.P2P_SELF_MAX_TOKENS, threshold=presets.P2P_BLEND_THRESHOLD, **kw)
 
 
+@pytest.mark.heavy
 def test_fraction_zero_is_plain_sd_of_the_edited_prompt(sd):
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     for edit_type, edited in (("refine", MORE), ("replace", SWAP)):
@@ -122,6 +123,7 @@ def test_local_blend_keeps_the_source_outside_the_words(sd):
     assert images.shape == (2, 64, 64, 3) and np.isfinite(images).all()
 
 
+@pytest.mark.heavy
 def test_p2p_task_rows_and_runner(worker, videos):
     """Through the runner: the source frames inverted by the SD UNet, the edited frames go on (α 0.25); rows are
     checked before any model runs."""

@@ -43,6 +43,7 @@ def test_task_unets_widen_only_conv_in():
     assert count(built("inpainting.unet"))[0] == SD_UNET + 5 * 320 * 9
 
 
+@pytest.mark.heavy
 def test_videocrafter2_unet_is_the_stock_unet3d_plus_four_fps_tensors():
     vc2, ms = built("vc2.unet"), built("ms.unet")
     assert count(vc2) == (VC2_UNET, VC2_TENSORS)
@@ -64,6 +65,7 @@ def test_text_encoders_match_the_closed_form_of_their_published_shapes():
     assert count(built("ms.text_encoder"))[0] == clip_text_params(49408, 77, 1024, 4096, 23)
 
 
+@pytest.mark.heavy
 def test_motion_adapter_keys_line_up_with_the_base_unet():
     """The direct (no float32 copy) motion-UNet build applies at full size: base UNet keys + the adapter's motion keys
     are exactly UNetMotionModel's keys, for both published adapters."""
@@ -119,6 +121,7 @@ CASES = [(b, p) for b in ("animatediff", "modelscope", "videocrafter2") for p, p
          if not preset.backbones or b in preset.backbones]
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("backbone,preset", CASES)
 def test_every_backbone_and_preset_builds_from_the_published_scheduler_configs(backbone, preset):
     bb = backbone_on_meta(backbone)
@@ -142,6 +145,7 @@ def test_the_animatediff_default_base_names_a_deis_scheduler():
     assert cfg["_class_name"] == "DEISMultistepScheduler" and "timestep_spacing" not in cfg  # the case that must work
 
 
+@pytest.mark.heavy
 def test_schedules_that_differ_only_in_set_alpha_to_one_share_the_video_models_table(caplog):
     bb = backbone_on_meta("animatediff")
     bb.image_scheduler_config = {**bb.image_scheduler_config, "set_alpha_to_one": True,

@@ -25,6 +25,7 @@ def hub_cache_repo(hf_home, repo_id: str, files_from: str, rev: str = "0" * 40) 
     return str(snapshot)
 
 
+@pytest.mark.heavy
 def test_a_standalone_vae_hub_id_resolves_from_the_hub_cache(tmp_path, tiny_ad_dir):
     """`--vae stabilityai/sd-vae-ft-mse`-style: config and weights at the repository root (not under vae/)."""
     from diffusers import AutoencoderKL
@@ -73,6 +74,7 @@ def test_the_scorer_runs_in_the_run_dtype_whatever_the_checkpoint_stores(tmp_pat
     assert all(np.isfinite(v) for v in got.values())
 
 
+@pytest.mark.heavy
 def test_image_model_as_a_bare_unet_folder(tiny_ad_dir, ad_backbone):
     """docs/sample.md "Flags": --image-model may be a UNet folder on its own. With the legacy AnimateDiff preset (the
     IDM reads the VDM's text embeddings) it samples exactly as the full image-model pipeline with the same UNet."""

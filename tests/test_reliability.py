@@ -188,6 +188,7 @@ def test_a_second_driver_on_the_same_output_refuses(tmp_path, tiny_cache):
     assert all(m["status"] == "ok" for m in read_latest(str(out)).to_pylist())
 
 
+@pytest.mark.heavy
 def test_a_stale_lease_is_taken_over_and_a_fresh_one_is_not(tmp_path):
     from operators.lease import Lease, LeaseHeld
 
@@ -296,6 +297,7 @@ def test_a_node_lost_mid_run(tmp_path, tiny_cache):
         cluster.shutdown()
 
 
+@pytest.mark.heavy
 def test_a_batch_that_cannot_fit_is_split_and_a_row_that_cannot_fit_fails(tmp_path, tiny_ad_dir):
     """The memory pre-check in the operator itself (called as Ray Data calls it): a budget between what one row and
     what two rows need splits the batch (both ok); a budget under one row fails each row with both numbers."""
@@ -324,6 +326,7 @@ def test_a_batch_that_cannot_fit_is_split_and_a_row_that_cannot_fit_fails(tmp_pa
     assert not (tmp_path / "tight" / "videos").exists()
 
 
+@pytest.mark.heavy
 def test_a_failed_batch_frees_its_tensors_before_the_rows_are_retried_alone(tmp_path, tiny_ad_dir, monkeypatch):
     """A batched call that runs out of memory: the single-row retries start only after the failed call's tensors are
     gone (no live traceback holds them), so the retry does not meet the same out-of-memory."""

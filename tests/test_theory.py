@@ -49,6 +49,7 @@ def _gaussian_run(pattern, n, mu=1.5, s=0.5):
     return out.mean().item(), out.std().item(), (a0.sqrt() * mu).item(), (a0 * s * s + 1 - a0).sqrt().item()
 
 
+@pytest.mark.heavy
 def test_ddim_samples_of_a_gaussian_have_the_right_mean_and_std():
     """Exact ε, consistent grid: DDIM transports the time-T marginal to N(mu, s^2) (seen at level ᾱ_0)."""
     mean, std, mean_ref, std_ref = _gaussian_run("standard", 200)
@@ -56,6 +57,7 @@ def test_ddim_samples_of_a_gaussian_have_the_right_mean_and_std():
     assert std == pytest.approx(std_ref, rel=0.015)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("pattern", ["standard", "IV-IV", "up:IV-IV", "II-II"])
 def test_gaussian_mean_is_exact_and_std_error_shrinks_with_steps(pattern):
     """With cond = uncond the zigzag's guidance terms vanish; what remains is the O(h²)-per-step

@@ -18,6 +18,7 @@ PROMPT = "Snow falling on a quiet street at night."
 vc_dir, vc = tiny_backbone_fixtures("videocrafter2", "vc_dir")
 
 
+@pytest.mark.heavy
 def test_unet_layout_round_trip_and_fps(vc, vc_dir, tmp_path):
     from diffusers import UNet3DConditionModel
 
@@ -97,6 +98,7 @@ def _loop(vc, vc_dir, params, official: bool, clean: bool = False):
     return x
 
 
+@pytest.mark.heavy
 def test_standard_equals_a_direct_dpm_solver_run(vc, vc_dir):
     p = resolve_params(dict(prompt=PROMPT, sampler="standard", seed=3, steps=6, frames=3, height=64, width=64),
                        backbone="videocrafter2")
@@ -105,6 +107,7 @@ def test_standard_equals_a_direct_dpm_solver_run(vc, vc_dir):
     assert rel(ours.latents, _loop(vc, vc_dir, p, official=False)) < 1e-4
 
 
+@pytest.mark.heavy
 def test_ivmixed_vc_v1_equals_the_official_loop(vc, vc_dir):
     p = resolve_params(dict(prompt=PROMPT, sampler="ivmixed_vc_v1", seed=5, steps=6, frames=3, height=64, width=64,
                             vdm_guidance="6,2,7"), backbone="videocrafter2")  # the code ignores CFG flags: +-4 stays
@@ -113,6 +116,7 @@ def test_ivmixed_vc_v1_equals_the_official_loop(vc, vc_dir):
     assert ours.calls == {"I": 8, "V": 22}
 
 
+@pytest.mark.heavy
 def test_ivmixed_clean_equals_an_independent_loop(vc, vc_dir):
     p = resolve_params(dict(prompt=PROMPT, sampler="ivmixed", seed=6, steps=6, frames=3, height=64, width=64),
                        backbone="videocrafter2")
@@ -130,6 +134,7 @@ def test_paper_call_counts_for_50_steps(vc):
     assert build_plan(vc, [p]).calls() == {"I": 100, "V": 150}  # docs/sample.md: 250 (the DPM grid never reaches t = 0)
 
 
+@pytest.mark.heavy
 def test_batched_rows_keep_their_own_sde_noise(vc):
     rows = [resolve_params(dict(prompt=PROMPT, seed=s, steps=4, frames=2, height=64, width=64),
                            backbone="videocrafter2")
@@ -165,6 +170,7 @@ def _hand_fps_embedding(unet, fps: float) -> torch.Tensor:
     return F.linear(h, sd["fps_embedding.linear_2.weight"], sd["fps_embedding.linear_2.bias"])
 
 
+@pytest.mark.heavy
 def test_vc_unet_equals_stock_unet3d_plus_a_hand_computed_fps_embedding(vc):
     unet = vc.unet
     stock = _stock_twin(unet)

@@ -91,6 +91,7 @@ def official(tmp_path_factory):
     return base, ckpt, state
 
 
+@pytest.mark.heavy
 def test_converter_keeps_the_published_key_layout(official, tmp_path):
     from transformers import CLIPTextModel
 
@@ -133,6 +134,7 @@ def test_converter_keeps_the_published_key_layout(official, tmp_path):
     assert r.returncode == 2 and "does not exist" in r.stderr
 
 
+@pytest.mark.heavy
 def test_one_frame_is_sd21_and_frames_interact(official, tmp_path):
     """F = 1: the temporal layers are off and the UNet is diffusers' UNet2DConditionModel with the checkpoint's spatial
     weights; F > 1: frame 0's output depends on frame 1 (temporal conv/attention); eval mode is deterministic, train
@@ -162,6 +164,7 @@ def test_one_frame_is_sd21_and_frames_interact(official, tmp_path):
         assert not torch.equal(unet(v, 421, text[:1]).sample, a)  # 0.1 dropout in every temporal conv layer
 
 
+@pytest.mark.heavy
 def test_bivdiff_with_vidrd_checks_text_space_and_schedule(tiny_bivdiff, tmp_path):
     """The VidRD worker reads text with its own encoder (width 24), runs in eval mode, and a VidRD folder whose VAE or
     noise schedule differs from the SD image model's is refused with the reason."""
@@ -194,6 +197,7 @@ def test_bivdiff_with_vidrd_checks_text_space_and_schedule(tiny_bivdiff, tmp_pat
                             image_model=spec.image_model, device="cpu", dtype="float32"))
 
 
+@pytest.mark.heavy
 def test_vidrd_serves_iv_mixed_sampling_too(tiny_bivdiff, tmp_path):
     """The backbone behind `--backbone vidrd` of the single-video CLI: IV-Mixed with the SD IDM reading its own text."""
     from pipelines.video import read_mp4
@@ -208,6 +212,7 @@ def test_vidrd_serves_iv_mixed_sampling_too(tiny_bivdiff, tmp_path):
     assert "IDM" in r.stdout and read_mp4(str(out))[0].shape == (2, 64, 64, 3)
 
 
+@pytest.mark.heavy
 def test_full_size_architecture_on_the_meta_device():
     """At SD-2.1-base's sizes (channels 320-1280, heads 5/10/20/20, text width 1024, linear projections) every spatial
     parameter has diffusers' UNet2DConditionModel name and shape (865,910,724 parameters); VidRD adds its temporal

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from ..fixtures.models import build_animatediff
+from ..fixtures import fixture
 from ..sampling import CFGDenoiser, Denoiser
 from .common import (
     BackboneBase,
@@ -58,7 +58,7 @@ class AnimateDiff(BackboneBase):
         image_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
         frames=16, height=512, width=512, fps=8,
     )
-    tiny = staticmethod(build_animatediff)
+    tiny = staticmethod(fixture("build_animatediff"))
 
     def __init__(self, **components):
         super().__init__(**components)

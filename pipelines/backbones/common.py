@@ -119,8 +119,8 @@ class BackboneBase:
     name: str
     defaults: BackboneDefaults
     main_solver: str = "ddim"  # "ddim" or "sde-dpmpp2m" (SDE-DPM-Solver++ order 2, VideoCrafter2 code)
-    # (out_dir, seed) -> out_dir: writes a tiny random model set of this backbone (`pipelines/fixtures/models.py`);
-    # None: the backbone has no tiny set of its own
+    # (out_dir, seed) -> out_dir: writes a tiny random model set of this backbone (`pipelines/fixtures/models.py`,
+    # through `pipelines.fixtures.fixture`); None: the backbone has no tiny set of its own
     tiny: Callable[[str, int], str] | None = None
 
     def __init__(self, *, tokenizer, text_encoder, vae, unet, scheduler_config, image_unet,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from ..fixtures.models import build_modelscope
+from ..fixtures import fixture
 from .common import BackboneBase, BackboneDefaults, load_pretrained, resolve_placement
 
 logger = logging.getLogger(__name__)
@@ -21,7 +21,7 @@ class ModelScope(BackboneBase):
         image_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
         frames=16, height=512, width=512, fps=8,
     )
-    tiny = staticmethod(build_modelscope)
+    tiny = staticmethod(fixture("build_modelscope"))
 
     @classmethod
     def from_spec(cls, spec) -> "ModelScope":

@@ -7,9 +7,8 @@ import logging
 
 import torch
 
-from ..fixtures.models import build_videocrafter2
+from ..fixtures import fixture
 from .common import BackboneBase, BackboneDefaults, load_pretrained, resolve_placement
-from .videocrafter_unet import UNet3DVideoCrafterConditionModel
 
 logger = logging.getLogger(__name__)
 
@@ -26,13 +25,15 @@ class VideoCrafter2(BackboneBase):
         frames=16, height=512, width=512, fps=24, guidance=9.0,
     )
     main_solver = "sde-dpmpp2m"
-    tiny = staticmethod(build_videocrafter2)
+    tiny = staticmethod(fixture("build_videocrafter2"))
 
     @classmethod
     def from_spec(cls, spec) -> "VideoCrafter2":
         device, dtype = resolve_placement(spec.device, spec.dtype)
         logger.info("loading VideoCrafter2: unet=%s base=%s image_model=%s on %s/%s", spec.unet, spec.base,
                     spec.image_model, device, dtype)
+        from .videocrafter_unet import UNet3DVideoCrafterConditionModel  # lazy: keeps diffusers out of row resolution
+
         unet, info = load_pretrained(UNet3DVideoCrafterConditionModel, spec.unet, dtype, output_loading_info=True)
         if info["missing_keys"] or info["unexpected_keys"]:  # docs/algorithms.md §5: never run without fps weights
             raise ValueError(f"unet: {spec.unet!r} does not match the VideoCrafter2 layout "

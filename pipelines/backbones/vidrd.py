@@ -20,7 +20,6 @@ import sys
 import torch
 
 from .common import BackboneBase, BackboneDefaults, load_pretrained, resolve_placement
-from .vidrd_unet import VidRDUNet
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +50,8 @@ class VidRD(BackboneBase):
     def from_spec(cls, spec) -> "VidRD":
         device, dtype = resolve_placement(spec.device, spec.dtype)
         logger.info("loading VidRD: base=%s image_model=%s on %s/%s", spec.base, spec.image_model, device, dtype)
+        from .vidrd_unet import VidRDUNet  # lazy: keeps diffusers out of row resolution
+
         config = VidRDUNet.load_config(spec.base, subfolder="unet")
         if config.get("_class_name") != VidRDUNet.__name__:
             raise ValueError(f"video_model: {spec.base!r} is not a converted VidRD folder (its UNet is "
@@ -127,6 +128,8 @@ def convert(checkpoint: str, base: str, out: str, *, resolution: int = 256) -> s
     renamed at the end). `resolution` only sets the UNet's nominal sample_size, as the official config."""
     from diffusers import AutoencoderKL, DDIMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from .vidrd_unet import VidRDUNet  # lazy: keeps diffusers out of row resolution
 
     if os.path.exists(out):
         raise ValueError(f"out: {out!r} exists; give a new folder")
