@@ -51,13 +51,13 @@ def init_ray():
             kwargs["include_dashboard"] = False
         ray.init(address=address, **kwargs)
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # progress is our own log line (pain point 10)
+    ctx.enable_progress_bars = False  # progress is our own log line (jobs.tracking)
     ctx.max_errored_blocks = -1  # a batch lost with its worker must not end the run: run_passes retries its rows
     return ray
 
 
 def check_capacity(compute: ComputeConfig, resources: dict, device: str) -> None:
-    """Refuse a pool that cannot start or that starves the read tasks (a silent hang otherwise: pain point 3).
+    """Refuse a pool that cannot start or that starves the read tasks (a silent hang otherwise).
     On an autoscaling cluster (compute.autoscaling) the same findings are warnings: nodes may still come."""
     cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
     need_cpu = compute.num_actors * compute.cpus_per_actor

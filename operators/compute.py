@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 def actor_pool(ray, *, size: int, num_gpus: float, num_cpus: float, max_restarts: int,
                max_task_retries: int) -> dict[str, Any]:
-    """map_batches kwargs for a fixed-size actor pool with capped restarts (pain points 1, 8, 9)."""
+    """map_batches kwargs for a fixed-size actor pool with capped restarts."""
     # Ray Data's default is max_restarts=-1 (unlimited): a deterministic crash on one row would loop forever
     warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")

@@ -23,20 +23,36 @@ from .layout import Layout, is_part
 logger = logging.getLogger(__name__)
 
 # the columns every row has; each kind's parameters (pipelines/params.py) sit between `error` and these
+HEAD_FIELDS = [
+    ("id", pa.string()),  # the manifest row's id (`<id>-<sampler>` for the rows of an A/B group)
+    ("status", pa.string()),  # "ok" (its video is committed) or "failed"
+    ("error", pa.string()),  # why the row failed, one readable line (null when ok)
+]
 RUN_FIELDS = [
-    ("backbone", pa.string()), ("model_spec", pa.string()),
-    ("video_uri", pa.string()), ("bytes", pa.int64()), ("sha256", pa.string()), ("contact_uri", pa.string()),
-    ("shard_uri", pa.string()), ("shard_offset", pa.int64()),  # webdataset output: the sample's tar and its byte offset
-    ("seconds", pa.float64()), ("model_calls", pa.int64()), ("calls_idm", pa.int64()), ("calls_vdm", pa.int64()),
-    ("nfe", pa.int64()), ("code_version", pa.string()), ("run_id", pa.string()),
-    ("worker", pa.string()),  # host:pid of the process that made the row (one actor of the pool, or the driver's task)
-    ("finished_at", pa.timestamp("us", tz="UTC")),
+    ("backbone", pa.string()),  # the model family that made it ("animatediff", "bivdiff/vidrd", ...)
+    ("model_spec", pa.string()),  # the model folders or hub ids it was loaded from (JSON; no device or dtype)
+    ("video_uri", pa.string()),  # the mp4's full URI (files output; null with webdataset output: see shard_uri)
+    ("bytes", pa.int64()),  # the mp4's size
+    ("sha256", pa.string()),  # the mp4's SHA-256 (hex)
+    ("contact_uri", pa.string()),  # the contact sheet (lossless PNG of the frames) URI; files output with sheets on
+    ("shard_uri", pa.string()),  # webdataset output: the sample's tar and its byte offset
+    ("shard_offset", pa.int64()),  # webdataset output: the sample's tar and its byte offset
+    ("seconds", pa.float64()),  # wall seconds of sampling, decode and encode (its batch's share)
+    ("model_calls", pa.int64()),  # UNet forward calls for this video, both models (a CFG pair counts once)
+    ("calls_idm", pa.int64()),  # the image model's share of model_calls
+    ("calls_vdm", pa.int64()),  # the video model's share of model_calls
+    ("nfe", pa.int64()),  # network evaluations: 2 x model_calls (CFG pairs); BIVDiff's inversion calls once
+    ("code_version", pa.string()),  # the package version + a hash of the project's sources (+ git commit if known)
+    ("run_id", pa.string()),  # the run that made it (the MLflow run id when tracked)
+    ("worker", pa.string()),  # host:pid of the process that made the row (an actor of the pool, or a driver task)
+    ("finished_at", pa.timestamp("us", tz="UTC")),  # when the row was made
     ("pair_id", pa.string()),  # rows of one A/B group (same prompt, seed and initial noise, several samplers)
-    ("clipsim", pa.float64()), ("frame_consistency", pa.float64()), ("flicker", pa.float64()),
+    ("clipsim", pa.float64()),  # mean CLIP image-text cosine similarity of its frames and prompt (docs/job.md)
+    ("frame_consistency", pa.float64()),  # mean CLIP image cosine similarity of consecutive frames
+    ("flicker", pa.float64()),  # mean absolute change between consecutive frames (pixels in [0, 1])
     ("score_error", pa.string()),  # why the scores are null (the video is kept)
 ]
-SCHEMAS = {kind: pa.schema([("id", pa.string()), ("status", pa.string()), ("error", pa.string()),
-                            *params.metadata_fields(kind), *RUN_FIELDS]) for kind in params.KINDS}
+SCHEMAS = {kind: pa.schema([*HEAD_FIELDS, *params.metadata_fields(kind), *RUN_FIELDS]) for kind in params.KINDS}
 NAMES = tuple(dict.fromkeys(n for s in SCHEMAS.values() for n in s.names))  # every column of either kind
 WORKER_DIED = "worker died while generating this row"  # the error of a row that killed its worker twice
 
