@@ -38,8 +38,9 @@ from pipelines.cli import quiet_libraries
 
 logger = logging.getLogger("jobs.generate")
 EXIT_CODES = ("exit status: 0 the job ran (failed rows are data: see the metadata's status/error columns) or had "
-              "nothing to do; 1 --fail-on-error and a row failed, or a crash; 2 bad input (config, manifest, models, "
-              "baseline), reported before any model loads; 3 a quality regression against the baseline")
+              "nothing to do; 1 --fail-on-error and a row failed, or a crash; 2 bad input (config, manifest, output, "
+              "models, baseline, a pool the machine cannot hold), reported before any model loads; 3 a quality "
+              "regression against the baseline")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,8 +91,34 @@ def code_version() -> tuple[str, str | None]:
     return f"0.1.0+{h.hexdigest()[:12]}", sha
 
 
+def refusal_before_ray(cfg: job_config.JobConfig, fs, root: str) -> str | None:
+    """What is refused before Ray, models or MLflow start, with nothing created: an output that is a file, and a pool
+    that a local Ray (started by this driver) could not hold. On a running cluster (RAY_ADDRESS) only the cluster
+    knows its size: `pipeline.check_capacity` runs again once Ray is up."""
+    if fs.isfile(root):
+        return f"output: {cfg.output!r} is a file; give a folder or an object-store prefix"
+    resources = pipeline.local_resources()
+    if resources is None:
+        return None
+    device = cfg.compute.device
+    if device == "auto":
+        device = "cuda" if resources["GPU"] else "cpu"
+    try:
+        pipeline.check_capacity(cfg.compute, resources, device)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 def run(cfg: job_config.JobConfig, manifest: setup.Manifest) -> int:
     fs, root = storage.filesystem(cfg.output)
+    refusal = refusal_before_ray(cfg, fs, root)
+    if refusal:
+        print(f"error: {refusal}", file=sys.stderr)
+        return 2
+    if not manifest.rows:
+        logger.info("nothing to do: the manifest %s has no rows", cfg.manifest)
+        return 0
     committed = setup.committed(cfg, fs, root)
     limit = min(manifest.rows, cfg.limit or manifest.rows)
     plan = setup.plan(cfg, manifest, committed.done)

@@ -10,6 +10,7 @@ import time
 
 import fsspec
 import ray
+import torch
 
 from jobs.config import ComputeConfig
 from jobs.setup import Recorded, Run
@@ -54,6 +55,14 @@ def init_ray():
     ctx.enable_progress_bars = False  # progress is our own log line (jobs.tracking)
     ctx.max_errored_blocks = -1  # a batch lost with its worker must not end the run: run_passes retries its rows
     return ray
+
+
+def local_resources() -> dict[str, float] | None:
+    """The CPUs and GPUs a local Ray started by this driver would have (Ray counts the machine's CPUs, fewer under a
+    cgroup quota, and its visible GPUs), or None when the job joins a running cluster (RAY_ADDRESS) or Ray is up."""
+    if os.environ.get("RAY_ADDRESS") or ray.is_initialized():
+        return None
+    return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
 
 
 def check_capacity(compute: ComputeConfig, resources: dict, device: str) -> None:

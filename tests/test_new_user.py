@@ -212,6 +212,39 @@ def test_job_refuses_foreign_presets_and_a_scorer_that_cannot_load(tmp_path, tin
 
 
 @pytest.mark.heavy
+def test_an_output_file_an_empty_manifest_and_a_pool_too_big_stop_before_ray(tmp_path):
+    """The checks that need no Ray run before it starts, and create nothing: an --output that is a file (exit 2, one
+    line, the file untouched), a manifest with no rows (exit 0, nothing to do), a pool this machine's local Ray could
+    not hold (exit 2). Each job's own local Ray (no RAY_ADDRESS): it never starts."""
+    cfg = tiny_config(tmp_path / "job.yaml", str(tmp_path / "tiny"))
+    manifest, empty = _manifest(tmp_path / "m.parquet"), tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"id": pa.array([], pa.string()), "prompt": pa.array([], pa.string())}), empty)
+    taken = tmp_path / "a-file.txt"
+    taken.write_text("keep me")
+    db = tmp_path / "db.sqlite"
+    common = ("--config", cfg, "--mlflow-uri", f"sqlite:///{db}")
+    out = ("--output", str(tmp_path / "out"))
+
+    runs = [run_job(*common, "--manifest", manifest, "--output", str(taken))]
+    r = runs[-1]
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1] == f"error: output: {str(taken)!r} is a file; give a folder or an " \
+                                               "object-store prefix" and "Traceback" not in r.stderr
+    assert taken.read_text() == "keep me"
+
+    runs.append(r := run_job(*common, "--manifest", str(empty), *out))
+    assert r.returncode == 0 and f"nothing to do: the manifest {empty} has no rows" in r.stderr, r.stderr[-3000:]
+
+    runs.append(r := run_job(*common, "--manifest", manifest, *out, "--num-actors", "64"))
+    assert r.returncode == 2 and "error: compute: 64 actors x" in r.stderr, r.stderr[-3000:]
+    if not any(os.path.exists(f"/dev/nvidia{i}") for i in range(8)):  # CI and dev machines: no GPU
+        runs.append(r := run_job(*common, "--manifest", manifest, *out, "--device", "cuda"))
+        assert r.returncode == 2 and "compute.num_actors: 1 GPU actors need 1 GPUs; the cluster has 0" in r.stderr
+    assert not any("starting Ray" in r.stderr for r in runs)
+    assert not (tmp_path / "out").exists() and not db.exists() and not (tmp_path / "tiny").exists()
+
+
+@pytest.mark.heavy
 def test_a_scorer_that_fails_in_the_actor_keeps_every_video(tmp_path, tiny_ad_dir):
     """The actor's scorer cannot load (e.g. a node without the CLIP files): rows stay ok, videos stay, scores are
     null with the reason (the operator called as Ray Data calls it)."""
