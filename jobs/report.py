@@ -1,6 +1,8 @@
 """A static HTML report of a run folder: gallery, A/B pairs side by side with their scores, contact sheets,
 and score-distribution plots per sampler. Written to OUTPUT/report/index.html; images are inlined (data URIs),
-videos are linked relatively (`../videos/<id>.mp4`), so the page works wherever the output prefix is served."""
+videos are linked relatively (`../videos/<id>.mp4`; with webdataset output, copies of the shown rows' videos under
+`report/videos/`, within a size cap, as a browser cannot play a member of a tar), so the page works wherever the output
+prefix is served."""
 from __future__ import annotations
 
 import base64
@@ -62,10 +64,10 @@ def _fmt(v) -> str:
     return "—" if v is None else f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
 
 
-def _card(r: dict, contact: str | None) -> str:
+def _card(r: dict, contact: str | None, href: str | None) -> str:
     scores = " ".join(f"<span class='score'>{n}: {_fmt(r.get(n))}</span>" for n in SCORES)
-    video = (f"<video src='{html.escape(video_href(r['id']))}' controls muted loop preload='metadata' "
-             f"width='{r.get('width') or 256}'></video>") if r["status"] == "ok" else ""
+    video = (f"<video src='{html.escape(href)}' controls muted loop preload='metadata' "
+             f"width='{r.get('width') or 256}'></video>") if href else ""
     img = f"<img class='contact' alt='contact sheet of {html.escape(r['id'])}' src='{contact}'>" if contact else ""
     err = f"<p class='error'>{html.escape(r.get('error') or '')}</p>" if r["status"] != "ok" else ""
     return (f"<div class='card'><h4>{html.escape(r['id'])} <small>{_fmt(r.get('sampler'))} · "
@@ -83,8 +85,9 @@ def _export_section(export: dict | None) -> str:
             f"{len(export['shards'])} shard(s)</p>")
 
 
-def build_html(rows: list[dict], contacts: dict[str, str], plots: dict[str, bytes], title: str, groups: dict,
-               export: dict | None = None) -> str:
+def build_html(rows: list[dict], contacts: dict[str, str], videos: dict[str, str], plots: dict[str, bytes], title: str,
+               groups: dict, export: dict | None = None) -> str:
+    """The page; `contacts` and `videos` map a row id to its contact sheet (data URI) and its video link."""
     pairs = defaultdict(list)
     for r in rows:
         if r.get("pair_id"):
@@ -94,10 +97,11 @@ def build_html(rows: list[dict], contacts: dict[str, str], plots: dict[str, byte
         + "".join(f"<td>{_fmt(s.get(n + '_mean'))}</td>" for n in SCORES) + "</tr>" for g, s in groups.items())
     ab = "".join(
         f"<section class='pair'><h3>{html.escape(pid)}</h3><div class='row'>"
-        + "".join(_card(r, contacts.get(r["id"])) for r in sorted(rs, key=lambda r: r.get("sampler") or ""))
+        + "".join(_card(r, contacts.get(r["id"]), videos.get(r["id"]))
+                  for r in sorted(rs, key=lambda r: r.get("sampler") or ""))
         + "</div></section>"
         for pid, rs in sorted(pairs.items()))
-    gallery = "".join(_card(r, contacts.get(r["id"])) for r in rows if not r.get("pair_id"))
+    gallery = "".join(_card(r, contacts.get(r["id"]), videos.get(r["id"])) for r in rows if not r.get("pair_id"))
     plot_imgs = "".join(f"<img class='plot' alt='{n} per sampler' src='{_data_uri(b, 'image/png')}'>"
                         for n, b in plots.items())
     heads = "".join(f"<th>{n} (mean)</th>" for n in SCORES)
@@ -152,7 +156,7 @@ def write_report(fs, root: str, table: pa.Table, groups: dict, title: str, expor
         png = media(fs, root, r, "png") if r["status"] == "ok" else None
         if png:
             contacts[r["id"]] = _data_uri(png, "image/png")
-    page = build_html(rows, contacts, score_plots(rows), title, groups, export)
+    page = build_html(rows, contacts, video_links(fs, root, rows), score_plots(rows), title, groups, export)
     dest = Layout(root).report
     storage.put_bytes(fs, page.encode(), dest, root)
     ok = sum(r["status"] == "ok" for r in rows)
@@ -160,11 +164,25 @@ def write_report(fs, root: str, table: pa.Table, groups: dict, title: str, expor
     return dest
 
 
-def report_videos(table: pa.Table, cap_bytes: int = 256 << 20) -> list[dict]:
-    """Rows whose videos are copied next to the report in MLflow (so its relative links resolve there), within a size
-    cap."""
+def video_links(fs, root: str, rows: list[dict]) -> dict[str, str]:
+    """Row id -> the report's link to its video: the row's own file, or for a webdataset row a copy under
+    `report/videos/` (written here, within `report_videos`' cap; a row past it shows its contact sheet alone)."""
+    links = {r["id"]: video_href(r["id"]) for r in rows if r["status"] == "ok" and not r.get("shard_uri")}
+    layout = Layout(root)
+    for r in report_videos(rows):
+        if r.get("shard_uri"):
+            data = media(fs, root, r, "mp4")
+            if data:
+                storage.put_bytes(fs, data, layout.report_video(r["id"]), root)
+                links[r["id"]] = video_href(r["id"], preview=True)
+    return links
+
+
+def report_videos(rows: list[dict], cap_bytes: int = 256 << 20) -> list[dict]:
+    """The ok rows among the report's whose videos are copied for it (webdataset output: under report/videos/; in
+    MLflow, every format: beside the report, so its relative links resolve there), within a size cap."""
     total, out = 0, []
-    for r in table.slice(0, MAX_ROWS).to_pylist():
+    for r in rows:
         if r["status"] == "ok" and r.get("bytes"):
             if total + r["bytes"] > cap_bytes:
                 break
@@ -180,8 +198,9 @@ def log_report(mlflow, fs, root: str, path: str, table: pa.Table) -> None:
         local = posixpath.join(tmp, posixpath.basename(path))
         fs.get_file(path, local)
         mlflow.log_artifact(local, REPORT)
-        for row in report_videos(table):
+        for row in report_videos(table.take(display_order(table)[:MAX_ROWS]).to_pylist()):
             dst = posixpath.join(tmp, f"{row['id']}.mp4")
             with open(dst, "wb") as f:
                 f.write(media(fs, root, row, "mp4") or b"")
-            mlflow.log_artifact(dst, VIDEOS)
+            # where the page links it: ../videos/ (files output) or report/videos/ (webdataset output)
+            mlflow.log_artifact(dst, posixpath.join(REPORT, VIDEOS) if row.get("shard_uri") else VIDEOS)

@@ -4,7 +4,8 @@
       videos/<id>.mp4, contact/<id>.png       files output: a row's video and contact sheet
       shards/<run>-<nnnnn>.tar, .json          webdataset output: a shard and its stats (operators/shards.py)
       metadata/part-<run>-<seq>.parquet        the metadata parts; a row is its video's commit marker
-      report/index.html                        the run's report (jobs/report.py)
+      report/index.html, report/videos/<id>.mp4  the run's report (jobs/report.py) and, with webdataset output, copies
+                                               of the videos it shows (a browser cannot play a tar member)
       export.json                              a filtered dataset's summary (jobs/export.py)
       _lease.json                              the lease of the driver writing the prefix (operators/lease.py)
       .staging/                                local files before their atomic rename (operators/storage.py)
@@ -34,9 +35,11 @@ def is_part(path: str) -> bool:
     return name.startswith(PART[0]) and name.endswith(PART[1])
 
 
-def video_href(rid: str) -> str:
-    """The report page's link to a video, relative, so that the page works wherever the prefix is served."""
-    return posixpath.relpath(posixpath.join(VIDEOS, f"{rid}.mp4"), REPORT)
+def video_href(rid: str, preview: bool = False) -> str:
+    """The report page's link to a video, relative, so that the page works wherever the prefix is served: the row's
+    own file (files output) or the report's copy of it (`preview`: webdataset output, `Layout.report_video`)."""
+    target = posixpath.join(REPORT, VIDEOS) if preview else VIDEOS
+    return posixpath.relpath(posixpath.join(target, f"{rid}.mp4"), REPORT)
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,10 @@ class Layout:
     @property
     def report(self) -> str:
         return self.at(REPORT, "index.html")
+
+    def report_video(self, rid: str) -> str:
+        """The report's copy of a webdataset row's video (`video_href(rid, preview=True)` links it)."""
+        return self.at(REPORT, VIDEOS, f"{rid}.mp4")
 
     @property
     def export(self) -> str:

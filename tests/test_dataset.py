@@ -6,6 +6,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import subprocess
 import tarfile
 
@@ -16,7 +17,7 @@ import pytest
 from operators.metadata import read_latest, read_parts
 from operators.storage import filesystem
 
-from .jobutil import ROOT, job_cmd, job_env, kill_job_when, parent_runs, run_job, tiny_config
+from .jobutil import ROOT, job_cmd, job_env, kill_job_when, parent_runs, run_job, sha256_file, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +95,13 @@ def test_webdataset_run_read_by_three_readers_and_exported_by_score(tmp_path, ti
     from operators.shards import read_sample
 
     assert read_sample(fs, ok["a.3"]["shard_uri"], ok["a.3"]["shard_offset"])["txt"].decode() == ok["a.3"]["prompt"]
+
+    # the report plays every ok row: its links resolve to copies of the samples' videos (docs/job.md)
+    page = (out / "report" / "index.html").read_text()
+    links = re.findall(r"<video src='([^']+)'", page)
+    assert sorted(links) == sorted(f"videos/{i}.mp4" for i in ok), links
+    for i in ok:
+        assert sha256_file(str(out / "report" / "videos" / f"{i}.mp4")) == ok[i]["sha256"]
 
     # webdataset
     import webdataset as wds

@@ -352,3 +352,8 @@ def test_every_shipped_job_config_loads():
                                                       "--manifest",
                                                       "m", "--output", "o"]))
     assert tiny.bivdiff.tiny and tiny.bivdiff.defaults["steps"] == 5 and tiny.tiny == "animatediff"
+    # its generation rows run at the laptop size too, not AnimateDiff's full 16 x 512 x 512, 50 steps
+    for laptop in ("tiny.yaml", "tiny-bivdiff.yaml"):
+        d = job_config.load(build_parser().parse_args(["--config", os.path.join(folder, laptop), "--manifest", "m",
+                                                       "--output", "o"])).defaults
+        assert d["frames"] <= 8 and d["height"] <= 64 and d["width"] <= 64 and d["steps"] <= 6, (laptop, d)
