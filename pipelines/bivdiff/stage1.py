@@ -110,8 +110,10 @@ class Stage1:
     def _load(self, task, source: str):
         import diffusers
 
-        # read straight into the run dtype (no float32 copy, no cast warning)
-        quiet = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False, torch_dtype=self.dtype)
+        # read straight into the run dtype (no float32 copy, no cast warning); pipelines call it `dtype` where diffusers
+        # deprecates `torch_dtype` (0.42: a FutureWarning per load), models keep `torch_dtype`
+        key = "dtype" if hasattr(diffusers.utils.deprecation_utils, "_resolve_dtype") else "torch_dtype"
+        quiet = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False, key: self.dtype}
         logger.info("loading stage-1 %s model %s", task.idm, source)
         if task.idm == "controlnet":
             controlnet = diffusers.ControlNetModel.from_pretrained(source, torch_dtype=self.dtype)
