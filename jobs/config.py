@@ -50,7 +50,7 @@ class ComputeConfig:
 class CommitConfig:
     every_rows: NonNegativeInt = 16  # rows per metadata part (a part is its videos' commit marker; 0: every batch)
     every_seconds: NonNegative = 60.0  # ...or this long since the last part, whichever comes first
-    progress_seconds: NonNegative = 30.0  # progress log line / MLflow progress metrics (0: every batch)
+    progress_seconds: NonNegative = 30.0  # progress line + MLflow metrics (0: every batch); heartbeat while none
     lease_ttl_s: Positive = 300.0  # a run's lease on its output prefix goes stale this long after its last heartbeat
 
 

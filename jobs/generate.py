@@ -216,7 +216,8 @@ def _execute(mlflow, run: setup.Run, total: int) -> int:
             progress.step += 1
 
         try:
-            with without_actor_restart_note():
+            pool_rows = cfg.compute.num_actors * cfg.compute.batch_size
+            with without_actor_restart_note(), tracking.Heartbeat(progress, cfg.commit.progress_seconds, pool_rows):
                 pipeline.run_passes(ray, run, recorded,
                                     pipeline.commit_loop(run, recorded, writer, progress, log_metrics, sink))
             if sink:

@@ -9,6 +9,7 @@ import logging
 import os
 import pathlib
 import tempfile
+import threading
 import time
 from dataclasses import asdict
 
@@ -64,7 +65,7 @@ class Progress:
     def __init__(self, total: int):
         self.total, self.ok, self.failed = total, 0, 0
         self.seconds, self.nfe = 0.0, 0
-        self.start = time.monotonic()
+        self.start = self.last_row = time.monotonic()
         self.logged: tuple[int, int] | None = None  # (ok, failed) of the last line logged
         self.step = 0  # MLflow progress step
         self.causes = dict.fromkeys(FAILURE_CAUSES.values(), 0)  # failed rows by cause (docs/reliability.md)
@@ -76,6 +77,8 @@ class Progress:
             self.logged = (self.ok, self.failed)
 
     def add(self, table) -> None:
+        if table.num_rows:
+            self.last_row = time.monotonic()
         columns = (table.column(c).to_pylist() for c in ("status", "seconds", "nfe", "error"))
         for status, secs, nfe, error in zip(*columns):
             if status == "ok":
@@ -104,6 +107,39 @@ class Progress:
         eta = str(dt.timedelta(seconds=int(left / rate))) if rate > 0 else "?"
         return (f"progress: {done}/{self.total} rows ({self.ok} ok, {self.failed} failed), "
                 f"{m['videos_per_hour']:.1f} videos/h, ETA {eta}")
+
+
+    def working_line(self, pool_rows: int) -> str:
+        """The heartbeat's line: rows done, rows the pool may hold, seconds since a row last came back."""
+        done = self.ok + self.failed
+        since = time.monotonic() - self.last_row
+        back = f"last row back {since:.0f} s ago" if done else f"no row back yet after {since:.0f} s"
+        return (f"working: {done}/{self.total} rows done, up to {min(pool_rows, max(self.total - done, 0))} in flight "
+                f"on the actors, {back}")
+
+
+class Heartbeat:
+    """While rows run, a `working:` line every `interval` seconds in which no row came back, so that a slow first row
+    (model loads, a large size on a CPU) is told from a hang; the `progress:` line stays tied to rows coming back. A
+    daemon thread, stopped when the context ends; `interval` 0 (`commit.progress_seconds: 0`) beats every 5 s."""
+
+    def __init__(self, progress: Progress, interval: float, pool_rows: int):
+        self.progress, self.interval, self.pool_rows = progress, interval or 5.0, pool_rows
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name="ivmix-heartbeat", daemon=True)
+
+    def _beat(self) -> None:
+        while not self.stop.wait(self.interval):
+            if time.monotonic() - self.progress.last_row >= self.interval:
+                logger.info(self.progress.working_line(self.pool_rows))
+
+    def __enter__(self) -> "Heartbeat":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
 
 
 def flat(prefix: str, value, out: dict) -> dict:

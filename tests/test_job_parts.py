@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 import sys
+import time
 
 import pyarrow as pa
 import pytest
@@ -221,3 +222,32 @@ def test_the_job_runtime_env_carries_the_storage_variables_a_submitted_job_has_n
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR",
                        json.dumps({"runtime_env": {"env_vars": {"AWS_ACCESS_KEY_ID": "id"}}, "metadata": {}}))
     assert job_runtime_env() == {"env_vars": {"AWS_ENDPOINT_URL": "http://minio:9000"}}
+
+
+def test_the_heartbeat_speaks_only_while_no_row_comes_back(caplog):
+    """A `working:` line per interval without a row back (real time, 50 ms beats); silent once the context ends."""
+    p = tracking.Progress(6)
+    with caplog.at_level(logging.INFO, logger=tracking.logger.name):
+        with tracking.Heartbeat(p, 0.05, pool_rows=4):
+            time.sleep(0.5)
+        first = [r.getMessage() for r in caplog.records]
+        assert len(first) >= 2 and first[0].startswith(
+            "working: 0/6 rows done, up to 4 in flight on the actors, no row back yet after "), first
+        p.add(results(*[("ok", 1.0, 6, None)] * 4))
+        caplog.clear()
+        with tracking.Heartbeat(p, 0.05, pool_rows=4):
+            time.sleep(0.3)
+        assert [r.getMessage() for r in caplog.records][0].startswith(
+            "working: 4/6 rows done, up to 2 in flight on the actors, last row back ")
+        caplog.clear()
+        time.sleep(0.15)
+    assert not caplog.records
+
+
+def test_the_heartbeat_waits_while_rows_keep_coming(caplog):
+    p = tracking.Progress(100)
+    with caplog.at_level(logging.INFO, logger=tracking.logger.name), tracking.Heartbeat(p, 1.0, pool_rows=4):
+        for _ in range(30):  # a row back every 50 ms: never a second without one
+            p.add(results(("ok", 1.0, 6, None)))
+            time.sleep(0.05)
+    assert not caplog.records

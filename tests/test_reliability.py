@@ -74,7 +74,7 @@ def test_poison_rows_and_a_straggler_never_sink_the_run(tmp_path, tiny_cache):
     manifest = _manifest(tmp_path / "m.parquet", [{"height": None, "width": None, **r} for r in rows])
     cfg = tiny_config(tmp_path / "job.yaml", tiny_cache, defaults=TINY, scores={"enabled": False},
                       compute={"batch_size": 2, "sampler_batch": 1, "memory_budget_gb": 0.05, "row_timeout_s": 5,
-                               "max_task_retries": 1})
+                               "max_task_retries": 1}, commit={"progress_seconds": 2})
     out, db = tmp_path / "out", tmp_path / "mlflow.db"
     env = job_env(IVMIX_FAULTS="kill=POISON;sleep=SLOW:120")
     args = ("--config", cfg, "--manifest", manifest, "--output", str(out), "--mlflow-uri", f"sqlite:///{db}",
@@ -94,6 +94,7 @@ def test_poison_rows_and_a_straggler_never_sink_the_run(tmp_path, tiny_cache):
     assert meta["huge"]["error"] == "height: at most 2048 (limits.max_height), got 100000"
     assert sorted(os.listdir(out / "videos")) == [f"ok-{i}.mp4" for i in range(4)]
     assert "running their rows again one at a time on fresh actors" in r.stderr
+    assert "up to 2 in flight on the actors, last row back " in r.stderr  # the heartbeat through the stall
     ids = read_parts(*filesystem(str(out))).column("id").to_pylist()
     assert sorted(ids) == sorted(meta)  # exactly one committed row per id
     assert not (out / ".runs").exists() and not (out / "_lease.json").exists()  # scratch and lease gone at the end
