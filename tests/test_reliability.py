@@ -94,7 +94,7 @@ def test_poison_rows_and_a_straggler_never_sink_the_run(tmp_path, tiny_cache):
     assert meta["huge"]["error"] == "height: at most 2048 (limits.max_height), got 100000"
     assert sorted(os.listdir(out / "videos")) == [f"ok-{i}.mp4" for i in range(4)]
     assert "running their rows again one at a time on fresh actors" in r.stderr
-    assert "up to 2 in flight on the actors, last row back " in r.stderr  # the heartbeat through the stall
+    assert "in flight on the actors, last row back " in r.stderr  # the heartbeat through the stall and restarts
     ids = read_parts(*filesystem(str(out))).column("id").to_pylist()
     assert sorted(ids) == sorted(meta)  # exactly one committed row per id
     assert not (out / ".runs").exists() and not (out / "_lease.json").exists()  # scratch and lease gone at the end
