@@ -24,6 +24,8 @@ import os
 import subprocess
 import sys
 
+import ray
+
 import jobs
 import operators
 import pipelines
@@ -37,10 +39,11 @@ from operators.manifest import ManifestError
 from pipelines.cli import quiet_libraries
 
 logger = logging.getLogger("jobs.generate")
+INTERRUPTED = "interrupted; rerun the same command to resume"
 EXIT_CODES = ("exit status: 0 the job ran (failed rows are data: see the metadata's status/error columns) or had "
               "nothing to do; 1 --fail-on-error and a row failed, or a crash; 2 bad input (config, manifest, output, "
               "models, baseline, a pool the machine cannot hold), reported before any model loads; 3 a quality "
-              "regression against the baseline")
+              "regression against the baseline; 130 interrupted (Ctrl-C)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,6 +202,7 @@ def _execute(mlflow, run: setup.Run, total: int) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    tracking.close_abandoned(mlflow, cfg, storage.full_uri(fs, root))  # the lease is held: no live driver owns them
     with tracking.open_run(mlflow, run, code_version()[1]) as mlrun:
         run = run.started(mlrun.info.run_id)
         status = "FINISHED"
@@ -222,8 +226,8 @@ def _execute(mlflow, run: setup.Run, total: int) -> int:
                                     pipeline.commit_loop(run, recorded, writer, progress, log_metrics, sink))
             if sink:
                 sink.close()
-        except BaseException:
-            status = "FAILED"
+        except BaseException as err:
+            status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
             try:
                 if sink:
                     sink.close()  # pack what finished; a sample whose shard cannot be written waits in scratch
@@ -238,6 +242,8 @@ def _execute(mlflow, run: setup.Run, total: int) -> int:
             # this run's rows: the parts its writer committed (salvaged samples keep their own run's id)
             tracking.log_run_metadata(mlflow, metadata.read_parts(fs, root, paths=writer.parts), run.run_id)
             mlflow.set_tag("job_status", status)
+            if status == "KILLED":  # Ctrl-C: MLflow's own context would record FAILED
+                mlflow.end_run("KILLED")
         exported = _export(mlflow, run, tag)
         regressions = quality.finish(mlflow, cfg, fs, root, run.run_id, export=exported)
         storage.clear_staging(fs, root)
@@ -274,7 +280,23 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, ManifestError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return run(cfg, manifest)
+    try:
+        return run(cfg, manifest)
+    except KeyboardInterrupt:  # the lease is released and the MLflow run marked KILLED on the way out
+        print(INTERRUPTED, file=sys.stderr)
+        return interrupted_exit()
+
+
+def interrupted_exit() -> int:
+    """Exit status 130 after Ctrl-C. Ray is shut down here (its local cluster ends with it); the process then ends at
+    once, as Ray Data's driver threads, cut off mid-run, would otherwise touch the shut-down worker at interpreter exit
+    and end the process with status 1 and a core-worker error line."""
+    if ray.is_initialized():
+        ray.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(130)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ manifest into committed metadata parts. The driver splits rows by kind here: eac
 through its own actor pool (`operators.kinds.KINDS`), one kind after the other, so an actor holds one model set."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -148,8 +149,11 @@ def commit_loop(run: Run, recorded: Recorded, writer, progress, log_metrics, sin
 
     def consume(ds):
         last_commit = last_log = time.monotonic()
-        with ErroredBlocks() as errors:
-            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        # closed on the way out of an exception (Ctrl-C): Ray Data's executor shuts down now, not at interpreter exit
+        # (where it would touch a worker Ray has already shut down and end the process with status 1)
+        batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+        with ErroredBlocks() as errors, contextlib.closing(batches):
+            for batch in batches:
                 (sink or writer).add(batch)
                 progress.add(batch)
                 recorded.add(batch.column("id").combine_chunks())

@@ -43,6 +43,25 @@ def start(mlflow, cfg) -> None:
     mlflow.set_experiment(cfg.experiment)
 
 
+def close_abandoned(mlflow, cfg, output_uri: str) -> list[str]:
+    """The experiment's runs on this output still `RUNNING` whose driver is gone (SIGKILL, a lost node): marked
+    `KILLED`, their ids returned. Called with the output's lease held, so no live driver is writing to it."""
+    exp = mlflow.get_experiment_by_name(cfg.experiment)
+    if exp is None:
+        return []
+    quoted = output_uri.replace("'", "\\'")
+    runs = mlflow.search_runs(experiment_ids=[exp.experiment_id], output_format="list",
+                              filter_string=f"tags.output = '{quoted}' and attributes.status = 'RUNNING'")
+    client = mlflow.tracking.MlflowClient()
+    for r in runs:
+        client.set_tag(r.info.run_id, "job_status", "KILLED")
+        client.set_terminated(r.info.run_id, "KILLED")
+    if runs:
+        logger.warning("marked %d MLflow run(s) of this output KILLED: their driver ended without closing them (%s)",
+                       len(runs), ", ".join(r.info.run_id for r in runs))
+    return [r.info.run_id for r in runs]
+
+
 def check_baseline(mlflow, cfg) -> None:
     """A baseline named by run id must exist before any video is generated ("last" is looked up at the end)."""
     baseline = cfg.regression.baseline

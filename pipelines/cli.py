@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 EXIT_CODES = ("exit status: 0 written; 2 bad input or a model that cannot be loaded (one 'error: <what>: <why>' line); "
-              "1 a crash")
+              "1 a crash; 130 interrupted (Ctrl-C)")
 # a hub repository id: "name" or "org/name" (what huggingface_hub accepts); anything else must be an existing path
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 
@@ -153,5 +153,8 @@ def main(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], An
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outputs are written whole or not at all (outputs.write_atomic): nothing to clean
+        print("interrupted; nothing half-written was left", file=sys.stderr)
+        return 130
     print(summary(out))
     return 0

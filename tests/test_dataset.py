@@ -198,6 +198,13 @@ def test_killed_webdataset_run_leaves_no_partial_shard_and_no_duplicate(tmp_path
     salvaged = {i for i, m in ok.items() if m["run_id"] == first_run} - first_ids
     assert waiting - first_ids and waiting - first_ids <= salvaged, "no finished sample waited in scratch at the kill"
     assert f"packed {len(salvaged)} sample(s)" in r.stderr
+    # the killed driver's MLflow run, left RUNNING, is marked KILLED by the rerun (which holds the output's lease)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'db'}")
+    runs = {x.info.run_id: x.info.status for x in parent_runs(client, "ivmix-demo")}
+    assert runs[first_run] == "KILLED" and sorted(runs.values()) == ["FINISHED", "KILLED"], runs
+    assert "marked 1 MLflow run(s) of this output KILLED" in r.stderr
 
 
 def test_newest_row_and_done_ids_in_arrow(tmp_path, monkeypatch):

@@ -6,9 +6,11 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
 import stat
 import subprocess
 import sys
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -16,7 +18,7 @@ import pytest
 
 from operators.metadata import read_latest
 
-from .jobutil import CREDS, ROOT, job_env, parent_runs, run_job, s3_bucket, tiny_config
+from .jobutil import CREDS, ROOT, job_cmd, job_env, parent_runs, run_job, s3_bucket, tiny_config
 
 SMALL = ["--steps", "2", "--frames", "2", "--height", "64", "--width", "64"]
 # what a user reads as failure or noise (each was seen on the console before)
@@ -263,6 +265,38 @@ def test_a_scorer_that_fails_in_the_actor_keeps_every_video(tmp_path, tiny_ad_di
     assert [r["status"] for r in rows] == ["ok", "ok"], rows
     assert all(r["clipsim"] is None and "while loading the scorer" in r["score_error"] for r in rows)
     assert sorted(os.listdir(tmp_path / "out" / "videos")) == ["a.mp4", "b.mp4"]
+
+
+@pytest.mark.integration
+def test_ctrl_c_is_one_line_exit_130_a_killed_run_and_no_lease(tmp_path, tiny_cache):
+    """SIGINT (Ctrl-C) to the driver while rows run (its own local Ray): exit 130 with one line, the output's lease
+    released, the MLflow run KILLED; the rerun resumes and ends 0."""
+    from mlflow.tracking import MlflowClient
+
+    cfg = tiny_config(tmp_path / "job.yaml", tiny_cache, commit={"progress_seconds": 1},
+                      mlflow={"experiment": "ctrl-c"})
+    out, db, log = tmp_path / "out", tmp_path / "db.sqlite", tmp_path / "stderr.txt"
+    args = ("--config", cfg, "--manifest", _manifest(tmp_path / "m.parquet", n=6), "--output", str(out),
+            "--mlflow-uri", f"sqlite:///{db}")
+    env = {k: v for k, v in job_env().items() if k != "RAY_ADDRESS"}
+    with open(log, "w") as err:
+        proc = subprocess.Popen(job_cmd(*args), env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            deadline = time.monotonic() + 300
+            while "working: " not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)  # the heartbeat says rows are running: the MLflow run is open
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=120) == 130, log.read_text()[-4000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = log.read_text()
+    assert text.strip().splitlines()[-1] == "interrupted; rerun the same command to resume", text[-4000:]
+    assert "Traceback" not in text and not (out / "_lease.json").exists()
+    (run,) = parent_runs(MlflowClient(f"sqlite:///{db}"), "ctrl-c")
+    assert run.info.status == "KILLED" and run.data.tags["job_status"] == "KILLED"
+    r = run_job(*args)
+    assert r.returncode == 0 and "progress: " in r.stderr, r.stderr[-4000:]
 
 
 # ---- 3, 6, 7: the nightly alarm, a quiet console, the small things -----------------------------------------------
