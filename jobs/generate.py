@@ -98,7 +98,7 @@ def refusal_before_ray(cfg: job_config.JobConfig, fs, root: str) -> str | None:
     """What is refused before Ray, models or MLflow start, with nothing created: an output that is a file, and a pool
     that a local Ray (started by this driver) could not hold. On a running cluster (RAY_ADDRESS) only the cluster
     knows its size: `pipeline.check_capacity` runs again once Ray is up."""
-    if fs.isfile(root):
+    if storage.with_retries(lambda: fs.isfile(root), f"reading {cfg.output}"):
         return f"output: {cfg.output!r} is a file; give a folder or an object-store prefix"
     resources = pipeline.local_resources()
     if resources is None:
