@@ -103,11 +103,8 @@ def refusal_before_ray(cfg: job_config.JobConfig, fs, root: str) -> str | None:
     resources = pipeline.local_resources()
     if resources is None:
         return None
-    device = cfg.compute.device
-    if device == "auto":
-        device = "cuda" if resources["GPU"] else "cpu"
     try:
-        pipeline.check_capacity(cfg.compute, resources, device)
+        pipeline.check_capacity(cfg.compute, resources, pipeline.pick_device(cfg.compute.device, resources))
     except ValueError as err:
         return str(err)
     return None
@@ -193,9 +190,7 @@ def _execute(mlflow, run: setup.Run, total: int) -> int:
         run = run.replanned()
     logger.info("starting Ray and %d actor(s); each loads its models once", cfg.compute.num_actors)
     ray = pipeline.init_ray()
-    device = cfg.compute.device
-    if device == "auto":
-        device = "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+    device = pipeline.pick_device(cfg.compute.device, ray.cluster_resources())
     run = run.on_device(device)
     try:
         pipeline.check_capacity(cfg.compute, ray.cluster_resources(), device)

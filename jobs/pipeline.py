@@ -66,6 +66,13 @@ def local_resources() -> dict[str, float] | None:
     return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
 
 
+def pick_device(setting: str, resources: dict) -> str:
+    """`compute.device`, with "auto" resolved: cuda when the cluster (or the local Ray to be) has a GPU."""
+    if setting != "auto":
+        return setting
+    return "cuda" if resources.get("GPU", 0) > 0 else "cpu"
+
+
 def check_capacity(compute: ComputeConfig, resources: dict, device: str) -> None:
     """Refuse a pool that cannot start or that starves the read tasks (a silent hang otherwise).
     On an autoscaling cluster (compute.autoscaling) the same findings are warnings: nodes may still come."""

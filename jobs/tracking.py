@@ -127,7 +127,6 @@ class Progress:
         return (f"progress: {done}/{self.total} rows ({self.ok} ok, {self.failed} failed), "
                 f"{m['videos_per_hour']:.1f} videos/h, ETA {eta}")
 
-
     def working_line(self, pool_rows: int) -> str:
         """The heartbeat's line: rows done, rows the pool may hold, seconds since a row last came back."""
         done = self.ok + self.failed
