@@ -128,7 +128,9 @@ def run_passes(ray, run: Run, recorded: Recorded, consume) -> None:
             batch_size=batch_size, batch_format="pyarrow", runtime_env=runtime_env,
             **actor_pool(ray, size=cfg.compute.num_actors, num_gpus=1 if run.device == "cuda" else 0,
                          num_cpus=cfg.compute.cpus_per_actor, max_restarts=cfg.compute.max_restarts,
-                         max_task_retries=cfg.compute.max_task_retries))
+                         max_task_retries=cfg.compute.max_task_retries,
+                         # rows alone: no other row waits on an actor that one of them may kill
+                         tasks_in_flight=None if batched else 1))
         return consume(ds)
 
     for kind in run.kinds:

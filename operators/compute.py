@@ -15,13 +15,16 @@ import warnings
 from typing import Any, Iterator
 
 
-def actor_pool(ray, *, size: int, num_gpus: float, num_cpus: float, max_restarts: int,
-               max_task_retries: int) -> dict[str, Any]:
-    """map_batches kwargs for a fixed-size actor pool with capped restarts."""
+def actor_pool(ray, *, size: int, num_gpus: float, num_cpus: float, max_restarts: int, max_task_retries: int,
+               tasks_in_flight: int | None = None) -> dict[str, Any]:
+    """map_batches kwargs for a fixed-size actor pool with capped restarts. `tasks_in_flight`: blocks queued on one
+    actor at a time (None: Ray Data's default, 2 for a one-call actor); 1 keeps the rows that share an actor with a row
+    that kills it out of its death (the rows-alone pass of jobs/pipeline.py)."""
     # Ray Data's default is max_restarts=-1 (unlimited): a deterministic crash on one row would loop forever
     warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")
-    return dict(compute=ray.data.ActorPoolStrategy(size=size), num_gpus=num_gpus, num_cpus=num_cpus,
+    strategy = ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=tasks_in_flight)
+    return dict(compute=strategy, num_gpus=num_gpus, num_cpus=num_cpus,
                 max_restarts=max_restarts, max_task_retries=max_task_retries)
 
 

@@ -81,7 +81,8 @@ def test_bivdiff_manifest_through_the_job(s3_endpoint, tmp_path, tiny_ad_dir, mo
             "--experiment", "edits")
     r = run_job(*args, env=env)
     assert r.returncode == 0, r.stderr[-5000:]
-    assert "progress: 11/11 rows (6 ok, 5 failed)" in r.stderr
+    assert "progress: 11/11 rows (6 ok, 5 failed)" in r.stderr, (
+        r.stderr[-5000:], {m["id"]: m["error"] for m in read_latest(str(out)).to_pylist()})
 
     meta = {m["id"]: m for m in read_latest(str(out)).to_pylist()}
     assert sorted(os.listdir(out / "videos")) == ["adapter.mp4", "canny.mp4", "ext.mp4", "gen.mp4", "inpaint.mp4",

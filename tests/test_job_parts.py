@@ -251,3 +251,15 @@ def test_the_heartbeat_waits_while_rows_keep_coming(caplog):
             p.add(results(("ok", 1.0, 6, None)))
             time.sleep(0.05)
     assert not caplog.records
+
+
+def test_the_rows_alone_pass_queues_one_block_per_actor():
+    """Pass 2 (jobs/pipeline.py) runs lost rows one at a time: with Ray Data's default of 2 blocks queued per actor, a
+    row waiting behind one that kills the actor died with it, twice, and was recorded as a worker death."""
+    import ray
+
+    from operators.compute import actor_pool
+
+    kw = dict(size=2, num_gpus=0, num_cpus=1, max_restarts=3, max_task_retries=1)
+    assert actor_pool(ray, **kw, tasks_in_flight=1)["compute"].max_tasks_in_flight_per_actor == 1
+    assert actor_pool(ray, **kw)["compute"].max_tasks_in_flight_per_actor is None  # batched passes: Ray's default

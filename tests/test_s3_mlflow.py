@@ -111,10 +111,11 @@ def test_job_writes_to_s3_and_logs_to_an_mlflow_server(s3_endpoint, mlflow_serve
     (run,) = parent_runs(client, "nightly")
     assert run.data.metrics["rows_ok"] == 3 and run.data.metrics["rows_failed"] == 1 and run.data.metrics["shards"] == 2
     assert run.data.tags["output"] == "s3://ivmix/runs/2026-11-24"
-    assert {"config", "metadata", "report", "videos",
-            "scores"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
-    # the report's videos in MLflow come out of the shards
-    assert len(client.list_artifacts(run.info.run_id, "videos")) == 3
+    assert {"config", "metadata", "report", "scores"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    # the report's videos in MLflow come out of the shards, under report/videos/ where the page links them
+    # (docs/job.md: a webdataset run's report plays copies of its videos)
+    assert "report/index.html" in {a.path for a in client.list_artifacts(run.info.run_id, "report")}
+    assert len(client.list_artifacts(run.info.run_id, "report/videos")) == 3
 
     # rerun: nothing regenerated, the failed row retried (and failing again)
     r = run_job(*args, env=env)
