@@ -10,22 +10,29 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: venv demo lint test-unit test test-all bench bench-memory bench-resume gpu-check tiny clean
+.PHONY: venv demo mlflow-ui lint test-unit test test-all bench bench-memory bench-resume gpu-check tiny clean
 
 venv: $(STAMP)
 
+# PYTHONWARNINGS: setuptools' advisory banner on every editable install of a flat layout (the root is on sys.path)
 $(STAMP): pyproject.toml .ci/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "installing into $(VENV): pip, then PyTorch, then the pinned dependencies (a few minutes on first use)"
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -c .ci/constraints.txt -e ".[test]"
+	PYTHONWARNINGS="ignore:Editable installation:Warning" \
+		$(BIN)/python -m pip install -q -c .ci/constraints.txt -e ".[test]"
 	rm -f $(VENV)/.installed-* && touch $@
 
 demo: $(STAMP)
 	$(BIN)/python jobs/generate.py --config jobs/configs/tiny.yaml \
 		--manifest datasets/examples/smoke.parquet --output outputs/demo \
 		--mlflow-uri sqlite:///outputs/mlflow.db --experiment demo
-	@echo "videos: outputs/demo/videos  metadata: outputs/demo/metadata  MLflow: $(BIN)/mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db"
+	@echo "videos: outputs/demo/videos  metadata: outputs/demo/metadata  MLflow: make mlflow-ui"
+
+# the demo's MLflow runs in a browser (http://127.0.0.1:5000; MLFLOW_PORT=... for another port)
+mlflow-ui: $(STAMP)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db --port $${MLFLOW_PORT:-5000}
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

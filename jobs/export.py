@@ -101,8 +101,13 @@ def export(output: str, dest: str, flt: Filter, *, fmt: str = "webdataset", shar
                "shards": [s["uri"] for s in stats], "bytes": sum(s["bytes"] for s in stats),
                "written_at": dt.datetime.now(dt.timezone.utc).isoformat()}
     storage.put_bytes(dfs, json.dumps(summary, indent=1).encode(), out_layout.export, droot)
-    logger.info("export: %d of %d ok rows (%s) -> %s", summary["rows"], summary["ok_rows"], flt.describe(),
-                summary["to"])
+    storage.clear_staging(dfs, droot)  # every write is in place: no empty .staging/ left in the dataset
+    if summary["rows"]:
+        logger.info("export: %d of %d ok rows (%s) -> %s", summary["rows"], summary["ok_rows"], flt.describe(),
+                    summary["to"])
+    else:
+        logger.warning("export: no row of the %d ok rows passes %s; the dataset at %s has no rows",
+                       summary["ok_rows"], flt.describe(), summary["to"])
     return summary
 
 
@@ -111,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output", required=True, help="a finished run's output prefix (local folder or fsspec URI)")
     ap.add_argument("--to", required=True, help="where the filtered dataset goes (a new prefix)")
-    ap.add_argument("--format", choices=["webdataset", "files"], default="webdataset")
+    ap.add_argument("--format", choices=["webdataset", "files"], default="webdataset",
+                    help="webdataset: tar shards (default); files: one mp4 per row")
     ap.add_argument("--min-clipsim", type=float)
     ap.add_argument("--min-frame-consistency", type=float)
     ap.add_argument("--max-flicker", type=float)

@@ -16,6 +16,10 @@ generates only what is missing. Only this driver talks to MLflow.
 """
 from __future__ import annotations
 
+from pipelines import interrupt
+
+interrupt.while_loading(__name__, interrupt.JOB)  # before Ray and torch load
+
 import argparse
 import datetime as dt
 import hashlib
@@ -39,7 +43,6 @@ from operators.manifest import ManifestError
 from pipelines.cli import quiet_libraries
 
 logger = logging.getLogger("jobs.generate")
-INTERRUPTED = "interrupted; rerun the same command to resume"
 EXIT_CODES = ("exit status: 0 the job ran (failed rows are data: see the metadata's status/error columns) or had "
               "nothing to do; 1 --fail-on-error and a row failed, or a crash; 2 bad input (config, manifest, output, "
               "models, baseline, a pool the machine cannot hold), reported before any model loads; 3 a quality "
@@ -197,6 +200,9 @@ def _execute(mlflow, run: setup.Run, total: int) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    slow = setup.slow_on_cpu(run)
+    if slow:
+        logger.warning("%s", slow)
     tracking.close_abandoned(mlflow, cfg, storage.full_uri(fs, root))  # the lease is held: no live driver owns them
     with tracking.open_run(mlflow, run, code_version()[1]) as mlrun:
         run = run.started(mlrun.info.run_id)
@@ -216,7 +222,8 @@ def _execute(mlflow, run: setup.Run, total: int) -> int:
 
         try:
             pool_rows = cfg.compute.num_actors * cfg.compute.batch_size
-            with without_actor_restart_note(), tracking.Heartbeat(progress, cfg.commit.progress_seconds, pool_rows):
+            with (without_actor_restart_note(), tracking.Heartbeat(progress, cfg.commit.progress_seconds, pool_rows),
+                  pipeline.insistent_interrupt()):
                 pipeline.run_passes(ray, run, recorded,
                                     pipeline.commit_loop(run, recorded, writer, progress, log_metrics, sink))
             if sink:
@@ -257,6 +264,8 @@ def quiet_console() -> None:
     notes, its Ray Data plan lines, the libraries' load bars and advisory warnings go (Ray's logs stay in its session
     folder); Ray's error-level note on restartable actor pools is dropped around the pipeline (operators.compute)."""
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    if not sys.stderr.isatty():  # a log file or a pipe: Ray's worker-line prefixes without colour codes
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     quiet_libraries()
     for noisy in ("alembic", "mlflow", "matplotlib",
                   "ray.data._internal.execution.streaming_executor"):
@@ -266,19 +275,20 @@ def quiet_console() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    interrupt.loaded()
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     quiet_console()
     try:
-        cfg = job_config.load(args)
-        manifest = setup.read_manifest(cfg)  # before any model loads
-    except (ValueError, ManifestError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    try:
+        try:
+            cfg = job_config.load(args)
+            manifest = setup.read_manifest(cfg)  # before any model loads
+        except (ValueError, ManifestError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         return run(cfg, manifest)
     except KeyboardInterrupt:  # the lease is released and the MLflow run marked KILLED on the way out
-        print(INTERRUPTED, file=sys.stderr)
+        print(interrupt.JOB, file=sys.stderr)
         return interrupted_exit()
 
 

@@ -3,10 +3,13 @@ manifest into committed metadata parts. The driver splits rows by kind here: eac
 through its own actor pool (`operators.kinds.KINDS`), one kind after the other, so an actor holds one model set."""
 from __future__ import annotations
 
+import _thread
 import contextlib
 import json
 import logging
 import os
+import signal
+import threading
 import time
 
 import fsspec
@@ -90,6 +93,35 @@ def check_capacity(compute: ComputeConfig, resources: dict, device: str) -> None
         logger.warning("cluster is smaller than the pool right now (autoscaling expected): %s", "; ".join(problems))
     elif problems:
         raise ValueError("; ".join(problems))
+
+
+@contextlib.contextmanager
+def insistent_interrupt(every: float = 5.0):
+    """Ctrl-C while the passes run raises KeyboardInterrupt in the driver's main thread, and again every `every` seconds
+    until it has left this context. Once in CI (Ray 2.60) the run went on after the SIGINT, as if something under the
+    consume loop had swallowed the KeyboardInterrupt; a repeated one reaches the driver's own handling (exit 130)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread
+        return
+    hit, left = threading.Event(), threading.Event()
+
+    def on_sigint(signum, frame) -> None:
+        hit.set()
+        raise KeyboardInterrupt
+
+    def repeat() -> None:
+        hit.wait()
+        while not left.wait(every):
+            _thread.interrupt_main()  # calls on_sigint in the main thread
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    threading.Thread(target=repeat, name="interrupt-repeat", daemon=True).start()
+    try:
+        yield
+    finally:
+        left.set()
+        hit.set()
+        signal.signal(signal.SIGINT, previous)
 
 
 def run_passes(ray, run: Run, recorded: Recorded, consume) -> None:

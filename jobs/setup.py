@@ -20,17 +20,18 @@ from operators import resume, storage
 from operators.kinds import KIND_COLUMNS, Setup, kinds_present
 from operators.layout import Layout
 from operators.manifest import read_schema
-from operators.resolve import Resolver, resolve_rows
+from operators.resolve import Resolver, expand_samplers, resolve_rows
 from operators.scoring import ClipScorer
 from pipelines.backbones.registry import structure
 from pipelines.bivdiff.config import BivdiffSpec
 from pipelines.config import ModelSpec
 from pipelines.fixtures.tiny import ensure_tiny
-from pipelines.params import BIVDIFF, GENERATION
+from pipelines.params import BIVDIFF, CPU_SECONDS_PER_UNIT, GENERATION, SLOW_ON_CPU, cpu_units
 
 logger = logging.getLogger(__name__)
 PLAN_IN_DRIVER_ROWS = 100_000  # up to this many manifest rows the driver checks for work itself before starting Ray
 PLAN_CHUNK = 256  # rows resolved at a time; the check stops at the first chunk with work in it
+SIZE_CHECK_ROWS = 10_000  # rows the CPU-size check resolves in the driver (about 1.5 s)
 
 
 def models(cfg: job_config.JobConfig, bivdiff_rows: bool) -> tuple[ModelSpec, BivdiffSpec, str | None]:
@@ -256,3 +257,26 @@ def anything_to_do(run: Run) -> bool:
     return any(resolve_rows(table.slice(i, PLAN_CHUNK), run.resolver, done=run.done,
                             duplicate_ids=run.manifest.duplicate_ids).num_rows
                for i in range(0, table.num_rows, PLAN_CHUNK))
+
+
+def slow_on_cpu(run: Run) -> str | None:
+    """The warning for a run whose rows are too big for CPU actors (docs/job.md "Console"): how many of the rows left
+    (the first SIZE_CHECK_ROWS of a manifest the driver holds) would run past a minute each, the largest, and a
+    lower bound of the time from the tiny models' pace. A warning, not a refusal: a user may mean it."""
+    table = run.manifest.table
+    if run.device != "cpu" or table is None:
+        return None
+    if run.plan.keep is not None:
+        table = table.filter(run.plan.keep)
+    checked = min(table.num_rows, SIZE_CHECK_ROWS)
+    sizes = [r["params"] for row in table.slice(0, checked).to_pylist() for r in expand_samplers(row, run.resolver)
+             if r["status"] == "pending" and cpu_units(r["params"]) > SLOW_ON_CPU]
+    if not sizes:
+        return None
+    big = max(sizes, key=cpu_units)
+    hours = sum(map(cpu_units, sizes)) * CPU_SECONDS_PER_UNIT / 3600 / run.cfg.compute.num_actors
+    of = f" of the first {checked}" if checked < table.num_rows else ""
+    return (f"{len(sizes)} row(s){of} run at sizes up to {big.frames} x {big.height}x{big.width}, {big.steps} steps on "
+            f"CPU actors: at least {hours:.1f} h with {run.cfg.compute.num_actors} actor(s), even with tiny models; "
+            "for a try-out give the config smaller `defaults` (and `bivdiff.defaults`), e.g. {steps: 5, frames: 4, "
+            "height: 64, width: 64}")

@@ -164,7 +164,7 @@ class RowWorker:
 
     def row_timeout(self, p) -> float:
         """compute.row_timeout_s, else a generous bound from the row's size: 10 min plus 1e-5 s per step x frame x
-        pixel (about 45 min for 50 steps of 16 x 512 x 512), x20 on a CPU."""
+        pixel (about 45 min for 50 steps of 16 x 512 x 512), x20 on a CPU (about 15 h)."""
         if self.row_timeout_s:
             return float(self.row_timeout_s)
         return (600.0 + 1e-5 * p.steps * p.frames * p.height * p.width) * (20 if self.device.type == "cpu" else 1)

@@ -13,7 +13,7 @@ from typing import Any, Callable, TypeVar
 
 import numpy as np
 
-from . import presets
+from . import interrupt, presets
 from .config import DTYPE_NAMES
 from .outputs import write_atomic
 from .video import write_mp4
@@ -142,19 +142,20 @@ def main(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], An
          argv: list[str] | None = None, *, listing: Callable[[argparse.Namespace], str | None] | None = None) -> int:
     """The one main of both CLIs: parse, answer a listing flag (`listing` returns its text, None: no listing), set up
     logging, `run`, print its `summary`; a ValueError is one `error: ...` line and exit status 2 (EXIT_CODES)."""
-    args = parser.parse_args(argv)
-    text = listing(args) if listing else None
-    if text is not None:
-        print(text)
-        return 0
-    configure_logging(args.quiet)
+    interrupt.loaded()
     try:
+        args = parser.parse_args(argv)
+        text = listing(args) if listing else None
+        if text is not None:
+            print(text)
+            return 0
+        configure_logging(args.quiet)
         out = run(args)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # outputs are written whole or not at all (outputs.write_atomic): nothing to clean
-        print("interrupted; nothing half-written was left", file=sys.stderr)
+        print(interrupt.CLI, file=sys.stderr)
         return 130
     print(summary(out))
     return 0

@@ -37,6 +37,11 @@ class Param:
     choices: tuple[str, ...] = ()
     help: str = ""
     nullable: bool = False  # None is a value (no default fills it)
+    bivdiff_help: str = ""  # a parameter of both kinds: its meaning in BIVDiff rows, where it differs
+
+    def help_for(self, kind: str) -> str:
+        """The help the CLI of `kind` shows."""
+        return self.bivdiff_help if kind == BIVDIFF and self.bivdiff_help else self.help
 
     @property
     def arrow_kinds(self) -> tuple[str, ...]:
@@ -80,6 +85,15 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+# the CPU's pace with the tiny models (ivmixed, 2 cores): 16.8 s for 6 steps of 8 x 128 x 128, i.e. about 2e-5 s per
+# step x frame x pixel (measured); the published models are far slower. A row past SLOW_ON_CPU takes over a minute.
+CPU_SECONDS_PER_UNIT = 2e-5
+SLOW_ON_CPU = 25 * 8 * 128 * 128
+
+
+def cpu_units(p) -> int:
+    """steps x frames x height x width of resolved parameters (a BIVDiff row adds its image model's steps)."""
+    return (p.steps + getattr(p, "idm_steps", 0)) * p.frames * p.height * p.width
 
 
 @dataclass(frozen=True)
@@ -101,21 +115,25 @@ class Structure:
 
 G, B = (GENERATION,), (BIVDIFF,)
 PARAMS: tuple[Param, ...] = (
-    Param("prompt", "str", help="the caption (BIVDiff: sets idm_prompt and vdm_prompt when they are not given)"),
-    Param("negative_prompt", "str", help="default '' (BIVDiff tasks with quality tags: the official NEG tags)"),
+    Param("prompt", "str", help="the caption",
+          bivdiff_help="the caption: sets idm_prompt and vdm_prompt when they are not given"),
+    Param("negative_prompt", "str", help="default ''",
+          bivdiff_help="default '' (tasks with quality tags: the official NEG tags)"),
     Param("seed", "int", lo=0, hi=MAX_SEED,
-          help=f"initial-noise seed (default {presets.DEFAULT_SEED}; the *_v1 presets: "
-          f"23523; BIVDiff: {presets.BIVDIFF_DEFAULTS['seed']})"),
-    Param("sampler", "str",
-          help="preset: " + ", ".join(presets.PRESETS) + "; BIVDiff: " + ", ".join(presets.BIVDIFF_PRESETS)),
+          help=f"initial-noise seed (default {presets.DEFAULT_SEED}; the *_v1 presets: 23523)",
+          bivdiff_help=f"seed of stage 1's noise (the VAE posterior draws with seed + 1; default "
+          f"{presets.BIVDIFF_DEFAULTS['seed']})"),
+    Param("sampler", "str", help="preset: " + ", ".join(presets.PRESETS),
+          bivdiff_help="preset: " + ", ".join(presets.BIVDIFF_PRESETS)),
     Param("variant", "str", G, help="grammar pattern overriding the preset's, e.g. 'down:IV-IV', 'up:IV-IV@main=V'"),
-    Param("steps", "int", lo=1, hi=1000,
-          help="sampling steps (BIVDiff: inversion = smoothing steps, a divisor of 1000)"),
+    Param("steps", "int", lo=1, hi=1000, help="sampling steps",
+          bivdiff_help="inversion = smoothing steps, a divisor of 1000"),
     Param("frames", "int", lo=1, help="frames of the video"),
     Param("height", "int", lo=1, help="pixels, a multiple of the VAE factor"),
     Param("width", "int", lo=1, help="pixels, a multiple of the VAE factor"),
     Param("fps", "int", lo=1, hi=240, help="frame rate of the mp4 (VideoCrafter2 also conditions on it)"),
-    Param("guidance", "float", help="main-step CFG scale (default 7.5; videocrafter2 and ivmixed_vc_v1: 9.0)"),
+    Param("guidance", "float", help="main-step CFG scale (default 7.5; videocrafter2 and ivmixed_vc_v1: 9.0)",
+          bivdiff_help="CFG scale of the video model's smoothing (default 7.5)"),
     Param("idm_guidance", "ramp", G, help="zigzag CFG of IDM sub-steps: W or BEGIN,END[,RHO] (Karras ramp; default 4)"),
     Param("idm_guidance", "float", B, help="stage-1 CFG of the image model (7.5)"),
     Param("vdm_guidance", "ramp", G, help="zigzag CFG of VDM sub-steps: W or BEGIN,END[,RHO] (default 4)"),
@@ -232,7 +250,8 @@ def add_flags(group, kind: str, flags: Mapping[str, str] | None = None, extra_he
     """One flag per parameter of `kind` (`--idm-guidance` for idm_guidance unless `flags` renames it), default None:
     an unset flag takes the default the resolver gives it."""
     for p in of_kind(kind).values():
-        kwargs: dict[str, Any] = {"dest": p.name, "default": None, "help": p.help + (extra_help or {}).get(p.name, ""),
+        text = p.help_for(kind) + (extra_help or {}).get(p.name, "")
+        kwargs: dict[str, Any] = {"dest": p.name, "default": None, "help": text,
                                   **({"required": True} if p.name in required else {})}
         if p.type == "bool":
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -250,7 +269,7 @@ def from_args(args: argparse.Namespace, kind: str) -> dict[str, Any]:
 def markdown() -> str:
     """docs/parameters.md: the table of every parameter (`python -m pipelines.params > docs/parameters.md`)."""
     rows = [f"| `{p.name}` | {', '.join(p.kinds)} | {p.type}{' or null' if p.nullable else ''} | "
-            f"{_bounds(p)} | {_cell(p.help)} |"
+            f"{_bounds(p)} | {_cell(p.help + (f'; BIVDiff: {p.bivdiff_help}' if p.bivdiff_help else ''))} |"
             for p in PARAMS]
     return ("# Row parameters\n\nGenerated from `pipelines/params.py` (`python -m pipelines.params > "
             "docs/parameters.md`). Each is a manifest column, a job-config `defaults` key (BIVDiff's under "

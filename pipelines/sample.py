@@ -13,6 +13,10 @@ reason before any model is loaded; a model that cannot be loaded exits 2 the sam
 """
 from __future__ import annotations
 
+from . import interrupt
+
+interrupt.while_loading(__name__, interrupt.CLI)  # before torch and diffusers load
+
 import argparse
 import logging
 import time
@@ -108,8 +112,7 @@ def _spec(args: argparse.Namespace) -> ModelSpec:
 
 
 def _warn_if_slow(spec: ModelSpec, p) -> None:
-    if (resolve_placement(spec.device, spec.dtype)[0].type == "cpu"
-            and p.frames * p.height * p.width * p.steps > 8 * 128 * 128 * 25):
+    if resolve_placement(spec.device, spec.dtype)[0].type == "cpu" and params.cpu_units(p) > params.SLOW_ON_CPU:
         logger.warning("sampling %d x %dx%d for %d steps on the CPU is slow (the full default size takes over an hour "
                        "even with tiny models); on a laptop pass --steps 6 --frames 8 --height 64 --width 64",
                        p.frames, p.height, p.width, p.steps)

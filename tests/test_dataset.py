@@ -152,6 +152,13 @@ def test_webdataset_run_read_by_three_readers_and_exported_by_score(tmp_path, ti
     exp_meta = {m["id"]: m for m in read_latest(str(dest)).to_pylist()}
     check_dataset(fs, str(dest), {i: {**m, "shard_uri": exp_meta[i]["shard_uri"]} for i, m in kept.items()})
     assert json.loads((dest / "export.json").read_text())["rows"] == 3
+    assert not (dest / ".staging").exists()  # the export's local writes leave no empty staging folder
+    # a threshold no row passes: exit 0, a dataset without rows, and a line that says so
+    none = subprocess.run([os.path.join(os.path.dirname(job_cmd()[0]), "python"), "-m", "jobs.export", "--output",
+                           str(out), "--to", str(tmp_path / "none"), "--min-clipsim", "2", "--format", "files"],
+                          cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=300)
+    assert none.returncode == 0 and "export: no row of the 5 ok rows passes" in none.stderr, none.stderr[-3000:]
+    assert not (tmp_path / "none" / "videos").exists() and not glob.glob(str(tmp_path / "none" / "metadata" / "*"))
     again = subprocess.run([os.path.join(os.path.dirname(job_cmd()[0]), "python"), "-m", "jobs.export", "--output",
                             str(out),
                             "--to", str(dest)], cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=300)

@@ -263,3 +263,26 @@ def test_the_rows_alone_pass_queues_one_block_per_actor():
     kw = dict(size=2, num_gpus=0, num_cpus=1, max_restarts=3, max_task_retries=1)
     assert actor_pool(ray, **kw, tasks_in_flight=1)["compute"].max_tasks_in_flight_per_actor == 1
     assert actor_pool(ray, **kw)["compute"].max_tasks_in_flight_per_actor is None  # batched passes: Ray's default
+
+
+def test_a_swallowed_ctrl_c_is_raised_again_until_the_passes_are_left():
+    """jobs.pipeline.insistent_interrupt: a KeyboardInterrupt that a library catches is followed by another one in the
+    main thread (the run must end on Ctrl-C); once the context is left, SIGINT's handler is the one before it."""
+    import os
+    import signal
+
+    from jobs.pipeline import insistent_interrupt
+
+    before = signal.getsignal(signal.SIGINT)
+    again = False
+    try:
+        with insistent_interrupt(every=0.05):
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)
+            except KeyboardInterrupt:
+                pass  # what a library under the consume loop might do
+            time.sleep(5)  # the run going on
+    except KeyboardInterrupt:
+        again = True
+    assert again and signal.getsignal(signal.SIGINT) is before

@@ -1,6 +1,7 @@
 """VidRD backbone (docs/algorithms.md §9): SD-2.1-base with VidRD's temporal layers (`vidrd_unet.VidRDUNet`), the text
-encoder of `ModelT2V.pth` (SD-2 style, width 1024), the SD-2.1-base tokenizer, VAE and scheduler config; an SD-family
-IDM with its own text encoder. Always in eval mode (the official code leaves its 0.1 dropouts on).
+encoder and VAE of `ModelT2V.pth` (SD-2 style, width 1024; SD-2.1-base's VAE only where the checkpoint has none), the
+SD-2.1-base tokenizer and scheduler config; an SD-family IDM with its own text encoder. Always in eval mode (the
+official code leaves its 0.1 dropouts on).
 
 The published weights are one Lightning checkpoint; convert them once into a diffusers folder:
 
@@ -174,7 +175,7 @@ def convert(checkpoint: str, base: str, out: str, *, resolution: int = 256) -> s
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m pipelines.backbones.vidrd", description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=True, help="VidRD's ModelT2V.pth (Lightning: state_dict with unet.*, ...)")
     ap.add_argument("--base", default="stabilityai/stable-diffusion-2-1-base",
@@ -182,7 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="new folder to write")
     ap.add_argument("--resolution", type=int, default=256,
                     help="nominal resolution (UNet sample_size x 8; default 256)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         convert(args.checkpoint, args.base, args.out, resolution=args.resolution)

@@ -10,6 +10,10 @@ cannot be loaded.
 """
 from __future__ import annotations
 
+from .. import interrupt
+
+interrupt.while_loading(__name__, interrupt.CLI)  # before torch and diffusers load
+
 import argparse
 import logging
 import time

@@ -7,6 +7,7 @@ names the input, the URI and what is wrong.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import posixpath
 import tempfile
@@ -17,6 +18,7 @@ import numpy as np
 from ..outputs import filesystem
 from ..video import read_mp4
 
+logger = logging.getLogger(__name__)
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 
 
@@ -137,6 +139,9 @@ def read_row_inputs(p) -> RowInputs:
         mask = np.where(signed_to_uint8(m).mean(-1) >= 128, 255, 0).astype(np.uint8)
     if task.condition in ("depth", "pose"):
         if p.condition_video is None:  # the source video holds the maps: already read above
+            logger.warning("condition_video: not given, so the source video's frames are used as the %s maps as they "
+                           "are (give precomputed %s maps with condition_video / --condition-video)", task.condition,
+                           task.condition)
             condition = signed_to_uint8(source)
         else:
             condition = signed_to_uint8(read_frames("condition_video", p.condition_video, like=info, **size)[0])

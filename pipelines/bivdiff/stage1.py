@@ -12,6 +12,7 @@ stage 2.
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -169,19 +170,23 @@ class Stage1:
                                        mask_image=Image.fromarray(masks[i]))
             common.update(height=h, width=w)
         out = []
-        if params.noise == "independent":
-            gen = torch.Generator("cpu").manual_seed(params.seed)
-            for i in range(params.frames):
-                out.append(pipe(**common, **per_frame(i), generator=gen).images[0])
-        else:
-            for start in range(0, params.frames, self.batch):
-                idx = list(range(start, min(start + self.batch, params.frames)))
-                seeds = [params.seed + (i if params.noise == "per_frame" else 0) for i in idx]
-                inputs = [per_frame(i) for i in idx]
-                batched = {k: [d[k] for d in inputs] for k in inputs[0]}
-                images = pipe(**{**common, "prompt": [prompt] * len(idx), "negative_prompt": [negative] * len(idx)},
-                              **batched, generator=[torch.Generator("cpu").manual_seed(s) for s in seeds]).images
-                out.extend(images)
+        with warnings.catch_warnings():
+            # diffusers' T2I-Adapter pipeline calls its own deprecated decode_latents: a notice for its authors
+            warnings.filterwarnings("ignore", message="The decode_latents method is deprecated", category=FutureWarning)
+            if params.noise == "independent":
+                gen = torch.Generator("cpu").manual_seed(params.seed)
+                for i in range(params.frames):
+                    out.append(pipe(**common, **per_frame(i), generator=gen).images[0])
+            else:
+                for start in range(0, params.frames, self.batch):
+                    idx = list(range(start, min(start + self.batch, params.frames)))
+                    seeds = [params.seed + (i if params.noise == "per_frame" else 0) for i in idx]
+                    inputs = [per_frame(i) for i in idx]
+                    batched = {k: [d[k] for d in inputs] for k in inputs[0]}
+                    images = pipe(**{**common, "prompt": [prompt] * len(idx),
+                                     "negative_prompt": [negative] * len(idx)},
+                                  **batched, generator=[torch.Generator("cpu").manual_seed(s) for s in seeds]).images
+                    out.extend(images)
         return resize_back(unit_to_uint8(np.stack(out)), h, w)
 
     @torch.inference_mode()
