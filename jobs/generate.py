@@ -130,7 +130,21 @@ def run(cfg: job_config.JobConfig, manifest: setup.Manifest) -> int:
                 cfg.output, plan.pending)
     try:
         model, bivdiff, scorer = setup.models(cfg, "bivdiff" in manifest.kinds)
-        if scorer:
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    stamp = f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}"
+    run_name = cfg.run_name or f"{os.path.basename(root) or 'run'}-{stamp}"
+    plan = setup.Run(cfg, manifest, setup.resolver(cfg, model, bivdiff, manifest.kinds), fs, Layout(root), committed,
+                     plan, scorer, run_name, version=code_version()[0])
+    # a rerun with nothing left and no baseline to check ends here: no scorer load, no MLflow store created
+    idle = bool(len(committed.done)) and not setup.anything_to_do(plan)
+    if idle and not cfg.regression.baseline:
+        logger.info("nothing to do: every row%s is committed ok under %s",
+                    f" of the first {limit}" if limit < manifest.rows else "", cfg.output)
+        return 0
+    try:
+        if scorer and not idle:
             setup.check_scorer(scorer)
         import mlflow  # heavy (about 2 s) and needed only past the checks above: `--help` and bad input stay quick
 
@@ -139,14 +153,10 @@ def run(cfg: job_config.JobConfig, manifest: setup.Manifest) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    stamp = f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}"
-    run_name = cfg.run_name or f"{os.path.basename(root) or 'run'}-{stamp}"
-    plan = setup.Run(cfg, manifest, setup.resolver(cfg, model, bivdiff, manifest.kinds), fs, Layout(root), committed,
-                     plan, scorer, run_name, version=code_version()[0])
-    if len(committed.done) and not setup.anything_to_do(plan):
-        logger.info("nothing to do: every row%s is committed ok under %s",
+    if idle:
+        logger.info("nothing to do: every row%s is committed ok under %s; checking against the baseline",
                     f" of the first {limit}" if limit < manifest.rows else "", cfg.output)
-        return _check_only(mlflow, plan) if cfg.regression.baseline else 0
+        return _check_only(mlflow, plan)
     held = lease.Lease(fs, root, run_name, cfg.commit.lease_ttl_s)
     try:
         held.acquire()  # before anything is written or cleared: a second driver on this prefix stops here

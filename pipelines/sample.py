@@ -73,9 +73,10 @@ LAPTOP = ("On a laptop (CPU, tiny random models):\n"
 
 
 def list_presets() -> str:
-    rows = [f"{p.name:<15} {p.variant:<28} {'/'.join(p.backbones) or 'any backbone':<14} {p.description}"
-            for p in presets.PRESETS.values()]
-    return "\n".join(rows)
+    cells = [(p.name, p.variant, "/".join(p.backbones) or "any backbone", p.description)
+             for p in presets.PRESETS.values()]
+    widths = [max(len(c[i]) for c in cells) for i in range(3)]  # columns as wide as their longest cell
+    return "\n".join("  ".join(c[i].ljust(widths[i]) for i in range(3)) + "  " + c[3] for c in cells)
 
 
 def list_backbones() -> str:

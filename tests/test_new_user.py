@@ -148,12 +148,17 @@ def test_bivdiff_model_dir_refuses_what_it_would_ignore(tmp_path, extra, expecte
 
 # ---- 7. help and listings ----------------------------------------------------------------------------------------
 def test_help_shows_defaults_exit_codes_and_listings():
+    from pipelines.presets import PRESETS
+
+    PRESET_LIST = list(PRESETS.values())
     h = " ".join(in_process("pipelines.sample", "--help").stdout.split())  # argparse wraps lines
     assert "exit status: 0" in h and "animatediff: 16 frames x 512x512, 50 steps, 8 fps" in h
     assert "default 0" in h and "default 7.5" in h and "--steps 6 --frames 8 --height 64 --width 64" in h
     presets = in_process("pipelines.sample", "--list-presets").stdout.splitlines()
     assert [p.split()[0] for p in presets] == ["standard", "ivmixed", "ivmixed_ad_v1", "ivmixed_ms_v1", "ivmixed_vc_v1"]
     assert "ivmixed_ms_v1" in presets[3] and "modelscope" in presets[3]
+    # the columns line up for the long official variants too: each description starts at the same place
+    assert len({line.index(p.description) for line, p in zip(presets, PRESET_LIST)}) == 1, presets
     backbones = in_process("pipelines.sample", "--list-backbones").stdout
     assert "zeroscope" in backbones and "adamdad/videocrafterv2_diffusers" in backbones
     assert "exit status: 0" in in_process("pipelines.bivdiff", "--help").stdout
@@ -371,9 +376,11 @@ def test_nightly_alarm_quiet_console_and_small_things(tmp_path, tiny_cache):
     # MLflow lives in one per-user folder, never in the current one
     assert os.listdir(cwd) == [] and sorted(os.listdir(home)) == ["mlartifacts", "mlflow.db"]
 
-    r = night("n1", good, "--limit", "2")  # a rerun with nothing to do says so and starts no Ray
+    # a rerun with nothing to do says so and starts no Ray; without a baseline it never opens MLflow (no store made)
+    never = tmp_path / "never.db"
+    r = night("n1", good, "--limit", "2", "--mlflow-uri", f"sqlite:///{never}")
     assert r.returncode == 0 and "nothing to do: every row of the first 2 is committed ok" in r.stderr
-    assert "starting Ray" not in r.stderr
+    assert "starting Ray" not in r.stderr and not never.exists()
 
     client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
     (first,) = parent_runs(client, "nightly")
