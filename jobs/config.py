@@ -77,6 +77,14 @@ class ExportConfig:
 
 
 @section(frozen=True, config=SECTION)
+class VerifyConfig:
+    """After each run: `python -m jobs.verify` over a share of the output (jobs/verify.py), damage set aside."""
+
+    fraction: Annotated[float, Field(ge=0, le=1)] = 0.0  # shards/videos read back per run (bucket by date); 1/7: weekly
+    workers: PositiveInt = 8  # objects read in parallel
+
+
+@section(frozen=True, config=SECTION)
 class ScoresConfig:
     enabled: bool = False  # CLIPSIM, frame consistency and flicker per video, in the generating actor
     clip_model: str = presets.DEFAULT_CLIP_MODEL  # hub id or local folder
@@ -141,6 +149,7 @@ class JobConfig:
     limits: Limits = Limits()
     layout: OutputConfig = OutputConfig()  # YAML `output:` as a mapping (uri + these keys), --output-format
     export: ExportConfig = ExportConfig()
+    verify: VerifyConfig = VerifyConfig()
 
     def record(self) -> dict:
         """Plain nested values (for the resolved-config artifact and MLflow params)."""
@@ -182,7 +191,7 @@ def _keys(name: str, raw: Any, known) -> dict:
 
 
 TOP_KEYS = ("model", "tiny", "tiny_cache", "defaults", "compute", "commit", "mlflow", "manifest", "output", "limit",
-            "fail_on_error", "samplers", "scores", "regression", "bivdiff", "limits", "export")
+            "fail_on_error", "samplers", "scores", "regression", "bivdiff", "limits", "export", "verify")
 
 
 def load(args: argparse.Namespace) -> JobConfig:
@@ -235,6 +244,7 @@ def load(args: argparse.Namespace) -> JobConfig:
                           {"baseline": getattr(args, "baseline", None),
                            "threshold": getattr(args, "regression_threshold", None)})
     export = _section("export", raw.get("export"), ExportConfig)
+    verify = _section("verify", raw.get("verify"), VerifyConfig)
     thresholds = (export.min_clipsim, export.min_frame_consistency, export.max_flicker)
     if export.to and not scores.enabled and thresholds != (None,) * 3:
         raise ValueError("export: score thresholds need scores (set scores.enabled or pass --scores)")
@@ -244,7 +254,8 @@ def load(args: argparse.Namespace) -> JobConfig:
         bivdiff=_bivdiff_section(raw.get("bivdiff"), limits), samplers=_samplers(getattr(args, "samplers", None) or
                                                                                  raw.get("samplers"), model.backbone),
         scores=scores, regression=regression, manifest=manifest, output=output.rstrip("/"), model=model, tiny=tiny,
-        tiny_cache=tiny_cache, limits=limits, layout=layout, export=export, defaults=defaults, compute=compute,
+        tiny_cache=tiny_cache, limits=limits, layout=layout, export=export, verify=verify, defaults=defaults,
+        compute=compute,
         commit=commit, mlflow_uri=(args.mlflow_uri or mlflow_raw.get("uri") or os.environ.get("MLFLOW_TRACKING_URI")
                                    or default_mlflow_uri()),
         experiment=args.experiment or mlflow_raw.get("experiment") or JobConfig.experiment,

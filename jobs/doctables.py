@@ -21,6 +21,7 @@ from typing import Any, Callable
 from jobs import config as job_config
 from jobs import export as export_job
 from jobs import generate as generate_job
+from jobs import verify as verify_job
 from operators import metadata
 from pipelines import params, sample
 from pipelines.bivdiff import __main__ as bivdiff_cli
@@ -37,6 +38,7 @@ COMMANDS: list[tuple[str, Callable[[], argparse.ArgumentParser]]] = [
     ("python -m pipelines.bivdiff", bivdiff_cli.build_parser),
     ("python jobs/generate.py", generate_job.build_parser),
     ("python -m jobs.export", export_job.build_parser),
+    ("python -m jobs.verify", verify_job.build_parser),
 ]
 
 
@@ -134,6 +136,7 @@ SECTIONS: list[tuple[str, type, tuple[str, ...], list[tuple[str, str, str, str]]
      [("uri", "str", "required",
        "the output prefix (`--output` wins); `output: PREFIX` is short for `output: {uri: PREFIX}`")]),
     ("export", job_config.ExportConfig, (), []),
+    ("verify", job_config.VerifyConfig, (), []),
     ("scores", job_config.ScoresConfig, (), []),
     ("regression", job_config.RegressionConfig, (), []),
     ("bivdiff", BivdiffSpec, ("device", "dtype", "decode_chunk"), []),

@@ -25,6 +25,7 @@ import datetime as dt
 import hashlib
 import logging
 import os
+import posixpath
 import subprocess
 import sys
 
@@ -34,9 +35,9 @@ import jobs
 import operators
 import pipelines
 from jobs import config as job_config
-from jobs import pipeline, quality, setup, tracking
+from jobs import pipeline, quality, setup, tracking, verify
 from jobs.export import Filter, export
-from operators import lease, metadata, shards, storage
+from operators import integrity, lease, metadata, shards, storage
 from operators.compute import without_actor_restart_note
 from operators.layout import METADATA, Layout
 from operators.manifest import ManifestError
@@ -183,6 +184,22 @@ def _export(mlflow, run: setup.Run, tag: str) -> dict | None:
     return summary
 
 
+def _verify(mlflow, run: setup.Run) -> None:
+    """The config's `verify`: a share of the output read back (jobs/verify.py), what it finds logged, tagged on the
+    MLflow run and set aside (the lease is held), so that the next run generates those rows again."""
+    share = run.cfg.verify.fraction
+    if not share:
+        return
+    report = verify.verify(run.cfg.output, fraction=share, workers=run.cfg.verify.workers)
+    for f in report.findings:
+        logger.warning("verify: %s %s %s: %s", f.problem, f.what, f.path, f.reason)
+    logger.info("verify: %s", report.summary())
+    mlflow.set_tags({"verify_fraction": share, "verify_objects": report.shards + report.videos,
+                     "verify_damaged": report.count("damaged"), "verify_missing": report.count("missing"),
+                     "verify_found": "; ".join(posixpath.relpath(f.path, run.root) for f in report.findings[:20])})
+    integrity.set_aside(run.fs, run.root, report.damage)
+
+
 def _check_only(mlflow, run: setup.Run) -> int:
     """Nothing to generate but a baseline to compare with: the quality stage over the committed metadata, no Ray."""
     with tracking.open_run(mlflow, run, code_version()[1]) as mlrun:
@@ -198,7 +215,10 @@ def _execute(mlflow, run: setup.Run, total: int) -> int:
     """The run proper, with the output's lease held."""
     cfg, fs, root = run.cfg, run.fs, run.root
     storage.clear_staging(fs, root)
-    shards.remove_orphans(fs, root, run.committed.shards)  # with the lease held: no other run is writing
+    integrity.set_aside(fs, root, run.committed.damage)  # what a rerun found damaged: its rows are made again
+    # with the lease held: no other run is writing; a part set aside leaves its shards unnamed: they go aside too
+    shards.remove_orphans(fs, root, run.committed.shards,
+                          keep=any(d.what == "metadata part" for d in run.committed.damage))
     if shards.salvage(fs, root, run.done, code_version=run.version, output=cfg.layout):
         run = run.replanned()
     logger.info("starting Ray and %d actor(s); each loads its models once", cfg.compute.num_actors)
@@ -258,6 +278,7 @@ def _execute(mlflow, run: setup.Run, total: int) -> int:
                 mlflow.end_run("KILLED")
         exported = _export(mlflow, run, tag)
         regressions = quality.finish(mlflow, cfg, fs, root, run.run_id, export=exported)
+        _verify(mlflow, run)
         storage.clear_staging(fs, root)
         pipeline.remove_scratch(fs, run.layout)
     if regressions:

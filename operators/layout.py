@@ -6,6 +6,8 @@
       metadata/part-<run>-<seq>.parquet        the metadata parts; a row is its video's commit marker
       report/index.html, report/videos/<id>.mp4  the run's report (jobs/report.py) and, with webdataset output, copies
                                                of the videos it shows (a browser cannot play a tar member)
+      metadata/_corrupt/, shards/_corrupt/, videos/_corrupt/
+                                               damaged objects set aside, never read (operators/integrity.py)
       export.json                              a filtered dataset's summary (jobs/export.py)
       _lease.json                              the lease of the driver writing the prefix (operators/lease.py)
       .staging/                                local files before their atomic rename (operators/storage.py)
@@ -22,6 +24,7 @@ from dataclasses import dataclass, replace
 
 VIDEOS, CONTACT, SHARDS, METADATA, REPORT = "videos", "contact", "shards", "metadata", "report"
 EXPORT, LEASE, STAGING, RUNS = "export.json", "_lease.json", ".staging", ".runs"
+CORRUPT = "_corrupt"  # a folder beside damaged objects' own (operators/integrity.py)
 PART = ("part-", ".parquet")  # a metadata part's name: prefix and suffix
 
 

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import metadata, storage
+from . import integrity, metadata, storage
 from .layout import Layout, shard_name
 
 logger = logging.getLogger(__name__)
@@ -218,12 +218,17 @@ def listed(fs, root: str, suffix: str = ".tar") -> set[str]:
         return set()
     return {posixpath.basename(p)[: -len(suffix)] for p in fs.ls(folder, detail=False) if p.endswith(suffix)}
 
-def remove_orphans(fs, root: str, committed_uris) -> list[str]:
+def remove_orphans(fs, root: str, committed_uris, keep: bool = False) -> list[str]:
     """Remove shards (and their stats) that no metadata row names: a driver killed between putting a shard and
-    committing its rows. Only under the output's lease (one writer)."""
+    committing its rows. With `keep` (a metadata part was found unreadable and set aside: its shards are unnamed too)
+    they are set aside instead (operators/integrity.py). Only under the output's lease (one writer)."""
     named = {shard_name(u) for u in committed_uris if u}
     orphans = sorted((listed(fs, root) | listed(fs, root, ".json")) - named)
     layout = Layout(root)
+    if keep:
+        integrity.set_aside(fs, root, [integrity.Damage(layout.shard(n), "shard", "no readable metadata row names it")
+                                       for n in orphans])
+        return orphans
     for name in orphans:
         for path in (layout.shard(name), layout.shard_stats(name)):
             if fs.exists(path):

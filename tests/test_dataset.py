@@ -243,6 +243,7 @@ def test_newest_row_and_done_ids_in_arrow(tmp_path, monkeypatch):
                                                        table["shard_uri"].to_pylist()], pa.string()))
     pq.write_table(table, root / "metadata" / "part-1.parquet")
     (root / "shards" / "s-00000.tar").write_bytes(b"")
+    (root / "shards" / "s-00000.json").write_text('{"bytes": 0}')  # a committed shard has its stats
     (root / "videos" / "a.mp4").write_bytes(b"")
     import fsspec
 
