@@ -42,7 +42,7 @@ test-unit: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow and not integration and not heavy" -q -rs
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow" -q -rs
+	$(BIN)/python -m pytest -m "not slow" -q -rs --durations=40
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -rs
