@@ -126,9 +126,6 @@ def run(cfg: job_config.JobConfig, manifest: setup.Manifest) -> int:
     committed = setup.committed(cfg, fs, root)
     limit = min(manifest.rows, cfg.limit or manifest.rows)
     plan = setup.plan(cfg, manifest, committed.done)
-    logger.info("manifest: %d rows%s; %d ids already committed under %s; %d row(s) to run", manifest.rows,
-                f" (--limit {cfg.limit}: the first {limit})" if limit < manifest.rows else "", len(committed.done),
-                cfg.output, plan.pending)
     try:
         model, bivdiff, scorer = setup.models(cfg, "bivdiff" in manifest.kinds)
     except ValueError as err:
@@ -138,8 +135,14 @@ def run(cfg: job_config.JobConfig, manifest: setup.Manifest) -> int:
     run_name = cfg.run_name or f"{os.path.basename(root) or 'run'}-{stamp}"
     plan = setup.Run(cfg, manifest, setup.resolver(cfg, model, bivdiff, manifest.kinds), fs, Layout(root), committed,
                      plan, scorer, run_name, version=code_version()[0])
+    todo, exact = setup.rows_to_run(plan)
+    logger.info("manifest: %d rows%s; %d ids already committed under %s; %s row(s) to run%s", manifest.rows,
+                f" (--limit {cfg.limit}: the first {limit})" if limit < manifest.rows else "", len(committed.done),
+                cfg.output, todo if exact else f"about {todo}", _per_sampler(cfg, manifest))
+    for line in setup.duplicate_lines(manifest):
+        logger.warning("%s", line)
     # a rerun with nothing left and no baseline to check ends here: no scorer load, no MLflow store created
-    idle = bool(len(committed.done)) and not setup.anything_to_do(plan)
+    idle = not todo
     if idle and not cfg.regression.baseline:
         logger.info("nothing to do: every row%s is committed ok under %s",
                     f" of the first {limit}" if limit < manifest.rows else "", cfg.output)
@@ -165,9 +168,16 @@ def run(cfg: job_config.JobConfig, manifest: setup.Manifest) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
-        return _execute(mlflow, plan, total=limit * len(cfg.samplers or [None]))
+        return _execute(mlflow, plan, total=todo)
     finally:
         held.release()
+
+
+def _per_sampler(cfg: job_config.JobConfig, manifest: setup.Manifest) -> str:
+    """How A/B rows are counted, said next to the count: one output row per sampler."""
+    if cfg.samplers:
+        return f" ({len(cfg.samplers)} per manifest row: one for each of --samplers)"
+    return " (an A/B manifest row counts once per sampler)" if manifest.groups else ""
 
 
 def _export(mlflow, run: setup.Run, tag: str) -> dict | None:
@@ -219,8 +229,11 @@ def _execute(mlflow, run: setup.Run, total: int) -> int:
     # with the lease held: no other run is writing; a part set aside leaves its shards unnamed: they go aside too
     shards.remove_orphans(fs, root, run.committed.shards,
                           keep=any(d.what == "metadata part" for d in run.committed.damage))
-    if shards.salvage(fs, root, run.done, code_version=run.version, output=cfg.layout):
+    salvaged = shards.salvage(fs, root, run.done, code_version=run.version, output=cfg.layout)
+    if salvaged:
         run = run.replanned()
+        total = setup.rows_to_run(run)[0]
+        logger.info("%d row(s) left to run after the salvage", total)
     logger.info("starting Ray and %d actor(s); each loads its models once", cfg.compute.num_actors)
     ray = pipeline.init_ray()
     device = pipeline.pick_device(cfg.compute.device, ray.cluster_resources())
@@ -237,8 +250,7 @@ def _execute(mlflow, run: setup.Run, total: int) -> int:
     with tracking.open_run(mlflow, run, code_version()[1]) as mlrun:
         run = run.started(mlrun.info.run_id)
         status = "FINISHED"
-        progress = tracking.Progress(run.plan.pending * len(cfg.samplers or [None]) if not run.plan.resolve_done
-                                     else max(total - len(run.done), 0))
+        progress = tracking.Progress(total)  # the count the console gave as "row(s) to run"
         tag = f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{run.run_id[:8]}"
         writer = metadata.MetadataWriter(fs, root, tag)
         sink = (shards.run_sink(fs, root, writer, tag, run.run_id, cfg.layout, run.version)

@@ -142,7 +142,8 @@ def summary(groups: dict[str, dict[str, Any]]) -> str:
     parts = []
     for g, s in groups.items():
         scores = ", ".join(f"{n} {s[n + '_mean']:.3f}" for n in SCORES if n + "_mean" in s)
-        parts.append(f"{g}: {s['success_rate']:.0%} ok" + (f", {scores}" if scores else ""))
+        n = int(s["n"])
+        parts.append(f"{g}: {round(s['success_rate'] * n)}/{n} ids ok" + (f", {scores}" if scores else ""))
     return "; ".join(parts)
 
 

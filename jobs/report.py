@@ -160,7 +160,8 @@ def write_report(fs, root: str, table: pa.Table, groups: dict, title: str, expor
     dest = Layout(root).report
     storage.put_bytes(fs, page.encode(), dest, root)
     ok = sum(r["status"] == "ok" for r in rows)
-    logger.info("report: %s (%d videos, %d failed rows)", storage.full_uri(fs, dest), ok, len(rows) - ok)
+    logger.info("report: %s (%d videos, %d failed ids; the report shows one row per id)", storage.full_uri(fs, dest),
+                ok, len(rows) - ok)
     return dest
 
 

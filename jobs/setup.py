@@ -31,6 +31,7 @@ from pipelines.params import BIVDIFF, CPU_SECONDS_PER_UNIT, GENERATION, SLOW_ON_
 logger = logging.getLogger(__name__)
 PLAN_IN_DRIVER_ROWS = 100_000  # up to this many manifest rows the driver checks for work itself before starting Ray
 PLAN_CHUNK = 256  # rows resolved at a time; the check stops at the first chunk with work in it
+COUNT_IN_DRIVER_ROWS = 10_000  # up to this many manifest rows the driver counts the rows to run exactly (~2.5 s)
 SIZE_CHECK_ROWS = 10_000  # rows the CPU-size check resolves in the driver (about 1.5 s)
 
 
@@ -243,20 +244,45 @@ def resolver(cfg: job_config.JobConfig, model: ModelSpec, bivdiff: BivdiffSpec, 
                           limits=cfg.limits, samplers=cfg.samplers, structures=structures)
 
 
-def anything_to_do(run: Run) -> bool:
-    """Whether some manifest row is not committed ok yet: the plan's count, and for kept rows whose id is only known
-    once resolved, the resolve stage's own function (same ids) on manifests up to PLAN_IN_DRIVER_ROWS rows; larger
-    ones are left to the Ray stage (True)."""
+def duplicate_lines(manifest: Manifest, named: int = 5) -> list[str]:
+    """The console's word on ids that several manifest rows share: each such row is recorded failed, and the output
+    (and its report and quality figures, which count ids) holds one row per id."""
+    dups = manifest.duplicate_ids
+    if not len(dups):
+        return []
+    ids = manifest.ids.combine_chunks()
+    rows = pc.sum(pc.is_in(ids, value_set=dups)).as_py()
+    shown = ", ".join(repr(i) for i in dups.slice(0, named).to_pylist()) + (", ..." if len(dups) > named else "")
+    return [f"manifest: {rows} rows share {len(dups)} id(s) ({shown}); each is recorded failed (ids must be unique), "
+            "so the progress line counts those rows and the report and quality figures, one row per id"]
+
+
+def rows_to_run(run: Run) -> tuple[int, bool]:
+    """(the rows this run will record, whether the count is exact): what the console's "row(s) to run" and the
+    progress line's total both say (docs/job.md "Console"). A row is an output row: an A/B manifest row counts once
+    per sampler, a duplicate or invalid row counts (it is recorded failed). Rows whose id is only known once resolved
+    are resolved here with the resolve stage's own function, on manifests up to COUNT_IN_DRIVER_ROWS rows; beyond,
+    the count is the rows times the samplers less the committed ids (an estimate), and the nothing-to-do check stops
+    at the first chunk with work in it."""
+    samplers = len(run.cfg.samplers or [None])
     if not run.plan.pending:
-        return False
+        return 0, True
     table = run.manifest.table
-    if not run.plan.resolve_done or table is None:
-        return True
-    if run.plan.keep is not None:
+    if not run.plan.resolve_done:
+        return run.plan.pending * samplers, True
+    if table is not None and run.plan.keep is not None:
         table = table.filter(run.plan.keep)
-    return any(resolve_rows(table.slice(i, PLAN_CHUNK), run.resolver, done=run.done,
-                            duplicate_ids=run.manifest.duplicate_ids).num_rows
-               for i in range(0, table.num_rows, PLAN_CHUNK))
+
+    def resolved(chunk: pa.Table) -> int:
+        return resolve_rows(chunk, run.resolver, done=run.done, duplicate_ids=run.manifest.duplicate_ids).num_rows
+
+    if table is not None and table.num_rows <= COUNT_IN_DRIVER_ROWS:
+        return sum(resolved(table.slice(i, PLAN_CHUNK)) for i in range(0, table.num_rows, PLAN_CHUNK)), True
+    estimate = max(run.plan.pending * samplers - len(run.done), 0)
+    if table is None:
+        return max(estimate, 1), False
+    work = any(resolved(table.slice(i, PLAN_CHUNK)) for i in range(0, table.num_rows, PLAN_CHUNK))
+    return (max(estimate, 1) if work else 0), not work
 
 
 def slow_on_cpu(run: Run) -> str | None:

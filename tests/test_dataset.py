@@ -205,6 +205,9 @@ def test_killed_webdataset_run_leaves_no_partial_shard_and_no_duplicate(tmp_path
     salvaged = {i for i, m in ok.items() if m["run_id"] == first_run} - first_ids
     assert waiting - first_ids and waiting - first_ids <= salvaged, "no finished sample waited in scratch at the kill"
     assert f"packed {len(salvaged)} sample(s)" in r.stderr
+    # the rows left after the salvage are what the progress line counts to (issue 29, item 9)
+    left = re.search(r"(\d+) row\(s\) left to run after the salvage", r.stderr)
+    assert left and f"progress: {left[1]}/{left[1]} rows" in r.stderr, r.stderr[-3000:]
     # the killed driver's MLflow run, left RUNNING, is marked KILLED by the rerun (which holds the output's lease)
     from mlflow.tracking import MlflowClient
 

@@ -360,7 +360,8 @@ def test_nightly_alarm_quiet_console_and_small_things(tmp_path, tiny_cache):
     cfg = tiny_config(tmp_path / "job.yaml", tiny_cache, defaults={"steps": 2, "frames": 4, "height": 32, "width": 32},
                       commit={"progress_seconds": 0})
     good = _manifest(tmp_path / "good.parquet")
-    bad = _manifest(tmp_path / "bad.parquet", height=[65, 66, 67])  # every row fails validation
+    # every row fails validation; two rows share an id
+    bad = _manifest(tmp_path / "bad.parquet", height=[65, 66, 67], id=["r0", "r0", "r2"])
 
     def night(name, manifest, *extra):
         return subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "generate.py"), "--config", cfg, "--manifest",
@@ -371,7 +372,7 @@ def test_nightly_alarm_quiet_console_and_small_things(tmp_path, tiny_cache):
     assert r.returncode == 0, r.stderr[-4000:]
     assert "manifest: 3 rows (--limit 2: the first 2); 0 ids already committed" in r.stderr
     assert r.stderr.count("progress: 2/2 rows (2 ok, 0 failed)") == 1  # the last line is not logged twice
-    assert "(2 videos, 0 failed rows)" in r.stderr
+    assert "(2 videos, 0 failed ids; the report shows one row per id)" in r.stderr
     assert not [n for n in NOISE if n in r.stderr], r.stderr[-4000:]
     # MLflow lives in one per-user folder, never in the current one
     assert os.listdir(cwd) == [] and sorted(os.listdir(home)) == ["mlartifacts", "mlflow.db"]
@@ -390,6 +391,10 @@ def test_nightly_alarm_quiet_console_and_small_things(tmp_path, tiny_cache):
     r = night("n2", bad, "--baseline", "last")
     assert r.returncode == 3, r.stderr[-4000:]
     assert "ivmixed success_rate: 0 vs baseline 1" in r.stderr
+    # the console says what each count counts: rows (progress) or ids (report, quality) (issue 29, item 9)
+    assert "3 row(s) to run" in r.stderr and "manifest: 2 rows share 1 id(s) ('r0')" in r.stderr
+    assert "progress: 3/3 rows (0 ok, 3 failed)" in r.stderr and "(0 videos, 2 failed ids;" in r.stderr
+    assert "ivmixed: 0/2 ids ok" in r.stderr, r.stderr[-4000:]
     assert {(m["status"], m["sampler"]) for m in read_latest(str(tmp_path / "n2")).to_pylist()} == {
         ("failed", "ivmixed")}
     # the regressed night never becomes the baseline: the next bad night compares with the first one and fails too
@@ -442,3 +447,32 @@ def test_every_shipped_job_config_loads():
         d = job_config.load(build_parser().parse_args(["--config", os.path.join(folder, laptop), "--manifest", "m",
                                                        "--output", "o"])).defaults
         assert d["frames"] <= 8 and d["height"] <= 64 and d["width"] <= 64 and d["steps"] <= 6, (laptop, d)
+
+
+def test_the_tiny_tokenizer_keeps_a_tagged_bivdiff_prompt_within_clip_length(tmp_path, caplog):
+    """Item 9: BIVDiff's quality tags and negative prompt are about one tiny-set token a word, as with CLIP's own
+    vocabulary (~40 tokens), so a tagged prompt is not truncated on the tiny set alone; a prompt that is truly long
+    still is, once (the text encoder's own path, pipelines/backbones/common.py)."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from pipelines import presets
+    from pipelines.backbones import common
+    from pipelines.fixtures.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(str(tmp_path / "tok"))
+    tagged = "a bear walking through a snow mountain" + presets.BIVDIFF_POS
+    words = [len(t.split()) for t in (tagged, presets.BIVDIFF_NEG)]
+    counts = [len(tok(t).input_ids) for t in (tagged, presets.BIVDIFF_NEG)]
+    assert all(c <= 77 for c in counts) and counts[1] <= 2 * words[1] + 2, counts
+    assert max(tok.get_vocab().values()) < 1000  # the tiny text encoders' vocabulary
+    torch.manual_seed(0)
+    encoder = CLIPTextModel(CLIPTextConfig(vocab_size=1000, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                           num_attention_heads=2, max_position_embeddings=77))
+    common._TRUNCATED.clear()
+    with caplog.at_level("WARNING"):
+        common.encode_prompts(tok, encoder, [tagged, presets.BIVDIFF_NEG], torch.device("cpu"))
+        assert "truncated" not in caplog.text
+        common.encode_prompts(tok, encoder, [tagged + " with waves" * 20], torch.device("cpu"))
+    assert caplog.text.count("CLIP tokens are truncated") == 1
+    common._TRUNCATED.clear()

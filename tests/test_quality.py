@@ -106,6 +106,9 @@ def test_job_scores_pairs_report_and_regression_check(tmp_path, tiny_ad_dir):
               "--experiment", "q"]
     r = run_job(*common, "--output", str(tmp_path / "night1"))
     assert r.returncode == 0, r.stderr[-3000:]
+    # the console counts output rows alike: 5 manifest rows x 2 samplers (issue 29, item 9)
+    assert "10 row(s) to run (2 per manifest row: one for each of --samplers)" in r.stderr, r.stderr[-3000:]
+    assert "progress: 10/10 rows (10 ok, 0 failed)" in r.stderr and "standard: 5/5 ids ok" in r.stderr
     meta = read_latest(str(tmp_path / "night1")).to_pylist()
     assert len(meta) == 10 and all(m["status"] == "ok" and m["clipsim"] is not None for m in meta)
     by_pair = {}
