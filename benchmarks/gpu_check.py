@@ -3,12 +3,13 @@
     python benchmarks/gpu_check.py [--models .cache/fullsize] [--steps 4] [--json gpu_check.json]
     python benchmarks/gpu_check.py --smoke     # same code on the CPU with tiny models (make test runs it)
 
-For each backbone (16 x 512 x 512, float16): seconds per video for `standard`, `ivmixed` and the backbone's `*_v1`
-preset, extrapolated from `--steps` sampling steps to the backbone's 50 (per-step time x 50 + one decode; said in
-the table), milliseconds per IDM and per VDM call, peak GPU memory, the fraction of sampling wall time spent inside
-model calls (CUDA events around each call: what is left is Python and launch overhead), and videos per hour per GPU
-at sampler_batch 1, 2 and 4. One table is printed and the same numbers are written as JSON. Needs ~8 minutes on one
-H100/H200-class GPU, most of it writing the random models (`python -m pipelines.fixtures.tiny KIND DIR --full-size`)
+For each backbone (16 x 512 x 512, float16): seconds per video for `standard`, `ivmixed`, `ivmixed_fast` and the
+backbone's `*_v1` preset, extrapolated from `--steps` sampling steps to the backbone's 50 (the calls of the 50-step
+plan at each model's measured time, + one decode; said in the table), milliseconds per IDM and per VDM call, peak GPU
+memory, the fraction of sampling wall time spent inside model calls (CUDA events around each call: what is left is
+Python and launch overhead), and videos per hour per GPU at sampler_batch 1, 2 and 4. One table is printed and the
+same numbers are written as JSON. Needs ~8 minutes on one H100/H200-class GPU, most of it writing the random models
+(`python -m pipelines.fixtures.tiny KIND DIR --full-size`)
 once.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pipelines.backbones.registry import load_backbone
 from pipelines.cli import quiet_libraries
 from pipelines.config import ModelSpec, resolve_params
 from pipelines.fixtures.tiny import ensure_tiny
-from pipelines.generate import generate
+from pipelines.generate import build_plan, generate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 logger = logging.getLogger("gpu_check")
@@ -96,7 +97,10 @@ def instrument(backbone, clock: Clock) -> None:
     make = backbone.denoisers
 
     def denoisers(*args, **kwargs):
-        return {k: clock.wrap(d, k) for k, d in make(*args, **kwargs).items()}
+        made = make(*args, **kwargs)
+        for k, d in made.items():  # the model function inside each CFG denoiser: its ε pairs stay reusable
+            d.eps_fn = clock.wrap(d.eps_fn, k)
+        return made
 
     backbone.denoisers = denoisers
 
@@ -119,9 +123,9 @@ def check_backbone(name: str, folder: str, setup: Setup) -> dict:
     instrument(bb, clock)
     cuda = bb.device.type == "cuda"
 
-    def params(sampler: str, seed: int):
+    def params(sampler: str, seed: int, steps: int | None = None):
         return resolve_params({"prompt": "a red fox running through fresh snow, golden hour", "sampler": sampler,
-                               "steps": setup.steps, "frames": setup.frames, "height": setup.size,
+                               "steps": steps or setup.steps, "frames": setup.frames, "height": setup.size,
                                "width": setup.size, "seed": seed}, backbone=name)
 
     def run(sampler: str, batch: int) -> dict:
@@ -140,7 +144,13 @@ def check_backbone(name: str, folder: str, setup: Setup) -> dict:
         bb.decode(result[0].latents.to(bb.device).repeat(batch, 1, 1, 1, 1))
         clock.sync()
         decode = time.perf_counter() - t
-        per_video = (sampling * setup.full_steps / setup.steps + decode) / batch
+        # to the full length by the calls the full plan makes, each at its model's measured time (an interval
+        # covers another share of 4 steps than of 50)
+        ms = {k: sum(v) / len(v) for k, v in calls.items()}
+        full = build_plan(bb, [params(sampler, 0, setup.full_steps)]).calls()
+        made = sum(n * ms.get(k, 0.0) for k, n in result[0].calls.items())
+        scale = sum(n * ms.get(k, 0.0) for k, n in full.items()) / made if made else setup.full_steps / setup.steps
+        per_video = (sampling * scale + decode) / batch
         return {"sampler": sampler, "batch": batch, "sampling_s": sampling, "decode_s": decode,
                 "seconds_per_video": per_video, "videos_per_hour": 3600 / per_video,
                 "ms_per_call": {k: 1000 * sum(v) / len(v) for k, v in calls.items()},
@@ -148,7 +158,7 @@ def check_backbone(name: str, folder: str, setup: Setup) -> dict:
                 "busy_fraction": sum(sum(v) for v in calls.values()) / sampling,
                 "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
 
-    presets_run = [run(s, 1) for s in ("standard", "ivmixed", V1[name])]
+    presets_run = [run(s, 1) for s in ("standard", "ivmixed", "ivmixed_fast", V1[name])]
     batches = [run("ivmixed", b) for b in setup.batches if b > 1]
     out = {"backbone": name, "presets": presets_run, "batches": [presets_run[1], *batches]}
     bb = None  # the closures hold it too: release the models before emptying the CUDA cache

@@ -16,16 +16,16 @@ from pipelines.metrics import SCORES
 
 logger = logging.getLogger(__name__)
 # what the aggregates read of every current row, and what the score table and the report read of the rows they show
-AGGREGATE = ("id", "finished_at", "status", "sampler", "pair_id", *SCORES)
+AGGREGATE = ("id", "finished_at", "status", "sampler", "pair_id", *SCORES, "tflop")
 COLUMNS = ("id", "finished_at", "status", "error", "sampler", "pair_id", "variant", "seed", "prompt", "task", "width",
-           *SCORES, "score_error", "video_uri", "contact_uri", "bytes", "shard_uri", "shard_offset")
+           *SCORES, "score_error", "tflop", "video_uri", "contact_uri", "bytes", "shard_uri", "shard_offset")
 SCORE_TABLE_ROWS = 100_000  # the per-video score table in MLflow holds at most this many rows (all of them: metadata)
 HIGHER_IS_BETTER = {"clipsim": True, "frame_consistency": True, "flicker": False, "success_rate": True}
 
 
 def aggregate(table: pa.Table) -> dict[str, dict[str, float]]:
-    """{sampler: {n, success_rate, <score>_mean, <score>_p5, <score>_p95}} over the current metadata rows (masks in
-    Arrow, numbers in numpy: no Python row per video, so a 10M-row output aggregates in seconds)."""
+    """{sampler: {n, success_rate, <score>_mean, <score>_p5, <score>_p95, tflop_mean}} over the current metadata rows
+    (masks in Arrow, numbers in numpy: no Python row per video, so a 10M-row output aggregates in seconds)."""
     n = table.num_rows
     sampler = table["sampler"] if "sampler" in table.column_names else pa.nulls(n, pa.string())
     sampler = pc.fill_null(pc.if_else(pc.equal(sampler, ""), None, sampler), "unresolved") if n else sampler
@@ -45,6 +45,10 @@ def aggregate(table: pa.Table) -> dict[str, dict[str, float]]:
                 stats[f"{score}_mean"] = float(vals.mean())
                 stats[f"{score}_p5"] = float(np.percentile(vals, 5))
                 stats[f"{score}_p95"] = float(np.percentile(vals, 95))
+        if "tflop" in table.column_names and table["tflop"].type != pa.null():
+            cost = table["tflop"].filter(good).drop_null()
+            if len(cost):  # what a video of this sampler cost (docs/algorithms.md §10), beside its scores
+                stats["tflop_mean"] = float(pc.mean(cost).as_py())
         out[name] = stats
     return out
 

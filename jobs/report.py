@@ -94,7 +94,8 @@ def build_html(rows: list[dict], contacts: dict[str, str], videos: dict[str, str
             pairs[r["pair_id"]].append(r)
     summary = "".join(
         f"<tr><td>{html.escape(g)}</td><td>{int(s['n'])}</td><td>{s['success_rate']:.0%}</td>"
-        + "".join(f"<td>{_fmt(s.get(n + '_mean'))}</td>" for n in SCORES) + "</tr>" for g, s in groups.items())
+        + "".join(f"<td>{_fmt(s.get(n + '_mean'))}</td>" for n in SCORES)
+        + f"<td>{_fmt(s.get('tflop_mean'))}</td></tr>" for g, s in groups.items())
     ab = "".join(
         f"<section class='pair'><h3>{html.escape(pid)}</h3><div class='row'>"
         + "".join(_card(r, contacts.get(r["id"]), videos.get(r["id"]))
@@ -104,7 +105,7 @@ def build_html(rows: list[dict], contacts: dict[str, str], videos: dict[str, str
     gallery = "".join(_card(r, contacts.get(r["id"]), videos.get(r["id"])) for r in rows if not r.get("pair_id"))
     plot_imgs = "".join(f"<img class='plot' alt='{n} per sampler' src='{_data_uri(b, 'image/png')}'>"
                         for n, b in plots.items())
-    heads = "".join(f"<th>{n} (mean)</th>" for n in SCORES)
+    heads = "".join(f"<th>{n} (mean)</th>" for n in SCORES) + "<th>TFLOP / video</th>"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>

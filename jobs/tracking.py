@@ -83,7 +83,7 @@ class Progress:
 
     def __init__(self, total: int):
         self.total, self.ok, self.failed = total, 0, 0
-        self.seconds, self.nfe = 0.0, 0
+        self.seconds, self.nfe, self.tflop = 0.0, 0, 0.0
         self.start = self.last_row = time.monotonic()
         self.logged: tuple[int, int] | None = None  # (ok, failed) of the last line logged
         self.step = 0  # MLflow progress step
@@ -98,12 +98,13 @@ class Progress:
     def add(self, table) -> None:
         if table.num_rows:
             self.last_row = time.monotonic()
-        columns = (table.column(c).to_pylist() for c in ("status", "seconds", "nfe", "error"))
-        for status, secs, nfe, error in zip(*columns):
+        columns = (table.column(c).to_pylist() for c in ("status", "seconds", "nfe", "error", "tflop"))
+        for status, secs, nfe, error, tflop in zip(*columns):
             if status == "ok":
                 self.ok += 1
                 self.seconds += secs or 0.0
                 self.nfe += nfe or 0
+                self.tflop += tflop or 0.0
             else:
                 self.failed += 1
                 cause = next((m for p, m in FAILURE_CAUSES.items() if (error or "").startswith(p)), None)
@@ -116,7 +117,8 @@ class Progress:
         return {"rows_ok": self.ok, "rows_failed": self.failed, "rows_done": done,
                 "videos_per_hour": 3600.0 * self.ok / elapsed,
                 "seconds_per_video": self.seconds / self.ok if self.ok else 0.0,
-                "nfe_per_video": self.nfe / self.ok if self.ok else 0.0, "elapsed_seconds": elapsed, **self.causes}
+                "nfe_per_video": self.nfe / self.ok if self.ok else 0.0, "elapsed_seconds": elapsed,
+                "tflop_total": self.tflop, "tflop_per_video": self.tflop / self.ok if self.ok else 0.0, **self.causes}
 
     def line(self) -> str:
         m = self.metrics()

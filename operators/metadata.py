@@ -42,6 +42,7 @@ RUN_FIELDS = [
     ("calls_idm", pa.int64()),  # the image model's share of model_calls
     ("calls_vdm", pa.int64()),  # the video model's share of model_calls
     ("nfe", pa.int64()),  # network evaluations: 2 x model_calls (CFG pairs); BIVDiff's inversion calls once
+    ("tflop", pa.float64()),  # its model calls and VAE decode in TFLOP, counted per shape (docs/algorithms.md §10)
     ("code_version", pa.string()),  # the package version + a hash of the project's sources (+ git commit if known)
     ("run_id", pa.string()),  # the run that made it (the MLflow run id when tracked)
     ("worker", pa.string()),  # host:pid of the process that made the row (an actor of the pool, or a driver task)

@@ -230,7 +230,8 @@ class RowWorker:
         uri = (lambda path: None) if self.shards else (lambda path: storage.full_uri(self.fs, path))
         return dict(video_uri=uri(dest), bytes=size, sha256=digest, contact_uri=uri(sheet) if self.contact else None,
                     seconds=result.seconds + time.perf_counter() - start, model_calls=result.total_calls,
-                    calls_idm=result.calls["I"], calls_vdm=result.calls["V"], nfe=result.nfe)
+                    calls_idm=result.calls["I"], calls_vdm=result.calls["V"], nfe=result.nfe,
+                    tflop=None if getattr(result, "flops", None) is None else result.flops / 1e12)
 
     def _published(self, rid: str, result) -> dict:
         """Publish one sampled video: its ok row, or a failed row saying why writing it failed."""

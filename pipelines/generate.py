@@ -14,6 +14,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from .config import GenParams
+from .cost import backbone_costs
 from .grammar import Plan, compile_plan
 from .sampling import RowNoise, sample_plan, sde_dpmpp_2m
 from .schedule import dpm_timesteps, timesteps
@@ -28,6 +29,7 @@ class VideoResult:
     frames: torch.Tensor | None  # (F, H, W, 3) float32 in [0, 1], cpu; None when not decoded
     calls: dict  # model calls per model for this video ({"I": n, "V": m}); NFE = 2 x total
     seconds: float  # wall seconds of its batch divided by the batch size
+    flops: float | None = None  # its model calls and decode, counted per shape (pipelines/cost.py); None: not counted
 
     @property
     def total_calls(self) -> int:
@@ -88,6 +90,7 @@ def generate(backbone, rows: Sequence[GenParams], *, decode: bool = True,
     start = time.perf_counter()
     plan = build_plan(backbone, rows)
     p = rows[0]
+    costs = backbone_costs(backbone, p.frames, p.height, p.width, p.fps, plan.resize)
     noise = RowNoise([r.seed for r in rows])
     factor = backbone.spatial_factor
     shape = (backbone.latent_channels, p.frames, p.height // factor, p.width // factor)
@@ -107,8 +110,9 @@ def generate(backbone, rows: Sequence[GenParams], *, decode: bool = True,
         frames = backbone.decode(x) if decode else None
     latents = x.float().cpu()
     seconds = (time.perf_counter() - start) / len(rows)
-    return [VideoResult(r, latents[b : b + 1].clone(), None if frames is None else frames[b], dict(calls), seconds)
-            for b, r in enumerate(rows)]
+    flops = None if costs is None else costs.of(calls, decode)
+    return [VideoResult(r, latents[b : b + 1].clone(), None if frames is None else frames[b], dict(calls), seconds,
+                        flops) for b, r in enumerate(rows)]
 
 
 def batches(rows: Sequence[GenParams], max_batch: int) -> Iterator[list[int]]:

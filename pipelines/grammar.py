@@ -32,7 +32,8 @@ NAMED = {
 }
 W_KEYS = ("w_go_I", "w_back_I", "w_go_V", "w_back_V")
 PARAM_KEYS = ("w_main", "interval", "sub_every")  # per-row parameters a pattern may also set
-CHOICES = {"main": ("I", "V"), "labels": ("chain", "legacy_ad"), "resize": ("none", "nearest64"), "sub_cfg": ("I", "V")}
+CHOICES = {"main": ("I", "V"), "labels": ("chain", "legacy_ad"), "resize": ("none", "nearest64"), "sub_cfg": ("I", "V"),
+           "reuse": ("off", "exact", "V")}
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,10 @@ class Variant:
     resize: str = "none"  # "nearest64": IDM sees latents resized to 64x64 (ModelScope code, docs/algorithms.md §3)
     sub_cfg: str = "V"  # CFG schedule of letters substituted by `sub_every` (AD: V, VC: I)
     w: tuple[tuple[str, CFGRamp], ...] = ()  # explicit signed zigzag scales, e.g. (("w_go_I", CFGRamp(4,4,7,-1)),)
+    # reuse of a model call's ε pair within a step (docs/algorithms.md §10): "off"; "exact" (a call whose model,
+    # timestep and input equal an earlier one's takes its pair: the same numbers, fewer calls); "V" (exact, and a
+    # video-model call at a timestep an earlier video-model call of the step had takes that call's pair: approximate)
+    reuse: str = "off"
 
     @property
     def k(self) -> int:
@@ -123,6 +128,8 @@ class Variant:
             opts.append(f"resize={self.resize}")
         if self.sub_cfg != "V":
             opts.append(f"sub_cfg={self.sub_cfg}")
+        if self.reuse != "off":
+            opts.append(f"reuse={self.reuse}")
         opts += [f"{k}={r.text()}" for k, r in self.w]
         return f"{self.orientation}:{self.front}-{self.back}" + ("@" + ",".join(opts) if opts else "")
 
@@ -228,6 +235,9 @@ class Move:
     kind: str  # "down" | "up" | "noise" | "main"
     src: int  # nominal levels, for tests and logs
     dst: int
+    # reuse=V: the index, among the step's model moves (zigzag, then main; R moves not counted), of the earlier
+    # video-model call whose ε pair this move takes instead of calling the model (docs/algorithms.md §10)
+    shares: int | None = None
 
     def is_identity(self) -> bool:
         return self.model != "R" and bool(torch.equal(self.a_from, self.a_to))
@@ -245,15 +255,34 @@ class StepPlan:
 class Plan:
     steps: tuple[StepPlan, ...]
     resize: str = "none"
+    reuse: str = "off"  # Variant.reuse
 
     def calls(self) -> dict[str, int]:
-        """Model calls per model ("I", "V"); one call = one CFG-batched forward, NFE = 2 x calls."""
+        """Model calls per model ("I", "V"); one call = one CFG-batched forward, NFE = 2 x calls. A move that takes
+        an earlier call's ε pair (reuse=V) is not a call; exact reuse, which depends on the numbers, can only make
+        fewer."""
         out = {"I": 0, "V": 0}
         for step in self.steps:
             for mv in (*step.zigzag, step.main):
-                if mv.model in out:
+                if mv.model in out and mv.shares is None:
                     out[mv.model] += 1
         return out
+
+
+def share_video_calls(moves: Sequence[Move]) -> list[Move]:
+    """reuse=V: each video-model move whose timestep an earlier video-model move of the same step had takes that
+    move's ε pair (`Move.shares`); the first call at a timestep is made (docs/algorithms.md §10)."""
+    first: dict[int, int] = {}
+    out = []
+    calls = 0  # the index counts model moves only (an R move calls no model)
+    for mv in moves:
+        if mv.model == "V" and mv.timestep in first:
+            mv = replace(mv, shares=first[mv.timestep])
+        elif mv.model == "V":
+            first[mv.timestep] = calls
+        calls += mv.model != "R"
+        out.append(mv)
+    return out
 
 
 def compile_plan(
@@ -338,5 +367,7 @@ def compile_plan(
                     moves.append(Move(model, src, A(src), A(dst), w, "down", src, dst))
             if not keep_noop and all(m.is_identity() for m in moves):
                 moves = []
+        if variant.reuse == "V":
+            *moves, main = share_video_calls([*moves, main])
         steps.append(StepPlan(i, t, tuple(moves), main))
-    return Plan(tuple(steps), variant.resize)
+    return Plan(tuple(steps), variant.resize, variant.reuse)

@@ -46,6 +46,10 @@ PRESETS: dict[str, Preset] = {
         Preset("standard", "standard", "plain DDIM, same grid/CFG/noise as the IV-Mixed presets (the A/B baseline)"),
         Preset("ivmixed", "down:IV-IV",
                "clean IV-IV zigzag, self-consistent timestep labels (docs/algorithms.md §2), t=0 no-op skipped"),
+        Preset("ivmixed_fast", "down:IV-IV@reuse=V",
+               "IV-IV on the first 40% of the steps, the second video-model call of each zigzag reusing the first's "
+               "ε pair (docs/algorithms.md §10): both models on every active step, at most 2x standard's FLOPs on "
+               "AnimateDiff", interval="0.0..0.4"),
         Preset(
             "ivmixed_ad_v1", "down:IV-IV@labels=legacy_ad",
             "official AnimateDiff code (docs/algorithms.md §5): legacy label swap, VDM text embeddings for the IDM, "

@@ -18,15 +18,18 @@ from . import interrupt
 interrupt.while_loading(__name__, interrupt.CLI)  # before torch and diffusers load
 
 import argparse
+import functools
+import json
 import logging
 import time
 
-from . import cli, params, presets
+from . import cli, cost, params, presets
 from .backbones import registry
 from .backbones.common import resolve_placement
 from .cli import EXIT_CODES, check_source, load_models, progress_bar
 from .config import ModelSpec, resolve_params
-from .generate import generate
+from .fixtures.published import meta_backbone
+from .generate import build_plan, generate
 from .outputs import check_output
 
 logger = logging.getLogger("pipelines.sample")
@@ -60,7 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_flags(s, params.GENERATION, extra_help={"steps": "; defaults per backbone: " + _defaults_help()})
     o = ap.add_argument_group("output")
     cli.add_output_flags(o, required=False)  # not with --list-presets / --list-backbones
-    o.add_argument("--list-presets", action="store_true", help="print the sampler presets and exit")
+    o.add_argument("--list-presets", action="store_true",
+                   help="print the sampler presets with their model calls and TFLOP per video on --backbone at its "
+                        "defaults (counted on the published architectures) and exit")
+    o.add_argument("--json", action="store_true",
+                   help="with --list-presets: a JSON list of {name, calls, tflop} for --backbone's presets")
     o.add_argument("--list-backbones", action="store_true",
                    help="print the backbones with their default models and exit")
     return ap
@@ -72,11 +79,42 @@ LAPTOP = ("On a laptop (CPU, tiny random models):\n"
           "defaults, 16 x 512 x 512 and 50 steps, take over an hour on a CPU even with tiny models).")
 
 
-def list_presets() -> str:
-    cells = [(p.name, p.variant, "/".join(p.backbones) or "any backbone", p.description)
+@functools.lru_cache(maxsize=8)
+def preset_costs(name: str) -> tuple[dict, ...]:
+    """Each preset that runs on backbone `name`: its model calls and TFLOP per video at the backbone's defaults (and
+    the preset's own), its plan compiled on the published schedulers as a run compiles it: `--list-presets`."""
+    backbone = meta_backbone(registry.get(name))
+    out = []
+    for preset in presets.PRESETS.values():
+        if preset.backbones and name not in preset.backbones:
+            continue
+        p = resolve_params({"sampler": preset.name, "prompt": "-"}, backbone=name)
+        plan = build_plan(backbone, [p])
+        calls = plan.calls()
+        costs = cost.published_costs(name, p.frames, p.height, p.width, p.fps, plan.resize)
+        out.append({"name": preset.name, "calls": sum(calls.values()), "tflop": round(cost.tflop(costs.of(calls)), 1)})
+    return tuple(out)
+
+
+def list_presets(backbone: str, as_json: bool = False) -> str:
+    """The presets, each with its calls and TFLOP per video on `backbone` at its defaults (pipelines/cost.py)."""
+    try:
+        costs = {c["name"]: c for c in preset_costs(backbone)}
+    except ValueError as err:  # no published layout (VidRD): the table without costs
+        logger.warning("no FLOP count for %s: %s", backbone, err)
+        costs = {}
+    if as_json:
+        return json.dumps([{"name": n, "calls": c["calls"], "tflop": c["tflop"]} for n, c in costs.items()])
+    d = registry.defaults(backbone)
+    head = (f"calls and TFLOP per video on {backbone} at {d.frames} x {d.height}x{d.width}, {d.steps} steps "
+            "(model calls and the VAE decode; - where the preset reproduces another backbone)")
+    cells = [(p.name, p.variant, "/".join(p.backbones) or "any backbone",
+              str(costs[p.name]["calls"]) if p.name in costs else "-",
+              f"{costs[p.name]['tflop']:,.0f}" if p.name in costs else "-", p.description)
              for p in presets.PRESETS.values()]
-    widths = [max(len(c[i]) for c in cells) for i in range(3)]  # columns as wide as their longest cell
-    return "\n".join("  ".join(c[i].ljust(widths[i]) for i in range(3)) + "  " + c[3] for c in cells)
+    cells.insert(0, ("name", "variant", "backbones", "calls", "TFLOP", "description"))
+    widths = [max(len(c[i]) for c in cells) for i in range(5)]  # columns as wide as their longest cell
+    return head + "\n" + "\n".join("  ".join(c[i].ljust(widths[i]) for i in range(5)) + "  " + c[5] for c in cells)
 
 
 def list_backbones() -> str:
@@ -156,7 +194,7 @@ def summary(out: dict) -> str:
 
 def listing(args: argparse.Namespace) -> str | None:
     if args.list_presets:
-        return list_presets()
+        return list_presets(args.backbone, args.json)
     return list_backbones() if args.list_backbones else None
 
 

@@ -31,10 +31,49 @@ class CFGDenoiser:
         self.eps_fn = eps_fn
 
     def __call__(self, x: torch.Tensor, timestep: int, w: torch.Tensor) -> torch.Tensor:
-        out = self.eps_fn(torch.cat([x, x]), timestep).to(x.dtype)
-        uncond, cond = out.chunk(2)
-        w = w.to(device=x.device, dtype=x.dtype).view(-1, *([1] * (x.ndim - 1)))
-        return uncond + w * (cond - uncond)
+        return guide(self.pair(x, timestep), w)
+
+    def pair(self, x: torch.Tensor, timestep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ε(x,∅), ε(x,c)) in x's dtype: what a reused call keeps, so that another scale or sign can be formed."""
+        return self.eps_fn(torch.cat([x, x]), timestep).to(x.dtype).chunk(2)
+
+
+def guide(pair: tuple[torch.Tensor, torch.Tensor], w: torch.Tensor) -> torch.Tensor:
+    """ε̂ = ε_u + w·(ε_c − ε_u) with w per row (docs/algorithms.md §1)."""
+    uncond, cond = pair
+    w = w.to(device=uncond.device, dtype=uncond.dtype).view(-1, *([1] * (uncond.ndim - 1)))
+    return uncond + w * (cond - uncond)
+
+
+class StepCalls:
+    """The model calls of one step under a plan's `reuse` (docs/algorithms.md §10): each call's (model, timestep,
+    input, ε pair) is kept for the step; a move marked `shares` takes the pair of the move it names (reuse=V), and a
+    call whose model, timestep and input equal an earlier call's takes its pair (exact: the same numbers). Inputs are
+    compared only when model and timestep match, so a step where nothing matches costs no comparison. Models must
+    give pairs (`CFGDenoiser.pair`)."""
+
+    def __init__(self, models: Mapping[str, Denoiser]):
+        missing = [k for k, m in models.items() if not hasattr(m, "pair")]
+        if missing:
+            raise ValueError(f"reuse: the denoiser(s) {missing} give no ε pair (CFGDenoiser.pair)")
+        self.models, self.made, self.pairs = models, [], []
+        self.calls = {"I": 0, "V": 0}
+
+    def start(self) -> None:
+        self.made, self.pairs = [], []
+
+    def eps(self, model: str, x: torch.Tensor, timestep: int, w: torch.Tensor, shares: int | None) -> torch.Tensor:
+        if shares is not None:
+            pair = self.pairs[shares]
+        else:
+            pair = next((p for (m, t, seen), p in zip(self.made, self.pairs)
+                         if m == model and t == timestep and seen.shape == x.shape and torch.equal(seen, x)), None)
+            if pair is None:
+                pair = self.models[model].pair(x, timestep)
+                self.calls[model] += 1
+        self.made.append((model, timestep, x))
+        self.pairs.append(pair)
+        return guide(pair, w)
 
 
 class RowNoise:
@@ -99,19 +138,27 @@ def _resize_frames(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def apply_move(models: Mapping[str, Denoiser], x: torch.Tensor, mv: Move, *, resize: str = "none",
-               noise: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """One sub-step of docs/algorithms.md §3: a DDIM move along the model's ε, or a forward noise jump for R."""
+               noise: Callable[[torch.Tensor], torch.Tensor] | None = None, calls: StepCalls | None = None
+               ) -> torch.Tensor:
+    """One sub-step of docs/algorithms.md §3: a DDIM move along the model's ε, or a forward noise jump for R. With
+    `calls` (a plan with reuse), ε comes through it."""
     a_from, a_to = mv.a_from.to(x.device), mv.a_to.to(x.device)
     if mv.model == "R":
         if noise is None:
             raise ValueError("variant uses R (fresh noise) but no noise sampler was given")
         return forward_jump(x, noise(x), a_from, a_to)
+
+    def eps(y: torch.Tensor) -> torch.Tensor:
+        if calls is None:
+            return models[mv.model](y, mv.timestep, mv.w)
+        return calls.eps(mv.model, y, mv.timestep, mv.w, mv.shares)
+
     if resize == "nearest64" and mv.model == "I":
         # ModelScope code (docs/algorithms.md §5): the IDM sub-step runs and moves at 64x64, then resizes back
         small = _resize_frames(x, (64, 64))
-        moved = ddim_move(small, models["I"](small, mv.timestep, mv.w), a_from, a_to)
+        moved = ddim_move(small, eps(small), a_from, a_to)
         return _resize_frames(moved, tuple(x.shape[-2:]))
-    return ddim_move(x, models[mv.model](x, mv.timestep, mv.w), a_from, a_to)
+    return ddim_move(x, eps(x), a_from, a_to)
 
 
 def sample_plan(
@@ -126,7 +173,10 @@ def sample_plan(
     """Run every step: its zigzag moves, then the ordinary main move (docs/algorithms.md §2). Returns (x, calls).
 
     `main_step(x, eps, i)` replaces the main DDIM move by another solver (e.g. SDE-DPM-Solver++, whose multistep
-    history then holds only main-step predictions, as in the VideoCrafter2 code)."""
+    history then holds only main-step predictions, as in the VideoCrafter2 code). A plan with `reuse` takes ε pairs
+    made earlier in the step where it may (`StepCalls`); the calls returned are the calls made."""
+    if plan.reuse != "off":
+        return _sample_reusing(models, x, plan, noise=noise, callback=callback, main_step=main_step)
     calls = {"I": 0, "V": 0}
     for step in plan.steps:
         for mv in step.zigzag:
@@ -142,3 +192,20 @@ def sample_plan(
         if callback is not None:
             callback({"i": step.index, "t": step.t, "x": x, "calls": dict(calls)})
     return x, calls
+
+
+def _sample_reusing(models, x, plan: Plan, *, noise, callback, main_step) -> tuple[torch.Tensor, dict[str, int]]:
+    """`sample_plan` for a plan with reuse: the same moves, ε through one `StepCalls` per run, reset each step."""
+    made = StepCalls(models)
+    for step in plan.steps:
+        made.start()
+        for mv in step.zigzag:
+            x = apply_move(models, x, mv, resize=plan.resize, noise=noise, calls=made)
+        mv = step.main
+        if main_step is None:
+            x = apply_move(models, x, mv, resize=plan.resize, noise=noise, calls=made)
+        else:
+            x = main_step(x, made.eps(mv.model, x, mv.timestep, mv.w, mv.shares), step.index)
+        if callback is not None:
+            callback({"i": step.index, "t": step.t, "x": x, "calls": dict(made.calls)})
+    return x, dict(made.calls)

@@ -25,10 +25,12 @@ def test_gpu_check_smoke_runs_every_backbone_and_preset(tmp_path):
     assert [r["backbone"] for r in report["results"]] == ["animatediff", "modelscope", "videocrafter2"]
     for r in report["results"]:
         samplers = [p["sampler"] for p in r["presets"]]
-        assert samplers[:2] == ["standard", "ivmixed"] and samplers[2].endswith("_v1")
+        assert samplers[:3] == ["standard", "ivmixed", "ivmixed_fast"] and samplers[3].endswith("_v1")
         standard, ivmixed = r["presets"][0], r["presets"][1]
         assert standard["calls"] == {"I": 0, "V": 2}  # plain DDIM: one VDM call per step, 2 steps
         assert ivmixed["calls"]["I"] > 0 and ivmixed["calls"]["V"] > 2
+        fast = r["presets"][2]  # 2 steps: the first zigzags, its second VDM call reuses the first's pair
+        assert fast["calls"] == {"I": 2, "V": 3}
         for p in r["presets"]:  # every model call the sampler made was timed, once
             assert p["timed_calls"] == {k: n for k, n in p["calls"].items() if n}
             assert 0 < p["busy_fraction"] <= 1.0

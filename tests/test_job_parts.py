@@ -153,10 +153,12 @@ class Clock:
 
 
 def results(*rows) -> pa.Table:
-    """Committed metadata rows: (status, seconds, nfe, error)."""
-    cols = list(zip(*rows)) if rows else [[], [], [], []]
+    """Committed metadata rows: (status, seconds, nfe, error[, tflop])."""
+    rows = [(*r, None)[:5] for r in rows]
+    cols = list(zip(*rows)) if rows else [[], [], [], [], []]
     return pa.table({"status": pa.array(cols[0], pa.string()), "seconds": pa.array(cols[1], pa.float64()),
-                     "nfe": pa.array(cols[2], pa.int64()), "error": pa.array(cols[3], pa.string())})
+                     "nfe": pa.array(cols[2], pa.int64()), "error": pa.array(cols[3], pa.string()),
+                     "tflop": pa.array(cols[4], pa.float64())})
 
 
 @pytest.fixture
@@ -168,7 +170,8 @@ def clock(monkeypatch) -> Clock:
 
 def test_progress_counts_rows_and_failure_causes(clock):
     p = tracking.Progress(10)
-    p.add(results(("ok", 2.0, 52, None), ("ok", None, None, None), ("failed", 9.0, 7, "height: not a multiple of 8"),
+    p.add(results(("ok", 2.0, 52, None, 3.5), ("ok", None, None, None),
+                  ("failed", 9.0, 7, "height: not a multiple of 8", 2.0),
                   ("failed", None, None, metadata.WORKER_DIED + " (ActorDiedError)"),
                   ("failed", None, None, "row_timeout_s: ran past 60 s"), ("failed", None, None, "memory: needs 80 GB"),
                   ("failed", None, None, None)))
@@ -179,6 +182,7 @@ def test_progress_counts_rows_and_failure_causes(clock):
     assert (m["rows_ok"], m["rows_failed"], m["rows_done"]) == (2, 5, 7)
     assert (m["rows_worker_died"], m["rows_timed_out"], m["rows_out_of_memory"]) == (1, 1, 1)
     assert m["seconds_per_video"] == 1.0 and m["nfe_per_video"] == 26.0
+    assert m["tflop_total"] == 3.5 and m["tflop_per_video"] == 1.75  # ok rows only; one without a count adds none
     assert m["elapsed_seconds"] == 3600 and m["videos_per_hour"] == 2.0
 
 

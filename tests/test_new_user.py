@@ -154,9 +154,10 @@ def test_help_shows_defaults_exit_codes_and_listings():
     h = " ".join(in_process("pipelines.sample", "--help").stdout.split())  # argparse wraps lines
     assert "exit status: 0" in h and "animatediff: 16 frames x 512x512, 50 steps, 8 fps" in h
     assert "default 0" in h and "default 7.5" in h and "--steps 6 --frames 8 --height 64 --width 64" in h
-    presets = in_process("pipelines.sample", "--list-presets").stdout.splitlines()
-    assert [p.split()[0] for p in presets] == ["standard", "ivmixed", "ivmixed_ad_v1", "ivmixed_ms_v1", "ivmixed_vc_v1"]
-    assert "ivmixed_ms_v1" in presets[3] and "modelscope" in presets[3]
+    presets = in_process("pipelines.sample", "--list-presets").stdout.splitlines()[2:]  # a title and a header first
+    assert [p.split()[0] for p in presets] == ["standard", "ivmixed", "ivmixed_fast", "ivmixed_ad_v1", "ivmixed_ms_v1",
+                                               "ivmixed_vc_v1"]
+    assert "ivmixed_ms_v1" in presets[4] and "modelscope" in presets[4]
     # the columns line up for the long official variants too: each description starts at the same place
     assert len({line.index(p.description) for line, p in zip(presets, PRESET_LIST)}) == 1, presets
     backbones = in_process("pipelines.sample", "--list-backbones").stdout

@@ -121,6 +121,19 @@ def test_job_scores_pairs_report_and_regression_check(tmp_path, tiny_ad_dir):
     exp = client.get_experiment_by_name("q").experiment_id
     (parent,) = parent_runs(client, "q")
     assert parent.data.metrics["standard.success_rate"] == 1.0
+    # each video's cost in TFLOP (docs/algorithms.md §10): the same for the same calls (one shape here), more for
+    # more calls (a row's own interval changes its calls)
+    by_calls = {}
+    for m in meta:
+        by_calls.setdefault((m["calls_idm"], m["calls_vdm"]), set()).add(m["tflop"])
+    assert all(len(v) == 1 for v in by_calls.values()), by_calls
+    cost = sorted((k, v.pop()) for k, v in by_calls.items())
+    assert all(0 < a[1] < b[1] for a, b in zip(cost, cost[1:]) if a[0][0] <= b[0][0] and a[0][1] <= b[0][1])
+    assert parent.data.metrics["tflop_total"] == pytest.approx(sum(m["tflop"] for m in meta), rel=1e-9)
+    mean = sum(m["tflop"] for m in meta if m["sampler"] == "ivmixed") / 5
+    assert parent.data.metrics["ivmixed.tflop_mean"] == pytest.approx(mean, rel=1e-9)
+    page = (tmp_path / "night1" / "report" / "index.html").read_text()
+    assert "<th>TFLOP / video</th>" in page and f"<td>{mean:.4f}</td>" in page
     clip = sorted(m["clipsim"] for m in meta if m["sampler"] == "ivmixed")  # 5 values: p95 sits 0.8 past the 4th
     assert parent.data.metrics["ivmixed.clipsim_p95"] == pytest.approx(clip[3] + 0.8 * (clip[4] - clip[3]), rel=1e-9)
     assert parent.data.metrics["ivmixed.clipsim_mean"] == pytest.approx(sum(clip) / 5, rel=1e-9)
