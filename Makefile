@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: venv demo mlflow-ui lint test-unit test test-all bench bench-memory bench-resume gpu-check tiny clean
+.PHONY: venv demo demo-lab mlflow-ui lint test-unit test test-all bench bench-memory bench-resume gpu-check tiny clean
 
 venv: $(STAMP)
 
@@ -29,6 +29,12 @@ demo: $(STAMP)
 		--manifest datasets/examples/smoke.parquet --output outputs/demo \
 		--mlflow-uri sqlite:///outputs/mlflow.db --experiment demo
 	@echo "videos: outputs/demo/videos  metadata: outputs/demo/metadata  MLflow: make mlflow-ui"
+
+# the sampler lab on tiny models (docs/lab.md): 4 prompts x 6 samplers, paired comparison in the report
+demo-lab: $(STAMP)
+	$(BIN)/python jobs/generate.py --config jobs/configs/tiny-lab.yaml --output outputs/lab \
+		--mlflow-uri sqlite:///outputs/mlflow.db --experiment lab
+	@echo "report: outputs/lab/report/index.html  MLflow: make mlflow-ui"
 
 # the demo's MLflow runs in a browser (http://127.0.0.1:5000; MLFLOW_PORT=... for another port)
 mlflow-ui: $(STAMP)

@@ -102,7 +102,7 @@ def end_once(folder: str) -> dict:
     newest row per id, per-sampler aggregates (`jobs/quality.py`)."""
     t = time.perf_counter()
     fs, root = storage.filesystem(os.path.join(folder, "out"))
-    groups, shown = quality.read_current(fs, root)
+    groups, shown, _ = quality.read_current(fs, root)
     with open("/proc/self/status") as f:
         hwm = next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM")) / 2 ** 20
     return {"end_of_run_s": time.perf_counter() - t, "end_of_run_rss_gb": round(hwm, 3),

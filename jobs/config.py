@@ -73,7 +73,9 @@ class ExportConfig:
     format: Literal["files", "webdataset"] = "webdataset"
     min_clipsim: float | None = None  # the ok rows kept: at least this CLIPSIM...
     min_frame_consistency: float | None = None  # ...at least this frame consistency...
-    max_flicker: float | None = None  # ...at most this flicker (a row without the score is left out)
+    max_flicker: float | None = None  # ...at most this flicker...
+    min_subject_consistency: float | None = None  # ...at least this subject consistency...
+    min_motion: float | None = None  # ...at least this motion, pixels per frame (a row without the score is left out)
 
 
 @section(frozen=True, config=SECTION)
@@ -86,9 +88,17 @@ class VerifyConfig:
 
 @section(frozen=True, config=SECTION)
 class ScoresConfig:
-    enabled: bool = False  # CLIPSIM, frame consistency and flicker per video, in the generating actor
+    enabled: bool = False  # CLIPSIM, frame and subject consistency, flicker and motion per video, in the actor
     clip_model: str = presets.DEFAULT_CLIP_MODEL  # hub id or local folder
-    tiny: bool = False  # build a tiny random CLIP offline (tests, demo) instead of clip_model
+    subject_model: str = presets.DEFAULT_SUBJECT_MODEL  # DINO for subject consistency (VBench's): hub id or folder
+    tiny: bool = False  # build tiny random CLIP and DINO models offline (tests, demo) instead of the two above
+
+
+@section(frozen=True, config=SECTION)
+class LabConfig:
+    """The paired comparison of every sampler with one reference (jobs/paired.py, docs/lab.md)."""
+
+    reference: str = "standard"  # the sampler every other is compared with, A/B group by A/B group
 
 
 @section(frozen=True, config=SECTION)
@@ -150,6 +160,7 @@ class JobConfig:
     layout: OutputConfig = OutputConfig()  # YAML `output:` as a mapping (uri + these keys), --output-format
     export: ExportConfig = ExportConfig()
     verify: VerifyConfig = VerifyConfig()
+    lab: LabConfig = LabConfig()
 
     def record(self) -> dict:
         """Plain nested values (for the resolved-config artifact and MLflow params)."""
@@ -191,7 +202,7 @@ def _keys(name: str, raw: Any, known) -> dict:
 
 
 TOP_KEYS = ("model", "tiny", "tiny_cache", "defaults", "compute", "commit", "mlflow", "manifest", "output", "limit",
-            "fail_on_error", "samplers", "scores", "regression", "bivdiff", "limits", "export", "verify")
+            "fail_on_error", "samplers", "scores", "regression", "bivdiff", "limits", "export", "verify", "lab")
 
 
 def load(args: argparse.Namespace) -> JobConfig:
@@ -245,8 +256,10 @@ def load(args: argparse.Namespace) -> JobConfig:
                            "threshold": getattr(args, "regression_threshold", None)})
     export = _section("export", raw.get("export"), ExportConfig)
     verify = _section("verify", raw.get("verify"), VerifyConfig)
-    thresholds = (export.min_clipsim, export.min_frame_consistency, export.max_flicker)
-    if export.to and not scores.enabled and thresholds != (None,) * 3:
+    lab = _section("lab", raw.get("lab"), LabConfig)
+    thresholds = (export.min_clipsim, export.min_frame_consistency, export.max_flicker,
+                  export.min_subject_consistency, export.min_motion)
+    if export.to and not scores.enabled and any(t is not None for t in thresholds):
         raise ValueError("export: score thresholds need scores (set scores.enabled or pass --scores)")
     if regression.baseline and not scores.enabled:
         raise ValueError("regression: a baseline comparison needs scores (set scores.enabled or pass --scores)")
@@ -254,7 +267,7 @@ def load(args: argparse.Namespace) -> JobConfig:
         bivdiff=_bivdiff_section(raw.get("bivdiff"), limits), samplers=_samplers(getattr(args, "samplers", None) or
                                                                                  raw.get("samplers"), model.backbone),
         scores=scores, regression=regression, manifest=manifest, output=output.rstrip("/"), model=model, tiny=tiny,
-        tiny_cache=tiny_cache, limits=limits, layout=layout, export=export, verify=verify, defaults=defaults,
+        tiny_cache=tiny_cache, limits=limits, layout=layout, export=export, verify=verify, lab=lab, defaults=defaults,
         compute=compute,
         commit=commit, mlflow_uri=(args.mlflow_uri or mlflow_raw.get("uri") or os.environ.get("MLFLOW_TRACKING_URI")
                                    or default_mlflow_uri()),

@@ -26,7 +26,9 @@ from operators.resume import media
 logger = logging.getLogger("jobs.export")
 THRESHOLDS = (("min_clipsim", "clipsim", pc.greater_equal),
               ("min_frame_consistency", "frame_consistency", pc.greater_equal),
-              ("max_flicker", "flicker", pc.less_equal))
+              ("max_flicker", "flicker", pc.less_equal),
+              ("min_subject_consistency", "subject_consistency", pc.greater_equal),
+              ("min_motion", "motion", pc.greater_equal))
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,8 @@ class Filter:
     min_clipsim: float | None = None
     min_frame_consistency: float | None = None
     max_flicker: float | None = None
+    min_subject_consistency: float | None = None
+    min_motion: float | None = None  # pixels per frame (docs/lab.md "Scores"): static clips out
 
     def describe(self) -> str:
         return ", ".join(f"{k} {v:g}" for k, v in asdict(self).items() if v is not None) or "no score threshold"
@@ -121,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--min-clipsim", type=float)
     ap.add_argument("--min-frame-consistency", type=float)
     ap.add_argument("--max-flicker", type=float)
+    ap.add_argument("--min-subject-consistency", type=float)
+    ap.add_argument("--min-motion", type=float, help="mean optical-flow magnitude, pixels per frame")
     ap.add_argument("--shard-max-mb", type=float, default=256.0)
     ap.add_argument("--shard-max-samples", type=int, default=1000)
     ap.add_argument("--no-contact-sheets", action="store_true", help="leave the png members out")
@@ -130,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    flt = Filter(args.min_clipsim, args.min_frame_consistency, args.max_flicker)
+    flt = Filter(args.min_clipsim, args.min_frame_consistency, args.max_flicker, args.min_subject_consistency,
+                 args.min_motion)
     try:
         export(args.output, args.to, flt, fmt=args.format, shard_max_mb=args.shard_max_mb,
                shard_max_samples=args.shard_max_samples, contact_sheets=not args.no_contact_sheets)

@@ -10,21 +10,24 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from jobs import paired as pairs
 from jobs import report
 from operators import metadata, resume
+from pipelines import metrics
 from pipelines.metrics import SCORES
 
 logger = logging.getLogger(__name__)
 # what the aggregates read of every current row, and what the score table and the report read of the rows they show
-AGGREGATE = ("id", "finished_at", "status", "sampler", "pair_id", *SCORES, "tflop")
+AGGREGATE = ("id", "finished_at", "status", "sampler", "pair_id", *SCORES, "tflop", "model_calls")
 COLUMNS = ("id", "finished_at", "status", "error", "sampler", "pair_id", "variant", "seed", "prompt", "task", "width",
            *SCORES, "score_error", "tflop", "video_uri", "contact_uri", "bytes", "shard_uri", "shard_offset")
 SCORE_TABLE_ROWS = 100_000  # the per-video score table in MLflow holds at most this many rows (all of them: metadata)
-HIGHER_IS_BETTER = {"clipsim": True, "frame_consistency": True, "flicker": False, "success_rate": True}
+HIGHER_IS_BETTER = {**metrics.HIGHER_IS_BETTER, "success_rate": True}
 
 
 def aggregate(table: pa.Table) -> dict[str, dict[str, float]]:
-    """{sampler: {n, success_rate, <score>_mean, <score>_p5, <score>_p95, tflop_mean}} over the current metadata rows
+    """{sampler: {n, success_rate, <score>_mean, <score>_p5, <score>_p95, tflop_mean, calls_mean}} over the current
+    metadata rows
     (masks in Arrow, numbers in numpy: no Python row per video, so a 10M-row output aggregates in seconds)."""
     n = table.num_rows
     sampler = table["sampler"] if "sampler" in table.column_names else pa.nulls(n, pa.string())
@@ -49,6 +52,10 @@ def aggregate(table: pa.Table) -> dict[str, dict[str, float]]:
             cost = table["tflop"].filter(good).drop_null()
             if len(cost):  # what a video of this sampler cost (docs/algorithms.md §10), beside its scores
                 stats["tflop_mean"] = float(pc.mean(cost).as_py())
+        if "model_calls" in table.column_names and table["model_calls"].type != pa.null():
+            calls = table["model_calls"].filter(good).drop_null()
+            if len(calls):
+                stats["calls_mean"] = float(pc.mean(calls).as_py())
         out[name] = stats
     return out
 
@@ -162,26 +169,34 @@ def shown(current: pa.Table) -> pa.Array:
     return pc.unique(pa.chunked_array([*first.chunks, *shown_in_report.chunks], pa.string()).combine_chunks())
 
 
-def read_current(fs, root) -> tuple[dict[str, dict[str, float]], pa.Table | None]:
+def read_current(fs, root, reference: str = "standard") -> tuple[dict[str, dict[str, float]], pa.Table | None,
+                                                                  dict[str, dict[str, pairs.Difference]]]:
     """(per-sampler aggregates over the output's current metadata, all attempts; the rows the score table and the
-    report show, whole): the aggregates' columns of every row, then only the shown rows with their prompts, uris and
-    errors (so a 10M-row output is never read whole)."""
+    report show, whole; every sampler against `reference`, A/B group by group (jobs/paired.py)): the aggregates'
+    columns of every row, then only the shown rows with their prompts, uris and errors (so a 10M-row output is never
+    read whole)."""
     current = metadata.latest(resume.scan(fs, root, AGGREGATE))
     if current is None or current.num_rows == 0:
-        return {}, None
-    return aggregate(current), metadata.latest(resume.scan(fs, root, COLUMNS, ids=shown(current)))
+        return {}, None, {}
+    return (aggregate(current), metadata.latest(resume.scan(fs, root, COLUMNS, ids=shown(current))),
+            pairs.compare(current, reference, {n: HIGHER_IS_BETTER[n] for n in SCORES}))
 
 
 def finish(mlflow, cfg, fs, root, run_id, export=None) -> list[str]:
     """Per-sampler aggregates over the output's current metadata (`read_current`), nested runs, score table, report
     (linking `export`, the run's filtered dataset), and the regression check when a baseline is configured."""
-    groups, current = read_current(fs, root)
+    reference = cfg.lab.reference
+    groups, current, paired = read_current(fs, root, reference)
     if current is None:
         mlflow.set_tag("healthy", "false")
         return []
     log_groups(mlflow, groups, current)
+    if paired:
+        mlflow.log_metrics(pairs.flat_metrics(paired, reference))
+        mlflow.set_tag("lab_reference", reference)
     logger.info("quality: %s", summary(groups))
-    path = report.write_report(fs, root, current, groups, f"ivmix run {posixpath.basename(root) or root}", export)
+    path = report.write_report(fs, root, current, groups, f"ivmix run {posixpath.basename(root) or root}", export,
+                               paired=paired, reference=reference)
     report.log_report(mlflow, fs, root, path, current)
     found, baseline = [], {}
     if cfg.regression.baseline:

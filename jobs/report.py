@@ -27,7 +27,8 @@ STYLE = ("body { font-family: sans-serif; margin: 1.5em; } .row { display: flex;
          ".card { border: 1px solid #ccc; padding: .5em; max-width: 560px; } "
          ".contact { display: block; max-width: 540px; margin-top: .3em; }\n"
          ".score { margin-right: 1em; font-family: monospace; } .error { color: #b00; } .prompt { color: #333; }\n"
-         "table { border-collapse: collapse; } td, th { border: 1px solid #ccc; padding: .2em .6em; }")
+         "table { border-collapse: collapse; } td, th { border: 1px solid #ccc; padding: .2em .6em; }\n"
+         ".diff { white-space: nowrap; font-family: monospace; }")
 
 
 def _data_uri(data: bytes, mime: str) -> str:
@@ -85,8 +86,47 @@ def _export_section(export: dict | None) -> str:
             f"{len(export['shards'])} shard(s)</p>")
 
 
+def _calls(stats: dict) -> str:
+    """Model calls per video of a sampler group (a mean: rows may set their own interval)."""
+    calls = stats.get("calls_mean")
+    return "—" if calls is None else f"{calls:.4g}"
+
+
+def paired_section(paired: dict, groups: dict, reference: str) -> str:
+    """Every sampler against the reference, A/B group by A/B group (jobs/paired.py): its cost per video first (so that
+    equal-compute comparisons read off one row), then per score the mean difference with its bootstrap 95 % interval
+    and the win rate (docs/lab.md "Reading the comparison")."""
+    if not paired:
+        return ""
+    scores = [n for n in SCORES if any(n in s for s in paired.values())]
+    heads = "".join(f"<th>Δ {n}<br><small>[95% CI] · wins</small></th>" for n in scores)
+
+    def cost(name: str) -> str:
+        g = groups.get(name, {})
+        return f"<td>{_calls(g)}</td><td>{_fmt(g.get('tflop_mean'))}</td>"
+
+    def cell(d) -> str:
+        return (f"<td class='diff'>{d.mean:+.4f} <small>[{d.lo:+.4f}, {d.hi:+.4f}]</small> · "
+                f"<span class='win'>{d.win_rate:.0%}</span></td>")
+
+    body = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{max(d.n for d in per.values())}</td>{cost(name)}"
+        + "".join(cell(per[n]) if n in per else "<td>—</td>" for n in scores) + "</tr>"
+        for name, per in sorted(paired.items()))
+    ref_row = (f"<tr><td>{html.escape(reference)} <small>(reference)</small></td><td>—</td>{cost(reference)}"
+               + "<td>—</td>" * len(scores) + "</tr>")
+    return (f"<h2>Against {html.escape(reference)} (paired by A/B group)</h2>"
+            f"<p>Each score: the sampler's minus {html.escape(reference)}'s on the same prompt, seed and initial "
+            "noise, averaged over the groups where both videos are ok, with a bootstrap 95 % interval over groups, "
+            "then the share of groups where the sampler does better (lower flicker, higher otherwise; a tie counts "
+            "half).</p>"
+            f"<table id='paired'><tr><th>sampler</th><th>groups</th><th>calls / video</th><th>TFLOP / video</th>"
+            f"{heads}</tr>{body}{ref_row}</table>")
+
+
 def build_html(rows: list[dict], contacts: dict[str, str], videos: dict[str, str], plots: dict[str, bytes], title: str,
-               groups: dict, export: dict | None = None) -> str:
+               groups: dict, export: dict | None = None, paired: dict | None = None,
+               reference: str = "standard") -> str:
     """The page; `contacts` and `videos` map a row id to its contact sheet (data URI) and its video link."""
     pairs = defaultdict(list)
     for r in rows:
@@ -95,7 +135,7 @@ def build_html(rows: list[dict], contacts: dict[str, str], videos: dict[str, str
     summary = "".join(
         f"<tr><td>{html.escape(g)}</td><td>{int(s['n'])}</td><td>{s['success_rate']:.0%}</td>"
         + "".join(f"<td>{_fmt(s.get(n + '_mean'))}</td>" for n in SCORES)
-        + f"<td>{_fmt(s.get('tflop_mean'))}</td></tr>" for g, s in groups.items())
+        + f"<td>{_calls(s)}</td><td>{_fmt(s.get('tflop_mean'))}</td></tr>" for g, s in groups.items())
     ab = "".join(
         f"<section class='pair'><h3>{html.escape(pid)}</h3><div class='row'>"
         + "".join(_card(r, contacts.get(r["id"]), videos.get(r["id"]))
@@ -105,7 +145,7 @@ def build_html(rows: list[dict], contacts: dict[str, str], videos: dict[str, str
     gallery = "".join(_card(r, contacts.get(r["id"]), videos.get(r["id"])) for r in rows if not r.get("pair_id"))
     plot_imgs = "".join(f"<img class='plot' alt='{n} per sampler' src='{_data_uri(b, 'image/png')}'>"
                         for n, b in plots.items())
-    heads = "".join(f"<th>{n} (mean)</th>" for n in SCORES) + "<th>TFLOP / video</th>"
+    heads = "".join(f"<th>{n} (mean)</th>" for n in SCORES) + "<th>calls / video</th><th>TFLOP / video</th>"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
@@ -114,6 +154,7 @@ def build_html(rows: list[dict], contacts: dict[str, str], videos: dict[str, str
 <h1>{html.escape(title)}</h1>
 <h2>Summary per sampler</h2>
 <table><tr><th>sampler</th><th>videos</th><th>success</th>{heads}</tr>{summary}</table>
+{paired_section(paired or {}, groups, reference)}
 {_export_section(export)}
 <h2>Score distributions</h2><div class="row">{plot_imgs}</div>
 <h2>A/B pairs (same prompt, seed and initial noise)</h2>{ab or '<p>none</p>'}
@@ -149,15 +190,18 @@ def display_order(table: pa.Table):
     return pc.sort_indices(keys, sort_keys=[("pair", "ascending"), ("id", "ascending")])
 
 
-def write_report(fs, root: str, table: pa.Table, groups: dict, title: str, export: dict | None = None) -> str:
-    """Write OUTPUT/report/index.html for the current metadata; returns its path."""
+def write_report(fs, root: str, table: pa.Table, groups: dict, title: str, export: dict | None = None, *,
+                 paired: dict | None = None, reference: str = "standard") -> str:
+    """Write OUTPUT/report/index.html for the current metadata (and `paired`, every sampler against `reference`:
+    jobs/paired.py); returns its path."""
     rows = table.take(display_order(table)[:MAX_ROWS]).to_pylist()
     contacts = {}
     for r in rows:
         png = media(fs, root, r, "png") if r["status"] == "ok" else None
         if png:
             contacts[r["id"]] = _data_uri(png, "image/png")
-    page = build_html(rows, contacts, video_links(fs, root, rows), score_plots(rows), title, groups, export)
+    page = build_html(rows, contacts, video_links(fs, root, rows), score_plots(rows), title, groups, export, paired,
+                      reference)
     dest = Layout(root).report
     storage.put_bytes(fs, page.encode(), dest, root)
     ok = sum(r["status"] == "ok" for r in rows)

@@ -21,7 +21,7 @@ from operators.kinds import KIND_COLUMNS, Setup, kinds_present
 from operators.layout import Layout
 from operators.manifest import read_schema
 from operators.resolve import Resolver, expand_samplers, resolve_rows
-from operators.scoring import ClipScorer
+from operators.scoring import ClipScorer, ScoreModels, SubjectScorer
 from pipelines.backbones.registry import structure
 from pipelines.bivdiff.config import BivdiffSpec
 from pipelines.config import ModelSpec
@@ -35,8 +35,8 @@ COUNT_IN_DRIVER_ROWS = 10_000  # up to this many manifest rows the driver counts
 SIZE_CHECK_ROWS = 10_000  # rows the CPU-size check resolves in the driver (about 1.5 s)
 
 
-def models(cfg: job_config.JobConfig, bivdiff_rows: bool) -> tuple[ModelSpec, BivdiffSpec, str | None]:
-    """(generation models, BIVDiff models, CLIP scorer source or None), tiny sets built into tiny_cache first."""
+def models(cfg: job_config.JobConfig, bivdiff_rows: bool) -> tuple[ModelSpec, BivdiffSpec, ScoreModels | None]:
+    """(generation models, BIVDiff models, the scorers' models or None), tiny sets built into tiny_cache first."""
     model, bivdiff = cfg.model, cfg.bivdiff.spec
     if cfg.tiny:  # build first, then read the folder's layout (which optional parts it has)
         folder = os.path.abspath(ensure_tiny(cfg.tiny, os.path.join(cfg.tiny_cache, cfg.tiny)))
@@ -47,18 +47,23 @@ def models(cfg: job_config.JobConfig, bivdiff_rows: bool) -> tuple[ModelSpec, Bi
         bivdiff = BivdiffSpec.from_model_dir(folder, vdm=bivdiff.vdm)
     scorer = None
     if cfg.scores.enabled:
-        scorer = (os.path.abspath(ensure_tiny("clip", os.path.join(cfg.tiny_cache, "clip"))) if cfg.scores.tiny
-                  else cfg.scores.clip_model)
+        if cfg.scores.tiny:
+            scorer = ScoreModels(*(os.path.abspath(ensure_tiny(k, os.path.join(cfg.tiny_cache, k)))
+                                   for k in ("clip", "dino")))
+        else:
+            scorer = ScoreModels(cfg.scores.clip_model, cfg.scores.subject_model)
     return model, bivdiff, scorer
 
 
-def check_scorer(source: str) -> None:
-    """Load the CLIP scorer once here, so that a model that cannot load stops the job before any video is made."""
-    try:
-        ClipScorer(source, "cpu")
-    except Exception as err:  # a missing folder, no hub access, a broken checkpoint
-        text = " ".join(str(err).split())[:300]
-        raise ValueError(f"scores.clip_model: {source!r} cannot be loaded ({type(err).__name__}: {text})") from None
+def check_scorer(models: ScoreModels) -> None:
+    """Load each scorer model once here, so that a model that cannot load stops the job before any video is made."""
+    for key, source, load in (("clip_model", models.clip, ClipScorer), ("subject_model", models.subject,
+                                                                        SubjectScorer)):
+        try:
+            load(source, "cpu")
+        except Exception as err:  # a missing folder, no hub access, a broken checkpoint
+            text = " ".join(str(err).split())[:300]
+            raise ValueError(f"scores.{key}: {source!r} cannot be loaded ({type(err).__name__}: {text})") from None
 
 
 @dataclass(frozen=True)
@@ -172,7 +177,7 @@ class Run:
     layout: Layout
     committed: resume.Committed  # done / poisoned ids (Arrow) and the shards metadata names
     plan: Plan
-    scorer: str | None  # the CLIP scorer's source, None without scores
+    scorer: ScoreModels | None  # the scorers' models, None without scores
     run_name: str
     version: str  # the code version recorded in every row
     device: str = "none"  # "cuda" or "cpu" once Ray has started

@@ -51,6 +51,9 @@ RUN_FIELDS = [
     ("clipsim", pa.float64()),  # mean CLIP image-text cosine similarity of its frames and prompt (docs/job.md)
     ("frame_consistency", pa.float64()),  # mean CLIP image cosine similarity of consecutive frames
     ("flicker", pa.float64()),  # mean absolute change between consecutive frames (pixels in [0, 1])
+    ("subject_consistency", pa.float64()),  # VBench's subject consistency over DINO features of its frames
+    ("motion", pa.float64()),  # mean optical-flow magnitude between consecutive frames, pixels per frame
+    ("dynamic", pa.bool_()),  # VBench's dynamic-degree rule on that flow (docs/lab.md "Scores")
     ("score_error", pa.string()),  # why the scores are null (the video is kept)
 ]
 SCHEMAS = {kind: pa.schema([*HEAD_FIELDS, *params.metadata_fields(kind), *RUN_FIELDS]) for kind in params.KINDS}

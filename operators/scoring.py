@@ -1,14 +1,26 @@
-"""Per-video quality scores with a CLIP model (hub id or local folder), run inside the generating actor on
-the frames it already holds, batched on the same device. Formulas: pipelines/metrics.py."""
+"""Per-video quality scores, run inside the generating actor on the frames it already holds, on the same device: CLIP
+(CLIPSIM, frame consistency), DINO (subject consistency) and weight-free flicker and optical-flow motion. Models are
+hub ids or local folders (`ScoreModels`). Formulas: pipelines/metrics.py."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipelines.metrics import clipsim, flicker, frame_consistency
+from pipelines.metrics import (
+    clipsim,
+    dynamic,
+    dynamic_frames,
+    flicker,
+    frame_consistency,
+    motion,
+    optical_flow,
+    subject_consistency,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -16,6 +28,59 @@ logger = logging.getLogger(__name__)
 def _features(out) -> torch.Tensor:
     """transformers <5 returns the projected features, >=5 a model output holding them in pooler_output."""
     return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+@dataclass(frozen=True)
+class ScoreModels:
+    """Where the scorers' models load from (config `scores`): CLIP and the subject-consistency DINO."""
+
+    clip: str
+    subject: str
+
+
+def _resize_normalize(frames: torch.Tensor, short: int, mean, std, device) -> torch.Tensor:
+    """(F, H, W, 3) in [0, 1] -> (F, 3, h, w): the shorter side to `short` (bicubic, antialiased), normalised."""
+    x = frames.to(device, torch.float32).permute(0, 3, 1, 2)
+    h, w = x.shape[-2:]
+    scale = short / min(h, w)
+    x = F.interpolate(x, size=(max(short, round(h * scale)), max(short, round(w * scale))), mode="bicubic",
+                      align_corners=False, antialias=True).clamp(0, 1)
+    return (x - torch.tensor(mean, device=device).view(1, 3, 1, 1)) / torch.tensor(std, device=device).view(1, 3, 1, 1)
+
+
+class SubjectScorer:
+    """DINO's class token per frame (VBench uses facebook/dino-vitb16): frames resized so that the shorter side is
+    the processor's size (VBench resizes to 224 without a crop), ImageNet-normalised, the position table
+    interpolated to the frame's shape."""
+
+    def __init__(self, source: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        from transformers import AutoImageProcessor, ViTModel  # seconds to import: only a scorer needs it
+
+        self.device, self.dtype = torch.device(device), dtype
+        self.model = ViTModel.from_pretrained(source, add_pooling_layer=False, dtype=dtype).to(self.device).eval()
+        self.model.requires_grad_(False)
+        proc = AutoImageProcessor.from_pretrained(source)
+        size = proc.size
+        self.short = int(size.get("shortest_edge") or min(size["height"], size["width"]))
+        self.mean, self.std = proc.image_mean, proc.image_std
+
+    @torch.inference_mode()
+    def features(self, frames: torch.Tensor, chunk: int = 32) -> torch.Tensor:
+        x = _resize_normalize(frames, self.short, self.mean, self.std, self.device).to(self.dtype)
+        return torch.cat([self.model(pixel_values=x[i : i + chunk], interpolate_pos_encoding=True)
+                          .last_hidden_state[:, 0].float() for i in range(0, x.shape[0], chunk)])
+
+    def score(self, frames: torch.Tensor) -> float:
+        return subject_consistency(self.features(frames))
+
+
+def motion_scores(frames: torch.Tensor, fps: float) -> dict:
+    """{motion, dynamic} of (F, H, W, 3) frames in [0, 1] shown at `fps` (pipelines/metrics.py)."""
+    video = np.asarray(frames.float().cpu())
+    mags = optical_flow(video)
+    taken = dynamic_frames(video.shape[0], fps)
+    picked = mags if len(taken) == video.shape[0] else optical_flow(video[taken])
+    return {"motion": motion(mags), "dynamic": dynamic(picked, video.shape[1], video.shape[2])}
 
 
 class ClipScorer:
@@ -60,3 +125,15 @@ class ClipScorer:
         text = self.embed_text([prompt])[0]
         return {"clipsim": clipsim(text, image), "frame_consistency": frame_consistency(image),
                 "flicker": flicker(frames)}
+
+
+class VideoScorer:
+    """Every per-video score (pipelines/metrics.py SCORES, and `dynamic`) from one load of the scorers' models."""
+
+    def __init__(self, models: ScoreModels, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        self.clip = ClipScorer(models.clip, device, dtype)
+        self.subject = SubjectScorer(models.subject, device, dtype)
+
+    def score(self, frames: torch.Tensor, prompt: str, fps: float) -> dict:
+        return {**self.clip.score(frames, prompt), "subject_consistency": self.subject.score(frames),
+                **motion_scores(frames, fps)}

@@ -31,7 +31,7 @@ from pipelines.video import contact_sheet, png_bytes, write_mp4
 from . import metadata, storage
 from .layout import Layout
 from .manifest import COLUMNS
-from .scoring import ClipScorer
+from .scoring import ScoreModels, VideoScorer
 
 logger = logging.getLogger(__name__)
 WORKER = f"{socket.gethostname()}:{os.getpid()}"  # evaluated in each worker process that imports this module
@@ -108,7 +108,7 @@ class RowWorker:
     params: type  # the kind's parameters: `params.from_record(record)` rebuilds a resolved row's
     backbone_name: Callable[[Any], str] = staticmethod(lambda spec: spec.backbone)  # the metadata's `backbone`
 
-    def __init__(self, resolver, output: str, run_id: str, code_version: str, *, scorer: str | None = None,
+    def __init__(self, resolver, output: str, run_id: str, code_version: str, *, scorer: ScoreModels | None = None,
                  memory_budget_gb: float | None = None, row_timeout_s: float | None = None,
                  output_format: str = "files", contact_sheets: bool = True):
         """`resolver`: the run's operators.resolve.Resolver (this kind's model set is `resolver.setups[kind].spec`)."""
@@ -138,11 +138,11 @@ class RowWorker:
 
     @property
     def scorer(self):
-        """The CLIP scorer, loaded on first use; a load failure is remembered and raised again for every video (the
-        caller turns it into `score_error`, never into a lost video)."""
+        """The scorers (CLIP, DINO, optical flow), loaded on first use; a load failure is remembered and raised again
+        for every video (the caller turns it into `score_error`, never into a lost video)."""
         if self._scorer is None and self._scorer_error is None:
             try:
-                self._scorer = ClipScorer(self.scorer_source, self.device, self.dtype)
+                self._scorer = VideoScorer(self.scorer_source, self.device, self.dtype)
             except Exception as err:  # any load failure: the videos are kept, their scores say why
                 text = " ".join(str(err).split())[:300]
                 self._scorer_error = f"{type(err).__name__} while loading the scorer: {text}"
@@ -246,7 +246,7 @@ class RowWorker:
         if not self.scorer_source:
             return {}
         try:
-            return self.scorer.score(result.frames, result.params.prompt)
+            return self.scorer.score(result.frames, result.params.prompt, result.params.fps)
         except Exception as err:  # never lose a video to its scores
             logger.exception("scoring failed")
             return {"score_error": f"{type(err).__name__}: {err}"}

@@ -15,6 +15,7 @@ import torch
 
 from .config import GenParams
 from .cost import backbone_costs
+from .freeinit import butterworth_lowpass, reinitialize
 from .grammar import Plan, compile_plan
 from .sampling import RowNoise, sample_plan, sde_dpmpp_2m
 from .schedule import dpm_timesteps, timesteps
@@ -106,13 +107,31 @@ def generate(backbone, rows: Sequence[GenParams], *, decode: bool = True,
             c, f, h, w = shape
             main_step = sde_dpmpp_2m(table.alphas_cumprod, [s.t for s in plan.steps],
                                      lambda x: sde.draw((f, c, h, w), x.device).permute(0, 2, 1, 3, 4).to(x.dtype))
-        x, calls = sample_plan(models, x, plan, noise=noise, callback=callback, main_step=main_step)
+        with backbone.freeu(plan.freeu):
+            x, calls = _sample_freeinit(backbone, models, x, plan, noise, callback, main_step)
         frames = backbone.decode(x) if decode else None
     latents = x.float().cpu()
     seconds = (time.perf_counter() - start) / len(rows)
     flops = None if costs is None else costs.of(calls, decode)
     return [VideoResult(r, latents[b : b + 1].clone(), None if frames is None else frames[b], dict(calls), seconds,
                         flops) for b, r in enumerate(rows)]
+
+
+def _sample_freeinit(backbone, models, x, plan: Plan, noise: RowNoise, callback, main_step) -> tuple:
+    """`sample_plan`, run `plan.freeinit` times: each run after the first starts from FreeInit's re-initialisation of
+    the previous run's result (pipelines/freeinit.py), its fresh noise the next draw of each row's own stream; the
+    calls of every run are counted."""
+    initial = x
+    x, calls = sample_plan(models, x, plan, noise=noise, callback=callback, main_step=main_step)
+    if plan.freeinit > 1:
+        table = backbone.video_table()
+        lowpass = butterworth_lowpass(*x.shape[-3:])
+        for _ in range(plan.freeinit - 1):
+            start = reinitialize(x, initial, noise.draw(x.shape[1:], x.device), table.at(table.num_train_timesteps - 1),
+                                 lowpass).to(x.dtype)
+            x, more = sample_plan(models, start, plan, noise=noise, callback=callback, main_step=main_step)
+            calls = {k: calls[k] + more[k] for k in calls}
+    return x, calls
 
 
 def batches(rows: Sequence[GenParams], max_batch: int) -> Iterator[list[int]]:

@@ -10,6 +10,7 @@ back up to it; `up:` (the paper figure) goes up first and comes back down. The e
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
@@ -106,6 +107,11 @@ class Variant:
     # timestep and input equal an earlier one's takes its pair: the same numbers, fewer calls); "V" (exact, and a
     # video-model call at a timestep an earlier video-model call of the step had takes that call's pair: approximate)
     reuse: str = "off"
+    # comparators composed with any variant (docs/lab.md): FreeU's (b1, b2, s1, s2) on the video model's calls
+    # (Si et al., arXiv 2309.11497); FreeInit's iterations, each re-initialising the initial noise's low frequencies
+    # from the previous result (Wu et al., arXiv 2312.07537); 1: none
+    freeu: tuple[float, float, float, float] | None = None
+    freeinit: int = 1
 
     @property
     def k(self) -> int:
@@ -117,8 +123,13 @@ class Variant:
 
     def pattern(self) -> str:
         """Canonical text; parse(v.pattern()) == v."""
+        extras = []
+        if self.freeu is not None:
+            extras.append("freeu=" + "/".join(f"{v:g}" for v in self.freeu))
+        if self.freeinit != 1:
+            extras.append(f"freeinit={self.freeinit}")
         if self.is_standard and self.main == "V" and not self.w:
-            return "standard"
+            return "standard" + ("@" + ",".join(extras) if extras else "")
         opts = []
         if self.main != "V":
             opts.append(f"main={self.main}")
@@ -131,6 +142,7 @@ class Variant:
         if self.reuse != "off":
             opts.append(f"reuse={self.reuse}")
         opts += [f"{k}={r.text()}" for k, r in self.w]
+        opts += extras
         return f"{self.orientation}:{self.front}-{self.back}" + ("@" + ",".join(opts) if opts else "")
 
 
@@ -171,6 +183,8 @@ def parse_variant(text: str) -> ParsedVariant:
     if raw in ("", "-"):
         return ParsedVariant(Variant())
     body, _, opt_text = raw.partition("@")
+    if body.strip().lower() in NAMED and "@" not in NAMED[body.strip().lower()]:  # a named variant with options
+        body = NAMED[body.strip().lower()] or "-"
     orientation = "down"
     m = re.fullmatch(r"\s*(up|down)\s*:(.*)", body)
     if m:
@@ -211,6 +225,18 @@ def parse_variant(text: str) -> ParsedVariant:
             params["guidance"] = _number(val)
         elif key == "interval":
             params["interval"] = Interval.parse(val)
+        elif key == "freeu":
+            try:
+                numbers = [float(v) for v in val.split("/")]
+            except ValueError:
+                numbers = []
+            if len(numbers) != 4 or not all(math.isfinite(v) for v in numbers):
+                raise ValueError(f"variant {text!r}: freeu must be four numbers b1/b2/s1/s2 (e.g. 1.2/1.4/0.9/0.2)")
+            fields["freeu"] = tuple(float(v) for v in numbers)
+        elif key == "freeinit":
+            if not re.fullmatch(r"\d+", val) or not 1 <= int(val) <= 10:
+                raise ValueError(f"variant {text!r}: freeinit must be an integer from 1 to 10 (iterations)")
+            fields["freeinit"] = int(val)
         else:
             raise ValueError(f"variant {text!r}: unknown option {key!r}")
     if fields.get("labels") == "legacy_ad" and (orientation != "down" or len(front) != 2):
@@ -256,6 +282,8 @@ class Plan:
     steps: tuple[StepPlan, ...]
     resize: str = "none"
     reuse: str = "off"  # Variant.reuse
+    freeu: tuple[float, float, float, float] | None = None  # Variant.freeu
+    freeinit: int = 1  # Variant.freeinit
 
     def calls(self) -> dict[str, int]:
         """Model calls per model ("I", "V"); one call = one CFG-batched forward, NFE = 2 x calls. A move that takes
@@ -265,7 +293,7 @@ class Plan:
         for step in self.steps:
             for mv in (*step.zigzag, step.main):
                 if mv.model in out and mv.shares is None:
-                    out[mv.model] += 1
+                    out[mv.model] += self.freeinit
         return out
 
 
@@ -370,4 +398,4 @@ def compile_plan(
         if variant.reuse == "V":
             *moves, main = share_video_calls([*moves, main])
         steps.append(StepPlan(i, t, tuple(moves), main))
-    return Plan(tuple(steps), variant.resize, variant.reuse)
+    return Plan(tuple(steps), variant.resize, variant.reuse, variant.freeu, variant.freeinit)

@@ -5,6 +5,13 @@
 - Frame consistency: mean cosine similarity of CLIP image embeddings of consecutive frames
   (the BIVDiff paper, arXiv 2312.02813, §4).
 - Flicker: mean absolute difference of consecutive frames in [0, 1] pixel units (weight-free).
+- Subject consistency: VBench's formula (Huang et al., arXiv 2311.17982, "Subject Consistency") over DINO features
+  of the frames: the mean over frames i >= 1 of (max(0, cos(f_{i-1}, f_i)) + max(0, cos(f_0, f_i))) / 2.
+- Motion: the mean dense optical-flow magnitude between consecutive frames, in pixels per frame at the video's size,
+  from OpenCV's DIS flow (weight-free); `dynamic` applies VBench's dynamic-degree rule ("Dynamic Degree": RAFT flow
+  there) to the same flow fields: a frame pair moves when the mean of its largest 5 % of magnitudes exceeds
+  6 · min(H, W) / 256 pixels, and a video is dynamic when at least round(4 · N / 16) of its pairs move, N its frames
+  taken at about 8 fps (docs/lab.md "Scores").
 - Fréchet distance between two Gaussians fitted to feature sets: the FID/FVD formula
   d² = |μ1 − μ2|² + tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^{1/2}) with a pluggable feature extractor.
 """
@@ -14,7 +21,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-SCORES = ("clipsim", "frame_consistency", "flicker")  # per-video score names (metadata columns, MLflow metrics)
+# per-video score names (metadata columns, MLflow metrics)
+SCORES = ("clipsim", "frame_consistency", "flicker", "subject_consistency", "motion")
+# the direction of each: True when higher is better (motion: static clips are the ones a dataset drops)
+HIGHER_IS_BETTER = {"clipsim": True, "frame_consistency": True, "flicker": False, "subject_consistency": True,
+                    "motion": True}
+DYNAMIC_FPS = 8  # VBench takes frames at about 8 fps for its dynamic degree
 
 
 def flicker(frames: torch.Tensor) -> float:
@@ -78,3 +90,51 @@ def frechet_video_distance(videos_a, videos_b, extract) -> float:
     feats = [np.stack([np.asarray(extract(v), dtype=np.float64).reshape(-1) for v in vids])
              for vids in (videos_a, videos_b)]
     return frechet_from_features(*feats)
+
+
+def subject_consistency(features: torch.Tensor) -> float:
+    """(F, D) per-frame features (DINO's class token) -> VBench's subject consistency; 1 for identical frames and
+    for a single frame."""
+    if features.shape[0] < 2:
+        return 1.0
+    e = F.normalize(features.float(), dim=-1)
+    previous = (e[1:] * e[:-1]).sum(-1).clamp(min=0)
+    first = (e[1:] * e[:1]).sum(-1).clamp(min=0)
+    return float(((previous + first) / 2).mean())
+
+
+def optical_flow(frames: np.ndarray) -> np.ndarray:
+    """(F, H, W, 3) frames in [0, 1] -> (F - 1, H, W) flow magnitudes in pixels between consecutive frames (OpenCV's
+    DIS optical flow, medium preset, on 8-bit grey frames)."""
+    import cv2  # OpenCV: only the scorer needs it
+
+    grey = [cv2.cvtColor(np.ascontiguousarray((np.clip(f, 0, 1) * 255).round().astype(np.uint8)), cv2.COLOR_RGB2GRAY)
+            for f in np.asarray(frames)]
+    dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+    out = [np.linalg.norm(dis.calc(a, b, None), axis=-1) for a, b in zip(grey[:-1], grey[1:])]
+    return np.stack(out) if out else np.zeros((0, *grey[0].shape), np.float32)
+
+
+def motion(magnitudes: np.ndarray) -> float:
+    """Mean flow magnitude (pixels per frame) over every pixel of every consecutive pair; 0 for a single frame."""
+    return float(magnitudes.mean()) if magnitudes.size else 0.0
+
+
+def dynamic_frames(frames: int, fps: float) -> list[int]:
+    """The frames VBench's dynamic degree looks at: every round(fps / 8)-th (all of them at 8 fps or less)."""
+    return list(range(0, frames, max(1, round(fps / DYNAMIC_FPS))))
+
+
+def dynamic(magnitudes: np.ndarray, height: int, width: int) -> bool:
+    """VBench's dynamic-degree rule on the (N - 1, H, W) flow magnitudes between consecutive taken frames
+    (`dynamic_frames`): a pair moves when the mean of its largest 5 % of magnitudes exceeds 6 · min(H, W) / 256
+    pixels; the video is dynamic when at least round(4 · N / 16) pairs move."""
+    if magnitudes.shape[0] == 0:
+        return False
+    threshold = 6.0 * min(height, width) / 256.0
+    need = round(4 * (magnitudes.shape[0] + 1) / 16)
+    moving = 0
+    for m in magnitudes:
+        flat = np.sort(np.abs(m).reshape(-1))[::-1]
+        moving += float(flat[: max(1, int(flat.size * 0.05))].mean()) > threshold
+    return moving >= need

@@ -16,6 +16,8 @@ DEFAULT_DTYPE = "auto"  # "auto": float16 on cuda, float32 elsewhere
 # frames per VAE decode call: the float32 decode of 16 frames at 512 x 512 at once needs far more than a 24 GB GPU
 # has left beside the weights (benchmarks/memory.py, docs/checkpoints.md "Memory")
 DEFAULT_DECODE_CHUNK = 4
+# FreeU's scales for video UNets as diffusers documents them (b1/b2/s1/s2; Si et al., arXiv 2309.11497)
+FREEU_VIDEO = "1.2/1.4/0.9/0.2"
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,15 @@ PRESETS: dict[str, Preset] = {
                "IV-IV on the first 40% of the steps, the second video-model call of each zigzag reusing the first's "
                "ε pair (docs/algorithms.md §10): both models on every active step, at most 2x standard's FLOPs on "
                "AnimateDiff", interval="0.0..0.4"),
+        # comparators (docs/lab.md): the training-free alternatives, from the same noise and grid as the presets above
+        Preset("freeu", f"standard@freeu={FREEU_VIDEO}",
+               "plain DDIM with FreeU on the video model (diffusers' documented video values b1 1.2, b2 1.4, s1 0.9, "
+               "s2 0.2)"),
+        Preset("freeinit", "standard@freeinit=3",
+               "plain DDIM run 3 times, FreeInit re-initialising the low frequencies of the noise between runs "
+               "(Butterworth, order 4, stop 0.25/0.25: diffusers' enable_free_init defaults; 3x the calls)"),
+        Preset("ivmixed_freeu", f"down:IV-IV@freeu={FREEU_VIDEO}",
+               "the ivmixed preset with FreeU on its video-model calls (the image model's calls unchanged)"),
         Preset(
             "ivmixed_ad_v1", "down:IV-IV@labels=legacy_ad",
             "official AnimateDiff code (docs/algorithms.md §5): legacy label swap, VDM text embeddings for the IDM, "
@@ -75,6 +86,7 @@ PRESETS: dict[str, Preset] = {
 }
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"  # quality scores (CLIPSIM, frame consistency)
+DEFAULT_SUBJECT_MODEL = "facebook/dino-vitb16"  # subject consistency (VBench's DINO ViT-B/16)
 DEFAULT_SAMPLER = "ivmixed"
 DEFAULT_SEED = 0
 DEFAULT_NEGATIVE_PROMPT = ""

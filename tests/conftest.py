@@ -21,7 +21,6 @@ from .jobutil import BIN, free_port, job_env, start_server, stop_server, wait_ht
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SHARED = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
 
 
 # ---- tiny model sets ---------------------------------------------------------------------------------------------
@@ -47,6 +46,21 @@ def tiny_ad_dir(tiny_model) -> str:
 @pytest.fixture(scope="session")
 def ad_backbone(tiny_ad_dir):
     return load_backbone(ModelSpec.from_model_dir("animatediff", tiny_ad_dir, device="cpu", dtype="float32"))
+
+
+@pytest.fixture(scope="session")
+def ad_pipe(tiny_ad_dir):
+    """diffusers' own AnimateDiffPipeline over the tiny AnimateDiff set, with the DDIM grid of the AnimateDiff code
+    (the golden reference of `standard` and of the comparators built on it). A test that enables an option on it
+    (FreeU, FreeInit) disables it again."""
+    from diffusers import AnimateDiffPipeline, DDIMScheduler, MotionAdapter
+
+    adapter = MotionAdapter.from_pretrained(os.path.join(tiny_ad_dir, "motion_adapter"))
+    pipe = AnimateDiffPipeline.from_pretrained(os.path.join(tiny_ad_dir, "base"), motion_adapter=adapter)
+    pipe.scheduler = DDIMScheduler.from_pretrained(os.path.join(tiny_ad_dir, "base"), subfolder="scheduler",
+                                                   timestep_spacing="linspace", steps_offset=1, clip_sample=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 @pytest.fixture
@@ -191,6 +205,7 @@ def ray_head():
         proc = start_server(cmd, job_env(RAY_AUTH_MODE="disabled"), log, cwd=temp)
         try:
             _wait_for_line(log_path, "Ray runtime started", proc, timeout=180)
+            jobutil.SHARED_RAY_SESSION = proc.pid  # its processes' session id (start_new_session): its actors
             yield f"127.0.0.1:{port}"
         finally:
             stop_server(proc, grace=5)

@@ -19,6 +19,15 @@ CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AW
 # the session's Ray (`ray start --head`, tests/conftest.py `shared_ray`) while a test that asked for it runs: job_env
 # points the job at it through RAY_ADDRESS; None: each job starts its own local Ray, as a user's first run does
 SHARED_RAY: str | None = None
+# the session id of that Ray's processes (`ray start` runs in a session of its own): what tells its actors from those
+# of another pytest-xdist worker's Ray on the same machine
+SHARED_RAY_SESSION: int | None = None
+
+
+def session_processes(pattern: str, session: int) -> list[int]:
+    """Pids of the processes in `session` whose command line contains `pattern` (`pgrep -s SID -f PATTERN`)."""
+    out = subprocess.run(["pgrep", "-s", str(session), "-f", pattern], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out if int(p) != os.getpid()]
 
 
 def free_port() -> int:

@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from diffusers import AnimateDiffPipeline, DDIMInverseScheduler, DDIMScheduler, MotionAdapter
+from diffusers import DDIMInverseScheduler, DDIMScheduler
 
 from pipelines.config import resolve_params
 from pipelines.generate import generate
@@ -17,15 +17,6 @@ PROMPT = "Two horses race across a grassy field at sunset."
 def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
-
-@pytest.fixture(scope="module")
-def ad_pipe(tiny_ad_dir):
-    adapter = MotionAdapter.from_pretrained(os.path.join(tiny_ad_dir, "motion_adapter"))
-    pipe = AnimateDiffPipeline.from_pretrained(os.path.join(tiny_ad_dir, "base"), motion_adapter=adapter)
-    pipe.scheduler = DDIMScheduler.from_pretrained(os.path.join(tiny_ad_dir, "base"), subfolder="scheduler",
-                                                   timestep_spacing="linspace", steps_offset=1, clip_sample=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.mark.heavy

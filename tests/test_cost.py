@@ -163,7 +163,10 @@ def test_list_presets_tflop_is_the_published_architectures_count_and_fast_is_at_
     got = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     # calls: N + 4K (K = 49: the t = 0 zigzag dropped; 50 when kept), and reuse=V on 20 active steps: N + 3K
     expected = {"standard": {"I": 0, "V": 50}, "ivmixed": {"I": 98, "V": 148}, "ivmixed_ad_v1": {"I": 100, "V": 150},
-                "ivmixed_fast": {"I": 40, "V": 70}}
+                "ivmixed_fast": {"I": 40, "V": 70},
+                # the lab's comparators (docs/lab.md): FreeU costs standard's calls (its FFT on skip features is not a
+                # model call), FreeInit 3 full runs, FreeU inside IV-Mixed IV-Mixed's
+                "freeu": {"I": 0, "V": 50}, "freeinit": {"I": 0, "V": 150}, "ivmixed_freeu": {"I": 98, "V": 148}}
     assert set(got) == set(expected)
     for name, calls in expected.items():
         assert got[name]["calls"] == sum(calls.values())

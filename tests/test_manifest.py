@@ -13,7 +13,9 @@ from operators.resolve import Resolver, check_id, resolve_row, resolve_rows
 from pipelines.bivdiff.config import BivdiffSpec
 from pipelines.config import ModelSpec
 
-from .conftest import SHARED
+from .jobutil import ROOT
+
+BENCHMARKS = os.path.join(ROOT, "datasets", "benchmarks")
 
 SPEC = ModelSpec(device="cpu")
 RESOLVER = Resolver.build(SPEC)
@@ -117,11 +119,8 @@ def benchmark_like_rows() -> pa.Table:
 
 @pytest.mark.parametrize("name", ["built", "chronomagic_bench_150.parquet", "vbench_all_dimension_gpt_longer.parquet"])
 def test_benchmark_prompt_sets_validate(name, tmp_path):
-    """The built rows always run; the real sets run too where the shared data sits beside the checkout (never in a
-    user's clone, so the built rows carry the check)."""
-    path = write(tmp_path, benchmark_like_rows()) if name == "built" else os.path.join(SHARED, "data", "prompts", name)
-    if not os.path.exists(path):
-        pytest.skip("the real prompt sets are not beside this checkout; the 'built' case covers the same shapes")
+    """The built rows and the real sets the repository carries (datasets/benchmarks/, datasets/README.md)."""
+    path = write(tmp_path, benchmark_like_rows()) if name == "built" else os.path.join(BENCHMARKS, name)
     schema, rows = read_schema(path)
     table = pq.read_table(path)
     resolved = [resolve_row(r, RESOLVER) for r in table.to_pylist()]

@@ -155,9 +155,9 @@ def test_help_shows_defaults_exit_codes_and_listings():
     assert "exit status: 0" in h and "animatediff: 16 frames x 512x512, 50 steps, 8 fps" in h
     assert "default 0" in h and "default 7.5" in h and "--steps 6 --frames 8 --height 64 --width 64" in h
     presets = in_process("pipelines.sample", "--list-presets").stdout.splitlines()[2:]  # a title and a header first
-    assert [p.split()[0] for p in presets] == ["standard", "ivmixed", "ivmixed_fast", "ivmixed_ad_v1", "ivmixed_ms_v1",
-                                               "ivmixed_vc_v1"]
-    assert "ivmixed_ms_v1" in presets[4] and "modelscope" in presets[4]
+    assert [p.split()[0] for p in presets] == ["standard", "ivmixed", "ivmixed_fast", "freeu", "freeinit",
+                                               "ivmixed_freeu", "ivmixed_ad_v1", "ivmixed_ms_v1", "ivmixed_vc_v1"]
+    assert "ivmixed_ms_v1" in presets[7] and "modelscope" in presets[7]
     # the columns line up for the long official variants too: each description starts at the same place
     assert len({line.index(p.description) for line, p in zip(presets, PRESET_LIST)}) == 1, presets
     backbones = in_process("pipelines.sample", "--list-backbones").stdout
@@ -237,13 +237,14 @@ def test_a_scorer_that_fails_in_the_actor_keeps_every_video(tmp_path, tiny_ad_di
 
     from operators.actors import VideoGenerator
     from operators.resolve import Resolver, resolve_rows
+    from operators.scoring import ScoreModels
     from pipelines.config import ModelSpec
 
     spec = asdict(ModelSpec.from_model_dir("animatediff", tiny_ad_dir, device="cpu", dtype="float32"))
     resolver = Resolver.build(spec, defaults={"steps": 2, "frames": 2, "height": 64, "width": 64})
     batch = resolve_rows(pa.table({"id": ["a", "b"], "prompt": ["one", "two"]}), resolver)
     gen = VideoGenerator(resolver, str(tmp_path / "out"), "run", "test", sampler_batch=2,
-                         scorer=str(tmp_path / "no-clip"))
+                         scorer=ScoreModels(str(tmp_path / "no-clip"), str(tmp_path / "no-dino")))
     rows = gen(batch).to_pylist()
     assert [r["status"] for r in rows] == ["ok", "ok"], rows
     assert all(r["clipsim"] is None and "while loading the scorer" in r["score_error"] for r in rows)

@@ -111,6 +111,9 @@ def test_job_scores_pairs_report_and_regression_check(tmp_path, tiny_ad_dir):
     assert "progress: 10/10 rows (10 ok, 0 failed)" in r.stderr and "standard: 5/5 ids ok" in r.stderr
     meta = read_latest(str(tmp_path / "night1")).to_pylist()
     assert len(meta) == 10 and all(m["status"] == "ok" and m["clipsim"] is not None for m in meta)
+    # the dataset consumer's scores (docs/lab.md "Scores"): DINO subject consistency, optical-flow motion
+    assert all(0 <= m["subject_consistency"] <= 1 and m["motion"] >= 0 and m["dynamic"] in (True, False)
+               for m in meta)
     by_pair = {}
     for m in meta:
         by_pair.setdefault(m["pair_id"], []).append(m)
@@ -134,6 +137,22 @@ def test_job_scores_pairs_report_and_regression_check(tmp_path, tiny_ad_dir):
     assert parent.data.metrics["ivmixed.tflop_mean"] == pytest.approx(mean, rel=1e-9)
     page = (tmp_path / "night1" / "report" / "index.html").read_text()
     assert "<th>TFLOP / video</th>" in page and f"<td>{mean:.4f}</td>" in page
+    # ivmixed against the reference (lab.reference: standard), A/B group by group (jobs/paired.py): the mean paired
+    # difference recomputed here from the metadata, inside its interval, the win rate, the calls per video
+    for score, higher in (("clipsim", True), ("flicker", False), ("motion", True)):
+        d = [a[score] - b[score] for a, b in ((next(x for x in v if x["sampler"] == "ivmixed"),
+                                               next(x for x in v if x["sampler"] == "standard"))
+                                              for v in by_pair.values())]
+        key = f"ivmixed.vs_standard.{score}"
+        got = parent.data.metrics
+        assert got[f"{key}_diff"] == pytest.approx(sum(d) / 5, rel=1e-9, abs=1e-12)
+        assert got[f"{key}_lo"] <= got[f"{key}_diff"] <= got[f"{key}_hi"] and got[f"{key}_pairs"] == 5
+        wins = sum((x > 0) if higher else (x < 0) for x in d) + 0.5 * sum(x == 0 for x in d)
+        assert got[f"{key}_win"] == pytest.approx(wins / 5)
+    calls = sum(m["model_calls"] for m in meta if m["sampler"] == "ivmixed") / 5
+    assert parent.data.metrics["ivmixed.calls_mean"] == pytest.approx(calls)
+    assert "<table id='paired'>" in page and "Against standard (paired by A/B group)" in page
+    assert f"<td class='diff'>{parent.data.metrics['ivmixed.vs_standard.clipsim_diff']:+.4f} <small>[" in page
     clip = sorted(m["clipsim"] for m in meta if m["sampler"] == "ivmixed")  # 5 values: p95 sits 0.8 past the 4th
     assert parent.data.metrics["ivmixed.clipsim_p95"] == pytest.approx(clip[3] + 0.8 * (clip[4] - clip[3]), rel=1e-9)
     assert parent.data.metrics["ivmixed.clipsim_mean"] == pytest.approx(sum(clip) / 5, rel=1e-9)
@@ -185,7 +204,7 @@ def test_job_scores_pairs_report_and_regression_check(tmp_path, tiny_ad_dir):
                  f"--user-data-dir={tmp_path / 'chrome'}", "--virtual-time-budget=15000"]
         chromium = _chromium()
         dom = subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
-        assert 'data-state="ok"' in dom and 'data-videos="10/10"' in dom and 'data-images="13/13"' in dom, dom[-2000:]
+        assert 'data-state="ok"' in dom and 'data-videos="10/10"' in dom and 'data-images="15/15"' in dom, dom[-2000:]
         shot = tmp_path / "report.png"
         subprocess.run([chromium, *flags, "--window-size=1280,2000", f"--screenshot={shot}", url], capture_output=True,
                        timeout=120)

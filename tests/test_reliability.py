@@ -19,6 +19,7 @@ from operators.storage import filesystem
 from pipelines.config import resolve_params
 from pipelines.params import Limits
 
+from . import jobutil
 from .jobutil import (
     CREDS,
     ROOT,
@@ -28,6 +29,7 @@ from .jobutil import (
     parent_runs,
     run_job,
     s3_bucket,
+    session_processes,
     sha256_file,
     start_server,
     stop_server,
@@ -118,8 +120,8 @@ def test_poison_rows_and_a_straggler_never_sink_the_run(tmp_path, tiny_cache):
 
 
 def _actor_pids() -> list[int]:
-    out = subprocess.run(["pgrep", "-f", "MapWorker"], capture_output=True, text=True).stdout.split()
-    return [int(p) for p in out if int(p) != os.getpid()]
+    """The actors of the session's Ray (not those of another test process's Ray)."""
+    return session_processes("MapWorker", jobutil.SHARED_RAY_SESSION)
 
 
 def _wait_for(predicate, timeout: float, what: str):

@@ -3,6 +3,7 @@ main solver, tiny fixture, structure), device/dtype placement, prompt encoding, 
 loading."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -169,8 +170,28 @@ class BackboneBase:
         return None
 
     def check(self, p) -> None:
-        """The structural rules of the loaded models for one row's parameters (`config.Structure`)."""
+        """The structural rules of the loaded models for one row's parameters (`config.Structure`), and whether its
+        video model takes the comparators the row's variant names (docs/lab.md)."""
         self.structure.check(p.frames, p.height, p.width)
+        variant = getattr(p, "parsed", None)  # generation rows; BIVDiff rows name no variant
+        if variant is not None and variant.freeu is not None and not hasattr(self.unet, "enable_freeu"):
+            raise ValueError(f"variant: freeu needs diffusers' FreeU hooks, which the {self.name} video model "
+                             f"({type(self.unet).__name__}) does not have")
+
+    @contextlib.contextmanager
+    def freeu(self, values: tuple[float, float, float, float] | None):
+        """FreeU (Si et al., arXiv 2309.11497) on the video model's calls while the block runs: diffusers'
+        `enable_freeu` hooks of its UNet with backbone scales b1, b2 and skip scales s1, s2, removed afterwards (the
+        loaded model serves rows without it next). The image model's calls are left as they are."""
+        if values is None:
+            yield
+            return
+        b1, b2, s1, s2 = values
+        self.unet.enable_freeu(s1=s1, s2=s2, b1=b1, b2=b2)
+        try:
+            yield
+        finally:
+            self.unet.disable_freeu()
 
     def image_table(self) -> AlphaTable:
         return AlphaTable.from_scheduler_config(self.image_scheduler_config)
