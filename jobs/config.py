@@ -90,7 +90,7 @@ class VerifyConfig:
 class ScoresConfig:
     enabled: bool = False  # CLIPSIM, frame and subject consistency, flicker and motion per video, in the actor
     clip_model: str = presets.DEFAULT_CLIP_MODEL  # hub id or local folder
-    subject_model: str = presets.DEFAULT_SUBJECT_MODEL  # DINO for subject consistency (VBench's): hub id or folder
+    subject_model: str | None = presets.DEFAULT_SUBJECT_MODEL  # DINO for subject consistency: hub id, folder or null
     tiny: bool = False  # build tiny random CLIP and DINO models offline (tests, demo) instead of the two above
 
 

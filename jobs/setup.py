@@ -59,6 +59,8 @@ def check_scorer(models: ScoreModels) -> None:
     """Load each scorer model once here, so that a model that cannot load stops the job before any video is made."""
     for key, source, load in (("clip_model", models.clip, ClipScorer), ("subject_model", models.subject,
                                                                         SubjectScorer)):
+        if source is None:
+            continue
         try:
             load(source, "cpu")
         except Exception as err:  # a missing folder, no hub access, a broken checkpoint

@@ -35,7 +35,7 @@ class ScoreModels:
     """Where the scorers' models load from (config `scores`): CLIP and the subject-consistency DINO."""
 
     clip: str
-    subject: str
+    subject: str | None  # None: no subject consistency (config scores.subject_model: null)
 
 
 def _resize_normalize(frames: torch.Tensor, short: int, mean, std, device) -> torch.Tensor:
@@ -132,8 +132,8 @@ class VideoScorer:
 
     def __init__(self, models: ScoreModels, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         self.clip = ClipScorer(models.clip, device, dtype)
-        self.subject = SubjectScorer(models.subject, device, dtype)
+        self.subject = None if models.subject is None else SubjectScorer(models.subject, device, dtype)
 
     def score(self, frames: torch.Tensor, prompt: str, fps: float) -> dict:
-        return {**self.clip.score(frames, prompt), "subject_consistency": self.subject.score(frames),
-                **motion_scores(frames, fps)}
+        subject = {} if self.subject is None else {"subject_consistency": self.subject.score(frames)}
+        return {**self.clip.score(frames, prompt), **subject, **motion_scores(frames, fps)}

@@ -105,3 +105,13 @@ def test_export_thresholds_on_motion_and_subject_consistency():
     assert select(table, Filter(min_motion=1.0)).column("id").to_pylist() == ["b"]
     assert select(table, Filter(min_subject_consistency=0.95)).column("id").to_pylist() == ["a", "c"]
     assert Filter(min_motion=1.0).describe() == "min_motion 1"
+
+
+def test_without_a_subject_model_the_other_scores_remain(tmp_path):
+    from operators.scoring import ScoreModels, VideoScorer
+    from pipelines.fixtures.models import build_clip
+
+    scorer = VideoScorer(ScoreModels(build_clip(str(tmp_path / "clip")), None))
+    got = scorer.score(torch.from_numpy(shifting(2, n=4, size=32)), "a moving texture", fps=8)
+    assert "subject_consistency" not in got
+    assert {"clipsim", "frame_consistency", "flicker", "motion", "dynamic"} <= set(got)
