@@ -230,7 +230,7 @@ class RowWorker:
         uri = (lambda path: None) if self.shards else (lambda path: storage.full_uri(self.fs, path))
         return dict(video_uri=uri(dest), bytes=size, sha256=digest, contact_uri=uri(sheet) if self.contact else None,
                     seconds=result.seconds + time.perf_counter() - start, model_calls=result.total_calls,
-                    calls_idm=result.calls["I"], calls_vdm=result.calls["V"], nfe=result.nfe,
+                    calls_idm=_calls(result, "I"), calls_vdm=_calls(result, "V"), nfe=result.nfe,
                     tflop=None if getattr(result, "flops", None) is None else result.flops / 1e12)
 
     def _published(self, rid: str, result) -> dict:
@@ -283,6 +283,12 @@ class RowWorker:
                     storage.put_bytes(self.fs, sink.getvalue(), self.layout.sample(rid, "parquet"), self.root)
                 except Exception:  # only the salvage of a killed run needs it
                     logger.exception("could not write the scratch row of %s", rid)
+
+
+def _calls(result, model: str) -> int:
+    """A result's calls of one model, conditional-only ones included (pipelines/generate.py VideoResult)."""
+    per_model = getattr(result, "model_calls", None)
+    return per_model(model) if per_model else result.calls[model]
 
 
 SPLIT = "split"  # timeout mark of a row whose batched call stalled: it runs alone next

@@ -21,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .backbones import registry
 from .backbones.common import framewise_eps
+from .grammar import COND
 
 logger = logging.getLogger(__name__)
 TOKENS = 77  # CLIP's text length: every backbone's text conditioning is (·, 77, D)
@@ -35,8 +36,11 @@ class Costs:
     decode: float
 
     def of(self, calls: Mapping[str, int], decode: bool = True) -> float:
-        """A video's FLOPs: its calls times each call's cost, plus its decode (unless left latent)."""
-        return sum(n * self.call[m] for m, n in calls.items()) + (self.decode if decode else 0.0)
+        """A video's FLOPs: its calls times each call's cost, plus its decode (unless left latent). A conditional-only
+        call ("V_cond": a step without guidance) evaluates half the batch of a CFG pair: half its cost."""
+        calls_cost = sum(n * (self.call[m[: -len(COND)]] / 2 if m.endswith(COND) else self.call[m])
+                         for m, n in calls.items())
+        return calls_cost + (self.decode if decode else 0.0)
 
 
 def count(fn) -> float:

@@ -16,7 +16,7 @@ import torch
 from .config import GenParams
 from .cost import backbone_costs
 from .freeinit import butterworth_lowpass, reinitialize
-from .grammar import Plan, compile_plan
+from .grammar import COND, Plan, compile_plan
 from .sampling import RowNoise, sample_plan, sde_dpmpp_2m
 from .schedule import dpm_timesteps, timesteps
 
@@ -28,7 +28,7 @@ class VideoResult:
     params: GenParams
     latents: torch.Tensor  # (1, C, F, h, w) float32, cpu
     frames: torch.Tensor | None  # (F, H, W, 3) float32 in [0, 1], cpu; None when not decoded
-    calls: dict  # model calls per model for this video ({"I": n, "V": m}); NFE = 2 x total
+    calls: dict  # model calls per model for this video ({"I": n, "V": m}, and "V_cond": conditional-only calls)
     seconds: float  # wall seconds of its batch divided by the batch size
     flops: float | None = None  # its model calls and decode, counted per shape (pipelines/cost.py); None: not counted
 
@@ -36,9 +36,14 @@ class VideoResult:
     def total_calls(self) -> int:
         return sum(self.calls.values())
 
+    def model_calls(self, model: str) -> int:
+        """Calls of one model ("I" or "V"), conditional-only ones included."""
+        return self.calls.get(model, 0) + self.calls.get(model + COND, 0)
+
     @property
     def nfe(self) -> int:
-        return 2 * self.total_calls
+        """Network evaluations: 2 per CFG pair, 1 per conditional-only call."""
+        return sum((1 if k.endswith(COND) else 2) * n for k, n in self.calls.items())
 
 
 def main_grid(backbone, preset, steps: int) -> list[int]:
@@ -130,7 +135,7 @@ def _sample_freeinit(backbone, models, x, plan: Plan, noise: RowNoise, callback,
             start = reinitialize(x, initial, noise.draw(x.shape[1:], x.device), table.at(table.num_train_timesteps - 1),
                                  lowpass).to(x.dtype)
             x, more = sample_plan(models, start, plan, noise=noise, callback=callback, main_step=main_step)
-            calls = {k: calls[k] + more[k] for k in calls}
+            calls = {k: calls.get(k, 0) + more.get(k, 0) for k in {**calls, **more}}
     return x, calls
 
 

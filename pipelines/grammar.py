@@ -32,6 +32,9 @@ NAMED = {
     "v-v-40": "down:V-V@w_go_V=-4,w_back_V=4,interval=0..39",
 }
 W_KEYS = ("w_go_I", "w_back_I", "w_go_V", "w_back_V")
+# the key of a model's conditional-only calls in a calls count ("V_cond"): a main move on a step outside `cfg=` runs
+# the model on the prompt alone, half a CFG pair's cost (docs/lab.md "Comparators")
+COND = "_cond"
 PARAM_KEYS = ("w_main", "interval", "sub_every")  # per-row parameters a pattern may also set
 CHOICES = {"main": ("I", "V"), "labels": ("chain", "legacy_ad"), "resize": ("none", "nearest64"), "sub_cfg": ("I", "V"),
            "reuse": ("off", "exact", "V")}
@@ -112,6 +115,9 @@ class Variant:
     # from the previous result (Wu et al., arXiv 2312.07537); 1: none
     freeu: tuple[float, float, float, float] | None = None
     freeinit: int = 1
+    # classifier-free guidance on the main moves of these steps only; elsewhere the conditional prediction alone
+    # (diffusers' ClassifierFreeGuidance(start, stop)); None: every step
+    cfg: "Interval | None" = None
 
     @property
     def k(self) -> int:
@@ -128,6 +134,8 @@ class Variant:
             extras.append("freeu=" + "/".join(f"{v:g}" for v in self.freeu))
         if self.freeinit != 1:
             extras.append(f"freeinit={self.freeinit}")
+        if self.cfg is not None:
+            extras.append(f"cfg={self.cfg.text()}")
         if self.is_standard and self.main == "V" and not self.w:
             return "standard" + ("@" + ",".join(extras) if extras else "")
         opts = []
@@ -233,6 +241,8 @@ def parse_variant(text: str) -> ParsedVariant:
             if len(numbers) != 4 or not all(math.isfinite(v) for v in numbers):
                 raise ValueError(f"variant {text!r}: freeu must be four numbers b1/b2/s1/s2 (e.g. 1.2/1.4/0.9/0.2)")
             fields["freeu"] = tuple(float(v) for v in numbers)
+        elif key == "cfg":
+            fields["cfg"] = Interval.parse(val)
         elif key == "freeinit":
             if not re.fullmatch(r"\d+", val) or not 1 <= int(val) <= 10:
                 raise ValueError(f"variant {text!r}: freeinit must be an integer from 1 to 10 (iterations)")
@@ -286,14 +296,16 @@ class Plan:
     freeinit: int = 1  # Variant.freeinit
 
     def calls(self) -> dict[str, int]:
-        """Model calls per model ("I", "V"); one call = one CFG-batched forward, NFE = 2 x calls. A move that takes
-        an earlier call's ε pair (reuse=V) is not a call; exact reuse, which depends on the numbers, can only make
-        fewer."""
+        """Model calls per model ("I", "V"); one call = one CFG-batched forward, NFE = 2 x calls; a main move outside
+        the variant's `cfg=` steps is a conditional-only call, counted under "<model>_cond" (NFE 1). A move that
+        takes an earlier call's ε pair (reuse=V) is not a call; exact reuse, which depends on the numbers, can only
+        make fewer."""
         out = {"I": 0, "V": 0}
         for step in self.steps:
             for mv in (*step.zigzag, step.main):
                 if mv.model in out and mv.shares is None:
-                    out[mv.model] += self.freeinit
+                    key = mv.model if mv.w is not None else mv.model + COND
+                    out[key] = out.get(key, 0) + self.freeinit
         return out
 
 
@@ -335,6 +347,8 @@ def compile_plan(
     T = down_table.num_train_timesteps
     delta = T // n
     interval.check(n)
+    if variant.cfg is not None:
+        variant.cfg.check(n)
     if zz is not None and zz < 1:
         raise ValueError(f"zz must be >= 1, got {zz}")
     rows = len(guidance)
@@ -354,7 +368,8 @@ def compile_plan(
     A, U = down_table.at, up_table.at
     steps = []
     for i, t in enumerate(timesteps):
-        main = Move(variant.main, t, A(t), A(t - delta), w_main, "main", t, t - delta)
+        guided = variant.cfg is None or variant.cfg.active(i, n)
+        main = Move(variant.main, t, A(t), A(t - delta), w_main if guided else None, "main", t, t - delta)
         moves: list[Move] = []
         if not variant.is_standard and interval.active(i, n):
             substitute = zz is not None and i % zz == zz - 1

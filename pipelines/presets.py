@@ -59,6 +59,9 @@ PRESETS: dict[str, Preset] = {
         Preset("freeinit", "standard@freeinit=3",
                "plain DDIM run 3 times, FreeInit re-initialising the low frequencies of the noise between runs "
                "(Butterworth, order 4, stop 0.25/0.25: diffusers' enable_free_init defaults; 3x the calls)"),
+        Preset("cfg_interval", "standard@cfg=0.0..0.4",
+               "plain DDIM with guidance on the first 40% of the steps and the conditional prediction alone after "
+               "(diffusers' dynamic-CFG example, ClassifierFreeGuidance(start, stop)): 0.7x standard's FLOPs"),
         Preset("ivmixed_freeu", f"down:IV-IV@freeu={FREEU_VIDEO}",
                "the ivmixed preset with FreeU on its video-model calls (the image model's calls unchanged)"),
         Preset(

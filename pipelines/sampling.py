@@ -1,7 +1,8 @@
 """The sampler: executes a compiled plan of DDIM moves over denoisers (docs/algorithms.md §1-§3).
 
 A denoiser is any callable `eps = model(x, timestep, w)` with x of shape (B, C, F, h, w), an int
-timestep shared by the batch and w the per-row CFG scale (B,); it returns the guided ε. The sampler
+timestep shared by the batch and w the per-row CFG scale (B,), or None for the conditional prediction alone; it
+returns the guided ε. The sampler
 never sees prompts, models or devices (k-diffusion style); device and dtype follow `x`.
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Callable, Mapping, Protocol, Sequence
 import torch
 import torch.nn.functional as F
 
-from .grammar import Move, Plan
+from .grammar import COND, Move, Plan
 from .schedule import ddim_move, forward_jump
 
 
@@ -27,20 +28,33 @@ class CFGDenoiser:
     caller (negative embeddings for the first B rows, prompt embeddings for the last B).
     """
 
-    def __init__(self, eps_fn: Callable[[torch.Tensor, int], torch.Tensor]):
-        self.eps_fn = eps_fn
+    def __init__(self, eps_fn: Callable[[torch.Tensor, int], torch.Tensor],
+                 cond_fn: Callable[[torch.Tensor, int], torch.Tensor] | None = None):
+        """`cond_fn(x, timestep)`: the model on x (B rows) with the prompt embeddings alone, for steps without
+        guidance; None: the conditional half of a pair (the same numbers, twice the cost)."""
+        self.eps_fn, self.cond_fn = eps_fn, cond_fn
 
-    def __call__(self, x: torch.Tensor, timestep: int, w: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, timestep: int, w: torch.Tensor | None) -> torch.Tensor:
+        if w is None:
+            return self.cond(x, timestep)
         return guide(self.pair(x, timestep), w)
+
+    def cond(self, x: torch.Tensor, timestep: int) -> torch.Tensor:
+        """ε(x, c) alone: the prediction a step without guidance moves along."""
+        if self.cond_fn is None:
+            return self.pair(x, timestep)[1]
+        return self.cond_fn(x, timestep).to(x.dtype)
 
     def pair(self, x: torch.Tensor, timestep: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(ε(x,∅), ε(x,c)) in x's dtype: what a reused call keeps, so that another scale or sign can be formed."""
         return self.eps_fn(torch.cat([x, x]), timestep).to(x.dtype).chunk(2)
 
 
-def guide(pair: tuple[torch.Tensor, torch.Tensor], w: torch.Tensor) -> torch.Tensor:
-    """ε̂ = ε_u + w·(ε_c − ε_u) with w per row (docs/algorithms.md §1)."""
+def guide(pair: tuple[torch.Tensor, torch.Tensor], w: torch.Tensor | None) -> torch.Tensor:
+    """ε̂ = ε_u + w·(ε_c − ε_u) with w per row (docs/algorithms.md §1); w None: ε_c."""
     uncond, cond = pair
+    if w is None:
+        return cond
     w = w.to(device=uncond.device, dtype=uncond.dtype).view(-1, *([1] * (uncond.ndim - 1)))
     return uncond + w * (cond - uncond)
 
@@ -62,12 +76,18 @@ class StepCalls:
     def start(self) -> None:
         self.made, self.pairs = [], []
 
-    def eps(self, model: str, x: torch.Tensor, timestep: int, w: torch.Tensor, shares: int | None) -> torch.Tensor:
+    def eps(self, model: str, x: torch.Tensor, timestep: int, w: torch.Tensor | None,
+            shares: int | None) -> torch.Tensor:
+        if w is None:  # a step without guidance: the conditional prediction, nothing another move could share
+            self.made.append((model, timestep, x))
+            self.pairs.append(None)
+            self.calls[model + COND] = self.calls.get(model + COND, 0) + 1
+            return self.models[model](x, timestep, None)
         if shares is not None:
             pair = self.pairs[shares]
         else:
-            pair = next((p for (m, t, seen), p in zip(self.made, self.pairs)
-                         if m == model and t == timestep and seen.shape == x.shape and torch.equal(seen, x)), None)
+            pair = next((p for (m, t, seen), p in zip(self.made, self.pairs) if p is not None
+                         and m == model and t == timestep and seen.shape == x.shape and torch.equal(seen, x)), None)
             if pair is None:
                 pair = self.models[model].pair(x, timestep)
                 self.calls[model] += 1
@@ -188,7 +208,8 @@ def sample_plan(
             x = apply_move(models, x, mv, resize=plan.resize, noise=noise)
         else:
             x = main_step(x, models[mv.model](x, mv.timestep, mv.w), step.index)
-        calls[mv.model] += 1
+        key = mv.model if mv.w is not None else mv.model + COND
+        calls[key] = calls.get(key, 0) + 1
         if callback is not None:
             callback({"i": step.index, "t": step.t, "x": x, "calls": dict(calls)})
     return x, calls

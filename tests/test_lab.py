@@ -82,7 +82,46 @@ def test_comparator_options_parse_print_and_refuse_bad_values():
     v = parse_variant("down:IV-IV@freeu=1.2/1.4/0.9/0.2,freeinit=3").variant
     assert (v.freeu, v.freeinit) == ((1.2, 1.4, 0.9, 0.2), 3) and parse_variant(v.pattern()).variant == v
     assert parse_variant("standard@freeinit=2").variant.pattern() == "standard@freeinit=2"
+    c = parse_variant("IV-IV@cfg=2..4").variant
+    assert c.cfg.text() == "2..4" and parse_variant(c.pattern()).variant == c
     for bad, msg in [("standard@freeu=1/2", "four numbers"), ("standard@freeinit=0", "from 1 to 10"),
-                     ("standard@freeu=a/b/c/d", "four numbers")]:
+                     ("standard@freeu=a/b/c/d", "four numbers"), ("standard@cfg=0.5..0.2", "fractions need")]:
         with pytest.raises(ValueError, match=msg):
             parse_variant(bad)
+
+
+@pytest.mark.heavy
+def test_guidance_on_part_of_the_schedule_equals_diffusers_dynamic_cfg(ad_backbone, ad_pipe, small):
+    """diffusers' documented dynamic classifier-free guidance: a step-end callback turns guidance off after 40 % of
+    the steps (the pipeline then runs the UNet on the prompt embeddings alone), against the `cfg_interval` preset."""
+    ours = _ours(ad_backbone, small, seed=5, sampler="cfg_interval")
+    stop = int(small["steps"] * 0.4)
+
+    def callback(pipe, i, t, kwargs):
+        if i == stop:  # after step `stop`: guidance off from the next step on
+            pipe._guidance_scale = 1.0
+            kwargs["prompt_embeds"] = kwargs["prompt_embeds"].chunk(2)[-1]
+        return kwargs
+
+    ref = ad_pipe(prompt=PROMPT, num_frames=small["frames"], height=small["height"], width=small["width"],
+                  num_inference_steps=small["steps"], guidance_scale=7.5, output_type="latent",
+                  generator=torch.Generator("cpu").manual_seed(5), callback_on_step_end=callback,
+                  callback_on_step_end_tensor_inputs=["prompt_embeds"]).frames
+    assert torch.equal(ours.latents, ref)
+    assert not torch.equal(ref, _theirs(ad_pipe, small, seed=5))  # guidance mattered on the later steps
+    guided = stop + 1
+    assert ours.calls == {"I": 0, "V": guided, "V_cond": small["steps"] - guided}
+    assert ours.nfe == 2 * guided + (small["steps"] - guided)
+    whole = _ours(ad_backbone, small, seed=5, sampler="standard")
+    assert ours.flops == pytest.approx(whole.flops - (small["steps"] - guided) * (whole.flops - _decode(ad_backbone,
+                                                                                                          small))
+                                       / small["steps"] / 2, rel=1e-9)
+    # guidance on every step is plain standard, bit for bit
+    every = _ours(ad_backbone, small, seed=5, sampler="standard", variant="standard@cfg=0.0..1.0")
+    assert torch.equal(every.latents, whole.latents) and every.calls == whole.calls
+
+
+def _decode(backbone, small) -> float:
+    from pipelines.cost import backbone_costs
+
+    return backbone_costs(backbone, small["frames"], small["height"], small["width"], 8).decode

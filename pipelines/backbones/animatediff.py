@@ -110,8 +110,11 @@ class AnimateDiff(BackboneBase):
         else:
             emb_i = encode_prompts(self.image_tokenizer, self.image_text_encoder, [*negatives, *prompts], self.device)
         emb_i = emb_i.to(self.dtype).repeat_interleave(frames, dim=0)
-        return {"V": CFGDenoiser(self.vdm_eps(emb_v.to(self.dtype), frames, fps)),
-                "I": CFGDenoiser(framewise_eps(self.image_unet, emb_i, self.dtype))}
+        b = len(prompts)  # the prompt halves alone: the steps without guidance (a variant's cfg=)
+        return {"V": CFGDenoiser(self.vdm_eps(emb_v.to(self.dtype), frames, fps),
+                                 self.vdm_eps(emb_v[b:].to(self.dtype), frames, fps)),
+                "I": CFGDenoiser(framewise_eps(self.image_unet, emb_i, self.dtype),
+                                 framewise_eps(self.image_unet, emb_i[b * frames:], self.dtype))}
 
     def vdm_eps(self, emb: torch.Tensor, frames: int, fps: int):
         """UNetMotionModel takes the text per frame: (B', L, D) is repeated to (B'*F, L, D), as AnimateDiffPipeline."""

@@ -243,8 +243,10 @@ class BackboneBase:
                   fps: int) -> dict:
         """One CFG denoiser per model ("V", "I") with the batch's text conditioning bound (docs/algorithms.md §1)."""
         emb_v, emb_i = self.own_text_embeddings(prompts, negatives, frames, idm_text)
-        return {"V": CFGDenoiser(self.vdm_eps(emb_v, frames, fps)),
-                "I": CFGDenoiser(framewise_eps(self.image_unet, emb_i, self.dtype))}
+        b = len(prompts)  # the prompt halves alone: the steps without guidance (a variant's cfg=)
+        return {"V": CFGDenoiser(self.vdm_eps(emb_v, frames, fps), self.vdm_eps(emb_v[b:], frames, fps)),
+                "I": CFGDenoiser(framewise_eps(self.image_unet, emb_i, self.dtype),
+                                 framewise_eps(self.image_unet, emb_i[b * frames:], self.dtype))}
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, C, F, h, w) latents -> (B, F, H, W, 3) float32 frames in [0, 1] (as AnimateDiffPipeline 'np'),
