@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .backbones import registry
 from .backbones.common import framewise_eps
-from .grammar import COND
+from .grammar import call_size
 
 logger = logging.getLogger(__name__)
 TOKENS = 77  # CLIP's text length: every backbone's text conditioning is (·, 77, D)
@@ -37,9 +37,12 @@ class Costs:
 
     def of(self, calls: Mapping[str, int], decode: bool = True) -> float:
         """A video's FLOPs: its calls times each call's cost, plus its decode (unless left latent). A conditional-only
-        call ("V_cond": a step without guidance) evaluates half the batch of a CFG pair: half its cost."""
-        calls_cost = sum(n * (self.call[m[: -len(COND)]] / 2 if m.endswith(COND) else self.call[m])
-                         for m, n in calls.items())
+        call ("V_cond": a step without guidance) evaluates half the batch of a CFG pair, a perturbed-attention call
+        ("V_pag") three halves (grammar.call_size)."""
+        calls_cost = 0.0
+        for key, n in calls.items():
+            model, pairs, _ = call_size(key)
+            calls_cost += n * pairs * self.call[model]
         return calls_cost + (self.decode if decode else 0.0)
 
 

@@ -16,7 +16,7 @@ import torch
 from .config import GenParams
 from .cost import backbone_costs
 from .freeinit import butterworth_lowpass, reinitialize
-from .grammar import COND, Plan, compile_plan
+from .grammar import Plan, call_size, compile_plan
 from .sampling import RowNoise, sample_plan, sde_dpmpp_2m
 from .schedule import dpm_timesteps, timesteps
 
@@ -28,7 +28,7 @@ class VideoResult:
     params: GenParams
     latents: torch.Tensor  # (1, C, F, h, w) float32, cpu
     frames: torch.Tensor | None  # (F, H, W, 3) float32 in [0, 1], cpu; None when not decoded
-    calls: dict  # model calls per model for this video ({"I": n, "V": m}, and "V_cond": conditional-only calls)
+    calls: dict  # model calls for this video: {"I": n, "V": m}, and "V_cond" / "V_pag" (grammar.call_key)
     seconds: float  # wall seconds of its batch divided by the batch size
     flops: float | None = None  # its model calls and decode, counted per shape (pipelines/cost.py); None: not counted
 
@@ -37,13 +37,13 @@ class VideoResult:
         return sum(self.calls.values())
 
     def model_calls(self, model: str) -> int:
-        """Calls of one model ("I" or "V"), conditional-only ones included."""
-        return self.calls.get(model, 0) + self.calls.get(model + COND, 0)
+        """Calls of one model ("I" or "V"), conditional-only and perturbed-attention ones included."""
+        return sum(n for k, n in self.calls.items() if call_size(k)[0] == model)
 
     @property
     def nfe(self) -> int:
-        """Network evaluations: 2 per CFG pair, 1 per conditional-only call."""
-        return sum((1 if k.endswith(COND) else 2) * n for k, n in self.calls.items())
+        """Network evaluations: 2 per CFG pair, 1 per conditional-only call, 3 per perturbed-attention call."""
+        return sum(call_size(k)[2] * n for k, n in self.calls.items())
 
 
 def main_grid(backbone, preset, steps: int) -> list[int]:
@@ -103,7 +103,7 @@ def generate(backbone, rows: Sequence[GenParams], *, decode: bool = True,
     x = noise.draw(shape, backbone.device)  # (B, C, F, h, w) float32; latents stay fp32 between moves
     with torch.inference_mode():
         models = backbone.denoisers([r.prompt for r in rows], [r.negative_prompt for r in rows],
-                                    frames=p.frames, idm_text=p.preset.idm_text, fps=p.fps)
+                                    frames=p.frames, idm_text=p.preset.idm_text, fps=p.fps, pag=plan.pag)
         main_step = None
         if backbone.main_solver == "sde-dpmpp2m":
             # its SDE noise: row b's own stream seeded seed_b + 1 (docs/algorithms.md §7)
@@ -112,7 +112,7 @@ def generate(backbone, rows: Sequence[GenParams], *, decode: bool = True,
             c, f, h, w = shape
             main_step = sde_dpmpp_2m(table.alphas_cumprod, [s.t for s in plan.steps],
                                      lambda x: sde.draw((f, c, h, w), x.device).permute(0, 2, 1, 3, 4).to(x.dtype))
-        with backbone.freeu(plan.freeu):
+        with backbone.freeu(plan.freeu), backbone.perturbed_attention(plan.pag is not None):
             x, calls = _sample_freeinit(backbone, models, x, plan, noise, callback, main_step)
         frames = backbone.decode(x) if decode else None
     latents = x.float().cpu()

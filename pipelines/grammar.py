@@ -35,6 +35,8 @@ W_KEYS = ("w_go_I", "w_back_I", "w_go_V", "w_back_V")
 # the key of a model's conditional-only calls in a calls count ("V_cond"): a main move on a step outside `cfg=` runs
 # the model on the prompt alone, half a CFG pair's cost (docs/lab.md "Comparators")
 COND = "_cond"
+# ... and of its perturbed-attention calls ("V_pag"): the batch three times over, 1.5 CFG pairs' cost
+PAG = "_pag"
 PARAM_KEYS = ("w_main", "interval", "sub_every")  # per-row parameters a pattern may also set
 CHOICES = {"main": ("I", "V"), "labels": ("chain", "legacy_ad"), "resize": ("none", "nearest64"), "sub_cfg": ("I", "V"),
            "reuse": ("off", "exact", "V")}
@@ -118,6 +120,9 @@ class Variant:
     # classifier-free guidance on the main moves of these steps only; elsewhere the conditional prediction alone
     # (diffusers' ClassifierFreeGuidance(start, stop)); None: every step
     cfg: "Interval | None" = None
+    # perturbed-attention guidance on the video model's calls (Ahn et al., arXiv 2403.17377; diffusers'
+    # AnimateDiffPAGPipeline): its scale; None: none
+    pag: float | None = None
 
     @property
     def k(self) -> int:
@@ -136,6 +141,8 @@ class Variant:
             extras.append(f"freeinit={self.freeinit}")
         if self.cfg is not None:
             extras.append(f"cfg={self.cfg.text()}")
+        if self.pag is not None:
+            extras.append(f"pag={self.pag:g}")
         if self.is_standard and self.main == "V" and not self.w:
             return "standard" + ("@" + ",".join(extras) if extras else "")
         opts = []
@@ -243,12 +250,23 @@ def parse_variant(text: str) -> ParsedVariant:
             fields["freeu"] = tuple(float(v) for v in numbers)
         elif key == "cfg":
             fields["cfg"] = Interval.parse(val)
+        elif key == "pag":
+            try:
+                scale = float(val)
+            except ValueError:
+                scale = float("nan")
+            if not (math.isfinite(scale) and scale > 0):
+                raise ValueError(f"variant {text!r}: pag must be a scale > 0 (e.g. 3.0)")
+            fields["pag"] = scale
         elif key == "freeinit":
             if not re.fullmatch(r"\d+", val) or not 1 <= int(val) <= 10:
                 raise ValueError(f"variant {text!r}: freeinit must be an integer from 1 to 10 (iterations)")
             fields["freeinit"] = int(val)
         else:
             raise ValueError(f"variant {text!r}: unknown option {key!r}")
+    if "pag" in fields and ("cfg" in fields or fields.get("reuse", "off") != "off"):
+        raise ValueError(f"variant {text!r}: pag runs every video-model call as one batch of three; it does not "
+                         "combine with cfg= or reuse=")
     if fields.get("labels") == "legacy_ad" and (orientation != "down" or len(front) != 2):
         raise ValueError(f"variant {text!r}: labels=legacy_ad only exists for a down-first 2-letter zigzag")
     fields["w"] = tuple(sorted(w.items()))
@@ -294,6 +312,7 @@ class Plan:
     reuse: str = "off"  # Variant.reuse
     freeu: tuple[float, float, float, float] | None = None  # Variant.freeu
     freeinit: int = 1  # Variant.freeinit
+    pag: float | None = None  # Variant.pag
 
     def calls(self) -> dict[str, int]:
         """Model calls per model ("I", "V"); one call = one CFG-batched forward, NFE = 2 x calls; a main move outside
@@ -304,9 +323,30 @@ class Plan:
         for step in self.steps:
             for mv in (*step.zigzag, step.main):
                 if mv.model in out and mv.shares is None:
-                    key = mv.model if mv.w is not None else mv.model + COND
+                    key = call_key(mv, self.pag)
                     out[key] = out.get(key, 0) + self.freeinit
         return out
+
+
+def call_key(mv: Move, pag: float | None) -> str:
+    """Where a model move's call is counted: "I"/"V" (a CFG pair), "<model>_cond" (the prompt alone: a step outside
+    `cfg=`), "V_pag" (a perturbed-attention call: three branches)."""
+    if mv.w is None:
+        return mv.model + COND
+    if pag is not None and mv.model == "V":
+        return mv.model + PAG
+    return mv.model
+
+
+# a call's cost in CFG pairs (pipelines/cost.py) and its network evaluations, by the suffix of its key
+CALL_SIZE = {"": (1.0, 2), COND: (0.5, 1), PAG: (1.5, 3)}
+
+
+def call_size(key: str) -> tuple[str, float, int]:
+    """(model, cost in CFG pairs, network evaluations) of a calls-count key."""
+    model, _, suffix = key.partition("_")
+    pairs, nfe = CALL_SIZE["_" + suffix if suffix else ""]
+    return model, pairs, nfe
 
 
 def share_video_calls(moves: Sequence[Move]) -> list[Move]:
@@ -413,4 +453,4 @@ def compile_plan(
         if variant.reuse == "V":
             *moves, main = share_video_calls([*moves, main])
         steps.append(StepPlan(i, t, tuple(moves), main))
-    return Plan(tuple(steps), variant.resize, variant.reuse, variant.freeu, variant.freeinit)
+    return Plan(tuple(steps), variant.resize, variant.reuse, variant.freeu, variant.freeinit, variant.pag)

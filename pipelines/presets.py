@@ -62,6 +62,9 @@ PRESETS: dict[str, Preset] = {
         Preset("cfg_interval", "standard@cfg=0.0..0.4",
                "plain DDIM with guidance on the first 40% of the steps and the conditional prediction alone after "
                "(diffusers' dynamic-CFG example, ClassifierFreeGuidance(start, stop)): 0.7x standard's FLOPs"),
+        Preset("pag", "standard@pag=3",
+               "plain DDIM with perturbed-attention guidance of scale 3 on the video model (its mid-block "
+               "self-attention, diffusers' AnimateDiffPAGPipeline default layers) beside CFG: 1.5x standard's FLOPs"),
         Preset("ivmixed_freeu", f"down:IV-IV@freeu={FREEU_VIDEO}",
                "the ivmixed preset with FreeU on its video-model calls (the image model's calls unchanged)"),
         Preset(

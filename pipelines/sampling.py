@@ -13,7 +13,7 @@ from typing import Callable, Mapping, Protocol, Sequence
 import torch
 import torch.nn.functional as F
 
-from .grammar import COND, Move, Plan
+from .grammar import COND, Move, Plan, call_key
 from .schedule import ddim_move, forward_jump
 
 
@@ -48,6 +48,22 @@ class CFGDenoiser:
     def pair(self, x: torch.Tensor, timestep: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(ε(x,∅), ε(x,c)) in x's dtype: what a reused call keeps, so that another scale or sign can be formed."""
         return self.eps_fn(torch.cat([x, x]), timestep).to(x.dtype).chunk(2)
+
+
+class PAGDenoiser:
+    """Perturbed-attention guidance with CFG (Ahn et al., arXiv 2403.17377, as diffusers' PAG pipelines combine them):
+    ε̂ = ε_u + w·(ε_c − ε_u) + s·(ε_c − ε_p), the three in one call on [x; x; x] with the negative, the prompt and
+    again the prompt embeddings bound by the caller; in ε_p the chosen self-attention layers give their values
+    unmixed (the model's attention processors, set for the batch by the backbone)."""
+
+    def __init__(self, eps_fn: Callable[[torch.Tensor, int], torch.Tensor], scale: float):
+        self.eps_fn, self.scale = eps_fn, scale
+
+    def __call__(self, x: torch.Tensor, timestep: int, w: torch.Tensor | None) -> torch.Tensor:
+        if w is None:
+            raise ValueError("pag: every call is guided (cfg= does not combine with pag)")
+        uncond, cond, perturbed = self.eps_fn(torch.cat([x, x, x]), timestep).to(x.dtype).chunk(3)
+        return guide((uncond, cond), w) + self.scale * (cond - perturbed)
 
 
 def guide(pair: tuple[torch.Tensor, torch.Tensor], w: torch.Tensor | None) -> torch.Tensor:
@@ -202,13 +218,14 @@ def sample_plan(
         for mv in step.zigzag:
             x = apply_move(models, x, mv, resize=plan.resize, noise=noise)
             if mv.model in calls:
-                calls[mv.model] += 1
+                key = call_key(mv, plan.pag)
+                calls[key] = calls.get(key, 0) + 1
         mv = step.main
         if main_step is None:
             x = apply_move(models, x, mv, resize=plan.resize, noise=noise)
         else:
             x = main_step(x, models[mv.model](x, mv.timestep, mv.w), step.index)
-        key = mv.model if mv.w is not None else mv.model + COND
+        key = call_key(mv, plan.pag)
         calls[key] = calls.get(key, 0) + 1
         if callback is not None:
             callback({"i": step.index, "t": step.t, "x": x, "calls": dict(calls)})

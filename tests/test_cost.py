@@ -168,11 +168,13 @@ def test_list_presets_tflop_is_the_published_architectures_count_and_fast_is_at_
                 # model call), FreeInit 3 full runs, FreeU inside IV-Mixed IV-Mixed's
                 "freeu": {"I": 0, "V": 50}, "freeinit": {"I": 0, "V": 150}, "ivmixed_freeu": {"I": 98, "V": 148},
                 # guidance on the first 40 %: 20 CFG pairs, then 30 calls on the prompt alone at half a pair's cost
-                "cfg_interval": {"I": 0, "V": 20, "V_cond": 30}}
+                "cfg_interval": {"I": 0, "V": 20, "V_cond": 30},
+                # PAG: each call the batch three times, 1.5 pairs' cost
+                "pag": {"I": 0, "V_pag": 50}}
     assert set(got) == set(expected)
     for name, calls in expected.items():
         assert got[name]["calls"] == sum(calls.values())
-        flops = calls["I"] * i + (calls["V"] + calls.get("V_cond", 0) / 2) * v + d
+        flops = calls["I"] * i + (calls.get("V", 0) + calls.get("V_cond", 0) / 2 + 1.5 * calls.get("V_pag", 0)) * v + d
         assert got[name]["tflop"] == pytest.approx(flops / 1e12, abs=0.06), name
     assert got["ivmixed_fast"]["tflop"] <= 2.0 * got["standard"]["tflop"]
     assert got["ivmixed"]["tflop"] == pytest.approx(7791.1, abs=0.1)  # the figure docs/algorithms.md §10 states

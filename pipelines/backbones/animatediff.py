@@ -99,8 +99,9 @@ class AnimateDiff(BackboneBase):
 
     # -- conditioning and denoisers -------------------------------------------------------------
     def denoisers(self, prompts: Sequence[str], negatives: Sequence[str], *, frames: int, idm_text: str,
-                  fps: int) -> dict[str, Denoiser]:
-        """Bind the batch's text conditioning into one CFG denoiser per model ("V" and "I"); fps is not an input."""
+                  fps: int, pag: float | None = None) -> dict[str, Denoiser]:
+        """Bind the batch's text conditioning into one CFG denoiser per model ("V" and "I"); fps is not an input;
+        `pag`: the video model's with perturbed-attention guidance of that scale."""
         # (2B, L, D): negatives first, then prompts, as the CFG halves of docs/algorithms.md §1
         emb_v = encode_prompts(self.tokenizer, self.text_encoder, [*negatives, *prompts], self.device)
         if idm_text == "vdm" or self.image_text_encoder is None:
@@ -111,8 +112,7 @@ class AnimateDiff(BackboneBase):
             emb_i = encode_prompts(self.image_tokenizer, self.image_text_encoder, [*negatives, *prompts], self.device)
         emb_i = emb_i.to(self.dtype).repeat_interleave(frames, dim=0)
         b = len(prompts)  # the prompt halves alone: the steps without guidance (a variant's cfg=)
-        return {"V": CFGDenoiser(self.vdm_eps(emb_v.to(self.dtype), frames, fps),
-                                 self.vdm_eps(emb_v[b:].to(self.dtype), frames, fps)),
+        return {"V": self.video_denoiser(emb_v.to(self.dtype), b, frames, fps, pag),
                 "I": CFGDenoiser(framewise_eps(self.image_unet, emb_i, self.dtype),
                                  framewise_eps(self.image_unet, emb_i[b * frames:], self.dtype))}
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -13,9 +14,12 @@ import torch
 
 from ..params import Structure
 from ..presets import DEFAULT_DECODE_CHUNK
-from ..sampling import CFGDenoiser
+from ..sampling import CFGDenoiser, PAGDenoiser
 from ..schedule import AlphaTable
 from .norms import frame_joint_group_norm
+
+# the self-attention layers perturbed-attention guidance perturbs (diffusers' AnimateDiffPAGPipeline default)
+PAG_LAYERS = "mid_block.*attn1"
 
 logger = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -177,6 +181,43 @@ class BackboneBase:
         if variant is not None and variant.freeu is not None and not hasattr(self.unet, "enable_freeu"):
             raise ValueError(f"variant: freeu needs diffusers' FreeU hooks, which the {self.name} video model "
                              f"({type(self.unet).__name__}) does not have")
+        if variant is not None and variant.pag is not None and not self.pag_layers():
+            raise ValueError(f"variant: pag perturbs diffusers' self-attention layers matching {PAG_LAYERS!r}, which "
+                             f"the {self.name} video model ({type(self.unet).__name__}) does not have")
+
+    def pag_layers(self) -> list:
+        """The video UNet's layers that perturbed-attention guidance perturbs: diffusers' `Attention` modules that are
+        self-attention and whose name matches PAG_LAYERS (diffusers' default for AnimateDiffPAGPipeline)."""
+        from diffusers.models.attention_processor import Attention  # the class diffusers' processors act in
+
+        return [m for name, m in self.unet.named_modules()
+                if isinstance(m, Attention) and not m.is_cross_attention and re.search(PAG_LAYERS, name)]
+
+    @contextlib.contextmanager
+    def perturbed_attention(self, on: bool):
+        """While the block runs, the PAG layers use diffusers' CFG-PAG processor, which treats the last third of a
+        batch as the perturbed branch (attention replaced by its values); their own processors come back after."""
+        if not on:
+            yield
+            return
+        from diffusers.models.attention_processor import PAGCFGIdentitySelfAttnProcessor2_0
+
+        saved = [(m, m.processor) for m in self.pag_layers()]
+        processor = PAGCFGIdentitySelfAttnProcessor2_0()
+        for m, _ in saved:
+            m.processor = processor
+        try:
+            yield
+        finally:
+            for m, p in saved:
+                m.processor = p
+
+    def video_denoiser(self, emb: torch.Tensor, prompts: int, frames: int, fps: int, pag: float | None):
+        """The video model's denoiser over (2B, L, D) CFG-batched embeddings (negatives first): CFG with a
+        conditional-only path (steps outside a variant's cfg=), or with PAG the three branches in one call."""
+        if pag is not None:
+            return PAGDenoiser(self.vdm_eps(torch.cat([emb, emb[prompts:]]), frames, fps), pag)
+        return CFGDenoiser(self.vdm_eps(emb, frames, fps), self.vdm_eps(emb[prompts:], frames, fps))
 
     @contextlib.contextmanager
     def freeu(self, values: tuple[float, float, float, float] | None):
@@ -240,11 +281,12 @@ class BackboneBase:
         return self.encode_text(texts, "V"), self.encode_text(texts, "I").repeat_interleave(frames, dim=0)
 
     def denoisers(self, prompts: Sequence[str], negatives: Sequence[str], *, frames: int, idm_text: str,
-                  fps: int) -> dict:
-        """One CFG denoiser per model ("V", "I") with the batch's text conditioning bound (docs/algorithms.md §1)."""
+                  fps: int, pag: float | None = None) -> dict:
+        """One CFG denoiser per model ("V", "I") with the batch's text conditioning bound (docs/algorithms.md §1);
+        `pag`: the video model's with perturbed-attention guidance of that scale."""
         emb_v, emb_i = self.own_text_embeddings(prompts, negatives, frames, idm_text)
         b = len(prompts)  # the prompt halves alone: the steps without guidance (a variant's cfg=)
-        return {"V": CFGDenoiser(self.vdm_eps(emb_v, frames, fps), self.vdm_eps(emb_v[b:], frames, fps)),
+        return {"V": self.video_denoiser(emb_v, b, frames, fps, pag),
                 "I": CFGDenoiser(framewise_eps(self.image_unet, emb_i, self.dtype),
                                  framewise_eps(self.image_unet, emb_i[b * frames:], self.dtype))}
 
