@@ -257,8 +257,7 @@ def load(args: argparse.Namespace) -> JobConfig:
     export = _section("export", raw.get("export"), ExportConfig)
     verify = _section("verify", raw.get("verify"), VerifyConfig)
     lab = _section("lab", raw.get("lab"), LabConfig)
-    thresholds = (export.min_clipsim, export.min_frame_consistency, export.max_flicker,
-                  export.min_subject_consistency, export.min_motion)
+    thresholds = [getattr(export, f.name) for f in fields(ExportConfig) if f.name.startswith(("min_", "max_"))]
     if export.to and not scores.enabled and any(t is not None for t in thresholds):
         raise ValueError("export: score thresholds need scores (set scores.enabled or pass --scores)")
     if regression.baseline and not scores.enabled:

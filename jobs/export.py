@@ -14,7 +14,7 @@ import datetime as dt
 import json
 import logging
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -38,6 +38,11 @@ class Filter:
     max_flicker: float | None = None
     min_subject_consistency: float | None = None
     min_motion: float | None = None  # pixels per frame (docs/lab.md "Scores"): static clips out
+
+    @classmethod
+    def of(cls, source) -> "Filter":
+        """The thresholds of anything that holds them under these names (the job config's `export`, parsed flags)."""
+        return cls(**{f.name: getattr(source, f.name) for f in fields(cls)})
 
     def describe(self) -> str:
         return ", ".join(f"{k} {v:g}" for k, v in asdict(self).items() if v is not None) or "no score threshold"
@@ -136,8 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    flt = Filter(args.min_clipsim, args.min_frame_consistency, args.max_flicker, args.min_subject_consistency,
-                 args.min_motion)
+    flt = Filter.of(args)
     try:
         export(args.output, args.to, flt, fmt=args.format, shard_max_mb=args.shard_max_mb,
                shard_max_samples=args.shard_max_samples, contact_sheets=not args.no_contact_sheets)

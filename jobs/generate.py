@@ -186,8 +186,7 @@ def _export(mlflow, run: setup.Run, tag: str) -> dict | None:
     if not e.to:
         return None
     dest = e.to.replace("{output}", run.cfg.output).replace("{run}", tag)
-    summary = export(run.cfg.output, dest, Filter(e.min_clipsim, e.min_frame_consistency, e.max_flicker,
-                                                  e.min_subject_consistency, e.min_motion),
+    summary = export(run.cfg.output, dest, Filter.of(e),
                      fmt=e.format, shard_max_mb=out.shard_max_mb, shard_max_samples=out.shard_max_samples,
                      contact_sheets=out.contact_sheets, code_version=run.version)
     mlflow.set_tag("export_uri", summary["to"])

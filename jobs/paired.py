@@ -61,12 +61,10 @@ def win_rate(d: np.ndarray, higher_is_better: bool) -> float:
     return float((better.sum() + 0.5 * (d == 0).sum()) / d.size)
 
 
-def _scores_by_group(table: pa.Table, sampler: str, score: str) -> pa.Table:
-    """(pair_id, value) of the sampler's ok rows with a finite score, one row per group (its newest, as the
-    metadata's current rows are)."""
-    keep = pc.and_(pc.and_(pc.equal(table["sampler"], sampler), pc.equal(table["status"], "ok")),
-                   pc.invert(pc.is_null(table["pair_id"])))
-    sub = table.filter(keep).select(["pair_id", score])
+def _scores_by_group(rows: pa.Table, score: str) -> pa.Table:
+    """(pair_id, value) of one sampler's ok rows in A/B groups (`rows`) with a finite score, one row per group (the
+    mean, should a group hold the sampler twice: the join below then pairs each group once)."""
+    sub = rows.select(["pair_id", score])
     sub = sub.filter(pc.invert(pc.is_null(sub[score])))
     values = sub[score].cast(pa.float64())
     sub = sub.set_column(1, score, values).filter(pc.is_finite(values))
@@ -82,17 +80,22 @@ def compare(table: pa.Table, reference: str, directions: dict[str, bool], *, res
     needed = {"pair_id", "sampler", "status"}
     if table.num_rows == 0 or not needed <= set(table.column_names):
         return {}
-    samplers = sorted(s for s in pc.unique(table["sampler"].drop_null()).to_pylist() if s and s != reference)
+    paired_ok = table.filter(pc.and_(pc.equal(table["status"], "ok"), pc.invert(pc.is_null(table["pair_id"]))))
+    by_sampler = {s: paired_ok.filter(pc.equal(paired_ok["sampler"], s))
+                  for s in pc.unique(paired_ok["sampler"].drop_null()).to_pylist() if s}
+    samplers = sorted(s for s in by_sampler if s != reference)
     out: dict[str, dict[str, Difference]] = {}
+    if reference not in by_sampler:
+        return out
     for score, higher in directions.items():
         if score not in table.column_names or table[score].type == pa.null():
             continue
-        ref = _scores_by_group(table, reference, score)
+        ref = _scores_by_group(by_sampler[reference], score)
         if ref.num_rows == 0:
             continue
         for sampler in samplers:
-            joined = _scores_by_group(table, sampler, score).join(ref, "pair_id", right_suffix="_ref",
-                                                                  join_type="inner")
+            joined = _scores_by_group(by_sampler[sampler], score).join(ref, "pair_id", right_suffix="_ref",
+                                                                       join_type="inner")
             if joined.num_rows == 0:
                 continue
             d = (joined["value"].to_numpy() - joined["value_ref"].to_numpy()).astype(np.float64)

@@ -27,8 +27,8 @@ HIGHER_IS_BETTER = {**metrics.HIGHER_IS_BETTER, "success_rate": True}
 
 def aggregate(table: pa.Table) -> dict[str, dict[str, float]]:
     """{sampler: {n, success_rate, <score>_mean, <score>_p5, <score>_p95, tflop_mean, calls_mean}} over the current
-    metadata rows
-    (masks in Arrow, numbers in numpy: no Python row per video, so a 10M-row output aggregates in seconds)."""
+    metadata rows (masks in Arrow, numbers in numpy: no Python row per video, so a 10M-row output aggregates in
+    seconds)."""
     n = table.num_rows
     sampler = table["sampler"] if "sampler" in table.column_names else pa.nulls(n, pa.string())
     sampler = pc.fill_null(pc.if_else(pc.equal(sampler, ""), None, sampler), "unresolved") if n else sampler
@@ -179,7 +179,7 @@ def read_current(fs, root, reference: str = "standard") -> tuple[dict[str, dict[
     if current is None or current.num_rows == 0:
         return {}, None, {}
     return (aggregate(current), metadata.latest(resume.scan(fs, root, COLUMNS, ids=shown(current))),
-            pairs.compare(current, reference, {n: HIGHER_IS_BETTER[n] for n in SCORES}))
+            pairs.compare(current, reference, metrics.HIGHER_IS_BETTER))
 
 
 def finish(mlflow, cfg, fs, root, run_id, export=None) -> list[str]:

@@ -38,14 +38,19 @@ class ScoreModels:
     subject: str | None  # None: no subject consistency (config scores.subject_model: null)
 
 
-def _resize_normalize(frames: torch.Tensor, short: int, mean, std, device) -> torch.Tensor:
-    """(F, H, W, 3) in [0, 1] -> (F, 3, h, w): the shorter side to `short` (bicubic, antialiased), normalised."""
+def resize_shorter(frames: torch.Tensor, short: int, at_least: tuple[int, int], device) -> torch.Tensor:
+    """(F, H, W, 3) in [0, 1] -> (F, 3, h, w) float32 on `device`: the shorter side to `short` (bicubic,
+    antialiased, as the image processors resize), each side at least `at_least` (h, w), clamped to [0, 1]."""
     x = frames.to(device, torch.float32).permute(0, 3, 1, 2)
     h, w = x.shape[-2:]
     scale = short / min(h, w)
-    x = F.interpolate(x, size=(max(short, round(h * scale)), max(short, round(w * scale))), mode="bicubic",
-                      align_corners=False, antialias=True).clamp(0, 1)
-    return (x - torch.tensor(mean, device=device).view(1, 3, 1, 1)) / torch.tensor(std, device=device).view(1, 3, 1, 1)
+    return F.interpolate(x, size=(max(at_least[0], round(h * scale)), max(at_least[1], round(w * scale))),
+                         mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+
+
+def _channels(values, device) -> torch.Tensor:
+    """Per-channel normalisation constants as a (1, 3, 1, 1) tensor."""
+    return torch.tensor(values, device=device).view(1, 3, 1, 1)
 
 
 class SubjectScorer:
@@ -62,11 +67,12 @@ class SubjectScorer:
         proc = AutoImageProcessor.from_pretrained(source)
         size = proc.size
         self.short = int(size.get("shortest_edge") or min(size["height"], size["width"]))
-        self.mean, self.std = proc.image_mean, proc.image_std
+        self.mean, self.std = _channels(proc.image_mean, self.device), _channels(proc.image_std, self.device)
 
     @torch.inference_mode()
     def features(self, frames: torch.Tensor, chunk: int = 32) -> torch.Tensor:
-        x = _resize_normalize(frames, self.short, self.mean, self.std, self.device).to(self.dtype)
+        x = resize_shorter(frames, self.short, (self.short, self.short), self.device)
+        x = ((x - self.mean) / self.std).to(self.dtype)
         return torch.cat([self.model(pixel_values=x[i : i + chunk], interpolate_pos_encoding=True)
                           .last_hidden_state[:, 0].float() for i in range(0, x.shape[0], chunk)])
 
@@ -95,8 +101,7 @@ class ClipScorer:
         self.model = CLIPModel.from_pretrained(source, dtype=dtype).to(self.device).eval().requires_grad_(False)
         self.tokenizer = CLIPTokenizer.from_pretrained(source)
         proc = AutoImageProcessor.from_pretrained(source)
-        self.mean = torch.tensor(proc.image_mean, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(proc.image_std, device=self.device).view(1, 3, 1, 1)
+        self.mean, self.std = _channels(proc.image_mean, self.device), _channels(proc.image_std, self.device)
         self.short = int(proc.size["shortest_edge"])
         self.crop = (int(proc.crop_size["height"]), int(proc.crop_size["width"]))
 
@@ -109,11 +114,7 @@ class ClipScorer:
     @torch.inference_mode()
     def embed_frames(self, frames: torch.Tensor, chunk: int = 64) -> torch.Tensor:
         """(F, H, W, 3) in [0, 1] -> (F, D): CLIP's resize (shortest edge, bicubic), center crop, normalize."""
-        x = frames.to(self.device, torch.float32).permute(0, 3, 1, 2)
-        h, w = x.shape[-2:]
-        scale = self.short / min(h, w)
-        x = F.interpolate(x, size=(max(self.crop[0], round(h * scale)), max(self.crop[1], round(w * scale))),
-                          mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+        x = resize_shorter(frames, self.short, self.crop, self.device)
         top, left = (x.shape[-2] - self.crop[0]) // 2, (x.shape[-1] - self.crop[1]) // 2
         x = ((x[..., top : top + self.crop[0], left : left + self.crop[1]] - self.mean) / self.std).to(self.dtype)
         return torch.cat([_features(self.model.get_image_features(pixel_values=x[i : i + chunk])).float()

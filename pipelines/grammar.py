@@ -247,7 +247,7 @@ def parse_variant(text: str) -> ParsedVariant:
                 numbers = []
             if len(numbers) != 4 or not all(math.isfinite(v) for v in numbers):
                 raise ValueError(f"variant {text!r}: freeu must be four numbers b1/b2/s1/s2 (e.g. 1.2/1.4/0.9/0.2)")
-            fields["freeu"] = tuple(float(v) for v in numbers)
+            fields["freeu"] = tuple(numbers)
         elif key == "cfg":
             fields["cfg"] = Interval.parse(val)
         elif key == "pag":
@@ -316,9 +316,9 @@ class Plan:
 
     def calls(self) -> dict[str, int]:
         """Model calls per model ("I", "V"); one call = one CFG-batched forward, NFE = 2 x calls; a main move outside
-        the variant's `cfg=` steps is a conditional-only call, counted under "<model>_cond" (NFE 1). A move that
-        takes an earlier call's ε pair (reuse=V) is not a call; exact reuse, which depends on the numbers, can only
-        make fewer."""
+        the variant's `cfg=` steps is a conditional-only call, counted under "<model>_cond" (NFE 1), and with `pag` a
+        video-model call under "V_pag" (NFE 3): `call_key`. Each FreeInit run counts. A move that takes an earlier
+        call's ε pair (reuse=V) is not a call; exact reuse, which depends on the numbers, can only make fewer."""
         out = {"I": 0, "V": 0}
         for step in self.steps:
             for mv in (*step.zigzag, step.main):

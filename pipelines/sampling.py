@@ -2,8 +2,8 @@
 
 A denoiser is any callable `eps = model(x, timestep, w)` with x of shape (B, C, F, h, w), an int
 timestep shared by the batch and w the per-row CFG scale (B,), or None for the conditional prediction alone; it
-returns the guided ε. The sampler
-never sees prompts, models or devices (k-diffusion style); device and dtype follow `x`.
+returns the guided ε. The sampler never sees prompts, models or devices (k-diffusion style); device and dtype follow
+`x`.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Callable, Mapping, Protocol, Sequence
 import torch
 import torch.nn.functional as F
 
-from .grammar import COND, Move, Plan, call_key
+from .grammar import Move, Plan, call_key
 from .schedule import ddim_move, forward_jump
 
 
@@ -76,40 +76,46 @@ def guide(pair: tuple[torch.Tensor, torch.Tensor], w: torch.Tensor | None) -> to
 
 
 class StepCalls:
-    """The model calls of one step under a plan's `reuse` (docs/algorithms.md §10): each call's (model, timestep,
-    input, ε pair) is kept for the step; a move marked `shares` takes the pair of the move it names (reuse=V), and a
-    call whose model, timestep and input equal an earlier call's takes its pair (exact: the same numbers). Inputs are
-    compared only when model and timestep match, so a step where nothing matches costs no comparison. Models must
-    give pairs (`CFGDenoiser.pair`)."""
+    """The model calls of a run, each move's ε through `eps` and counted under `grammar.call_key`. Under a plan's
+    `reuse` (docs/algorithms.md §10) each call's (model, timestep, input, ε pair) is kept for the step (`start`
+    begins one): a move marked `shares` takes the pair of the move it names (reuse=V), and a call whose model,
+    timestep and input equal an earlier call's takes its pair (exact: the same numbers). Inputs are compared only when
+    model and timestep match, so a step where nothing matches costs no comparison. Reuse needs models that give pairs
+    (`CFGDenoiser.pair`)."""
 
-    def __init__(self, models: Mapping[str, Denoiser]):
+    def __init__(self, models: Mapping[str, Denoiser], plan: Plan):
+        self.models, self.pag, self.reuse = models, plan.pag, plan.reuse != "off"
         missing = [k for k, m in models.items() if not hasattr(m, "pair")]
-        if missing:
+        if self.reuse and missing:
             raise ValueError(f"reuse: the denoiser(s) {missing} give no ε pair (CFGDenoiser.pair)")
-        self.models, self.made, self.pairs = models, [], []
+        self.made, self.pairs = [], []
         self.calls = {"I": 0, "V": 0}
 
     def start(self) -> None:
         self.made, self.pairs = [], []
 
-    def eps(self, model: str, x: torch.Tensor, timestep: int, w: torch.Tensor | None,
-            shares: int | None) -> torch.Tensor:
-        if w is None:  # a step without guidance: the conditional prediction, nothing another move could share
-            self.made.append((model, timestep, x))
-            self.pairs.append(None)
-            self.calls[model + COND] = self.calls.get(model + COND, 0) + 1
-            return self.models[model](x, timestep, None)
-        if shares is not None:
-            pair = self.pairs[shares]
+    def _count(self, mv: Move) -> None:
+        key = call_key(mv, self.pag)
+        self.calls[key] = self.calls.get(key, 0) + 1
+
+    def eps(self, mv: Move, x: torch.Tensor) -> torch.Tensor:
+        if not self.reuse or mv.w is None:  # a step without guidance: nothing another move could share
+            if self.reuse:
+                self.made.append((mv.model, mv.timestep, x))
+                self.pairs.append(None)
+            self._count(mv)
+            return self.models[mv.model](x, mv.timestep, mv.w)
+        if mv.shares is not None:
+            pair = self.pairs[mv.shares]
         else:
-            pair = next((p for (m, t, seen), p in zip(self.made, self.pairs) if p is not None
-                         and m == model and t == timestep and seen.shape == x.shape and torch.equal(seen, x)), None)
+            pair = next((p for (m, t, seen), p in zip(self.made, self.pairs) if p is not None and m == mv.model
+                         and t == mv.timestep and seen.shape == x.shape and torch.equal(seen, x)), None)
             if pair is None:
-                pair = self.models[model].pair(x, timestep)
-                self.calls[model] += 1
-        self.made.append((model, timestep, x))
+                pair = self.models[mv.model].pair(x, mv.timestep)
+                self._count(mv)
+        self.made.append((mv.model, mv.timestep, x))
         self.pairs.append(pair)
-        return guide(pair, w)
+        return guide(pair, mv.w)
 
 
 class RowNoise:
@@ -177,7 +183,7 @@ def apply_move(models: Mapping[str, Denoiser], x: torch.Tensor, mv: Move, *, res
                noise: Callable[[torch.Tensor], torch.Tensor] | None = None, calls: StepCalls | None = None
                ) -> torch.Tensor:
     """One sub-step of docs/algorithms.md §3: a DDIM move along the model's ε, or a forward noise jump for R. With
-    `calls` (a plan with reuse), ε comes through it."""
+    `calls` (a run's `StepCalls`), ε comes through it and is counted."""
     a_from, a_to = mv.a_from.to(x.device), mv.a_to.to(x.device)
     if mv.model == "R":
         if noise is None:
@@ -187,7 +193,7 @@ def apply_move(models: Mapping[str, Denoiser], x: torch.Tensor, mv: Move, *, res
     def eps(y: torch.Tensor) -> torch.Tensor:
         if calls is None:
             return models[mv.model](y, mv.timestep, mv.w)
-        return calls.eps(mv.model, y, mv.timestep, mv.w, mv.shares)
+        return calls.eps(mv, y)
 
     if resize == "nearest64" and mv.model == "I":
         # ModelScope code (docs/algorithms.md §5): the IDM sub-step runs and moves at 64x64, then resizes back
@@ -211,30 +217,7 @@ def sample_plan(
     `main_step(x, eps, i)` replaces the main DDIM move by another solver (e.g. SDE-DPM-Solver++, whose multistep
     history then holds only main-step predictions, as in the VideoCrafter2 code). A plan with `reuse` takes ε pairs
     made earlier in the step where it may (`StepCalls`); the calls returned are the calls made."""
-    if plan.reuse != "off":
-        return _sample_reusing(models, x, plan, noise=noise, callback=callback, main_step=main_step)
-    calls = {"I": 0, "V": 0}
-    for step in plan.steps:
-        for mv in step.zigzag:
-            x = apply_move(models, x, mv, resize=plan.resize, noise=noise)
-            if mv.model in calls:
-                key = call_key(mv, plan.pag)
-                calls[key] = calls.get(key, 0) + 1
-        mv = step.main
-        if main_step is None:
-            x = apply_move(models, x, mv, resize=plan.resize, noise=noise)
-        else:
-            x = main_step(x, models[mv.model](x, mv.timestep, mv.w), step.index)
-        key = call_key(mv, plan.pag)
-        calls[key] = calls.get(key, 0) + 1
-        if callback is not None:
-            callback({"i": step.index, "t": step.t, "x": x, "calls": dict(calls)})
-    return x, calls
-
-
-def _sample_reusing(models, x, plan: Plan, *, noise, callback, main_step) -> tuple[torch.Tensor, dict[str, int]]:
-    """`sample_plan` for a plan with reuse: the same moves, ε through one `StepCalls` per run, reset each step."""
-    made = StepCalls(models)
+    made = StepCalls(models, plan)
     for step in plan.steps:
         made.start()
         for mv in step.zigzag:
@@ -243,7 +226,7 @@ def _sample_reusing(models, x, plan: Plan, *, noise, callback, main_step) -> tup
         if main_step is None:
             x = apply_move(models, x, mv, resize=plan.resize, noise=noise, calls=made)
         else:
-            x = main_step(x, made.eps(mv.model, x, mv.timestep, mv.w, mv.shares), step.index)
+            x = main_step(x, made.eps(mv, x), step.index)
         if callback is not None:
             callback({"i": step.index, "t": step.t, "x": x, "calls": dict(made.calls)})
     return x, dict(made.calls)

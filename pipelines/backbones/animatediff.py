@@ -12,12 +12,11 @@ from typing import Sequence
 import torch
 
 from ..fixtures import fixture
-from ..sampling import CFGDenoiser, Denoiser
+from ..sampling import Denoiser
 from .common import (
     BackboneBase,
     BackboneDefaults,
     encode_prompts,
-    framewise_eps,
     load_image_model,
     load_pretrained,
     load_vae,
@@ -113,8 +112,7 @@ class AnimateDiff(BackboneBase):
         emb_i = emb_i.to(self.dtype).repeat_interleave(frames, dim=0)
         b = len(prompts)  # the prompt halves alone: the steps without guidance (a variant's cfg=)
         return {"V": self.video_denoiser(emb_v.to(self.dtype), b, frames, fps, pag),
-                "I": CFGDenoiser(framewise_eps(self.image_unet, emb_i, self.dtype),
-                                 framewise_eps(self.image_unet, emb_i[b * frames:], self.dtype))}
+                "I": self.image_denoiser(emb_i, b, frames)}
 
     def vdm_eps(self, emb: torch.Tensor, frames: int, fps: int):
         """UNetMotionModel takes the text per frame: (B', L, D) is repeated to (B'*F, L, D), as AnimateDiffPipeline."""

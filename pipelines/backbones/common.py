@@ -219,6 +219,12 @@ class BackboneBase:
             return PAGDenoiser(self.vdm_eps(torch.cat([emb, emb[prompts:]]), frames, fps), pag)
         return CFGDenoiser(self.vdm_eps(emb, frames, fps), self.vdm_eps(emb[prompts:], frames, fps))
 
+    def image_denoiser(self, emb: torch.Tensor, prompts: int, frames: int) -> CFGDenoiser:
+        """The image model's denoiser over (2B*F, L, D) per-frame embeddings (negatives first), with its
+        conditional-only path (a `main=I` variant's steps outside cfg=)."""
+        return CFGDenoiser(framewise_eps(self.image_unet, emb, self.dtype),
+                           framewise_eps(self.image_unet, emb[prompts * frames:], self.dtype))
+
     @contextlib.contextmanager
     def freeu(self, values: tuple[float, float, float, float] | None):
         """FreeU (Si et al., arXiv 2309.11497) on the video model's calls while the block runs: diffusers'
@@ -286,9 +292,7 @@ class BackboneBase:
         `pag`: the video model's with perturbed-attention guidance of that scale."""
         emb_v, emb_i = self.own_text_embeddings(prompts, negatives, frames, idm_text)
         b = len(prompts)  # the prompt halves alone: the steps without guidance (a variant's cfg=)
-        return {"V": self.video_denoiser(emb_v, b, frames, fps, pag),
-                "I": CFGDenoiser(framewise_eps(self.image_unet, emb_i, self.dtype),
-                                 framewise_eps(self.image_unet, emb_i[b * frames:], self.dtype))}
+        return {"V": self.video_denoiser(emb_v, b, frames, fps, pag), "I": self.image_denoiser(emb_i, b, frames)}
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, C, F, h, w) latents -> (B, F, H, W, 3) float32 frames in [0, 1] (as AnimateDiffPipeline 'np'),
