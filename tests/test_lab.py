@@ -1,7 +1,8 @@
 """The comparators of the sampler lab (docs/lab.md) on the tiny AnimateDiff set, each against diffusers' own
-implementation from the same noise: FreeU (`AnimateDiffPipeline.enable_freeu`) and FreeInit
-(`AnimateDiffPipeline.enable_free_init`); FreeU composed with IV-Mixed; the FreeInit filter against a direct
-evaluation of its formula."""
+implementation from the same noise: FreeU (`AnimateDiffPipeline.enable_freeu`), FreeInit
+(`AnimateDiffPipeline.enable_free_init`), guidance on part of the schedule (the documented dynamic-CFG callback) and
+PAG (`AnimateDiffPAGPipeline`); FreeU composed with IV-Mixed; the FreeInit filter against a direct evaluation of its
+formula; the options' grammar."""
 import pytest
 import torch
 
