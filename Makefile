@@ -30,7 +30,7 @@ demo: $(STAMP)
 		--mlflow-uri sqlite:///outputs/mlflow.db --experiment demo
 	@echo "videos: outputs/demo/videos  metadata: outputs/demo/metadata  MLflow: make mlflow-ui"
 
-# the sampler lab on tiny models (docs/lab.md): 4 prompts x 8 samplers, paired comparison in the report
+# the sampler lab on tiny models (docs/lab.md): 4 prompts x 9 samplers, paired comparison in the report
 demo-lab: $(STAMP)
 	$(BIN)/python jobs/generate.py --config jobs/configs/tiny-lab.yaml --output outputs/lab \
 		--mlflow-uri sqlite:///outputs/mlflow.db --experiment lab

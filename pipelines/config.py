@@ -175,7 +175,8 @@ def resolve_params(row: Mapping[str, Any], defaults: Mapping[str, Any] | None = 
     if not values["prompt"].strip():
         raise ValueError("prompt: must be a non-empty string")
     limits.check(values["frames"], values["height"], values["width"], values["steps"])
-    structure.check(values["frames"], values["height"], values["width"])
+    windows = parsed.variant.freenoise
+    structure.check(values["frames"], values["height"], values["width"], windows and windows[0])
     try:
         values["interval"].check(values["steps"])
     except ValueError as err:

@@ -16,9 +16,11 @@ import torch
 from .config import GenParams
 from .cost import backbone_costs
 from .freeinit import butterworth_lowpass, reinitialize
+from .freenoise import shuffle_noise
 from .grammar import Plan, call_size, compile_plan
 from .sampling import RowNoise, sample_plan, sde_dpmpp_2m
 from .schedule import dpm_timesteps, timesteps
+from .videoelevator import gaussian_lowpass, mixed_prior, sample_videoelevator
 
 logger = logging.getLogger(__name__)
 
@@ -101,9 +103,15 @@ def generate(backbone, rows: Sequence[GenParams], *, decode: bool = True,
     factor = backbone.spatial_factor
     shape = (backbone.latent_channels, p.frames, p.height // factor, p.width // factor)
     x = noise.draw(shape, backbone.device)  # (B, C, F, h, w) float32; latents stay fp32 between moves
+    if plan.freenoise is not None:
+        x = shuffle_noise(x, noise.generators, *plan.freenoise)
+    if plan.elevator is not None:  # its prior: every frame mixed with one noise frame, the next draw of the row
+        c, f, h, w = shape
+        x = mixed_prior(x, noise.draw((c, 1, h, w), backbone.device))
     with torch.inference_mode():
         models = backbone.denoisers([r.prompt for r in rows], [r.negative_prompt for r in rows],
-                                    frames=p.frames, idm_text=p.preset.idm_text, fps=p.fps, pag=plan.pag)
+                                    frames=p.frames, idm_text=p.preset.idm_text, fps=p.fps, pag=plan.pag,
+                                    freenoise=plan.freenoise)
         main_step = None
         if backbone.main_solver == "sde-dpmpp2m":
             # its SDE noise: row b's own stream seeded seed_b + 1 (docs/algorithms.md §7)
@@ -112,7 +120,9 @@ def generate(backbone, rows: Sequence[GenParams], *, decode: bool = True,
             c, f, h, w = shape
             main_step = sde_dpmpp_2m(table.alphas_cumprod, [s.t for s in plan.steps],
                                      lambda x: sde.draw((f, c, h, w), x.device).permute(0, 2, 1, 3, 4).to(x.dtype))
-        with backbone.freeu(plan.freeu), backbone.perturbed_attention(plan.pag is not None):
+        with backbone.free_noise(plan.freenoise), backbone.freeu(plan.freeu), \
+                backbone.perturbed_attention(plan.pag is not None), \
+                backbone.first_frame_attention(None if plan.elevator is None else p.frames):
             x, calls = _sample_freeinit(backbone, models, x, plan, noise, callback, main_step)
         frames = backbone.decode(x) if decode else None
     latents = x.float().cpu()
@@ -123,18 +133,25 @@ def generate(backbone, rows: Sequence[GenParams], *, decode: bool = True,
 
 
 def _sample_freeinit(backbone, models, x, plan: Plan, noise: RowNoise, callback, main_step) -> tuple:
-    """`sample_plan`, run `plan.freeinit` times: each run after the first starts from FreeInit's re-initialisation of
+    """`sample_plan` (or VideoElevator's sampler for a plan with `elevator`; its own DDIM steps, not the backbone's
+    main solver), run `plan.freeinit` times: each run after the first starts from FreeInit's re-initialisation of
     the previous run's result (pipelines/freeinit.py), its fresh noise the next draw of each row's own stream; the
     calls of every run are counted."""
+    def run(start: torch.Tensor) -> tuple:
+        if plan.elevator is not None:
+            mask = gaussian_lowpass(*start.shape[-3:])
+            return sample_videoelevator(models, start, plan, noise=noise, mask=mask, callback=callback)
+        return sample_plan(models, start, plan, noise=noise, callback=callback, main_step=main_step)
+
     initial = x
-    x, calls = sample_plan(models, x, plan, noise=noise, callback=callback, main_step=main_step)
+    x, calls = run(x)
     if plan.freeinit > 1:
         table = backbone.video_table()
         lowpass = butterworth_lowpass(*x.shape[-3:])
         for _ in range(plan.freeinit - 1):
             start = reinitialize(x, initial, noise.draw(x.shape[1:], x.device), table.at(table.num_train_timesteps - 1),
                                  lowpass).to(x.dtype)
-            x, more = sample_plan(models, start, plan, noise=noise, callback=callback, main_step=main_step)
+            x, more = run(start)
             calls = {k: calls.get(k, 0) + more.get(k, 0) for k in {**calls, **more}}
     return x, calls
 

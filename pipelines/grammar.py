@@ -37,6 +37,10 @@ W_KEYS = ("w_go_I", "w_back_I", "w_go_V", "w_back_V")
 COND = "_cond"
 # ... and of its perturbed-attention calls ("V_pag"): the batch three times over, 1.5 CFG pairs' cost
 PAG = "_pag"
+# VideoElevator's video-model DDIM steps per refinement, as a fraction of the run (8 of 50 in the authors' examples)
+ELEVATOR_SUBSTEPS = 0.16
+# FreeNoise's default stride between windows (diffusers' enable_free_noise)
+FREENOISE_STRIDE = 4
 PARAM_KEYS = ("w_main", "interval", "sub_every")  # per-row parameters a pattern may also set
 CHOICES = {"main": ("I", "V"), "labels": ("chain", "legacy_ad"), "resize": ("none", "nearest64"), "sub_cfg": ("I", "V"),
            "reuse": ("off", "exact", "V")}
@@ -123,6 +127,13 @@ class Variant:
     # perturbed-attention guidance on the video model's calls (Ahn et al., arXiv 2403.17377; diffusers'
     # AnimateDiffPAGPipeline): its scale; None: none
     pag: float | None = None
+    # FreeNoise on the video model (Qiu et al., arXiv 2310.15169; diffusers' AnimateDiff `enable_free_noise`):
+    # (context length, stride) of the sliding windows its temporal attention sees, with the pyramid weighting and the
+    # shuffled initial noise: videos longer than the motion module's frame limit; None: none
+    freenoise: tuple[int, int] | None = None
+    # VideoElevator (Zhang et al., arXiv 2403.05438; pipelines/videoelevator.py): the image model samples, the video
+    # model refines at these fractions of the run; None: none
+    elevator: tuple[float, ...] | None = None
 
     @property
     def k(self) -> int:
@@ -143,6 +154,10 @@ class Variant:
             extras.append(f"cfg={self.cfg.text()}")
         if self.pag is not None:
             extras.append(f"pag={self.pag:g}")
+        if self.freenoise is not None:
+            extras.append("freenoise={}/{}".format(*self.freenoise))
+        if self.elevator is not None:
+            extras.append("elevator=" + "/".join(f"{v:g}" for v in self.elevator))
         if self.is_standard and self.main == "V" and not self.w:
             return "standard" + ("@" + ",".join(extras) if extras else "")
         opts = []
@@ -262,11 +277,31 @@ def parse_variant(text: str) -> ParsedVariant:
             if not re.fullmatch(r"\d+", val) or not 1 <= int(val) <= 10:
                 raise ValueError(f"variant {text!r}: freeinit must be an integer from 1 to 10 (iterations)")
             fields["freeinit"] = int(val)
+        elif key == "freenoise":
+            m2 = re.fullmatch(r"(\d+)(?:/(\d+))?", val)
+            if not m2 or not 1 <= int(m2.group(1)) <= 256 or not 1 <= int(m2.group(2) or FREENOISE_STRIDE) \
+                    <= int(m2.group(1)):
+                raise ValueError(f"variant {text!r}: freenoise must be a window length, optionally with a stride no "
+                                 f"longer than it (frames, e.g. 16/4)")
+            fields["freenoise"] = (int(m2.group(1)), int(m2.group(2) or FREENOISE_STRIDE))
+        elif key == "elevator":
+            try:
+                points = [float(v) for v in val.split("/")]
+            except ValueError:
+                points = []
+            if not points or not all(0 <= v < 1 for v in points) or points != sorted(set(points)):
+                raise ValueError(f"variant {text!r}: elevator must be increasing fractions of the run in [0, 1) "
+                                 "(e.g. 0.1/0.3/0.5/0.7)")
+            fields["elevator"] = tuple(points)
         else:
             raise ValueError(f"variant {text!r}: unknown option {key!r}")
     if "pag" in fields and ("cfg" in fields or fields.get("reuse", "off") != "off"):
         raise ValueError(f"variant {text!r}: pag runs every video-model call as one batch of three; it does not "
                          "combine with cfg= or reuse=")
+    if "elevator" in fields and (front or back or any(k in fields for k in ("pag", "cfg", "main", "resize"))
+                                 or fields.get("reuse", "off") != "off" or w):
+        raise ValueError(f"variant {text!r}: elevator is a sampler of its own (the image model samples, the video "
+                         "model refines); it takes no zigzag letters, main=, cfg=, pag=, reuse= or resize=")
     if fields.get("labels") == "legacy_ad" and (orientation != "down" or len(front) != 2):
         raise ValueError(f"variant {text!r}: labels=legacy_ad only exists for a down-first 2-letter zigzag")
     fields["w"] = tuple(sorted(w.items()))
@@ -313,12 +348,16 @@ class Plan:
     freeu: tuple[float, float, float, float] | None = None  # Variant.freeu
     freeinit: int = 1  # Variant.freeinit
     pag: float | None = None  # Variant.pag
+    freenoise: tuple[int, int] | None = None  # Variant.freenoise
+    elevator: "Elevation | None" = None  # Variant.elevator, compiled for the run's steps
 
     def calls(self) -> dict[str, int]:
         """Model calls per model ("I", "V"); one call = one CFG-batched forward, NFE = 2 x calls; a main move outside
         the variant's `cfg=` steps is a conditional-only call, counted under "<model>_cond" (NFE 1), and with `pag` a
         video-model call under "V_pag" (NFE 3): `call_key`. Each FreeInit run counts. A move that takes an earlier
         call's ε pair (reuse=V) is not a call; exact reuse, which depends on the numbers, can only make fewer."""
+        if self.elevator is not None:
+            return {k: n * self.freeinit for k, n in self.elevator.calls(len(self.steps)).items()}
         out = {"I": 0, "V": 0}
         for step in self.steps:
             for mv in (*step.zigzag, step.main):
@@ -326,6 +365,32 @@ class Plan:
                     key = call_key(mv, self.pag)
                     out[key] = out.get(key, 0) + self.freeinit
         return out
+
+
+@dataclass(frozen=True)
+class Elevation:
+    """VideoElevator's schedule on a run of n steps (pipelines/videoelevator.py): the step indices that get temporal
+    motion refining, and the video model's DDIM steps in each."""
+
+    refine: tuple[int, ...]
+    sub: int
+
+    @classmethod
+    def of(cls, fractions: Sequence[float], steps: int) -> "Elevation":
+        """round(f · steps) for each fraction (distinct, in order); `ELEVATOR_SUBSTEPS` of the steps, at least one."""
+        return cls(tuple(sorted({min(steps - 1, round(f * steps)) for f in fractions})),
+                   max(1, round(ELEVATOR_SUBSTEPS * steps)))
+
+    def calls(self, steps: int) -> dict[str, int]:
+        """The model calls of one run, as the sampler makes them: an image-model CFG call per step; per refinement
+        `sub` video-model CFG calls (fewer near the end) and one conditional-only image-model call per level it
+        inverts through; after the first refinement, one conditional-only image-model call per step for the
+        inversion correction (not on refining steps, whose result the refinement replaces)."""
+        inversions = sum(steps - 1 - r for r in self.refine)
+        corrections = 0 if not self.refine else sum(1 for i in range(self.refine[0] + 1, steps)
+                                                     if i not in self.refine)
+        video = sum(min(self.sub, steps - r) for r in self.refine)
+        return {"I": steps, "V": video, "I" + COND: inversions + corrections}
 
 
 def call_key(mv: Move, pag: float | None) -> str:
@@ -453,4 +518,5 @@ def compile_plan(
         if variant.reuse == "V":
             *moves, main = share_video_calls([*moves, main])
         steps.append(StepPlan(i, t, tuple(moves), main))
-    return Plan(tuple(steps), variant.resize, variant.reuse, variant.freeu, variant.freeinit, variant.pag)
+    return Plan(tuple(steps), variant.resize, variant.reuse, variant.freeu, variant.freeinit, variant.pag,
+                variant.freenoise, None if variant.elevator is None else Elevation.of(variant.elevator, n))

@@ -105,12 +105,20 @@ class Structure:
     spatial_factor: int = 8
     max_frames: int | None = None
 
-    def check(self, frames: int, height: int, width: int) -> None:
+    def check(self, frames: int, height: int, width: int, window: int | None = None) -> None:
+        """`window`: the frames the temporal layers see at once under FreeNoise (a variant's freenoise=); None: all."""
         for name, v in (("height", height), ("width", width)):
             if v % self.spatial_factor:
                 raise ValueError(f"{name}: must be a multiple of the VAE factor {self.spatial_factor}, got {v}")
-        if self.max_frames is not None and frames > self.max_frames:
-            raise ValueError(f"frames: the motion adapter handles at most {self.max_frames} frames, got {frames}")
+        if window is not None and frames < window:
+            raise ValueError(f"frames: freenoise's windows of {window} frames need at least {window} frames, got "
+                             f"{frames}")
+        if self.max_frames is not None and window is not None and window > self.max_frames:
+            raise ValueError(f"variant: freenoise's window of {window} frames is longer than the {self.max_frames} "
+                             "frames the motion adapter handles")
+        if self.max_frames is not None and window is None and frames > self.max_frames:
+            raise ValueError(f"frames: the motion adapter handles at most {self.max_frames} frames, got {frames}; "
+                             "longer videos: a freenoise variant (sampler freenoise, or @freenoise=16/4)")
 
 
 G, B = (GENERATION,), (BIVDIFF,)

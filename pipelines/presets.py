@@ -65,6 +65,16 @@ PRESETS: dict[str, Preset] = {
         Preset("pag", "standard@pag=3",
                "plain DDIM with perturbed-attention guidance of scale 3 on the video model (its mid-block "
                "self-attention, diffusers' AnimateDiffPAGPipeline default layers) beside CFG: 1.5x standard's FLOPs"),
+        Preset("freenoise", "standard@freenoise=16/4",
+               "plain DDIM with FreeNoise on the motion module (AnimateDiff; diffusers' enable_free_noise defaults: "
+               "windows of 16 frames every 4, pyramid fusion, shuffled noise): rows longer than the motion module's "
+               "frame limit (e.g. --frames 64); at 16 frames or fewer it is standard"),
+        # the refining steps are the authors' [45, 35, 25, 15] steps left of 50 (the paper's ablation, "Ours"),
+        # written as fractions of the run done so that they scale with --steps
+        Preset("videoelevator", "standard@elevator=0.1/0.3/0.5/0.7",
+               "VideoElevator (arXiv 2403.05438): the image model samples with its self-attention on each video's "
+               "first frame; on 4 steps the video model refines the predicted clean video for 16% of the steps and "
+               "the result is inverted back (docs/lab.md)"),
         Preset("ivmixed_freeu", f"down:IV-IV@freeu={FREEU_VIDEO}",
                "the ivmixed preset with FreeU on its video-model calls (the image model's calls unchanged)"),
         Preset(

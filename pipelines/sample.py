@@ -89,7 +89,10 @@ def preset_costs(name: str) -> tuple[dict, ...]:
         if preset.backbones and name not in preset.backbones:
             continue
         p = resolve_params({"sampler": preset.name, "prompt": "-"}, backbone=name)
-        plan = build_plan(backbone, [p])
+        try:
+            plan = build_plan(backbone, [p])
+        except ValueError:  # a comparator the backbone's models do not take (freenoise, pag, freeu)
+            continue
         calls = plan.calls()
         costs = cost.published_costs(name, p.frames, p.height, p.width, p.fps, plan.resize)
         out.append({"name": preset.name, "calls": sum(calls.values()), "tflop": round(cost.tflop(costs.of(calls)), 1)})

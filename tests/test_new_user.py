@@ -156,9 +156,9 @@ def test_help_shows_defaults_exit_codes_and_listings():
     assert "default 0" in h and "default 7.5" in h and "--steps 6 --frames 8 --height 64 --width 64" in h
     presets = in_process("pipelines.sample", "--list-presets").stdout.splitlines()[2:]  # a title and a header first
     assert [p.split()[0] for p in presets] == ["standard", "ivmixed", "ivmixed_fast", "freeu", "freeinit",
-                                               "cfg_interval", "pag", "ivmixed_freeu", "ivmixed_ad_v1",
-                                               "ivmixed_ms_v1", "ivmixed_vc_v1"]
-    assert "ivmixed_ms_v1" in presets[9] and "modelscope" in presets[9]
+                                               "cfg_interval", "pag", "freenoise", "videoelevator", "ivmixed_freeu",
+                                               "ivmixed_ad_v1", "ivmixed_ms_v1", "ivmixed_vc_v1"]
+    assert "ivmixed_ms_v1" in presets[11] and "modelscope" in presets[11]
     # the columns line up for the long official variants too: each description starts at the same place
     assert len({line.index(p.description) for line, p in zip(presets, PRESET_LIST)}) == 1, presets
     backbones = in_process("pipelines.sample", "--list-backbones").stdout

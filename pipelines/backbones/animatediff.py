@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 
 from ..fixtures import fixture
+from ..freenoise import frame_text
 from ..sampling import Denoiser
 from .common import (
     BackboneBase,
@@ -98,9 +99,11 @@ class AnimateDiff(BackboneBase):
 
     # -- conditioning and denoisers -------------------------------------------------------------
     def denoisers(self, prompts: Sequence[str], negatives: Sequence[str], *, frames: int, idm_text: str,
-                  fps: int, pag: float | None = None) -> dict[str, Denoiser]:
+                  fps: int, pag: float | None = None, freenoise: tuple[int, int] | None = None
+                  ) -> dict[str, Denoiser]:
         """Bind the batch's text conditioning into one CFG denoiser per model ("V" and "I"); fps is not an input;
-        `pag`: the video model's with perturbed-attention guidance of that scale."""
+        `pag`: the video model's with perturbed-attention guidance of that scale; `freenoise`: the video model's text
+        per frame as FreeNoise interpolates it (pipelines/freenoise.py)."""
         # (2B, L, D): negatives first, then prompts, as the CFG halves of docs/algorithms.md §1
         emb_v = encode_prompts(self.tokenizer, self.text_encoder, [*negatives, *prompts], self.device)
         if idm_text == "vdm" or self.image_text_encoder is None:
@@ -111,13 +114,17 @@ class AnimateDiff(BackboneBase):
             emb_i = encode_prompts(self.image_tokenizer, self.image_text_encoder, [*negatives, *prompts], self.device)
         emb_i = emb_i.to(self.dtype).repeat_interleave(frames, dim=0)
         b = len(prompts)  # the prompt halves alone: the steps without guidance (a variant's cfg=)
-        return {"V": self.video_denoiser(emb_v.to(self.dtype), b, frames, fps, pag),
+        per_frame = None if freenoise is None else (lambda e: self.frame_eps(frame_text(e, frames)))
+        return {"V": self.video_denoiser(emb_v.to(self.dtype), b, frames, fps, pag, per_frame),
                 "I": self.image_denoiser(emb_i, b, frames)}
 
     def vdm_eps(self, emb: torch.Tensor, frames: int, fps: int):
         """UNetMotionModel takes the text per frame: (B', L, D) is repeated to (B'*F, L, D), as AnimateDiffPipeline."""
+        return self.frame_eps(emb.repeat_interleave(frames, dim=0))
+
+    def frame_eps(self, emb: torch.Tensor):
+        """ε of the motion UNet on (B', C, F, h, w) latents with (B'*F, L, D) per-frame text embeddings bound."""
         unet, dtype = self.unet, self.dtype
-        emb = emb.repeat_interleave(frames, dim=0)
 
         def eps(x: torch.Tensor, t: int) -> torch.Tensor:  # x: (B', C, F, h, w)
             return unet(x.to(dtype), t, encoder_hidden_states=emb).sample

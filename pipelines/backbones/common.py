@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from ..params import Structure
 from ..presets import DEFAULT_DECODE_CHUNK
@@ -176,8 +177,12 @@ class BackboneBase:
     def check(self, p) -> None:
         """The structural rules of the loaded models for one row's parameters (`config.Structure`), and whether its
         video model takes the comparators the row's variant names (docs/lab.md)."""
-        self.structure.check(p.frames, p.height, p.width)
         variant = getattr(p, "parsed", None)  # generation rows; BIVDiff rows name no variant
+        windows = None if variant is None else variant.freenoise
+        self.structure.check(p.frames, p.height, p.width, windows and windows[0])
+        if windows is not None and not self.free_noise_blocks():
+            raise ValueError(f"variant: freenoise windows the temporal attention of a motion module (AnimateDiff), "
+                             f"which the {self.name} video model ({type(self.unet).__name__}) does not have")
         if variant is not None and variant.freeu is not None and not hasattr(self.unet, "enable_freeu"):
             raise ValueError(f"variant: freeu needs diffusers' FreeU hooks, which the {self.name} video model "
                              f"({type(self.unet).__name__}) does not have")
@@ -212,12 +217,36 @@ class BackboneBase:
             for m, p in saved:
                 m.processor = p
 
-    def video_denoiser(self, emb: torch.Tensor, prompts: int, frames: int, fps: int, pag: float | None):
+    @contextlib.contextmanager
+    def first_frame_attention(self, frames: int | None):
+        """While the block runs, every self-attention layer of the image UNet takes its keys and values from the first
+        frame of each video in its batch (`FirstFrameAttnProcessor`: VideoElevator's inflated image model); its own
+        processors come back after. None: nothing changes."""
+        if frames is None:
+            yield
+            return
+        from diffusers.models.attention_processor import Attention  # the class diffusers' processors act in
+
+        saved = [(m, m.processor) for m in self.image_unet.modules()
+                 if isinstance(m, Attention) and not m.is_cross_attention]
+        processor = FirstFrameAttnProcessor(frames)
+        for m, _ in saved:
+            m.processor = processor
+        try:
+            yield
+        finally:
+            for m, p in saved:
+                m.processor = p
+
+    def video_denoiser(self, emb: torch.Tensor, prompts: int, frames: int, fps: int, pag: float | None,
+                       eps_of: Callable | None = None):
         """The video model's denoiser over (2B, L, D) CFG-batched embeddings (negatives first): CFG with a
-        conditional-only path (steps outside a variant's cfg=), or with PAG the three branches in one call."""
+        conditional-only path (steps outside a variant's cfg=), or with PAG the three branches in one call.
+        `eps_of(emb)`: the model's ε with those embeddings bound (default `vdm_eps`)."""
+        eps_of = eps_of or (lambda e: self.vdm_eps(e, frames, fps))
         if pag is not None:
-            return PAGDenoiser(self.vdm_eps(torch.cat([emb, emb[prompts:]]), frames, fps), pag)
-        return CFGDenoiser(self.vdm_eps(emb, frames, fps), self.vdm_eps(emb[prompts:], frames, fps))
+            return PAGDenoiser(eps_of(torch.cat([emb, emb[prompts:]])), pag)
+        return CFGDenoiser(eps_of(emb), eps_of(emb[prompts:]))
 
     def image_denoiser(self, emb: torch.Tensor, prompts: int, frames: int) -> CFGDenoiser:
         """The image model's denoiser over (2B*F, L, D) per-frame embeddings (negatives first), with its
@@ -239,6 +268,55 @@ class BackboneBase:
             yield
         finally:
             self.unet.disable_freeu()
+
+    def free_noise_blocks(self) -> list[tuple[torch.nn.Module, int]]:
+        """(motion module, index) of each temporal transformer block FreeNoise windows: the BasicTransformerBlocks of
+        the `motion_modules` in the video UNet's down, mid and up blocks (those diffusers' `enable_free_noise`
+        replaces)."""
+        from diffusers.models.attention import BasicTransformerBlock
+
+        unet = self.unet
+        blocks = [*getattr(unet, "down_blocks", []), getattr(unet, "mid_block", None), *getattr(unet, "up_blocks", [])]
+        return [(mm, i) for block in blocks for mm in (getattr(block, "motion_modules", None) or [])
+                for i, b in enumerate(mm.transformer_blocks) if isinstance(b, BasicTransformerBlock)]
+
+    @contextlib.contextmanager
+    def free_noise(self, windows: tuple[int, int] | None):
+        """FreeNoise (Qiu et al., arXiv 2310.15169, §3.3 window-based fusion) on the video model while the block runs:
+        each temporal transformer block is replaced by diffusers' `FreeNoiseTransformerBlock` (attention over windows of
+        `context` frames every `stride` frames, outputs fused with pyramid weights) sharing the block's own parameter
+        tensors (built on `meta`, then assigned: nothing copied), and its attention processors; the blocks come back
+        after (the loaded model serves rows without it next)."""
+        if windows is None:
+            yield
+            return
+        from diffusers.models.attention import FreeNoiseTransformerBlock
+
+        context, stride = windows
+        swapped = []
+        for mm, i in self.free_noise_blocks():
+            old = mm.transformer_blocks[i]
+            with torch.device("meta"):
+                new = FreeNoiseTransformerBlock(
+                    dim=old.dim, num_attention_heads=old.num_attention_heads, attention_head_dim=old.attention_head_dim,
+                    dropout=old.dropout, cross_attention_dim=old.cross_attention_dim, activation_fn=old.activation_fn,
+                    attention_bias=old.attention_bias, only_cross_attention=old.only_cross_attention,
+                    double_self_attention=old.double_self_attention, positional_embeddings=old.positional_embeddings,
+                    num_positional_embeddings=old.num_positional_embeddings, context_length=context,
+                    context_stride=stride, weighting_scheme="pyramid")
+            new.load_state_dict(old.state_dict(), strict=True, assign=True)
+            new.set_chunk_feed_forward(old._chunk_size, old._chunk_dim)
+            for name in ("attn1", "attn2"):
+                if getattr(old, name, None) is not None:
+                    getattr(new, name).set_processor(getattr(old, name).processor)
+            new.train(old.training)
+            mm.transformer_blocks[i] = new
+            swapped.append((mm, i, old))
+        try:
+            yield
+        finally:
+            for mm, i, old in swapped:
+                mm.transformer_blocks[i] = old
 
     def image_table(self) -> AlphaTable:
         return AlphaTable.from_scheduler_config(self.image_scheduler_config)
@@ -287,7 +365,7 @@ class BackboneBase:
         return self.encode_text(texts, "V"), self.encode_text(texts, "I").repeat_interleave(frames, dim=0)
 
     def denoisers(self, prompts: Sequence[str], negatives: Sequence[str], *, frames: int, idm_text: str,
-                  fps: int, pag: float | None = None) -> dict:
+                  fps: int, pag: float | None = None, freenoise: tuple[int, int] | None = None) -> dict:
         """One CFG denoiser per model ("V", "I") with the batch's text conditioning bound (docs/algorithms.md §1);
         `pag`: the video model's with perturbed-attention guidance of that scale."""
         emb_v, emb_i = self.own_text_embeddings(prompts, negatives, frames, idm_text)
@@ -388,6 +466,37 @@ def load_image_model(path: str, lora: str | None, lora_scale: float, dtype: torc
     if lora:
         load_lora_into_unet(unet, lora, lora_scale)
     return unet, tokenizer, text_encoder, scheduler_config
+
+
+class FirstFrameAttnProcessor:
+    """Self-attention in which every frame attends to the first frame of its video: queries from the frame, keys and
+    values from frame 0 (the cross-frame attention with which VideoElevator inflates the image model, arXiv
+    2403.05438, after Text2Video-Zero). The batch holds whole videos of `frames` frames each, frame-major within a
+    video (`framewise_eps`'s layout), CFG halves included."""
+
+    def __init__(self, frames: int):
+        self.frames = frames
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, *args, **kwargs) -> torch.Tensor:
+        if encoder_hidden_states is not None or attention_mask is not None or hidden_states.ndim != 3 \
+                or attn.group_norm is not None or attn.spatial_norm is not None:
+            raise ValueError("first-frame attention: a plain self-attention layer on (N, L, C) tokens expected")
+        n, length, _ = hidden_states.shape
+        videos = n // self.frames
+        anchor = hidden_states.view(videos, self.frames, length, -1)[:, :1].expand(-1, self.frames, -1, -1) \
+            .reshape(n, length, -1)
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(n, -1, attn.heads, t.shape[-1] // attn.heads).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(heads(attn.to_q(hidden_states)), heads(attn.to_k(anchor)),
+                                             heads(attn.to_v(anchor)))
+        out = out.transpose(1, 2).reshape(n, length, -1).to(hidden_states.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
 
 
 class FrameJointGroupNorm(torch.nn.Module):
