@@ -155,7 +155,8 @@ def resolve_params(row: Mapping[str, Any], defaults: Mapping[str, Any] | None = 
     preset = presets.PRESETS[sampler]
     if preset.backbones and backbone not in preset.backbones:
         takes = sorted(n for n, p in presets.PRESETS.items() if not p.backbones or backbone in p.backbones)
-        raise ValueError(f"sampler: preset {sampler!r} reproduces the {'/'.join(preset.backbones)} code; "
+        why = "runs on" if preset.applies_only else "reproduces the code of"
+        raise ValueError(f"sampler: preset {sampler!r} {why} the {'/'.join(preset.backbones)} backbone only; "
                          f"the {backbone} backbone takes {takes}")
     bb = registry.defaults(backbone)
     base = {"negative_prompt": presets.DEFAULT_NEGATIVE_PROMPT, "seed": presets.DEFAULT_SEED,

@@ -103,15 +103,17 @@ def generate(backbone, rows: Sequence[GenParams], *, decode: bool = True,
     factor = backbone.spatial_factor
     shape = (backbone.latent_channels, p.frames, p.height // factor, p.width // factor)
     x = noise.draw(shape, backbone.device)  # (B, C, F, h, w) float32; latents stay fp32 between moves
-    if plan.freenoise is not None:
-        x = shuffle_noise(x, noise.generators, *plan.freenoise)
+    # FreeNoise acts on rows longer than its window; a shorter row is sampled as without it (one window: the same)
+    windows = plan.freenoise if plan.freenoise is not None and p.frames > plan.freenoise[0] else None
+    if windows is not None:
+        x = shuffle_noise(x, noise.generators, *windows)
     if plan.elevator is not None:  # its prior: every frame mixed with one noise frame, the next draw of the row
         c, f, h, w = shape
         x = mixed_prior(x, noise.draw((c, 1, h, w), backbone.device))
     with torch.inference_mode():
         models = backbone.denoisers([r.prompt for r in rows], [r.negative_prompt for r in rows],
                                     frames=p.frames, idm_text=p.preset.idm_text, fps=p.fps, pag=plan.pag,
-                                    freenoise=plan.freenoise)
+                                    freenoise=windows)
         main_step = None
         if backbone.main_solver == "sde-dpmpp2m":
             # its SDE noise: row b's own stream seeded seed_b + 1 (docs/algorithms.md §7)
@@ -120,7 +122,7 @@ def generate(backbone, rows: Sequence[GenParams], *, decode: bool = True,
             c, f, h, w = shape
             main_step = sde_dpmpp_2m(table.alphas_cumprod, [s.t for s in plan.steps],
                                      lambda x: sde.draw((f, c, h, w), x.device).permute(0, 2, 1, 3, 4).to(x.dtype))
-        with backbone.free_noise(plan.freenoise), backbone.freeu(plan.freeu), \
+        with backbone.free_noise(windows), backbone.freeu(plan.freeu), \
                 backbone.perturbed_attention(plan.pag is not None), \
                 backbone.first_frame_attention(None if plan.elevator is None else p.frames):
             x, calls = _sample_freeinit(backbone, models, x, plan, noise, callback, main_step)

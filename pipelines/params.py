@@ -110,9 +110,6 @@ class Structure:
         for name, v in (("height", height), ("width", width)):
             if v % self.spatial_factor:
                 raise ValueError(f"{name}: must be a multiple of the VAE factor {self.spatial_factor}, got {v}")
-        if window is not None and frames < window:
-            raise ValueError(f"frames: freenoise's windows of {window} frames need at least {window} frames, got "
-                             f"{frames}")
         if self.max_frames is not None and window is not None and window > self.max_frames:
             raise ValueError(f"variant: freenoise's window of {window} frames is longer than the {self.max_frames} "
                              "frames the motion adapter handles")

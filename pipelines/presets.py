@@ -38,7 +38,8 @@ class Preset:
     keep_noop: bool = False  # keep the exact-identity t=0 zigzag (docs/algorithms.md §2) for call-for-call parity
     split_tables: bool = False  # inverse moves read the IDM scheduler's ᾱ table (AD code); else one shared table
     overrides: dict = field(default_factory=dict)  # per-preset defaults for steps/frames/size/seed
-    backbones: tuple[str, ...] = ()  # backbones the preset reproduces; empty: any
+    backbones: tuple[str, ...] = ()  # backbones the preset reproduces (or, `applies_only`, runs on); empty: any
+    applies_only: bool = False  # `backbones` names where the method exists (FreeNoise), not code it reproduces
     zigzag_on_image_table: bool = False  # both zigzag directions read the IDM scheduler's table (VideoCrafter2 code)
 
 
@@ -68,7 +69,8 @@ PRESETS: dict[str, Preset] = {
         Preset("freenoise", "standard@freenoise=16/4",
                "plain DDIM with FreeNoise on the motion module (AnimateDiff; diffusers' enable_free_noise defaults: "
                "windows of 16 frames every 4, pyramid fusion, shuffled noise): rows longer than the motion module's "
-               "frame limit (e.g. --frames 64); at 16 frames or fewer it is standard"),
+               "frame limit (e.g. --frames 64); at 16 frames or fewer it is standard",
+               backbones=("animatediff",), applies_only=True),
         # the refining steps are the authors' [45, 35, 25, 15] steps left of 50 (the paper's ablation, "Ours"),
         # written as fractions of the run done so that they scale with --steps
         Preset("videoelevator", "standard@elevator=0.1/0.3/0.5/0.7",

@@ -110,7 +110,7 @@ def list_presets(backbone: str, as_json: bool = False) -> str:
         return json.dumps([{"name": n, "calls": c["calls"], "tflop": c["tflop"]} for n, c in costs.items()])
     d = registry.defaults(backbone)
     head = (f"calls and TFLOP per video on {backbone} at {d.frames} x {d.height}x{d.width}, {d.steps} steps "
-            "(model calls and the VAE decode; - where the preset reproduces another backbone)")
+            "(model calls and the VAE decode; - where the preset runs on another backbone only)")
     cells = [(p.name, p.variant, "/".join(p.backbones) or "any backbone",
               str(costs[p.name]["calls"]) if p.name in costs else "-",
               f"{costs[p.name]['tflop']:,.0f}" if p.name in costs else "-", p.description)

@@ -170,11 +170,17 @@ def test_list_presets_tflop_is_the_published_architectures_count_and_fast_is_at_
                 # guidance on the first 40 %: 20 CFG pairs, then 30 calls on the prompt alone at half a pair's cost
                 "cfg_interval": {"I": 0, "V": 20, "V_cond": 30},
                 # PAG: each call the batch three times, 1.5 pairs' cost
-                "pag": {"I": 0, "V_pag": 50}}
+                "pag": {"I": 0, "V_pag": 50},
+                # FreeNoise: standard's calls (the FLOP count is the plain motion module's, docs/lab.md)
+                "freenoise": {"I": 0, "V": 50},
+                # VideoElevator at 50 steps: 50 image-model pairs, 4 x 8 video-model pairs, and on the prompt alone
+                # 44 + 34 + 24 + 14 inversion calls and 41 corrections (steps 6-49 but 15, 25, 35)
+                "videoelevator": {"I": 50, "V": 32, "I_cond": 157}}
     assert set(got) == set(expected)
     for name, calls in expected.items():
         assert got[name]["calls"] == sum(calls.values())
-        flops = calls["I"] * i + (calls.get("V", 0) + calls.get("V_cond", 0) / 2 + 1.5 * calls.get("V_pag", 0)) * v + d
+        image = calls["I"] + calls.get("I_cond", 0) / 2
+        flops = image * i + (calls.get("V", 0) + calls.get("V_cond", 0) / 2 + 1.5 * calls.get("V_pag", 0)) * v + d
         assert got[name]["tflop"] == pytest.approx(flops / 1e12, abs=0.06), name
     assert got["ivmixed_fast"]["tflop"] <= 2.0 * got["standard"]["tflop"]
     assert got["ivmixed"]["tflop"] == pytest.approx(7791.1, abs=0.1)  # the figure docs/algorithms.md §10 states

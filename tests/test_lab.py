@@ -180,6 +180,10 @@ def test_freenoise_equals_diffusers_animatediff_pipeline_with_enable_free_noise(
     assert sorted(shuffled[0, 0, 16:20, 0, 0].tolist()) == sorted(noise[0, 0, 0:4, 0, 0].tolist())
     # the motion modules are back after the batch; plain sampling past the frame limit is refused
     assert len(ad_backbone.free_noise_blocks()) == blocks > 0
+    # a row no longer than the window is sampled as without FreeNoise, bit for bit
+    short = dict(steps=3, frames=8, height=32, width=32)
+    assert torch.equal(_ours(ad_backbone, short, seed=4, sampler="freenoise").latents,
+                       _ours(ad_backbone, short, seed=4, sampler="standard").latents)
     with pytest.raises(ValueError, match="at most 32 frames.*freenoise"):
         resolve_params(dict(prompt=PROMPT, sampler="standard", **long), structure=ad_backbone.structure)
 

@@ -143,8 +143,11 @@ def test_paper_call_counts_for_50_steps(ms):
 
 
 def test_presets_name_their_backbone():
-    with pytest.raises(ValueError, match="^sampler: preset 'ivmixed_ad_v1' reproduces the animatediff code"):
+    with pytest.raises(ValueError, match="^sampler: preset 'ivmixed_ad_v1' reproduces the code of the animatediff "
+                                         "backbone only"):
         resolve_params({"prompt": "x", "sampler": "ivmixed_ad_v1"}, backbone="modelscope")
+    with pytest.raises(ValueError, match="^sampler: preset 'freenoise' runs on the animatediff backbone only"):
+        resolve_params({"prompt": "x", "sampler": "freenoise"}, backbone="modelscope")
     with pytest.raises(ValueError, match="^sampler: preset 'ivmixed_ms_v1'"):
         resolve_params({"prompt": "x", "sampler": "ivmixed_ms_v1"}, backbone="animatediff")
 
