@@ -309,7 +309,7 @@ def quiet_console() -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     if not sys.stderr.isatty():  # a log file or a pipe: Ray's worker-line prefixes without colour codes
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
-    quiet_libraries()
+    quiet_libraries(load=False)
     for noisy in ("alembic", "mlflow", "matplotlib",
                   "ray.data._internal.execution.streaming_executor"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -22,6 +22,7 @@ from .common import (
     load_pretrained,
     load_vae,
     place,
+    read_config,
     resolve_placement,
 )
 
@@ -68,9 +69,7 @@ class AnimateDiff(BackboneBase):
     @classmethod
     def _read_max_frames(cls, spec) -> int:
         """The motion adapter's positional table bounds the frames (its config, no weights)."""
-        from diffusers import MotionAdapter
-
-        return int(MotionAdapter.load_config(spec.motion_adapter).get("motion_max_seq_length") or 32)
+        return int(read_config(spec.motion_adapter).get("motion_max_seq_length") or 32)
 
     @classmethod
     def from_spec(cls, spec) -> "AnimateDiff":

@@ -4,6 +4,7 @@ loading."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -12,6 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import hf_hub_download
 
 from ..params import Structure
 from ..presets import DEFAULT_DECODE_CHUNK
@@ -164,9 +166,7 @@ class BackboneBase:
 
     @classmethod
     def _read_spatial_factor(cls, spec) -> int:
-        from diffusers import AutoencoderKL
-
-        config = vae_from(spec, lambda source, subfolder: AutoencoderKL.load_config(source, subfolder=subfolder))
+        config = vae_from(spec, read_config)
         return 2 ** (len(config["block_out_channels"]) - 1)
 
     @classmethod
@@ -388,6 +388,23 @@ def decode_latents(vae, latents: torch.Tensor, device: torch.device, chunk: int 
     out = torch.cat([vae.decode(z[i : i + chunk]).sample for i in range(0, z.shape[0], chunk)])
     out = (out.float() / 2 + 0.5).clamp(0, 1)
     return out.reshape(b, f, *out.shape[1:]).permute(0, 1, 3, 4, 2).cpu()
+
+
+def read_config(source: str, subfolder: str | None = None) -> dict:
+    """A model's `config.json` from a local folder or a hub id (through the hub cache, as `from_pretrained` finds it),
+    read without importing diffusers: the job's driver checks rows against the models' structure with it. A missing
+    config raises OSError, as diffusers' `load_config` does."""
+    if os.path.isdir(source):
+        path = os.path.join(source, subfolder or "", "config.json")
+        if not os.path.isfile(path):
+            raise OSError(f"{source}: no {os.path.join(subfolder or '', 'config.json')}")
+    else:
+        try:
+            path = hf_hub_download(source, "config.json", subfolder=subfolder)
+        except Exception as err:  # noqa: BLE001 - the hub's own error classes differ by version; one kind here
+            raise OSError(f"{source}: could not read {os.path.join(subfolder or '', 'config.json')} ({err})") from err
+    with open(path) as f:
+        return json.load(f)
 
 
 def _unet_source(path: str) -> tuple[str, str | None]:
