@@ -90,7 +90,7 @@ def read_manifest(cfg: job_config.JobConfig) -> Manifest:
     dataset = pads.dataset(path, filesystem=storage.arrow_filesystem(fs), format="parquet")
     small = n <= PLAN_IN_DRIVER_ROWS
     table = dataset.to_table(columns=None if small else [c for c in ("id", "samplers", *KIND_COLUMNS)
-                                                         if c in schema.names])
+                                                         if c in schema.names], use_threads=storage.arrow_threads(fs))
     if cfg.limit:
         table = table.slice(0, cfg.limit)
     ids, dups = None, pa.array([], pa.string())

@@ -23,8 +23,7 @@ import posixpath
 from dataclasses import dataclass
 from typing import Iterable
 
-import pyarrow.parquet as pq
-
+from . import storage
 from .layout import CORRUPT, Layout, shard_name
 
 logger = logging.getLogger(__name__)
@@ -49,9 +48,7 @@ def part_damage(fs, paths: Iterable[str], columns: Iterable[str] | None = None) 
 
     def check(path: str) -> Damage | None:
         try:
-            with fs.open(path, "rb") as f:
-                pf = pq.ParquetFile(f)
-                pf.read(columns=[c for c in wanted if c in pf.schema_arrow.names] if wanted is not None else None)
+            storage.read_parquet(fs, path, wanted)
         except FileNotFoundError:
             return None  # gone since it was listed: nothing to set aside
         except Exception as err:  # pyarrow raises ArrowInvalid/OSError for cut or garbled files

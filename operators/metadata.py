@@ -123,9 +123,7 @@ def read_parts(fs, root: str, columns: Iterable[str] | None = None, paths: list[
     """Every metadata part (or `paths`) as one table; with `columns`, only those of them a part has are read."""
     tables = []
     for p in part_paths(fs, root) if paths is None else paths:
-        with fs.open(p, "rb") as f:
-            pf = pq.ParquetFile(f)
-            tables.append(pf.read(columns=[c for c in columns if c in pf.schema_arrow.names] if columns else None))
+        tables.append(storage.read_parquet(fs, p, columns or None))
     if not tables:
         return None
     return pa.concat_tables(tables, promote_options="permissive")

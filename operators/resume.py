@@ -66,7 +66,8 @@ def scan(fs, root: str, columns: Iterable[str], ids=None, paths: list[str] | Non
     schema = pa.schema([pa.field(c, pa.dictionary(pa.int32(), pa.string())) if c in DICTIONARY else union.field(c)
                         for c in columns if c in union.names])  # an Arrow schema
     dataset = pads.dataset(paths, schema=schema, format="parquet", filesystem=storage.arrow_filesystem(fs))
-    return dataset.to_table(filter=None if ids is None else pc.field("id").isin(ids))
+    return dataset.to_table(filter=None if ids is None else pc.field("id").isin(ids),
+                            use_threads=storage.arrow_threads(fs))
 
 
 def readable_scan(fs, root: str, columns: Iterable[str]) -> tuple[pa.Table | None, list[Damage]]:

@@ -29,7 +29,6 @@ from typing import Any, Callable, Mapping
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from . import integrity, metadata, storage
 from .layout import Layout, shard_name
@@ -283,8 +282,7 @@ def salvage(fs, root: str, done, *, code_version: str, output) -> int:
         for path in fs.ls(folder, detail=False):
             if path.endswith(".parquet"):
                 try:
-                    with fs.open(path, "rb") as f:
-                        t = pq.read_table(f)
+                    t = storage.read_parquet(fs, path)
                 except Exception:  # a scratch row cut short by the kill: its sample is made again
                     logger.warning("unreadable scratch row %s", path)
                     continue

@@ -20,7 +20,9 @@ import uuid
 from typing import Callable, TypeVar
 
 import fsspec
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 # re-exported: one S3 endpoint rule for the CLIs and the job
 from pipelines.outputs import filesystem, is_local  # noqa: F401 - re-exported for the job
@@ -111,3 +113,20 @@ def arrow_filesystem(fs: fsspec.AbstractFileSystem):
     if is_local(fs):
         return pafs.LocalFileSystem()
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+def arrow_threads(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether a pyarrow scan of `fs` may run on Arrow's thread pool. Only for native files: a pool thread that
+    read a Python-backed (fsspec) file can still hold the last reference to one of its buffers after the read has
+    returned, and if the interpreter is exiting by then the thread's GIL request aborts the process ("terminate
+    called without an active exception", apache/arrow#34314) -- a CLI that did its work exits 134."""
+    return is_local(fs)
+
+
+def read_parquet(fs: fsspec.AbstractFileSystem, path: str, columns=None) -> pa.Table:
+    """One Parquet file as a table, decoded in the calling thread (see `arrow_threads`); with `columns`, only those
+    of them the file has."""
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        wanted = [c for c in columns if c in pf.schema_arrow.names] if columns is not None else None
+        return pf.read(columns=wanted, use_threads=False)

