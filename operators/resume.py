@@ -57,8 +57,8 @@ DICTIONARY = ("shard_uri",)  # read dictionary-encoded: one shard's uri is share
 
 def scan(fs, root: str, columns: Iterable[str], ids=None, paths: list[str] | None = None) -> pa.Table | None:
     """`columns` of every part (or of `paths`; null where a part lacks one, written before the column existed), only
-    the rows whose id is in `ids` when given: one threaded pyarrow scan with the filter pushed down, so that a 10M-row
-    output is never read whole."""
+    the rows whose id is in `ids` when given: one pyarrow scan with the filter pushed down, so that a 10M-row
+    output is never read whole (on Arrow's threads for local files only: `storage.arrow_threads`)."""
     paths = metadata.part_paths(fs, root) if paths is None else paths
     if not paths:
         return None

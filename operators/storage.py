@@ -17,7 +17,7 @@ import random
 import tempfile
 import time
 import uuid
-from typing import Callable, TypeVar
+from typing import Callable, Iterable, TypeVar
 
 import fsspec
 import pyarrow as pa
@@ -123,7 +123,7 @@ def arrow_threads(fs: fsspec.AbstractFileSystem) -> bool:
     return is_local(fs)
 
 
-def read_parquet(fs: fsspec.AbstractFileSystem, path: str, columns=None) -> pa.Table:
+def read_parquet(fs: fsspec.AbstractFileSystem, path: str, columns: Iterable[str] | None = None) -> pa.Table:
     """One Parquet file as a table, decoded in the calling thread (see `arrow_threads`); with `columns`, only those
     of them the file has."""
     with fs.open(path, "rb") as f:

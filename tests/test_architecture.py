@@ -128,7 +128,8 @@ def test_row_resolution_imports_neither_diffusers_nor_transformers():
 
 def arrow_reads_off_the_calling_thread(source: str, path: str) -> list[str]:
     """Parquet reads that may leave an Arrow pool thread holding a Python buffer at exit (operators/storage.py
-    `arrow_threads`): a dataset scan without `use_threads`, or a Parquet file read outside `storage.read_parquet`."""
+    `arrow_threads`): a scan of a pyarrow dataset (the project names them `dataset`; a Table's `to_batches` is no scan)
+    without `use_threads`, or a Parquet file read outside `storage.read_parquet`."""
     found = []
     for node in ast.walk(ast.parse(source)):
         if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
