@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: venv demo demo-lab mlflow-ui lint test-unit test test-all bench bench-memory bench-resume gpu-check tiny clean
+.PHONY: venv demo demo-lab mlflow-ui lint test-unit test test-all bench bench-memory bench-resume gpu-check device-wheels tiny clean
 
 venv: $(STAMP)
 
@@ -53,9 +53,19 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -rs
 
+# the wheels a bare, offline GPU image lacks for the GPU check (infra/gpu-check/wheels.txt; README "GPU check")
+DEVICE_WHEELS ?= .device/wheels
+device-wheels: $(STAMP)
+	rm -rf $(DEVICE_WHEELS)
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--abi cp312 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d $(DEVICE_WHEELS) -r infra/gpu-check/wheels.txt
+	@du -sh $(DEVICE_WHEELS)
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/engine_overhead.py
 	$(BIN)/python benchmarks/pipeline_overhead.py
+	$(BIN)/python benchmarks/actor_overlap.py
 	$(BIN)/python benchmarks/bivdiff_stages.py
 
 # peak memory of the published architectures at 16 x 512 x 512 on the CPU (~25 min, ~20 GB of random models in .cache)

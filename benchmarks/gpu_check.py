@@ -1,16 +1,21 @@
 """One-shot GPU check: every backbone at its real size on one GPU, with full-size random models (no hub access).
 
-    python benchmarks/gpu_check.py [--models .cache/fullsize] [--steps 4] [--json gpu_check.json]
+    python benchmarks/gpu_check.py [--steps 4] [--json gpu_check.json] [--compile on|off] [--channels-last on|off]
     python benchmarks/gpu_check.py --smoke     # same code on the CPU with tiny models (make test runs it)
 
 For each backbone (16 x 512 x 512, float16): seconds per video for `standard`, `ivmixed`, `ivmixed_fast` and the
 backbone's `*_v1` preset, extrapolated from `--steps` sampling steps to the backbone's 50 (the calls of the 50-step
 plan at each model's measured time, + one decode; said in the table), milliseconds per IDM and per VDM call, peak GPU
 memory, the fraction of sampling wall time spent inside model calls (CUDA events around each call: what is left is
-Python and launch overhead), and videos per hour per GPU at sampler_batch 1, 2 and 4. One table is printed and the
-same numbers are written as JSON. Needs ~8 minutes on one H100/H200-class GPU, most of it writing the random models
-(`python -m pipelines.fixtures.tiny KIND DIR --full-size`)
-once.
+Python and launch overhead), videos per hour per GPU at sampler_batch 1, 2 and 4, and (AnimateDiff) `standard` beside
+diffusers' own AnimateDiffPipeline on the same models and noise. Then the exact speed options
+(pipelines/speed.py) side by side with those eager numbers, same noise and settings: `ivmixed` with `compile` and
+`channels_last` on, its seconds per video and the ratio to eager, the compile seconds (the first call, reported apart),
+the relative difference of its latents from eager's, and the host synchronisations inside the sampling call (CUDA
+sync debug mode; the final copy of the latents to the host is one). One table is printed and the same numbers are
+written as JSON. The full-size models are built from the published configs with random weights straight on the GPU
+in float16 (pipelines/fixtures/published.py `random_backbone`: no folder written, nothing but torch, transformers,
+diffusers and the project needed: `make device-wheels` and the README's command for a bare GPU image).
 """
 from __future__ import annotations
 
@@ -18,8 +23,6 @@ import argparse
 import json
 import logging
 import os
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 
@@ -28,13 +31,15 @@ from pipelines.backbones.registry import BACKBONES as REGISTERED
 from pipelines.backbones.registry import load_backbone
 from pipelines.cli import quiet_libraries
 from pipelines.config import ModelSpec, resolve_params
+from pipelines.fixtures.published import LAYOUTS, random_backbone
 from pipelines.fixtures.tiny import ensure_tiny
 from pipelines.generate import build_plan, generate
+from pipelines.speed import accelerate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 logger = logging.getLogger("gpu_check")
 # the registered backbones with tiny and full-size model sets, and the preset that reproduces each one's official code
-BACKBONES = tuple(name for name, cls in REGISTERED.items() if cls.tiny is not None)
+BACKBONES = tuple(name for name, cls in REGISTERED.items() if cls.tiny is not None and name in LAYOUTS)
 V1 = {b: p.name for p in presets.PRESETS.values() if p.name.endswith("_v1") for b in p.backbones}
 
 
@@ -47,10 +52,13 @@ class Setup:
     steps: int  # measured steps; results are extrapolated to `full_steps`
     full_steps: int
     batches: tuple[int, ...]
+    compile: str  # the speed options' pass: "on" or "off"
+    channels_last: str
 
 
-FULL = Setup("cuda", "float16", 16, 512, 4, 50, (1, 2, 4))
-SMOKE = Setup("cpu", "float32", 2, 64, 2, 4, (1, 2))
+FULL = Setup("cuda", "float16", 16, 512, 4, 50, (1, 2, 4), "on", "on")
+# the CPU smoke run leaves compiling out (minutes on a CPU; tests/test_speed.py checks compiled = eager there)
+SMOKE = Setup("cpu", "float32", 2, 64, 2, 4, (1, 2), "off", "on")
 
 
 class Clock:
@@ -105,20 +113,20 @@ def instrument(backbone, clock: Clock) -> None:
     backbone.denoisers = denoisers
 
 
-def models_for(name: str, root: str, smoke: bool) -> str:
-    folder = os.path.join(root, name)
-    if smoke:
-        return ensure_tiny(name, folder)
-    if not os.path.isfile(os.path.join(folder, "tiny.json")):
-        subprocess.run([sys.executable, "-m", "pipelines.fixtures.tiny", name, folder, "--full-size"], check=True,
-                       cwd=ROOT)
-    return folder
-
-
-def check_backbone(name: str, folder: str, setup: Setup) -> dict:
+def backbone_for(name: str, root: str, setup: Setup):
+    """Eager models: the tiny set from its folder (smoke), or the published architectures built on the device."""
     import torch
 
-    bb = load_backbone(ModelSpec.from_model_dir(name, folder, dtype=setup.dtype, device=setup.device))
+    if setup.device == "cpu":
+        folder = ensure_tiny(name, os.path.join(root, name))
+        return load_backbone(ModelSpec.from_model_dir(name, folder, dtype=setup.dtype, device=setup.device,
+                                                      compile="off", channels_last="off"))
+    return random_backbone(REGISTERED[name], setup.device, getattr(torch, setup.dtype))
+
+
+def check_backbone(name: str, bb, setup: Setup) -> dict:
+    import torch
+
     clock = Clock(bb.device)
     instrument(bb, clock)
     cuda = bb.device.type == "cuda"
@@ -159,12 +167,77 @@ def check_backbone(name: str, folder: str, setup: Setup) -> dict:
                 "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
 
     presets_run = [run(s, 1) for s in ("standard", "ivmixed", "ivmixed_fast", V1[name])]
+    reference = diffusers_standard(name, bb, params("standard", 0), clock)
     batches = [run("ivmixed", b) for b in setup.batches if b > 1]
-    out = {"backbone": name, "presets": presets_run, "batches": [presets_run[1], *batches]}
+    eager = generate(bb, [params("ivmixed", 0)], decode=False)[0].latents
+    # the exact speed options on the same models, same rows: compile time apart, then the timed run as above
+    clock.sync()
+    start = time.perf_counter()
+    done = accelerate(bb, compile=setup.compile, channels_last=setup.channels_last)
+    fast_first = generate(bb, [params("ivmixed", 0)], decode=False)[0].latents
+    clock.sync()
+    compile_s = time.perf_counter() - start
+    fast = run("ivmixed", 1)
+    syncs = host_syncs(lambda: generate(bb, [params("ivmixed", 0)], decode=False)) if cuda else None
+    options = {**fast, "compiled": done["compiled"], "channels_last_convs": done["channels_last"],
+               "compile": setup.compile, "channels_last": setup.channels_last,
+               "first_call_s": compile_s, "speedup": presets_run[1]["seconds_per_video"] / fast["seconds_per_video"],
+               "rel_diff": ((fast_first.float() - eager.float()).norm() / eager.float().norm()).item(),
+               "host_syncs": syncs}
+    out = {"backbone": name, "presets": presets_run, "batches": [presets_run[1], *batches], "options": options,
+           "diffusers": reference}
     bb = None  # the closures hold it too: release the models before emptying the CUDA cache
     if cuda:
         torch.cuda.empty_cache()
     return out
+
+
+def diffusers_standard(name: str, bb, p, clock: Clock) -> dict | None:
+    """`standard` as diffusers' own AnimateDiffPipeline runs it against the project's, on the same models, noise and
+    settings (the DDIM grid the tests pin it to: bit-identical there), `--steps` steps, latents out, each timed twice
+    interleaved (the faster kept); None for a backbone without such a pipeline here."""
+    if name != "animatediff":
+        return None
+    import torch
+    from diffusers import AnimateDiffPipeline, DDIMScheduler
+
+    pipe = AnimateDiffPipeline(vae=bb.vae, text_encoder=bb.text_encoder, tokenizer=bb.tokenizer, unet=bb.unet,
+                               motion_adapter=None, scheduler=DDIMScheduler.from_config(
+                                   bb.scheduler_config, timestep_spacing="linspace", steps_offset=1, clip_sample=False))
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(prompt=p.prompt, negative_prompt=p.negative_prompt or None, num_frames=p.frames, height=p.height,
+              width=p.width, num_inference_steps=p.steps, guidance_scale=p.guidance, output_type="latent")
+    def timed(fn) -> tuple[float, torch.Tensor]:
+        clock.sync()
+        start = time.perf_counter()
+        out = fn()
+        clock.sync()
+        return time.perf_counter() - start, out
+
+    theirs = lambda: pipe(**kw, generator=torch.Generator("cpu").manual_seed(p.seed)).frames  # noqa: E731 (a thunk)
+    ours = lambda: generate(bb, [p], decode=False)[0].latents  # noqa: E731 (a thunk)
+    theirs(), ours()  # warm-up; then each twice, interleaved, the faster of each kept
+    runs = [(timed(theirs), timed(ours)) for _ in range(2)]
+    (t_s, latents), (o_s, mine) = (min((r[i] for r in runs), key=lambda x: x[0]) for i in (0, 1))
+    latents, mine = latents.float().cpu(), mine.float().cpu()
+    return {"diffusers_s": t_s, "ours_s": o_s, "rel_diff": ((mine - latents).norm() / latents.norm()).item()}
+
+
+def host_syncs(fn) -> int:
+    """Host synchronisations CUDA's sync debug mode reports while `fn` runs."""
+    import warnings
+
+    import torch
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def table(results: list[dict], setup: Setup) -> str:
@@ -183,14 +256,31 @@ def table(results: list[dict], setup: Setup) -> str:
         cells = [f"b={b['batch']}: {b['videos_per_hour']:.0f}"
                  + ("" if b["peak_gib"] is None else f" ({b['peak_gib']:.1f} GiB)") for b in r["batches"]]
         lines.append(f"{r['backbone']:<14} " + "  ".join(cells))
+    lines.append(f"standard against diffusers' AnimateDiffPipeline, same models, noise and {setup.steps} steps "
+                 "(sampling seconds)")
+    for r in results:
+        d = r["diffusers"]
+        if d is not None:
+            lines.append(f"{r['backbone']:<14} diffusers {d['diffusers_s']:.2f} s  ivmix {d['ours_s']:.2f} s  "
+                         f"{d['diffusers_s'] / d['ours_s']:.2f}x  rel diff {d['rel_diff']:.1e}")
+    lines.append(f"exact speed options (ivmixed; compile {setup.compile}, channels-last {setup.channels_last}) "
+                 "against the eager row above")
+    lines.append(f"{'backbone':<14} {'s/video':>8} {'eager':>8} {'ratio':>6} {'first call s':>13} {'rel diff':>9} "
+                 f"{'host syncs':>11}")
+    for r in results:
+        o, eager = r["options"], r["presets"][1]["seconds_per_video"]
+        syncs = "-" if o["host_syncs"] is None else str(o["host_syncs"])
+        lines.append(f"{r['backbone']:<14} {o['seconds_per_video']:8.1f} {eager:8.1f} {o['speedup']:5.2f}x "
+                     f"{o['first_call_s']:13.1f} {o['rel_diff']:9.1e} {syncs:>11}")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny models, 2 frames at 64x64: the code path only")
-    ap.add_argument("--models",
-                    help="where the model folders are (written once); default .cache/fullsize or .cache/tiny")
+    ap.add_argument("--models", help="smoke: where the tiny model folders are (written once); default .cache/tiny")
+    ap.add_argument("--compile", choices=("on", "off"), help="the speed options' pass (default on; smoke: off)")
+    ap.add_argument("--channels-last", choices=("on", "off"), help="the speed options' pass (default on)")
     ap.add_argument("--steps", type=int, help="measured sampling steps (default 4; smoke 2)")
     ap.add_argument("--backbones", default=",".join(BACKBONES))
     ap.add_argument("--json", default="gpu_check.json")
@@ -198,13 +288,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     quiet_libraries()
     setup = SMOKE if args.smoke else FULL
-    if args.steps:
-        setup = Setup(**{**setup.__dict__, "steps": args.steps})
-    root = args.models or os.path.join(ROOT, ".cache", "tiny" if args.smoke else "fullsize")
+    chosen = {"steps": args.steps, "compile": args.compile, "channels_last": args.channels_last}
+    setup = Setup(**{**setup.__dict__, **{k: v for k, v in chosen.items() if v}})
+    root = args.models or os.path.join(ROOT, ".cache", "tiny")
     results = []
     for name in args.backbones.split(","):
         start = time.perf_counter()
-        results.append(check_backbone(name, models_for(name, root, args.smoke), setup))
+        results.append(check_backbone(name, backbone_for(name, root, setup), setup))
         logger.info("%s checked in %.0f s", name, time.perf_counter() - start)
     print(table(results, setup))
     with open(args.json, "w") as f:

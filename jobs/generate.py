@@ -283,6 +283,8 @@ def _execute(mlflow, run: setup.Run, total: int) -> int:
             # the latest step: the final value
             mlflow.log_metrics({k: float(v) for k, v in m.items()}, step=progress.step)
             progress.log(final=True)
+            if progress.timed:
+                logger.info(progress.throughput_line())
             # this run's rows: the parts its writer committed (salvaged samples keep their own run's id)
             tracking.log_run_metadata(mlflow, metadata.read_parts(fs, root, paths=writer.parts), run.run_id)
             mlflow.set_tag("job_status", status)

@@ -162,7 +162,8 @@ def run_passes(ray, run: Run, recorded: Recorded, consume) -> None:
                          num_cpus=cfg.compute.cpus_per_actor, max_restarts=cfg.compute.max_restarts,
                          max_task_retries=cfg.compute.max_task_retries,
                          # rows alone: no other row waits on an actor that one of them may kill
-                         tasks_in_flight=None if batched else 1))
+                         tasks_in_flight=None if batched else 1,
+                         concurrent_calls=cfg.compute.concurrent_batches if batched else 1))
         return consume(ds)
 
     for kind in run.kinds:

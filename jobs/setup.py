@@ -24,7 +24,7 @@ from operators.resolve import Resolver, expand_samplers, resolve_rows
 from operators.scoring import ClipScorer, ScoreModels, SubjectScorer
 from pipelines.backbones.registry import structure
 from pipelines.bivdiff.config import BivdiffSpec
-from pipelines.config import ModelSpec
+from pipelines.config import PLACEMENT, ModelSpec
 from pipelines.fixtures.tiny import ensure_tiny
 from pipelines.params import BIVDIFF, CPU_SECONDS_PER_UNIT, GENERATION, SLOW_ON_CPU, cpu_units
 
@@ -40,7 +40,7 @@ def models(cfg: job_config.JobConfig, bivdiff_rows: bool) -> tuple[ModelSpec, Bi
     model, bivdiff = cfg.model, cfg.bivdiff.spec
     if cfg.tiny:  # build first, then read the folder's layout (which optional parts it has)
         folder = os.path.abspath(ensure_tiny(cfg.tiny, os.path.join(cfg.tiny_cache, cfg.tiny)))
-        keep = {k: getattr(model, k) for k in ("vae", "lora", "lora_scale", "dtype", "device", "decode_chunk")}
+        keep = {k: getattr(model, k) for k in ("vae", "lora", "lora_scale", *PLACEMENT)}
         model = ModelSpec.from_model_dir(cfg.tiny, folder, **keep)
     if cfg.bivdiff.tiny and bivdiff_rows:
         folder = os.path.abspath(ensure_tiny("bivdiff", os.path.join(cfg.tiny_cache, "bivdiff")))

@@ -78,8 +78,14 @@ FAILURE_CAUSES = {"worker died": "rows_worker_died", "row_timeout_s:": "rows_tim
                   "memory:": "rows_out_of_memory"}
 
 
+TIMING = ("worker", "started_at", "finished_at", "sampler_seconds")  # the metadata columns of `Progress`'s throughput
+
+
 class Progress:
-    """Rows done/failed, videos per hour and ETA from committed results (our own log line, not Ray's bars)."""
+    """Rows done/failed, videos per hour and ETA from committed results (our own log line, not Ray's bars), and how
+    busy the actors kept their devices (docs/job.md "Throughput"): `sampler_share` is the sampling-and-decode seconds of
+    the ok rows over the actors' wall time (each actor from its first row's device turn to its last row's end, model
+    loading excluded), `videos_per_actor_hour` the ok rows per hour of that time (per GPU-hour on a GPU pool)."""
 
     def __init__(self, total: int):
         self.total, self.ok, self.failed = total, 0, 0
@@ -88,6 +94,8 @@ class Progress:
         self.logged: tuple[int, int] | None = None  # (ok, failed) of the last line logged
         self.step = 0  # MLflow progress step
         self.causes = dict.fromkeys(FAILURE_CAUSES.values(), 0)  # failed rows by cause (docs/reliability.md)
+        self.spans: dict[str, list] = {}  # worker -> [first started_at, last finished_at] of its timed ok rows
+        self.sampler_seconds, self.timed = 0.0, 0  # their device seconds, and how many they are
 
     def log(self, final: bool = False) -> None:
         """Log the progress line, unless the final one would repeat the last one logged."""
@@ -110,11 +118,24 @@ class Progress:
                 cause = next((m for p, m in FAILURE_CAUSES.items() if (error or "").startswith(p)), None)
                 if cause:
                     self.causes[cause] += 1
+        if set(TIMING) <= set(table.column_names):
+            for status, *timing in zip(*(table.column(c).to_pylist() for c in ("status", *TIMING))):
+                if status == "ok" and None not in timing:
+                    self._time(*timing)
+
+    def _time(self, worker: str, started, finished, seconds: float) -> None:
+        span = self.spans.setdefault(worker, [started, finished])
+        span[0], span[1] = min(span[0], started), max(span[1], finished)
+        self.sampler_seconds += seconds
+        self.timed += 1
 
     def metrics(self) -> dict[str, float]:
         elapsed = max(time.monotonic() - self.start, 1e-9)
         done = self.ok + self.failed
-        return {"rows_ok": self.ok, "rows_failed": self.failed, "rows_done": done,
+        actor = sum((end - start).total_seconds() for start, end in self.spans.values())
+        return {"actor_seconds": actor, "sampler_share": self.sampler_seconds / actor if actor > 0 else 0.0,
+                "videos_per_actor_hour": 3600.0 * self.timed / actor if actor > 0 else 0.0,
+                "rows_ok": self.ok, "rows_failed": self.failed, "rows_done": done,
                 "videos_per_hour": 3600.0 * self.ok / elapsed,
                 "seconds_per_video": self.seconds / self.ok if self.ok else 0.0,
                 "nfe_per_video": self.nfe / self.ok if self.ok else 0.0, "elapsed_seconds": elapsed,
@@ -128,6 +149,11 @@ class Progress:
         eta = str(dt.timedelta(seconds=int(left / rate))) if rate > 0 else "?"
         return (f"progress: {done}/{self.total} rows ({self.ok} ok, {self.failed} failed), "
                 f"{m['videos_per_hour']:.1f} videos/h, ETA {eta}")
+
+    def throughput_line(self) -> str:
+        m = self.metrics()
+        return (f"actors: sampling and decode {100 * m['sampler_share']:.1f}% of their {m['actor_seconds']:.1f} s "
+                f"({len(self.spans)} worker(s)), {m['videos_per_actor_hour']:.1f} videos per actor-hour")
 
     def working_line(self, pool_rows: int) -> str:
         """The heartbeat's line: rows done, rows the pool may hold, seconds since a row last came back."""

@@ -26,9 +26,9 @@ logger = logging.getLogger(__name__)
 
 class VideoGenerator(RowWorker):
     """Generation rows: the backbone loads once; rows that share structure are sampled together (`sampler_batch` at a
-    time). Before a batched call the estimated memory is checked against what the device has free (splitting the
-    batch, or failing a row that cannot fit); a row that runs past its timeout marks itself and ends this worker (Ray
-    replaces it; the retry records the row failed)."""
+    time), each group published as soon as it is sampled, outside the device turn. Before a batched call the estimated
+    memory is checked against what the device has free (splitting the batch, or failing a row that cannot fit); a row
+    that runs past its timeout marks itself and ends this worker (Ray replaces it; the retry records the row failed)."""
 
     kind, params = GENERATION, GenParams
 
@@ -62,23 +62,25 @@ class VideoGenerator(RowWorker):
     def _sample(self, items: list[tuple[int, str, Any]]) -> dict[int, dict]:
         """Sample a structurally uniform group: split it if it cannot fit, fall back to one row at a time on failure.
         The fallback runs after the failed call's tensors are gone (no traceback holds them)."""
-        problem = self._memory_problem(self.models, len(items), items[0][2])
+        error = None
+        with self.device_turn() as turn:  # the memory check sees what the device holds between two turns
+            problem = self._memory_problem(self.models, len(items), items[0][2])
+            try:
+                if problem is None:
+                    with self._watchdog(items):
+                        self._drills([p.prompt for _, _, p in items])
+                        # looked up on the module when called, so that a test can stand in for the engine
+                        results = pipelines.generate.generate(self.models, [p for _, _, p in items])
+            except Exception as err:  # errors become row values
+                logger.exception("batch of %d row(s) failed", len(items))
+                error = f"{type(err).__name__}: {err}"
+                traceback.clear_frames(err.__traceback__)  # a log handler may keep the traceback: drop its tensors
         if problem and len(items) > 1:
             half = len(items) // 2
             return {**self._sample(items[:half]), **self._sample(items[half:])}
         if problem:
             i, rid, p = items[0]
             return {i: self.rec.row(rid, "failed", problem, p)}
-        error = None
-        try:
-            with self._watchdog(items):
-                self._drills([p.prompt for _, _, p in items])
-                # looked up on the module when called, so that a test can stand in for the engine
-                results = pipelines.generate.generate(self.models, [p for _, _, p in items])
-        except Exception as err:  # errors become row values
-            logger.exception("batch of %d row(s) failed", len(items))
-            error = f"{type(err).__name__}: {err}"
-            traceback.clear_frames(err.__traceback__)  # a log handler may keep the traceback: drop the tensors it holds
         if error is not None:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -86,7 +88,7 @@ class VideoGenerator(RowWorker):
                 return {k: v for item in items for k, v in self._sample([item]).items()}
             i, rid, p = items[0]
             return {i: self.rec.row(rid, "failed", error, p)}
-        return {i: self._published(rid, res) for (i, rid, _), res in zip(items, results)}
+        return {i: self._published(rid, res, turn) for (i, rid, _), res in zip(items, results)}
 
 
 class BivdiffGenerator(RowWorker):
@@ -108,16 +110,17 @@ class BivdiffGenerator(RowWorker):
 
     def _row(self, i: int, rid: str, params) -> dict:
         try:
-            loaded = read_row_inputs(params)
-            problem = self._memory_problem(self.models.backbone, 1, params)
-            if problem:
-                return self.rec.row(rid, "failed", problem, params)
-            with self._watchdog([(i, rid, params)]):
-                self._drills([params.idm_prompt, params.vdm_prompt])
-                result = self.models.run(params, loaded=loaded)
+            loaded = read_row_inputs(params)  # reading and checking the inputs overlaps another call's device turn
+            with self.device_turn() as turn:
+                problem = self._memory_problem(self.models.backbone, 1, params)
+                if problem:
+                    return self.rec.row(rid, "failed", problem, params)
+                with self._watchdog([(i, rid, params)]):
+                    self._drills([params.idm_prompt, params.vdm_prompt])
+                    result = self.models.run(params, loaded=loaded)
         except ValueError as err:
             return self.rec.row(rid, "failed", str(err), params)
         except Exception as err:  # errors become row values
             logger.exception("row %s failed", rid)
             return self.rec.row(rid, "failed", f"{type(err).__name__}: {err}", params)
-        return self._published(rid, result)
+        return self._published(rid, result, turn)

@@ -16,14 +16,19 @@ from typing import Any, Iterator
 
 
 def actor_pool(ray, *, size: int, num_gpus: float, num_cpus: float, max_restarts: int, max_task_retries: int,
-               tasks_in_flight: int | None = None) -> dict[str, Any]:
+               tasks_in_flight: int | None = None, concurrent_calls: int = 1) -> dict[str, Any]:
     """map_batches kwargs for a fixed-size actor pool with capped restarts. `tasks_in_flight`: blocks queued on one
-    actor at a time (None: Ray Data's default, 2 for a one-call actor); 1 keeps the rows that share an actor with a row
-    that kills it out of its death (the rows-alone pass of jobs/pipeline.py)."""
+    actor at a time (None: Ray Data's default, twice `concurrent_calls`); 1 keeps the rows that share an actor with a
+    row that kills it out of its death (the rows-alone pass of jobs/pipeline.py). `concurrent_calls` > 1: that many
+    calls of the operator run at once on each actor, each in its own thread (Ray Data's `max_concurrent_calls_per_actor`
+    with `enable_true_multi_threading`): the operator serialises its device part itself (operators/worker.py
+    `device_turn`), so one batch's encode and upload overlap the next batch's sampling."""
     # Ray Data's default is max_restarts=-1 (unlimited): a deterministic crash on one row would loop forever
     warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")
-    strategy = ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=tasks_in_flight)
+    strategy = ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=tasks_in_flight,
+                                          max_concurrent_calls_per_actor=concurrent_calls,
+                                          enable_true_multi_threading=concurrent_calls > 1)
     return dict(compute=strategy, num_gpus=num_gpus, num_cpus=num_cpus,
                 max_restarts=max_restarts, max_task_retries=max_task_retries)
 

@@ -38,6 +38,8 @@ RUN_FIELDS = [
     ("shard_uri", pa.string()),  # webdataset output: the sample's tar and its byte offset
     ("shard_offset", pa.int64()),  # webdataset output: the sample's tar and its byte offset
     ("seconds", pa.float64()),  # wall seconds of sampling, decode and encode (its batch's share)
+    ("sampler_seconds", pa.float64()),  # the device part of `seconds`: sampling and decode (its batch's share)
+    ("started_at", pa.timestamp("us", tz="UTC")),  # when its batch's device part began (docs/job.md "Throughput")
     ("model_calls", pa.int64()),  # UNet forward calls for this video, both models (a CFG pair counts once)
     ("calls_idm", pa.int64()),  # the image model's share of model_calls
     ("calls_vdm", pa.int64()),  # the video model's share of model_calls

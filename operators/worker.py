@@ -89,7 +89,9 @@ def lost_rows(batch: pa.Table, *, operator: type["RowWorker"], resolver, run_id:
 
 def drill_faults() -> dict[str, tuple[str, float]]:
     """Drill hooks for reliability tests and fire drills: IVMIX_FAULTS="kill=TEXT;sleep=TEXT:SECONDS" makes a row whose
-    prompt contains TEXT kill its worker process (SIGKILL, as the kernel's OOM killer would) or stall. Unset: none."""
+    prompt contains TEXT kill its worker process (SIGKILL, as the kernel's OOM killer would) or stall;
+    "slow_upload=:FACTOR" makes every video's upload wait FACTOR times its sampling seconds first (a slow store: with
+    1, a batch's uploads wait as long as the batch sampled). Unset: none."""
     out = {}
     for part in filter(None, (os.environ.get("IVMIX_FAULTS") or "").split(";")):
         kind, _, arg = part.partition("=")
@@ -98,11 +100,23 @@ def drill_faults() -> dict[str, tuple[str, float]]:
     return out
 
 
+class DeviceTurn:
+    """One call's hold on the device (`RowWorker.device_turn`): when it began (the metadata's `started_at`)."""
+
+    def __init__(self) -> None:
+        self.started = metadata.now()
+
+
 class RowWorker:
     """One actor of a kind's pool: `__call__` handles a batch of resolved rows of that kind. Models load on first use,
     once (`load`). Rows that failed to resolve, or that ran past their time on an earlier worker, are recorded without
     running; the rest go to `run(items)` as (position, id, params) triples, params rebuilt from the resolved record
-    without a second validation. A subclass names its kind, its parameter class and the metadata's `backbone`."""
+    without a second validation. A subclass names its kind, its parameter class and the metadata's `backbone`.
+
+    Several calls may run at once, each in its own thread (`compute.concurrent_batches`, docs/job.md "Throughput"):
+    the device part of a call (memory check, sampling, decode) runs inside `device_turn`, one call at a time, and the
+    rest (encode, contact sheet, scores, upload, metadata) outside it, so one batch's tail overlaps the next batch's
+    sampling. Models and scorers load once, and videos are scored one at a time, under locks of their own."""
 
     kind: str
     params: type  # the kind's parameters: `params.from_record(record)` rebuilds a resolved row's
@@ -117,6 +131,9 @@ class RowWorker:
         self.rec = recorder(type(self), resolver, run_id, code_version)
         self.device, self.dtype = resolve_placement(self.spec.device, self.spec.dtype)
         self._models = self._scorer = self._scorer_error = None
+        # the device turn; loading models and scorers; scoring (a fast tokenizer is not to be shared between threads:
+        # huggingface/tokenizers' "Already borrowed")
+        self._device, self._loading, self._scoring = threading.Lock(), threading.Lock(), threading.Lock()
         self.scorer_source = scorer
         self.fs, self.root = storage.filesystem(output)
         self.layout = Layout(self.root, run_id)
@@ -127,8 +144,17 @@ class RowWorker:
     @property
     def models(self):
         if self._models is None:
-            self._models = self.load()
+            with self._loading:
+                if self._models is None:
+                    self._models = self.load()
         return self._models
+
+    @contextlib.contextmanager
+    def device_turn(self):
+        """The device part of a call: one at a time per actor; the watchdog of the rows starts inside it, so a call
+        waiting for its turn never runs out of its rows' time."""
+        with self._device:
+            yield DeviceTurn()
 
     def load(self):
         raise NotImplementedError
@@ -140,15 +166,19 @@ class RowWorker:
     def scorer(self):
         """The scorers (CLIP, DINO, optical flow), loaded on first use; a load failure is remembered and raised again
         for every video (the caller turns it into `score_error`, never into a lost video)."""
+        with self._loading:
+            self._load_scorer()
+        if self._scorer_error:
+            raise RuntimeError(self._scorer_error)
+        return self._scorer
+
+    def _load_scorer(self) -> None:
         if self._scorer is None and self._scorer_error is None:
             try:
                 self._scorer = VideoScorer(self.scorer_source, self.device, self.dtype)
             except Exception as err:  # any load failure: the videos are kept, their scores say why
                 text = " ".join(str(err).split())[:300]
                 self._scorer_error = f"{type(err).__name__} while loading the scorer: {text}"
-        if self._scorer_error:
-            raise RuntimeError(self._scorer_error)
-        return self._scorer
 
     # -- guards: memory, time, drills ---------------------------------------------------------------------------
     def _memory_problem(self, backbone, batch: int, p) -> str | None:
@@ -223,20 +253,24 @@ class RowWorker:
             size = write_mp4(result.frames, local, p.fps)
             digest = storage.sha256_file(local)
             dest = self.layout.sample(rid, "mp4") if self.shards else self.layout.video(rid)
+            if "slow_upload" in self.faults:
+                time.sleep(float(self.faults["slow_upload"][1]) * result.seconds)
             storage.put_file(self.fs, local, dest, self.root)
         sheet = self.layout.sample(rid, "png") if self.shards else self.layout.contact_sheet(rid)
         if self.contact:
             storage.put_bytes(self.fs, png_bytes(contact_sheet(result.frames)), sheet, self.root)
         uri = (lambda path: None) if self.shards else (lambda path: storage.full_uri(self.fs, path))
         return dict(video_uri=uri(dest), bytes=size, sha256=digest, contact_uri=uri(sheet) if self.contact else None,
-                    seconds=result.seconds + time.perf_counter() - start, model_calls=result.total_calls,
+                    seconds=result.seconds + time.perf_counter() - start, sampler_seconds=result.seconds,
+                    model_calls=result.total_calls,
                     calls_idm=_calls(result, "I"), calls_vdm=_calls(result, "V"), nfe=result.nfe,
                     tflop=None if getattr(result, "flops", None) is None else result.flops / 1e12)
 
-    def _published(self, rid: str, result) -> dict:
-        """Publish one sampled video: its ok row, or a failed row saying why writing it failed."""
+    def _published(self, rid: str, result, turn: DeviceTurn) -> dict:
+        """Publish one video sampled in `turn`: its ok row, or a failed row saying why writing it failed."""
         try:
-            return self.rec.row(rid, "ok", None, result.params, **self._publish(result, rid), **self._scores(result))
+            return self.rec.row(rid, "ok", None, result.params, started_at=turn.started,
+                                **self._publish(result, rid), **self._scores(result))
         except Exception as err:  # a failed upload is the row's error
             logger.exception("publishing %s failed", rid)
             return self.rec.row(rid, "failed", f"{type(err).__name__} while writing the video: {err}", result.params)
@@ -246,7 +280,8 @@ class RowWorker:
         if not self.scorer_source:
             return {}
         try:
-            return self.scorer.score(result.frames, result.params.prompt, result.params.fps)
+            with self._scoring:
+                return self.scorer.score(result.frames, result.params.prompt, result.params.fps)
         except Exception as err:  # never lose a video to its scores
             logger.exception("scoring failed")
             return {"score_error": f"{type(err).__name__}: {err}"}

@@ -90,14 +90,21 @@ def progress_bar(total: int, desc: str, quiet: bool):
     return tqdm(total=total, desc=desc, unit="step", disable=quiet, file=sys.stderr, dynamic_ncols=True)
 
 
-def add_placement_flags(group) -> None:
-    """--dtype, --device, --decode-chunk: how the models run (a model spec's placement fields)."""
+def add_placement_flags(group, *, speed_options: bool = True) -> None:
+    """--dtype, --device, --decode-chunk and (`speed_options`) --compile, --channels-last: how the models run (a
+    model spec's placement fields)."""
     group.add_argument("--dtype", default=presets.DEFAULT_DTYPE, choices=DTYPE_NAMES,
                        help="auto: float16 on CUDA, float32 on CPU")
     group.add_argument("--device", default=presets.DEFAULT_DEVICE, help="auto: cuda if available, else cpu")
     group.add_argument("--decode-chunk", type=int, default=presets.DEFAULT_DECODE_CHUNK,
                        help=f"frames per VAE decode call (default {presets.DEFAULT_DECODE_CHUNK}; lower it if "
                             "decoding runs out of memory)")
+    if speed_options:
+        group.add_argument("--compile", default="auto", choices=presets.SPEED_SWITCHES,
+                           help="torch.compile of the UNets' and VAE decoder's repeated blocks (auto: on for CUDA; "
+                                "the first video of each size pays the compile)")
+        group.add_argument("--channels-last", default="auto", choices=presets.SPEED_SWITCHES,
+                           help="channels-last convolution weights (auto: on for CUDA)")
 
 
 def add_output_flags(group, *, required: bool) -> None:

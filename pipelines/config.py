@@ -22,7 +22,8 @@ from .params import DEFAULT_LIMITS, Limits, Structure
 from .schedule import CFGRamp, is_finite_number
 
 DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
-PLACEMENT = ("device", "dtype", "decode_chunk")  # how a model set runs, not which one: not in its fingerprint
+PLACEMENT = ("device", "dtype", "decode_chunk", "compile", "channels_last")  # how a model set runs, not which one: not
+# in its fingerprint
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,8 @@ class ModelSpec:
     dtype: str = presets.DEFAULT_DTYPE
     device: str = presets.DEFAULT_DEVICE
     decode_chunk: int = presets.DEFAULT_DECODE_CHUNK  # frames per VAE decode call (docs/checkpoints.md "Memory")
+    compile: str = "auto"  # torch.compile of the UNets' and VAE decoder's repeated blocks: auto (on for CUDA), on, off
+    channels_last: str = "auto"  # channels-last convolution weights: auto (on for CUDA), on, off (docs/speed.md)
 
     def __post_init__(self) -> None:
         check_placement(self)
@@ -75,6 +78,9 @@ def check_placement(spec) -> None:
         raise ValueError(f"dtype: must be one of {DTYPE_NAMES}, got {spec.dtype!r}")
     if isinstance(spec.decode_chunk, bool) or not isinstance(spec.decode_chunk, int) or spec.decode_chunk < 1:
         raise ValueError(f"decode_chunk: must be an integer >= 1, got {spec.decode_chunk!r}")
+    for name in ("compile", "channels_last"):
+        if getattr(spec, name, "auto") not in presets.SPEED_SWITCHES:
+            raise ValueError(f"{name}: must be one of {presets.SPEED_SWITCHES}, got {getattr(spec, name)!r}")
 
 
 def spec_fingerprint(spec) -> str:

@@ -16,6 +16,7 @@ DEFAULT_DTYPE = "auto"  # "auto": float16 on cuda, float32 elsewhere
 # frames per VAE decode call: the float32 decode of 16 frames at 512 x 512 at once needs far more than a 24 GB GPU
 # has left beside the weights (benchmarks/memory.py, docs/checkpoints.md "Memory")
 DEFAULT_DECODE_CHUNK = 4
+SPEED_SWITCHES = ("auto", "on", "off")  # model.compile, model.channels_last (pipelines/speed.py): auto = on for CUDA
 # FreeU's scales for video UNets as diffusers documents them (b1/b2/s1/s2; Si et al., arXiv 2309.11497)
 FREEU_VIDEO = "1.2/1.4/0.9/0.2"
 

@@ -133,7 +133,7 @@ def list_backbones() -> str:
 
 def _spec(args: argparse.Namespace) -> ModelSpec:
     common = dict(vae=args.vae, lora=args.lora, lora_scale=args.lora_scale, dtype=args.dtype, device=args.device,
-                  decode_chunk=args.decode_chunk)
+                  decode_chunk=args.decode_chunk, compile=args.compile, channels_last=args.channels_last)
     if args.model_dir:
         if any((args.base, args.motion_adapter, args.image_model, args.unet)):
             raise ValueError("--model-dir: give either --model-dir or --base/--motion-adapter/--unet/--image-model")

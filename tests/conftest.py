@@ -44,6 +44,12 @@ def tiny_ad_dir(tiny_model) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_cache(tiny_ad_dir) -> str:
+    """The folder of the session's tiny sets: a job config's `tiny_cache` (tests/jobutil.py `tiny_config`)."""
+    return os.path.dirname(tiny_ad_dir)
+
+
+@pytest.fixture(scope="session")
 def ad_backbone(tiny_ad_dir):
     return load_backbone(ModelSpec.from_model_dir("animatediff", tiny_ad_dir, device="cpu", dtype="float32"))
 

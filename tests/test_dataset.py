@@ -20,11 +20,6 @@ from operators.storage import filesystem
 from .jobutil import ROOT, job_cmd, job_env, kill_job_when, parent_runs, run_job, sha256_file, tiny_config
 
 
-@pytest.fixture(scope="module")
-def tiny_cache(tiny_ad_dir):
-    return os.path.dirname(tiny_ad_dir)
-
-
 def tar_samples(path: str) -> dict[str, dict[str, bytes]]:
     """Every sample of a tar by key, read with the standard library alone (the reference reader)."""
     out: dict[str, dict[str, bytes]] = {}

@@ -15,11 +15,6 @@ from pipelines.video import read_mp4
 from .jobutil import ROOT, kill_job_when, parent_runs, run_job, sha256_file, tiny_config
 
 
-@pytest.fixture(scope="module")
-def tiny_cache(tiny_ad_dir):
-    return os.path.dirname(tiny_ad_dir)
-
-
 @pytest.mark.integration
 @pytest.mark.usefixtures("shared_ray")
 def test_job_end_to_end(tmp_path, tiny_cache):

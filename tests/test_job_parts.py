@@ -269,6 +269,48 @@ def test_the_rows_alone_pass_queues_one_block_per_actor():
     assert actor_pool(ray, **kw)["compute"].max_tasks_in_flight_per_actor is None  # batched passes: Ray's default
 
 
+def test_batched_passes_run_calls_side_by_side_on_an_actor_the_rows_alone_pass_one():
+    """compute.concurrent_batches: the batched pass lets that many calls run at once on an actor, each in its own thread
+    (Ray Data otherwise runs one call of an actor at a time, however many are queued); the rows-alone pass runs one."""
+    import ray
+
+    from operators.compute import actor_pool
+
+    kw = dict(size=1, num_gpus=1, num_cpus=1, max_restarts=3, max_task_retries=1)
+    two = actor_pool(ray, **kw, concurrent_calls=2)["compute"]
+    assert two.max_concurrent_calls_per_actor == 2 and two.enable_true_multi_threading
+    one = actor_pool(ray, **kw, tasks_in_flight=1)["compute"]
+    assert one.max_concurrent_calls_per_actor == 1 and not one.enable_true_multi_threading
+
+
+def timed(*rows) -> pa.Table:
+    """Committed ok/failed rows with their timing: (status, worker, started s, finished s, sampler seconds)."""
+    t0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    at = [None if r[2] is None else t0 + dt.timedelta(seconds=r[2]) for r in rows]
+    return pa.table({"status": [r[0] for r in rows], "seconds": [1.0] * len(rows), "nfe": [2] * len(rows),
+                     "error": [None] * len(rows), "tflop": [None] * len(rows), "worker": [r[1] for r in rows],
+                     "started_at": pa.array(at, pa.timestamp("us", tz="UTC")),
+                     "finished_at": pa.array([t0 + dt.timedelta(seconds=r[3]) for r in rows],
+                                             pa.timestamp("us", tz="UTC")),
+                     "sampler_seconds": pa.array([r[4] for r in rows], pa.float64())})
+
+
+def test_progress_measures_how_busy_the_actors_kept_their_devices():
+    """sampler_share = device seconds of ok rows / the actors' wall time, each actor from its first device turn to its
+    last row's end: worker a 0..10 s with 9 s sampled, worker b 100..110 s with 8 s (the gap between them is no one's
+    time); a failed row and a row without timing (a driver-recorded failure) count for neither."""
+    p = tracking.Progress(8)
+    assert p.metrics()["sampler_share"] == 0.0 and p.metrics()["actor_seconds"] == 0.0
+    p.add(timed(("ok", "a", 0.0, 4.0, 3.0), ("ok", "b", 100.0, 105.0, 4.0)))
+    p.add(timed(("ok", "a", 3.5, 10.0, 6.0), ("ok", "b", 104.0, 110.0, 4.0), ("failed", "a", 0.0, 30.0, 5.0),
+                ("ok", "c", None, 50.0, None)))
+    m = p.metrics()
+    assert m["actor_seconds"] == 20.0 and m["sampler_share"] == 17.0 / 20.0
+    assert m["videos_per_actor_hour"] == 3600.0 * 4 / 20.0 and p.ok == 5
+    assert p.throughput_line() == ("actors: sampling and decode 85.0% of their 20.0 s (2 worker(s)), "
+                                   "720.0 videos per actor-hour")
+
+
 def test_a_swallowed_ctrl_c_is_raised_again_until_the_passes_are_left():
     """jobs.pipeline.insistent_interrupt: a KeyboardInterrupt that a library catches is followed by another one in the
     main thread (the run must end on Ctrl-C); once the context is left, SIGINT's handler is the one before it."""

@@ -171,11 +171,6 @@ def test_help_shows_defaults_exit_codes_and_listings():
 
 
 # ---- 2, 4: job-level refusals before any generation --------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_cache(tiny_ad_dir):
-    return os.path.dirname(tiny_ad_dir)
-
-
 def _manifest(path, n: int = 3, **cols) -> str:
     pq.write_table(pa.table({"id": [f"r{i}" for i in range(n)], "prompt": [f"prompt {i}" for i in range(n)], **cols}),
                    path)

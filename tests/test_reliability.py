@@ -40,11 +40,6 @@ from .jobutil import (
 TINY = {"steps": 2, "frames": 4, "height": 32, "width": 32}
 
 
-@pytest.fixture(scope="module")
-def tiny_cache(tiny_ad_dir):
-    return os.path.dirname(tiny_ad_dir)
-
-
 def _manifest(path, rows: list[dict]) -> str:
     pq.write_table(pa.Table.from_pylist(rows), path)
     return str(path)

@@ -147,6 +147,9 @@ class BackboneBase:
     decode_chunk: int = DEFAULT_DECODE_CHUNK  # frames per VAE call; load_backbone sets the spec's
 
     max_frames: int | None = None  # a motion adapter's positional table bounds the frames
+    # the block classes `model.compile` compiles (pipelines/speed.py): diffusers' resnets, transformer blocks (spatial
+    # and the motion modules' temporal ones) and the 3-D UNets' temporal convolutions
+    repeated_blocks: tuple[str, ...] = ("ResnetBlock2D", "BasicTransformerBlock", "TemporalConvLayer")
 
     @property
     def structure(self) -> Structure:

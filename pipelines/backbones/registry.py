@@ -7,6 +7,7 @@ structure is read (`BackboneBase`). Adding a backbone = one module with its clas
 from __future__ import annotations
 
 from ..params import Structure
+from ..speed import accelerate
 from .animatediff import AnimateDiff
 from .common import BackboneBase, BackboneDefaults
 from .modelscope import ModelScope, ZeroScope
@@ -49,6 +50,7 @@ def load_backbone(spec) -> BackboneBase:
     """Load the models a spec (`config.ModelSpec`) names (hub ids or local folders) onto its device."""
     backbone = get(spec.backbone).from_spec(spec)
     backbone.decode_chunk = spec.decode_chunk
+    accelerate(backbone, compile=spec.compile, channels_last=spec.channels_last)
     return backbone
 
 

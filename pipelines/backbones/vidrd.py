@@ -46,6 +46,7 @@ class VidRD(BackboneBase):
         image_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
         frames=8, height=256, width=256, fps=8,
     )
+    repeated_blocks = ("Resnet", "Block", "TemporalConv")  # its own UNet's (pipelines/backbones/vidrd_unet.py)
 
     @classmethod
     def from_spec(cls, spec) -> "VidRD":

@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="T2I-Adapter for this task (default: TencentARC's sd15v2 model of its condition)")
     m.add_argument("--instruct-pix2pix", help="InstructPix2Pix pipeline")
     m.add_argument("--inpainting", help="SD inpainting pipeline")
-    cli.add_placement_flags(m)
+    cli.add_placement_flags(m, speed_options=False)  # the speed options serve generation backbones only
     m.add_argument("--stage1-batch", type=int, default=8,
                    help="frames per stage-1 pipeline call (shared/per_frame noise)")
     o = ap.add_argument_group("output")
