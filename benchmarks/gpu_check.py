@@ -8,7 +8,8 @@ backbone's `*_v1` preset, extrapolated from `--steps` sampling steps to the back
 plan at each model's measured time, + one decode; said in the table), milliseconds per IDM and per VDM call, peak GPU
 memory, the fraction of sampling wall time spent inside model calls (CUDA events around each call: what is left is
 Python and launch overhead), videos per hour per GPU at sampler_batch 1, 2 and 4, and (AnimateDiff) `standard` beside
-diffusers' own AnimateDiffPipeline on the same models and noise. Then the exact speed options
+diffusers' own AnimateDiffPipeline and `ivmixed` beside the tests' independent loop (tests/reference.py), same models
+and noise. Then the exact speed options
 (pipelines/speed.py) side by side with those eager numbers, same noise and settings: `ivmixed` with `compile` and
 `channels_last` on, its seconds per video and the ratio to eager, the compile seconds (the first call, reported apart),
 the relative difference of its latents from eager's, and the host synchronisations inside the sampling call (CUDA
@@ -20,6 +21,7 @@ diffusers and the project needed: `make device-wheels` and the README's command 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -167,7 +169,7 @@ def check_backbone(name: str, bb, setup: Setup) -> dict:
                 "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
 
     presets_run = [run(s, 1) for s in ("standard", "ivmixed", "ivmixed_fast", V1[name])]
-    reference = diffusers_standard(name, bb, params("standard", 0), clock)
+    reference = baselines(name, bb, params, clock)
     batches = [run("ivmixed", b) for b in setup.batches if b > 1]
     eager = generate(bb, [params("ivmixed", 0)], decode=False)[0].latents
     # the exact speed options on the same models, same rows: compile time apart, then the timed run as above
@@ -185,42 +187,63 @@ def check_backbone(name: str, bb, setup: Setup) -> dict:
                "rel_diff": ((fast_first.float() - eager.float()).norm() / eager.float().norm()).item(),
                "host_syncs": syncs}
     out = {"backbone": name, "presets": presets_run, "batches": [presets_run[1], *batches], "options": options,
-           "diffusers": reference}
+           "baselines": reference}
     bb = None  # the closures hold it too: release the models before emptying the CUDA cache
     if cuda:
         torch.cuda.empty_cache()
     return out
 
 
-def diffusers_standard(name: str, bb, p, clock: Clock) -> dict | None:
-    """`standard` as diffusers' own AnimateDiffPipeline runs it against the project's, on the same models, noise and
-    settings (the DDIM grid the tests pin it to: bit-identical there), `--steps` steps, latents out, each timed twice
-    interleaved (the faster kept); None for a backbone without such a pipeline here."""
+def baselines(name: str, bb, params, clock: Clock) -> list[dict]:
+    """The project's sampler beside code written against diffusers alone, on the same models, noise and settings,
+    `--steps` steps, latents out, each timed twice interleaved (the faster kept), with the relative difference of the
+    latents: `standard` against diffusers' AnimateDiffPipeline (the DDIM grid the tests pin it to) and `ivmixed`
+    against the tests' independent loop in the official code's shape (tests/reference.py). AnimateDiff only."""
     if name != "animatediff":
-        return None
+        return []
     import torch
     from diffusers import AnimateDiffPipeline, DDIMScheduler
+
+    # the tests' reference file, read from the tree (the tests are not part of the installed package)
+    spec = importlib.util.spec_from_file_location("ivmix_reference", os.path.join(ROOT, "tests", "reference.py"))
+    reference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reference)
+    animatediff_ivmixed_loop = reference.animatediff_ivmixed_loop
 
     pipe = AnimateDiffPipeline(vae=bb.vae, text_encoder=bb.text_encoder, tokenizer=bb.tokenizer, unet=bb.unet,
                                motion_adapter=None, scheduler=DDIMScheduler.from_config(
                                    bb.scheduler_config, timestep_spacing="linspace", steps_offset=1, clip_sample=False))
     pipe.set_progress_bar_config(disable=True)
-    kw = dict(prompt=p.prompt, negative_prompt=p.negative_prompt or None, num_frames=p.frames, height=p.height,
-              width=p.width, num_inference_steps=p.steps, guidance_scale=p.guidance, output_type="latent")
+    std, iv = params("standard", 0), params("ivmixed", 0)
+    ramp = lambda r: f"{r.begin}" if r.begin == r.end else f"{r.begin},{r.end},{r.rho}"  # noqa: E731 (its spec)
+    references = {
+        "standard": ("diffusers AnimateDiffPipeline", lambda: pipe(
+            prompt=std.prompt, negative_prompt=std.negative_prompt or None, num_frames=std.frames, height=std.height,
+            width=std.width, num_inference_steps=std.steps, guidance_scale=std.guidance, output_type="latent",
+            generator=torch.Generator("cpu").manual_seed(std.seed)).frames),
+        "ivmixed": ("tests/reference.py loop", lambda: animatediff_ivmixed_loop(
+            bb, bb.scheduler_config, bb.image_scheduler_config, prompt=iv.prompt, seed=iv.seed, steps=iv.steps,
+            frames=iv.frames, height=iv.height, width=iv.width, legacy=False, idm_guidance=ramp(iv.idm_guidance),
+            vdm_guidance=ramp(iv.vdm_guidance), guidance=iv.guidance)),
+    }
+
     def timed(fn) -> tuple[float, torch.Tensor]:
         clock.sync()
         start = time.perf_counter()
         out = fn()
         clock.sync()
-        return time.perf_counter() - start, out
+        return time.perf_counter() - start, out.float().cpu()
 
-    theirs = lambda: pipe(**kw, generator=torch.Generator("cpu").manual_seed(p.seed)).frames  # noqa: E731 (a thunk)
-    ours = lambda: generate(bb, [p], decode=False)[0].latents  # noqa: E731 (a thunk)
-    theirs(), ours()  # warm-up; then each twice, interleaved, the faster of each kept
-    runs = [(timed(theirs), timed(ours)) for _ in range(2)]
-    (t_s, latents), (o_s, mine) = (min((r[i] for r in runs), key=lambda x: x[0]) for i in (0, 1))
-    latents, mine = latents.float().cpu(), mine.float().cpu()
-    return {"diffusers_s": t_s, "ours_s": o_s, "rel_diff": ((mine - latents).norm() / latents.norm()).item()}
+    out = []
+    for sampler, (label, theirs) in references.items():
+        row = {"standard": std, "ivmixed": iv}[sampler]
+        ours = lambda: generate(bb, [row], decode=False)[0].latents  # noqa: E731 (a thunk)
+        theirs(), ours()  # warm-up; then each twice, interleaved
+        runs = [(timed(theirs), timed(ours)) for _ in range(2)]
+        (t_s, ref), (o_s, mine) = (min((r[i] for r in runs), key=lambda x: x[0]) for i in (0, 1))
+        out.append({"sampler": sampler, "reference": label, "reference_s": t_s, "ours_s": o_s,
+                    "rel_diff": ((mine - ref).norm() / ref.norm()).item()})
+    return out
 
 
 def host_syncs(fn) -> int:
@@ -256,13 +279,12 @@ def table(results: list[dict], setup: Setup) -> str:
         cells = [f"b={b['batch']}: {b['videos_per_hour']:.0f}"
                  + ("" if b["peak_gib"] is None else f" ({b['peak_gib']:.1f} GiB)") for b in r["batches"]]
         lines.append(f"{r['backbone']:<14} " + "  ".join(cells))
-    lines.append(f"standard against diffusers' AnimateDiffPipeline, same models, noise and {setup.steps} steps "
-                 "(sampling seconds)")
+    lines.append(f"against code written with diffusers alone: same models, noise and {setup.steps} steps (sampling s)")
     for r in results:
-        d = r["diffusers"]
-        if d is not None:
-            lines.append(f"{r['backbone']:<14} diffusers {d['diffusers_s']:.2f} s  ivmix {d['ours_s']:.2f} s  "
-                         f"{d['diffusers_s'] / d['ours_s']:.2f}x  rel diff {d['rel_diff']:.1e}")
+        for b in r["baselines"]:
+            lines.append(f"{r['backbone']:<14} {b['sampler']:<9} {b['reference']:<30} {b['reference_s']:7.2f} s  "
+                         f"ivmix {b['ours_s']:7.2f} s  {b['reference_s'] / b['ours_s']:5.2f}x  "
+                         f"rel diff {b['rel_diff']:.1e}")
     lines.append(f"exact speed options (ivmixed; compile {setup.compile}, channels-last {setup.channels_last}) "
                  "against the eager row above")
     lines.append(f"{'backbone':<14} {'s/video':>8} {'eager':>8} {'ratio':>6} {'first call s':>13} {'rel diff':>9} "

@@ -9,7 +9,7 @@ from diffusers import DDIMInverseScheduler, DDIMScheduler
 from pipelines.config import resolve_params
 from pipelines.generate import generate
 
-from .reference import cfg_values, encode, framewise_cfg, video_cfg
+from .reference import animatediff_ivmixed_loop
 
 PROMPT = "Two horses race across a grassy field at sunset."
 
@@ -43,38 +43,13 @@ def test_standard_equals_diffusers_animatediff_pipeline(ad_backbone, ad_pipe, sm
 # written out.
 
 
-def _official_loop(bb, tiny_dir, params, *, legacy: bool, idm_guidance=4, vdm_guidance=4, guidance=7.5):
-    """CFG values, text embeddings and schedulers come from the inputs and diffusers, not from the project."""
-    n, frames = params.steps, params.frames
-    ddim = DDIMScheduler.from_pretrained(os.path.join(tiny_dir, "base"), subfolder="scheduler",
-                                         clip_sample=False, timestep_spacing="linspace", steps_offset=1)
-    inv = DDIMInverseScheduler.from_pretrained(os.path.join(tiny_dir, "image_model"), subfolder="scheduler")
-    ddim.set_timesteps(n)
-    inv.set_timesteps(n)
-    emb_v = encode(bb.tokenizer, bb.text_encoder, ["", params.prompt])
-    emb_i = emb_v if legacy else encode(bb.image_tokenizer, bb.image_text_encoder, ["", params.prompt])
-    emb_v, emb_i = emb_v.repeat_interleave(frames, 0), emb_i.repeat_interleave(frames, 0)
-
-    vdm, idm = video_cfg(bb.unet, emb_v), framewise_cfg(bb.image_unet, emb_i)
-
-    x = torch.randn((1, 4, frames, params.height // 8, params.width // 8),
-                    generator=torch.Generator("cpu").manual_seed(params.seed))
-    delta = 1000 // n
-    w_i, w_v = cfg_values(idm_guidance, n), cfg_values(vdm_guidance, n)
-    with torch.inference_mode():
-        for i, t in enumerate(ddim.timesteps.tolist()):
-            p, pp = max(0, t - delta), max(0, t - 2 * delta)
-            if legacy:  # AD: IDM labelled p stepping p->pp, then VDM labelled t stepping t->p
-                x = ddim.step(idm(x, p, w_i[i]), p, x).prev_sample
-                x = ddim.step(vdm(x, t, w_v[i]), t, x).prev_sample
-            elif t > 0:  # MS/VC chain; at t = 0 the zigzag is an exact identity and is skipped
-                x = ddim.step(idm(x, t, w_i[i]), t, x).prev_sample
-                x = ddim.step(vdm(x, p, w_v[i]), p, x).prev_sample
-            if legacy or t > 0:
-                x = inv.step(idm(x, pp, -w_i[i]), p, x).prev_sample
-                x = inv.step(vdm(x, p, -w_v[i]), t, x).prev_sample
-            x = ddim.step(vdm(x, t, guidance), t, x).prev_sample
-    return x
+def _official_loop(bb, tiny_dir, params, *, legacy: bool, **guidance):
+    """tests/reference.py's loop with the tiny set's scheduler configs."""
+    return animatediff_ivmixed_loop(
+        bb, DDIMScheduler.load_config(os.path.join(tiny_dir, "base"), subfolder="scheduler"),
+        DDIMInverseScheduler.load_config(os.path.join(tiny_dir, "image_model"), subfolder="scheduler"),
+        prompt=params.prompt, seed=params.seed, steps=params.steps, frames=params.frames, height=params.height,
+        width=params.width, legacy=legacy, **guidance)
 
 
 @pytest.mark.parametrize("sampler, legacy, extra", [
