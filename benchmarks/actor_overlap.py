@@ -1,8 +1,8 @@
 """How much a slow store costs an actor (docs/job.md "Throughput"; a benchmark, not a test).
 
-Runs the job three times on the same rows with one actor and batches of one row: no delay; every upload delayed by
-its batch's own sampling time (`IVMIX_FAULTS=slow_upload=:1`) with `compute.concurrent_batches` 2; the same delay with
-one batch at a time (how the actor ran before). Prints, from each run's metadata, the steady rows per hour (one over
+Runs the job on the same rows with one actor and batches of one row: no delay; every upload delayed by its batch's own
+sampling time (`IVMIX_FAULTS=slow_upload=:1`) with `compute.concurrent_batches` 3 (the default), 2, and 1 (one batch
+at a time: how the actor ran before). Prints, from each run's metadata, the steady rows per hour (one over
 the median time between two device turns' starts), the whole actor span's rows per hour, the sampler share, and the
 ratios to the run without delay.
 
@@ -65,8 +65,9 @@ def main() -> None:
             base = yaml.safe_load(f)
         base.update(tiny_cache=cache, scores={"enabled": False})
         base["defaults"]["steps"] = args.steps
-        cases = [("no delay", 2, None), (f"delay x{args.delay:g}, 2 batches", 2, f"slow_upload=:{args.delay}"),
-                 (f"delay x{args.delay:g}, 1 batch", 1, f"slow_upload=:{args.delay}")]
+        slow = f"slow_upload=:{args.delay}"
+        cases = [("no delay", 3, None), (f"delay x{args.delay:g}, 3 batches", 3, slow),
+                 (f"delay x{args.delay:g}, 2 batches", 2, slow), (f"delay x{args.delay:g}, 1 batch", 1, slow)]
         results = {}
         for name, concurrent, faults in cases:
             cfg = {**base, "compute": {**base["compute"], "batch_size": 1, "sampler_batch": 1,

@@ -37,7 +37,7 @@ class ComputeConfig:
     num_actors: PositiveInt = 1  # fixed-size pool (GPU pools that autoscale ramp slowly)
     batch_size: PositiveInt = 1  # rows per actor call (Ray batch); videos are heavy, keep it small
     sampler_batch: PositiveInt = 1  # rows sampled together in one batched sampler call inside an actor
-    concurrent_batches: PositiveInt = 2  # batches an actor holds: one samples while the others encode, score, upload
+    concurrent_batches: PositiveInt = 3  # batches an actor holds: one samples, one is encoded, one uploads
     cpus_per_actor: Positive = 1.0  # leave CPUs for read/resolve tasks (without one they hang)
     max_restarts: NonNegativeInt = 16  # restarts of one actor over the run
     max_task_retries: NonNegativeInt = 1  # a batch whose worker died runs once more, then its rows alone

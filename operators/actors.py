@@ -62,7 +62,7 @@ class VideoGenerator(RowWorker):
     def _sample(self, items: list[tuple[int, str, Any]]) -> dict[int, dict]:
         """Sample a structurally uniform group: split it if it cannot fit, fall back to one row at a time on failure.
         The fallback runs after the failed call's tensors are gone (no traceback holds them)."""
-        error = None
+        error, results = None, None
         with self.device_turn() as turn:  # the memory check sees what the device holds between two turns
             problem = self._memory_problem(self.models, len(items), items[0][2])
             try:
@@ -75,6 +75,9 @@ class VideoGenerator(RowWorker):
                 logger.exception("batch of %d row(s) failed", len(items))
                 error = f"{type(err).__name__}: {err}"
                 traceback.clear_frames(err.__traceback__)  # a log handler may keep the traceback: drop its tensors
+        if results is not None:
+            return self.publish(turn, [(i, rid) for i, rid, _ in items], results)
+        turn.release()  # no frames were made
         if problem and len(items) > 1:
             half = len(items) // 2
             return {**self._sample(items[:half]), **self._sample(items[half:])}
@@ -88,7 +91,7 @@ class VideoGenerator(RowWorker):
                 return {k: v for item in items for k, v in self._sample([item]).items()}
             i, rid, p = items[0]
             return {i: self.rec.row(rid, "failed", error, p)}
-        return {i: self._published(rid, res, turn) for (i, rid, _), res in zip(items, results)}
+        raise AssertionError("unreachable: a turn without results has a problem or an error")
 
 
 class BivdiffGenerator(RowWorker):
@@ -114,13 +117,14 @@ class BivdiffGenerator(RowWorker):
             with self.device_turn() as turn:
                 problem = self._memory_problem(self.models.backbone, 1, params)
                 if problem:
+                    turn.release()
                     return self.rec.row(rid, "failed", problem, params)
                 with self._watchdog([(i, rid, params)]):
                     self._drills([params.idm_prompt, params.vdm_prompt])
-                    result = self.models.run(params, loaded=loaded)
+                    results = [self.models.run(params, loaded=loaded)]
         except ValueError as err:
             return self.rec.row(rid, "failed", str(err), params)
         except Exception as err:  # errors become row values
             logger.exception("row %s failed", rid)
             return self.rec.row(rid, "failed", f"{type(err).__name__}: {err}", params)
-        return self._published(rid, result, turn)
+        return self.publish(turn, [(i, rid)], results)[i]

@@ -154,11 +154,14 @@ class ShardSink:
         self.writer.add(failed)
         self.failed += failed.num_rows
         good = table.filter(ok)
-        if good.num_rows:
+        while good.num_rows:  # never more than max_samples in a shard, however the rows arrive
+            part, good = good.slice(0, self.max_samples - self.samples), good.slice(self.max_samples - self.samples)
             self.opened = self.opened or time.monotonic()
-            self.tables.append(good)
-            self.samples += good.num_rows
-            self.bytes += pc.sum(good["bytes"]).as_py() or 0
+            self.tables.append(part)
+            self.samples += part.num_rows
+            self.bytes += pc.sum(part["bytes"]).as_py() or 0
+            if good.num_rows:
+                self.cut()
         if self.samples and (self.samples >= self.max_samples or self.bytes >= self.max_bytes
                              or time.monotonic() - self.opened >= self.max_seconds):
             self.cut()

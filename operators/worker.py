@@ -101,10 +101,17 @@ def drill_faults() -> dict[str, tuple[str, float]]:
 
 
 class DeviceTurn:
-    """One call's hold on the device (`RowWorker.device_turn`): when it began (the metadata's `started_at`)."""
+    """One call's turn on the device (`RowWorker.device_turn`): when it began (the metadata's `started_at`), and its
+    hold on the actor's frames (released once its videos are encoded, or when it made none)."""
 
-    def __init__(self) -> None:
+    def __init__(self, frames: threading.Semaphore) -> None:
         self.started = metadata.now()
+        self._frames, self._held = frames, True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._frames.release()
 
 
 class RowWorker:
@@ -115,8 +122,10 @@ class RowWorker:
 
     Several calls may run at once, each in its own thread (`compute.concurrent_batches`, docs/job.md "Throughput"):
     the device part of a call (memory check, sampling, decode) runs inside `device_turn`, one call at a time, and the
-    rest (encode, contact sheet, scores, upload, metadata) outside it, so one batch's tail overlaps the next batch's
-    sampling. Models and scorers load once, and videos are scored one at a time, under locks of their own."""
+    rest outside it, so one batch's tail overlaps the next batch's sampling. Decoded frames are bounded: a turn
+    begins only while at most one other batch still holds frames (it is being encoded: mp4, contact sheet, scores);
+    uploads hold only the encoded files. Models and scorers load once, and videos are scored one at a time, under
+    locks of their own."""
 
     kind: str
     params: type  # the kind's parameters: `params.from_record(record)` rebuilds a resolved row's
@@ -131,9 +140,10 @@ class RowWorker:
         self.rec = recorder(type(self), resolver, run_id, code_version)
         self.device, self.dtype = resolve_placement(self.spec.device, self.spec.dtype)
         self._models = self._scorer = self._scorer_error = None
-        # the device turn; loading models and scorers; scoring (a fast tokenizer is not to be shared between threads:
-        # huggingface/tokenizers' "Already borrowed")
-        self._device, self._loading, self._scoring = threading.Lock(), threading.Lock(), threading.Lock()
+        # the device turn (reentrant: models load inside it, and a turn may ask for them); loading models and scorers;
+        # scoring (a fast tokenizer is not to be shared between threads: huggingface/tokenizers' "Already borrowed")
+        self._device, self._loading, self._scoring = threading.RLock(), threading.Lock(), threading.Lock()
+        self._frames = threading.Semaphore(2)  # batches holding frames: the one being made, one being encoded
         self.scorer_source = scorer
         self.fs, self.root = storage.filesystem(output)
         self.layout = Layout(self.root, run_id)
@@ -143,18 +153,28 @@ class RowWorker:
 
     @property
     def models(self):
+        """The kind's models, loaded on first use inside the device turn (see `scorer`)."""
         if self._models is None:
-            with self._loading:
+            with self._device, self._loading:
                 if self._models is None:
                     self._models = self.load()
         return self._models
 
     @contextlib.contextmanager
     def device_turn(self):
-        """The device part of a call: one at a time per actor; the watchdog of the rows starts inside it, so a call
-        waiting for its turn never runs out of its rows' time."""
-        with self._device:
-            yield DeviceTurn()
+        """The device part of a call: one at a time per actor, and only while at most one other batch holds frames;
+        the watchdog of the rows starts inside it, so a call waiting for its turn never runs out of its rows' time.
+        The turn's hold on the frames outlives it (`DeviceTurn.release`, once its videos are encoded); an exception
+        out of the turn releases it."""
+        self._frames.acquire()
+        turn = DeviceTurn(self._frames)
+        try:
+            with self._device:
+                turn.started = metadata.now()
+                yield turn
+        except BaseException:
+            turn.release()
+            raise
 
     def load(self):
         raise NotImplementedError
@@ -166,8 +186,11 @@ class RowWorker:
     def scorer(self):
         """The scorers (CLIP, DINO, optical flow), loaded on first use; a load failure is remembered and raised again
         for every video (the caller turns it into `score_error`, never into a lost video)."""
-        with self._loading:
-            self._load_scorer()
+        if self._scorer is None and self._scorer_error is None:
+            # inside the device turn: no model is built in another thread meanwhile (from_pretrained builds on the meta
+            # device through process-wide hooks; a scorer built beside a BIVDiff task pipeline came out on `meta`)
+            with self._device, self._loading:
+                self._load_scorer()
         if self._scorer_error:
             raise RuntimeError(self._scorer_error)
         return self._scorer
@@ -243,37 +266,65 @@ class RowWorker:
             return {}
 
     # -- publishing -----------------------------------------------------------------------------------------------
-    def _publish(self, result, rid: str) -> dict:
-        """Encode, upload, describe one video: to `videos/` and `contact/` (files), or to the run's scratch until the
-        driver packs it into a shard (webdataset; its uris are then the shard's)."""
-        p = result.params
+    def publish(self, turn: DeviceTurn, keys: list[tuple[int, str]], results: list) -> dict[int, dict]:
+        """The rows of the videos sampled in `turn` (`results`, in `keys`' order: position, id): every video is
+        encoded first (mp4, sha256, contact sheet, scores: all that reads its frames), then the frames go (the list is
+        emptied and the turn's hold released) and the files are uploaded. A failure is that row's error."""
+        out: dict[int, dict] = {}
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                encoded = []
+                for (i, rid), result in zip(keys, results):
+                    try:
+                        encoded.append((i, rid, self._encode(result, os.path.join(tmp, f"{len(encoded)}.mp4"))))
+                    except Exception as err:  # a failed encode is the row's error
+                        logger.exception("encoding %s failed", rid)
+                        out[i] = self.rec.row(rid, "failed", f"{type(err).__name__} while writing the video: {err}",
+                                              result.params)
+                results.clear()
+                turn.release()
+                for i, rid, video in encoded:
+                    out[i] = self._upload(rid, video, turn)
+        finally:
+            turn.release()
+        return out
+
+    def _encode(self, result, local: str) -> dict:
+        """What a video's row needs from its frames: the mp4 at `local`, its size and sha256, the contact sheet PNG,
+        the scores, and the result's counts (the frames are not kept)."""
         start = time.perf_counter()
-        with tempfile.TemporaryDirectory() as tmp:
-            local = os.path.join(tmp, "video.mp4")
-            size = write_mp4(result.frames, local, p.fps)
-            digest = storage.sha256_file(local)
-            dest = self.layout.sample(rid, "mp4") if self.shards else self.layout.video(rid)
-            if "slow_upload" in self.faults:
-                time.sleep(float(self.faults["slow_upload"][1]) * result.seconds)
-            storage.put_file(self.fs, local, dest, self.root)
-        sheet = self.layout.sample(rid, "png") if self.shards else self.layout.contact_sheet(rid)
-        if self.contact:
-            storage.put_bytes(self.fs, png_bytes(contact_sheet(result.frames)), sheet, self.root)
-        uri = (lambda path: None) if self.shards else (lambda path: storage.full_uri(self.fs, path))
-        return dict(video_uri=uri(dest), bytes=size, sha256=digest, contact_uri=uri(sheet) if self.contact else None,
-                    seconds=result.seconds + time.perf_counter() - start, sampler_seconds=result.seconds,
-                    model_calls=result.total_calls,
+        size = write_mp4(result.frames, local, result.params.fps)
+        sheet = png_bytes(contact_sheet(result.frames)) if self.contact else None
+        digest, encode_seconds = storage.sha256_file(local), time.perf_counter() - start  # `seconds` has no scoring
+        return dict(params=result.params, local=local, bytes=size, sha256=digest, sheet=sheet,
+                    scores=self._scores(result), sampler_seconds=result.seconds,
+                    encode_seconds=encode_seconds, model_calls=result.total_calls,
                     calls_idm=_calls(result, "I"), calls_vdm=_calls(result, "V"), nfe=result.nfe,
                     tflop=None if getattr(result, "flops", None) is None else result.flops / 1e12)
 
-    def _published(self, rid: str, result, turn: DeviceTurn) -> dict:
-        """Publish one video sampled in `turn`: its ok row, or a failed row saying why writing it failed."""
+    def _upload(self, rid: str, video: dict, turn: DeviceTurn) -> dict:
+        """Upload one encoded video to `videos/` and `contact/` (files), or to the run's scratch until the driver
+        packs it into a shard (webdataset; its uris are then the shard's): its ok row, or a failed row saying why."""
+        p = video["params"]
         try:
-            return self.rec.row(rid, "ok", None, result.params, started_at=turn.started,
-                                **self._publish(result, rid), **self._scores(result))
+            start = time.perf_counter()
+            dest = self.layout.sample(rid, "mp4") if self.shards else self.layout.video(rid)
+            if "slow_upload" in self.faults:
+                time.sleep(float(self.faults["slow_upload"][1]) * video["sampler_seconds"])
+            storage.put_file(self.fs, video["local"], dest, self.root)
+            sheet = self.layout.sample(rid, "png") if self.shards else self.layout.contact_sheet(rid)
+            if video["sheet"] is not None:
+                storage.put_bytes(self.fs, video["sheet"], sheet, self.root)
+            uri = (lambda path: None) if self.shards else (lambda path: storage.full_uri(self.fs, path))
+            seconds = video["sampler_seconds"] + video["encode_seconds"] + time.perf_counter() - start
+            return self.rec.row(
+                rid, "ok", None, p, started_at=turn.started, video_uri=uri(dest), bytes=video["bytes"],
+                sha256=video["sha256"], contact_uri=uri(sheet) if video["sheet"] is not None else None,
+                seconds=seconds, **{k: video[k] for k in ("sampler_seconds", "model_calls", "calls_idm", "calls_vdm",
+                                                           "nfe", "tflop")}, **video["scores"])
         except Exception as err:  # a failed upload is the row's error
             logger.exception("publishing %s failed", rid)
-            return self.rec.row(rid, "failed", f"{type(err).__name__} while writing the video: {err}", result.params)
+            return self.rec.row(rid, "failed", f"{type(err).__name__} while writing the video: {err}", p)
 
     def _scores(self, result) -> dict:
         """Quality scores of a published video; a scoring failure leaves them null with the reason."""

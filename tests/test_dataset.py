@@ -275,3 +275,32 @@ def test_newest_row_and_done_ids_in_arrow(tmp_path, monkeypatch):
     m = Manifest(5, pa.array(["b"], pa.string()), ("generation",), None, pa.chunked_array([["a", "b", "b", "e", None]]))
     p = plan(Cfg, m, c.done)
     assert p.keep.to_pylist() == [False, True, True, True, True] and p.pending == 4 and p.resolve_done  # b: duplicate
+
+
+def test_a_shard_never_holds_more_than_its_max_samples(tmp_path):
+    """output.shard_max_samples is a bound however the rows arrive: a batch of 3 ok rows reaching a shard that holds
+    one already (with two actor calls at once, batches come back in any order) fills it to 2 and opens the next."""
+    import fsspec
+
+    from operators.metadata import MetadataWriter
+    from operators.shards import ShardSink
+
+    fs, root = fsspec.filesystem("file"), str(tmp_path)
+
+    def rows(*ids: str) -> pa.Table:
+        now = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+        return pa.table({"id": list(ids), "status": ["ok"] * len(ids), "bytes": pa.array([3] * len(ids), pa.int64()),
+                         "prompt": [f"prompt {i}" for i in ids],
+                         "finished_at": pa.array([now] * len(ids), pa.timestamp("us", tz="UTC"))})
+
+    sink = ShardSink(fs, root, MetadataWriter(fs, root, "t"), "t", lambda row: {"mp4": b"mp4"}, code_version="x",
+                     max_bytes=10**9, max_samples=2, max_seconds=3600)
+    sink.add(rows("a"))
+    sink.add(rows("b", "c", "d"))
+    sink.add(rows("e"))
+    sink.close()
+    shards = sorted(glob.glob(os.path.join(root, "shards", "*.tar")))
+    held = [sorted(m.name.split(".")[0] for m in tarfile.open(s) if m.name.endswith(".json")) for s in shards]
+    assert held == [["a", "b"], ["c", "d"], ["e"]]
+    meta = {m["id"]: m["shard_uri"] for m in read_latest(root).to_pylist()}
+    assert sorted(meta) == ["a", "b", "c", "d", "e"] and len(set(meta.values())) == 3

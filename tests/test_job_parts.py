@@ -332,3 +332,38 @@ def test_a_swallowed_ctrl_c_is_raised_again_until_the_passes_are_left():
     except KeyboardInterrupt:
         again = True
     assert again and signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_device_turn_waits_while_two_batches_hold_frames():
+    """operators/worker.py: decoded frames stay bounded with three calls per actor. A turn's hold on the frames
+    outlives the turn until its videos are encoded (`release`); a third turn waits while two batches hold frames, and
+    starts as soon as one lets go; a turn that raises lets go of its own."""
+    import threading
+
+    from operators.worker import RowWorker
+
+    worker = RowWorker.__new__(RowWorker)  # the turn needs only the actor's two locks
+    worker._device, worker._frames = threading.Lock(), threading.Semaphore(2)
+    with worker.device_turn() as first:
+        pass
+    with worker.device_turn() as second:
+        pass
+    began = threading.Event()
+
+    def third() -> None:
+        with worker.device_turn() as turn:
+            began.set()
+        turn.release()
+
+    thread = threading.Thread(target=third)
+    thread.start()
+    assert not began.wait(0.3)  # both earlier batches still hold frames (being encoded)
+    first.release()
+    first.release()  # idempotent: a second release frees nothing more
+    assert began.wait(5)
+    thread.join()
+    with pytest.raises(RuntimeError):
+        with worker.device_turn():
+            raise RuntimeError("sampling failed")
+    assert worker._frames.acquire(timeout=1) and not worker._frames.acquire(timeout=0.2)  # only `second` holds one
+    second.release()

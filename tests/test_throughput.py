@@ -1,8 +1,8 @@
-"""An actor never waits on its store (docs/job.md "Throughput"): with `compute.concurrent_batches` 2, a batch's tail
-(encode, contact sheet, upload, metadata) runs beside the next batch's device turn. Measured from the metadata of
-two runs of the same rows on one CPU actor: no delay, and every upload delayed by its batch's own sampling time
-(the `slow_upload` drill). With one batch at a time (how the actor ran before) the same delay halves the rows per
-hour: `benchmarks/actor_overlap.py` prints all three cases."""
+"""An actor never waits on its store (docs/job.md "Throughput"): with `compute.concurrent_batches` at its default (3), a
+batch's tail (encode, contact sheet, upload, metadata) runs beside the next batch's device turn. Measured from the
+metadata of two runs of the same rows on one CPU actor: no delay, and every upload delayed by its batch's own sampling
+time (the `slow_upload` drill). With one batch at a time (how the actor ran before) the same delay halves the rows per
+hour: `benchmarks/actor_overlap.py` prints every case."""
 import datetime as dt
 import statistics
 
@@ -44,7 +44,7 @@ def test_a_store_as_slow_as_sampling_costs_the_actor_under_a_tenth_of_its_rows(t
 
     def run(name: str, faults: str | None) -> list[dict]:
         cfg = tiny_config(tmp_path / f"{name}.yaml", tiny_cache, scores={"enabled": False}, defaults={"steps": 12},
-                          compute={"batch_size": 1, "sampler_batch": 1})  # concurrent_batches: its default, 2
+                          compute={"batch_size": 1, "sampler_batch": 1})  # concurrent_batches: its default
         out = str(tmp_path / name)
         env = job_env(**({"IVMIX_FAULTS": faults} if faults else {}))
         r = run_job("--config", cfg, "--manifest", str(manifest), "--output", out, "--mlflow-uri", db,
