@@ -84,14 +84,13 @@ class VideoGenerator(RowWorker):
         if problem:
             i, rid, p = items[0]
             return {i: self.rec.row(rid, "failed", problem, p)}
-        if error is not None:
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            if len(items) > 1:
-                return {k: v for item in items for k, v in self._sample([item]).items()}
-            i, rid, p = items[0]
-            return {i: self.rec.row(rid, "failed", error, p)}
-        raise AssertionError("unreachable: a turn without results has a problem or an error")
+        # the sampler raised (a turn without results and without a memory problem)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if len(items) > 1:
+            return {k: v for item in items for k, v in self._sample([item]).items()}
+        i, rid, p = items[0]
+        return {i: self.rec.row(rid, "failed", error, p)}
 
 
 class BivdiffGenerator(RowWorker):
