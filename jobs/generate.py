@@ -163,12 +163,11 @@ def run(cfg: job_config.JobConfig, manifest: setup.Manifest) -> int:
         return _check_only(mlflow, plan)
     held = lease.Lease(fs, root, run_name, cfg.commit.lease_ttl_s)
     try:
-        held.acquire()  # before anything is written or cleared: a second driver on this prefix stops here
+        held.claim()  # before anything is written or cleared: a second driver on this prefix stops here
+        return _execute(mlflow, plan, held, total=todo)
     except lease.LeaseHeld as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    try:
-        return _execute(mlflow, plan, total=todo)
     finally:
         held.release()
 
@@ -221,9 +220,12 @@ def _check_only(mlflow, run: setup.Run) -> int:
     return 0
 
 
-def _execute(mlflow, run: setup.Run, total: int) -> int:
-    """The run proper, with the output's lease held."""
+def _execute(mlflow, run: setup.Run, held: lease.Lease, total: int) -> int:
+    """The run proper, with the output's lease claimed: Ray starts while the claim settles, then it is confirmed."""
     cfg, fs, root = run.cfg, run.fs, run.root
+    logger.info("starting Ray and %d actor(s); each loads its models once", cfg.compute.num_actors)
+    ray = pipeline.init_ray()
+    held.confirm()
     storage.clear_staging(fs, root)
     integrity.set_aside(fs, root, run.committed.damage)  # what a rerun found damaged: its rows are made again
     # with the lease held: no other run is writing; a part set aside leaves its shards unnamed: they go aside too
@@ -234,8 +236,6 @@ def _execute(mlflow, run: setup.Run, total: int) -> int:
         run = run.replanned()
         total = setup.rows_to_run(run)[0]
         logger.info("%d row(s) left to run after the salvage", total)
-    logger.info("starting Ray and %d actor(s); each loads its models once", cfg.compute.num_actors)
-    ray = pipeline.init_ray()
     device = pipeline.pick_device(cfg.compute.device, ray.cluster_resources())
     run = run.on_device(device)
     try:
@@ -350,4 +350,4 @@ def interrupted_exit() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    interrupt.exit_now(main())

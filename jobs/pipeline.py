@@ -137,10 +137,13 @@ def run_passes(ray, run: Run, recorded: Recorded, consume) -> None:
                 BIVDIFF: {"stage1_batch": cfg.bivdiff.stage1_batch}}
 
     def resolved(kind: str):
-        ds = ray.data.read_parquet(mpath, filesystem=storage.arrow_filesystem(mfs), runtime_env=runtime_env,
-                                   num_cpus=READ_CPUS)
-        if cfg.limit and not run.todo:
-            ds = ds.limit(cfg.limit)
+        if run.planned is not None:  # a manifest the driver holds: its copy (Ray's Parquet read starts tasks, actors)
+            ds = ray.data.from_arrow(run.planned)
+        else:
+            ds = ray.data.read_parquet(mpath, filesystem=storage.arrow_filesystem(mfs), runtime_env=runtime_env,
+                                       num_cpus=READ_CPUS)
+            if cfg.limit and not run.todo:
+                ds = ds.limit(cfg.limit)
         # the plan dropped the rows whose manifest id is done; `done` is needed only for ids known once resolved
         ds = ds.map_batches(resolve_rows, batch_format="pyarrow", batch_size=512, num_cpus=READ_CPUS,
                             runtime_env=runtime_env, fn_args=(run.resolver,),

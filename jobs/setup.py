@@ -29,7 +29,9 @@ from pipelines.fixtures.tiny import ensure_tiny
 from pipelines.params import BIVDIFF, CPU_SECONDS_PER_UNIT, GENERATION, SLOW_ON_CPU, cpu_units
 
 logger = logging.getLogger(__name__)
-PLAN_IN_DRIVER_ROWS = 100_000  # up to this many manifest rows the driver checks for work itself before starting Ray
+# up to this many manifest rows the driver reads the manifest whole: it checks for work itself before starting Ray and
+# hands the rows left to Ray Data (docs/job.md "Resume"); IVMIX_PLAN_IN_DRIVER_ROWS sets another bound (0: never)
+PLAN_IN_DRIVER_ROWS = 100_000
 PLAN_CHUNK = 256  # rows resolved at a time; the check stops at the first chunk with work in it
 COUNT_IN_DRIVER_ROWS = 10_000  # up to this many manifest rows the driver counts the rows to run exactly (~2.5 s)
 SIZE_CHECK_ROWS = 10_000  # rows the CPU-size check resolves in the driver (about 1.5 s)
@@ -88,7 +90,7 @@ def read_manifest(cfg: job_config.JobConfig) -> Manifest:
     schema, n = read_schema(cfg.manifest)
     fs, path = storage.filesystem(cfg.manifest)
     dataset = pads.dataset(path, filesystem=storage.arrow_filesystem(fs), format="parquet")
-    small = n <= PLAN_IN_DRIVER_ROWS
+    small = n <= int(os.environ.get("IVMIX_PLAN_IN_DRIVER_ROWS", PLAN_IN_DRIVER_ROWS))
     table = dataset.to_table(columns=None if small else [c for c in ("id", "samplers", *KIND_COLUMNS)
                                                          if c in schema.names], use_threads=storage.arrow_threads(fs))
     if cfg.limit:
@@ -202,6 +204,12 @@ class Run:
     def done(self) -> pa.Array:
         return self.committed.done
 
+    @property
+    def planned(self) -> pa.Table | None:
+        """The manifest rows left to run, when the driver holds the manifest (up to PLAN_IN_DRIVER_ROWS rows)."""
+        table, keep = self.manifest.table, self.plan.keep
+        return table if table is None or keep is None else table.filter(keep)
+
     def replanned(self) -> "Run":
         """After samples of a killed run were packed and committed: what is done now, and what is left to run."""
         found = replace(resume.committed(self.fs, self.root), poisoned=self.committed.poisoned)
@@ -221,8 +229,11 @@ class Run:
         return replace(self, layout=self.layout.for_run(run_id))
 
     def with_todo(self) -> "Run":
-        """The rows left to run written to this run's scratch (only when the plan skips some manifest rows)."""
-        return self if self.plan.keep is None else replace(self, todo=write_todo(self, self.layout.todo))
+        """The rows left to run written to this run's scratch (only when the plan skips some rows of a manifest too big
+        for the driver to hold)."""
+        if self.plan.keep is None or self.manifest.table is not None:
+            return self
+        return replace(self, todo=write_todo(self, self.layout.todo))
 
 
 @dataclass
@@ -274,11 +285,9 @@ def rows_to_run(run: Run) -> tuple[int, bool]:
     samplers = len(run.cfg.samplers or [None])
     if not run.plan.pending:
         return 0, True
-    table = run.manifest.table
     if not run.plan.resolve_done:
         return run.plan.pending * samplers, True
-    if table is not None and run.plan.keep is not None:
-        table = table.filter(run.plan.keep)
+    table = run.planned
 
     def resolved(chunk: pa.Table) -> int:
         return resolve_rows(chunk, run.resolver, done=run.done, duplicate_ids=run.manifest.duplicate_ids).num_rows
@@ -296,11 +305,9 @@ def slow_on_cpu(run: Run) -> str | None:
     """The warning for a run whose rows are too big for CPU actors (docs/job.md "Console"): how many of the rows left
     (the first SIZE_CHECK_ROWS of a manifest the driver holds) would run past a minute each, the largest, and a
     lower bound of the time from the tiny models' pace. A warning, not a refusal: a user may mean it."""
-    table = run.manifest.table
+    table = run.planned
     if run.device != "cpu" or table is None:
         return None
-    if run.plan.keep is not None:
-        table = table.filter(run.plan.keep)
     checked = min(table.num_rows, SIZE_CHECK_ROWS)
     sizes = [r["params"] for row in table.slice(0, checked).to_pylist() for r in expand_samplers(row, run.resolver)
              if r["status"] == "pending" and cpu_units(r["params"]) > SLOW_ON_CPU]

@@ -2,7 +2,8 @@
 heartbeat. A second driver refuses while the lease is fresh and names its holder; a lease whose heartbeat is older
 than its TTL (a crashed or killed driver elsewhere), or whose holder ran on this host and is gone, is taken over. Two
 drivers starting in the same instant both write, wait, and read back: only the one that reads its own token goes on
-(last writer wins), so at most one run writes."""
+(last writer wins), so at most one run writes. The wait can overlap other start-up work: `claim()` writes,
+`confirm()` reads back once SETTLE_S has passed since the write (`acquire()` is both)."""
 from __future__ import annotations
 
 import json
@@ -60,6 +61,7 @@ class Lease:
         self.token = uuid.uuid4().hex
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._written = 0.0  # time.monotonic() of claim()'s write
 
     def _body(self) -> bytes:
         return json.dumps({"token": self.token, "run": self.run, "host": socket.gethostname(), "pid": os.getpid(),
@@ -69,6 +71,10 @@ class Lease:
         storage.put_bytes(self.fs, self._body(), self.path, self.root)
 
     def acquire(self) -> "Lease":
+        return self.claim().confirm()
+
+    def claim(self) -> "Lease":
+        """Write the lease, unless a live run holds it (LeaseHeld); `confirm()` finishes taking it."""
         current = _read(self.fs, self.path)
         now = time.time()
         fresh = current and now - float(current.get("heartbeat", 0)) < float(current.get("ttl_s", self.ttl))
@@ -83,7 +89,13 @@ class Lease:
                            describe(current, now) if current else "an unreadable lease")
         self.fs.makedirs(self.root, exist_ok=True)
         self._write()
-        time.sleep(SETTLE_S)
+        self._written = time.monotonic()
+        return self
+
+    def confirm(self) -> "Lease":
+        """Read the lease back SETTLE_S after `claim()` wrote it (waiting for what is left of that): another driver's
+        token there means it wrote last and goes on (LeaseHeld here). Then the heartbeat starts."""
+        time.sleep(max(0.0, self._written + SETTLE_S - time.monotonic()))
         back = _read(self.fs, self.path) or {}
         if back.get("token") != self.token:
             raise LeaseHeld(f"--output: another run started on {storage.full_uri(self.fs, self.root)} at the same "
