@@ -12,7 +12,7 @@ from pipelines import presets
 from pipelines.backbones import registry
 from pipelines.sample import main as sample_main
 
-from .jobutil import run_job, tiny_config
+from .jobutil import mlflow_store, run_job, tiny_config
 
 # the registered backbones with a tiny set of their own; animatediff's presets run in test_animatediff.py
 BACKBONES = tuple(n for n, c in registry.BACKBONES.items() if c.tiny is not None and n != "animatediff")
@@ -50,7 +50,7 @@ def test_every_preset_through_the_job(backbone, tiny_dirs, tmp_path):
     cfg = tiny_config(tmp_path / "job.yaml", tiny_dirs[0], tiny=backbone, scores={"enabled": False},
                       defaults={"steps": 4, "frames": 3})
     r = run_job("--config", cfg, "--manifest", str(manifest), "--output", str(tmp_path / "out"),
-                "--mlflow-uri", f"sqlite:///{tmp_path / 'db'}")
+                "--mlflow-uri", mlflow_store(tmp_path / 'db'))
     assert r.returncode == 0, r.stderr[-3000:]
     meta = {m["id"]: m for m in read_latest(str(tmp_path / "out")).to_pylist()}
     assert {i: m["status"] for i, m in meta.items()} == {n: "ok" for n in names}

@@ -14,7 +14,7 @@ from operators.metadata import read_latest
 from pipelines.video import mp4_bytes, read_mp4
 
 from .conftest import synthetic_frames
-from .jobutil import CREDS, job_env, parent_runs, run_job, s3_bucket, tiny_config
+from .jobutil import CREDS, job_env, mlflow_store, parent_runs, run_job, s3_bucket, tiny_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("shared_ray")]
 
@@ -77,7 +77,7 @@ def test_bivdiff_manifest_through_the_job(s3_endpoint, tmp_path, tiny_ad_dir, mo
                       bivdiff={"tiny": True, "vdm": "vidrd",
                                "defaults": {"frames": 4, "height": 64, "width": 64, "steps": 5, "idm_steps": 2}})
     env = job_env(**CREDS, AWS_ENDPOINT_URL=s3_endpoint, IVMIX_FAULTS="kill=POISON")  # a row that kills every worker
-    args = ("--config", cfg, "--manifest", str(manifest), "--output", str(out), "--mlflow-uri", f"sqlite:///{db}",
+    args = ("--config", cfg, "--manifest", str(manifest), "--output", str(out), "--mlflow-uri", mlflow_store(db),
             "--experiment", "edits")
     r = run_job(*args, env=env)
     assert r.returncode == 0, r.stderr[-5000:]

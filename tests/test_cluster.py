@@ -9,7 +9,7 @@ import pytest
 
 from operators.metadata import read_latest
 
-from .jobutil import BIN, ROOT, free_port, job_env, parent_runs, tiny_config, wait_http
+from .jobutil import BIN, ROOT, free_port, job_env, mlflow_store, parent_runs, tiny_config, wait_http
 
 pytestmark = pytest.mark.integration
 
@@ -69,12 +69,12 @@ def ray_cluster(tmp_path_factory, cluster_env):
 
 def test_job_submitted_to_a_ray_cluster(ray_cluster, cluster_env, tmp_path, tiny_ad_dir):
     out, db = tmp_path / "out", tmp_path / "mlflow.db"
-    cfg = tiny_config(tmp_path / "job.yaml", os.path.dirname(tiny_ad_dir))
+    cfg = tiny_config(tmp_path / "job.yaml", os.path.dirname(tiny_ad_dir), scores={"enabled": False})
     manifest = os.path.join(ROOT, "datasets", "examples", "smoke.parquet")
     cmd = [os.path.join(BIN, "ray"), "job", "submit", "--address", ray_cluster, "--working-dir", ROOT,
            "--submission-id", "ivmix-test-smoke", "--entrypoint-num-cpus", "0", "--",
            "python", "jobs/generate.py", "--config", cfg, "--manifest", manifest, "--output", str(out),
-           "--mlflow-uri", f"sqlite:///{db}", "--experiment", "cluster"]
+           "--mlflow-uri", mlflow_store(db), "--experiment", "cluster"]
     env = dict(cluster_env)
     env.pop("PYTHONPATH")  # the job must find the project through its uploaded working dir
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
@@ -100,8 +100,8 @@ def test_nightly_script_makes_a_dated_run_that_a_rerun_resumes(ray_cluster, clus
     env.pop("PYTHONPATH")
     env.update(PATH=f"{BIN}:{env['PATH']}", RAY_ADDRESS=ray_cluster, RUN_DATE="2026-11-24", EXPERIMENT="nightly",
                MANIFEST=os.path.join(ROOT, "datasets", "examples", "smoke.parquet"), OUTPUT_ROOT=str(tmp_path / "runs"),
-               CONFIG=tiny_config(tmp_path / "job.yaml", os.path.dirname(tiny_ad_dir)),
-               EXTRA_ARGS=f"--limit 2 --mlflow-uri sqlite:///{db}")
+               CONFIG=tiny_config(tmp_path / "job.yaml", os.path.dirname(tiny_ad_dir), scores={"enabled": False}),
+               EXTRA_ARGS=f"--limit 2 --mlflow-uri {mlflow_store(db)}")
     script = os.path.join(ROOT, "infra", "nightly.sh")
     r = subprocess.run([script], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]

@@ -12,7 +12,7 @@ from operators.metadata import read_latest, read_parts
 from operators.storage import filesystem
 from pipelines.video import read_mp4
 
-from .jobutil import ROOT, kill_job_when, parent_runs, run_job, sha256_file, tiny_config
+from .jobutil import ROOT, kill_job_when, mlflow_store, parent_runs, run_job, sha256_file, tiny_config
 
 
 @pytest.mark.integration
@@ -171,7 +171,7 @@ def test_killed_job_resumes_exactly_once(tmp_path, tiny_cache):
     cfg = tiny_config(tmp_path / "job.yaml", tiny_cache, compute={"batch_size": 1, "sampler_batch": 1},
                       defaults={"steps": 12}, commit={"every_rows": 1, "every_seconds": 1})
     args = ["--config", cfg, "--manifest", str(manifest), "--output", str(out), "--mlflow-uri",
-            f"sqlite:///{tmp_path / 'db'}"]
+            mlflow_store(tmp_path / 'db')]
     fs, root = filesystem(str(out))
     kill_job_when(args, lambda: len(glob.glob(str(out / "metadata" / "part-*"))) >= 2, poll=0.1)
     first = read_parts(fs, root)
@@ -225,7 +225,7 @@ def test_a_pool_that_cannot_run_exits_2_before_anything_is_written(tmp_path, tin
     pq.write_table(pa.table({"prompt": ["A red kite over a beach."]}), manifest)
     out, db = tmp_path / "out", tmp_path / "mlflow.db"
     cfg = tiny_config(tmp_path / "job.yaml", tiny_cache, compute={"num_actors": 64, "cpus_per_actor": 1})
-    r = run_job("--config", cfg, "--manifest", str(manifest), "--output", str(out), "--mlflow-uri", f"sqlite:///{db}")
+    r = run_job("--config", cfg, "--manifest", str(manifest), "--output", str(out), "--mlflow-uri", mlflow_store(db))
     assert r.returncode == 2, r.stderr[-3000:]
     assert "compute: 64 actors x 1 CPU leave less than" in r.stderr
     assert not (out / "videos").exists() and not (out / "metadata").exists()

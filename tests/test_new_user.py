@@ -16,7 +16,7 @@ import pytest
 
 from operators.metadata import read_latest
 
-from .jobutil import CREDS, ROOT, job_cmd, job_env, parent_runs, run_job, s3_bucket, tiny_config
+from .jobutil import CREDS, ROOT, job_cmd, job_env, mlflow_store, parent_runs, run_job, s3_bucket, tiny_config
 
 SMALL = ["--steps", "2", "--frames", "2", "--height", "64", "--width", "64"]
 # what a user reads as failure or noise (each was seen on the console before)
@@ -254,13 +254,14 @@ def test_ctrl_c_is_one_line_exit_130_a_killed_run_and_no_lease(tmp_path, tiny_ca
     size on a CPU actor: the job says so, with the row count and a time, before the first row (issue 29, item 1)."""
     from mlflow.tracking import MlflowClient
 
-    common = dict(commit={"progress_seconds": 1}, mlflow={"experiment": "ctrl-c"})
+    common = dict(commit={"progress_seconds": 1}, mlflow={"experiment": "ctrl-c"}, scores={"enabled": False})
     full = tiny_config(tmp_path / "full.yaml", tiny_cache, defaults={"steps": 50, "frames": 16, "height": 512,
                                                                     "width": 512}, **common)
-    cfg = tiny_config(tmp_path / "job.yaml", tiny_cache, **common)
+    cfg = tiny_config(tmp_path / "job.yaml", tiny_cache, defaults={"steps": 2, "frames": 4, "height": 32, "width": 32},
+                      **common)
     out, db, log = tmp_path / "out", tmp_path / "db.sqlite", tmp_path / "stderr.txt"
     args = ("--manifest", _manifest(tmp_path / "m.parquet", n=6), "--output", str(out), "--mlflow-uri",
-            f"sqlite:///{db}")
+            mlflow_store(db))
     env = {k: v for k, v in job_env().items() if k != "RAY_ADDRESS"}
     with open(log, "w") as err:
         proc = subprocess.Popen(job_cmd("--config", full, *args), env=env, cwd=ROOT, stdout=subprocess.DEVNULL,

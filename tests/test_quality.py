@@ -12,7 +12,7 @@ from operators.metadata import read_latest
 from operators.resolve import Resolver, expand_samplers
 from pipelines.config import ModelSpec
 
-from .jobutil import ROOT, free_port, parent_runs, run_job, tiny_config, wait_http
+from .jobutil import ROOT, free_port, mlflow_store, parent_runs, run_job, tiny_config, wait_http
 
 SPEC = ModelSpec(device="cpu")
 
@@ -99,7 +99,7 @@ def _chromium():
 def test_job_scores_pairs_report_and_regression_check(tmp_path, tiny_ad_dir):
     from mlflow.tracking import MlflowClient
 
-    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    db = mlflow_store(tmp_path / 'mlflow.db')
     cfg = tiny_config(tmp_path / "job.yaml", os.path.dirname(tiny_ad_dir))
     manifest = os.path.join(ROOT, "datasets", "examples", "smoke.parquet")
     common = ["--config", cfg, "--manifest", manifest, "--samplers", "standard,ivmixed", "--mlflow-uri", db,

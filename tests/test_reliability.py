@@ -26,6 +26,7 @@ from .jobutil import (
     free_port,
     job_cmd,
     job_env,
+    mlflow_store,
     parent_runs,
     run_job,
     s3_bucket,
@@ -74,7 +75,7 @@ def test_poison_rows_and_a_straggler_never_sink_the_run(tmp_path, tiny_cache):
                                "max_task_retries": 1}, commit={"progress_seconds": 2})
     out, db = tmp_path / "out", tmp_path / "mlflow.db"
     env = job_env(IVMIX_FAULTS="kill=POISON;sleep=SLOW:120")
-    args = ("--config", cfg, "--manifest", manifest, "--output", str(out), "--mlflow-uri", f"sqlite:///{db}",
+    args = ("--config", cfg, "--manifest", manifest, "--output", str(out), "--mlflow-uri", mlflow_store(db),
             "--experiment", "r")
     start = time.monotonic()
     r = run_job(*args, env=env)
@@ -141,7 +142,7 @@ def test_an_actor_killed_mid_run_is_replaced_and_the_run_completes(tmp_path, tin
                       compute={"batch_size": 1, "sampler_batch": 1}, commit={"every_rows": 1, "every_seconds": 1})
     out = tmp_path / "out"
     proc = subprocess.Popen(job_cmd("--config", cfg, "--manifest", manifest, "--output", str(out), "--mlflow-uri",
-                                    f"sqlite:///{tmp_path / 'db'}"), env=job_env(), cwd=ROOT, stdout=subprocess.PIPE,
+                                    mlflow_store(tmp_path / 'db')), env=job_env(), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         _wait_for(lambda: (out / "metadata").exists() and os.listdir(out / "metadata"), 240, "no row committed")
@@ -170,7 +171,7 @@ def test_a_second_driver_on_the_same_output_refuses(tmp_path, tiny_cache):
                       compute={"batch_size": 1, "sampler_batch": 1})
     out = tmp_path / "out"
     common = ("--config", cfg, "--manifest", manifest, "--output", str(out), "--mlflow-uri",
-              f"sqlite:///{tmp_path / 'db'}")
+              mlflow_store(tmp_path / 'db'))
     first = subprocess.Popen(job_cmd(*common, "--run-name", "first-night"), env=job_env(), cwd=ROOT,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -238,7 +239,7 @@ def test_uploads_survive_throttling_and_cut_connections(faulty_s3, tmp_path, tin
     manifest = _manifest(tmp_path / "m.parquet", [{"id": f"v{i}", "prompt": f"prompt {i}"} for i in range(n)])
     cfg = tiny_config(tmp_path / "job.yaml", tiny_cache, defaults=TINY, compute={"batch_size": 2, "sampler_batch": 2})
     r = run_job("--config", cfg, "--manifest", manifest, "--output", "s3://flaky/run", "--mlflow-uri",
-                f"sqlite:///{tmp_path / 'db'}", env=job_env(**CREDS, AWS_ENDPOINT_URL=proxied))
+                mlflow_store(tmp_path / 'db'), env=job_env(**CREDS, AWS_ENDPOINT_URL=proxied))
     assert r.returncode == 0, r.stderr[-5000:]
     stats = subprocess.run(["curl", "-s", "-X", "STATS", proxied], capture_output=True, text=True).stdout
     assert "'503': 0" not in stats and "'cut': 0" not in stats, stats  # faults were injected
@@ -270,7 +271,7 @@ def test_a_node_lost_mid_run(tmp_path, tiny_cache):
                           commit={"every_rows": 1, "every_seconds": 1})
         out = tmp_path / "out"
         proc = subprocess.Popen(job_cmd("--config", cfg, "--manifest", manifest, "--output", str(out), "--mlflow-uri",
-                                        f"sqlite:///{tmp_path / 'db'}"), env=job_env(RAY_ADDRESS=cluster.address),
+                                        mlflow_store(tmp_path / 'db')), env=job_env(RAY_ADDRESS=cluster.address),
                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)
         try:

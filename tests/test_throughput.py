@@ -13,7 +13,7 @@ import pytest
 
 from operators.metadata import read_latest
 
-from .jobutil import job_env, parent_runs, run_job, tiny_config
+from .jobutil import job_env, mlflow_store, parent_runs, run_job, tiny_config
 
 ROWS = 8
 
@@ -40,7 +40,7 @@ def test_a_store_as_slow_as_sampling_costs_the_actor_under_a_tenth_of_its_rows(t
                              "prompt": [f"A paper lantern number {i} rising into the night sky." for i in range(ROWS)],
                              "seed": pa.array(range(ROWS), pa.int64())}), manifest)
 
-    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    db = mlflow_store(tmp_path / 'mlflow.db')
 
     def run(name: str, faults: str | None) -> list[dict]:
         cfg = tiny_config(tmp_path / f"{name}.yaml", tiny_cache, scores={"enabled": False}, defaults={"steps": 12},
