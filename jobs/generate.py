@@ -333,16 +333,17 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return run(cfg, manifest)
     except KeyboardInterrupt:  # the lease is released and the MLflow run marked KILLED on the way out
-        print(interrupt.JOB, file=sys.stderr)
         return interrupted_exit()
 
 
 def interrupted_exit() -> int:
-    """Exit status 130 after Ctrl-C. Ray is shut down here (its local cluster ends with it); the process then ends at
-    once, as Ray Data's driver threads, cut off mid-run, would otherwise touch the shut-down worker at interpreter exit
-    and end the process with status 1 and a core-worker error line."""
+    """Exit status 130 after Ctrl-C, with one line, the last one. Ray is shut down first (its local cluster ends with
+    it: a worker cut off mid-task may still write a line to the stderr it shares with this driver); the process then
+    ends at once, as Ray Data's driver threads, cut off mid-run, would otherwise touch the shut-down worker at
+    interpreter exit and end the process with status 1 and a core-worker error line."""
     if ray.is_initialized():
         ray.shutdown()
+    print(interrupt.JOB, file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
     logging.shutdown()
