@@ -136,9 +136,11 @@ def run_passes(ray, run: Run, recorded: Recorded, consume) -> None:
     batching = {GENERATION: {"sampler_batch": cfg.compute.sampler_batch},
                 BIVDIFF: {"stage1_batch": cfg.bivdiff.stage1_batch}}
 
+    planned = run.planned  # a manifest the driver holds: its rows left (Ray's Parquet read starts tasks and actors)
+
     def resolved(kind: str):
-        if run.planned is not None:  # a manifest the driver holds: its copy (Ray's Parquet read starts tasks, actors)
-            ds = ray.data.from_arrow(run.planned)
+        if planned is not None:
+            ds = ray.data.from_arrow(planned)
         else:
             ds = ray.data.read_parquet(mpath, filesystem=storage.arrow_filesystem(mfs), runtime_env=runtime_env,
                                        num_cpus=READ_CPUS)
