@@ -13,6 +13,7 @@ import threading
 import time
 
 import fsspec
+import pyarrow as pa
 import ray
 import torch
 
@@ -29,6 +30,10 @@ from pipelines.params import BIVDIFF, GENERATION
 
 logger = logging.getLogger("jobs.generate")
 READ_CPUS = 0.25  # per read / resolve task
+# rows left (of a manifest the driver holds) that the driver resolves itself, at about 70 µs a row on one core: such a
+# run starts no resolve, filter or repartition tasks (each a fresh Ray worker that imports the library); larger ones
+# are resolved by Ray Data tasks across the cluster
+RESOLVE_IN_DRIVER_ROWS = 10_000
 RESERVED_CPUS = 1.0  # Ray's internal ListFiles task of read_parquet takes one whole CPU (not configurable in 2.60)
 
 
@@ -138,7 +143,18 @@ def run_passes(ray, run: Run, recorded: Recorded, consume) -> None:
 
     planned = run.planned  # a manifest the driver holds: its rows left (Ray's Parquet read starts tasks and actors)
 
-    def resolved(kind: str):
+    def resolved(kind: str, block_rows: int | None = None):
+        """The rows of `kind` left to run, resolved; `block_rows`: in blocks of that many rows (one actor call each, so
+        that rows stream back as they finish and spread over the whole pool)."""
+        # the plan dropped the rows whose manifest id is done; `done` is needed only for ids known once resolved
+        known = {"done": run.done if run.plan.resolve_done else None, "duplicate_ids": run.manifest.duplicate_ids,
+                 "poisoned": run.committed.poisoned, "seen": recorded.ids}
+        if planned is not None and planned.num_rows <= RESOLVE_IN_DRIVER_ROWS:
+            rows = of_kind(resolve_rows(planned, run.resolver, **known), kind)
+            step = block_rows or max(rows.num_rows, 1)
+            # `take` copies each block's rows: a pickled slice would carry the whole table's buffers
+            return ray.data.from_blocks([rows.take(pa.array(range(i, min(i + step, rows.num_rows)), pa.int64()))
+                                         for i in range(0, max(rows.num_rows, 1), step)])
         if planned is not None:
             ds = ray.data.from_arrow(planned)
         else:
@@ -146,18 +162,14 @@ def run_passes(ray, run: Run, recorded: Recorded, consume) -> None:
                                        num_cpus=READ_CPUS)
             if cfg.limit and not run.todo:
                 ds = ds.limit(cfg.limit)
-        # the plan dropped the rows whose manifest id is done; `done` is needed only for ids known once resolved
         ds = ds.map_batches(resolve_rows, batch_format="pyarrow", batch_size=512, num_cpus=READ_CPUS,
-                            runtime_env=runtime_env, fn_args=(run.resolver,),
-                            fn_kwargs={"done": run.done if run.plan.resolve_done else None,
-                                       "duplicate_ids": run.manifest.duplicate_ids,
-                                       "poisoned": run.committed.poisoned, "seen": recorded.ids})
-        return ds.map_batches(of_kind, batch_format="pyarrow", num_cpus=READ_CPUS, fn_args=(kind,))
+                            runtime_env=runtime_env, fn_args=(run.resolver,), fn_kwargs=known)
+        ds = ds.map_batches(of_kind, batch_format="pyarrow", num_cpus=READ_CPUS, fn_args=(kind,))
+        return ds.repartition(target_num_rows_per_block=block_rows) if block_rows else ds
 
     def generation(kind: str, batch_size: int, batched: bool):
         extra = batching[kind] if batched else {k: 1 for k in batching[kind]}
-        # one actor call per block: rows stream to the driver as they finish and spread over the whole pool
-        ds = resolved(kind).repartition(target_num_rows_per_block=batch_size).map_batches(
+        ds = resolved(kind, batch_size).map_batches(
             KINDS[kind].operator, fn_constructor_args=(run.resolver, cfg.output, run.run_id, run.version),
             fn_constructor_kwargs={"scorer": run.scorer, "memory_budget_gb": cfg.compute.memory_budget_gb,
                                    "row_timeout_s": cfg.compute.row_timeout_s, "output_format": cfg.layout.format,

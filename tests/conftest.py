@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from pipelines.backbones.registry import load_backbone
 from pipelines.bivdiff.config import BivdiffSpec
@@ -16,10 +17,12 @@ from pipelines.config import ModelSpec
 from pipelines.fixtures.tiny import ensure_tiny
 
 from . import jobutil
-from .jobutil import BIN, free_port, job_env, start_server, stop_server, wait_http
+from .jobutil import BIN, free_port, job_env, own_ports, start_server, stop_server, wait_http
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two test processes on a 2-core machine: a core each
+    torch.set_num_threads(1)
 
 
 
@@ -200,11 +203,8 @@ def ray_head():
     port = free_port()
     cmd = [os.path.join(BIN, "ray"), "start", "--head", "--block", "--port", str(port), "--node-ip-address",
            "127.0.0.1", "--include-dashboard", "false", "--temp-dir", temp, "--disable-usage-stats"]
-    # every port Ray would otherwise take at its fixed default, so a test's own head (test_cluster) or a local
-    # ray.init (the driver-kill tests) starts beside this one
-    for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
-                 "--runtime-env-agent-port", "--ray-client-server-port"):
-        cmd += [flag, str(free_port())]
+    # a test's own head (test_cluster) or a local ray.init (the driver-kill tests) starts beside this one
+    cmd += own_ports()
     log_path = os.path.join(temp, "ray-start.log")
     with open(log_path, "w") as log:
         # the workers start in the head's folder: its temp dir, so that nothing a worker writes lands in the repo

@@ -39,9 +39,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, timeout: float = 60.0) -> None:
+def own_ports() -> list[str]:
+    """`ray start` flags for every port Ray would otherwise take at its fixed default (the dashboard agent's, the
+    metrics', the runtime-env agent's, the client server's): a head started with them runs beside another Ray on the
+    machine (the session's, a job's local one, another pytest-xdist worker's) instead of failing to serve jobs."""
+    flags = []
+    for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
+                 "--runtime-env-agent-port", "--ray-client-server-port"):
+        flags += [flag, str(free_port())]
+    return flags
+
+
+def wait_http(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
+    """Until `url` answers; `proc`: the server's process, whose exit ends the wait at once."""
     deadline = time.time() + timeout
     while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server for {url} exited with status {proc.returncode} before answering")
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
                 if r.status < 500:

@@ -1,15 +1,18 @@
 """`ray job submit` against a cluster the test starts with `ray start --head`."""
 import os
+import pathlib
 import secrets
+import shutil
 import signal
 import subprocess
+import tempfile
 
 import pyarrow.parquet as pq
 import pytest
 
 from operators.metadata import read_latest
 
-from .jobutil import BIN, ROOT, free_port, job_env, mlflow_store, parent_runs, tiny_config, wait_http
+from .jobutil import BIN, ROOT, free_port, job_env, mlflow_store, own_ports, parent_runs, tiny_config, wait_http
 
 pytestmark = pytest.mark.integration
 
@@ -43,15 +46,16 @@ def _wait_for_job_agent(address: str, env: dict, timeout: float = 180) -> None:
 def ray_cluster(tmp_path_factory, cluster_env):
     """A head node owned by this fixture: `ray start --block` in its own process group, stopped by signalling
     that group (never `ray stop`, which would kill every Ray on the machine)."""
-    temp = tmp_path_factory.mktemp("raytmp")
+    # a short temp dir, as Ray's socket paths must be (under pytest-xdist's folders they pass its 107-byte limit)
+    temp = pathlib.Path(tempfile.mkdtemp(prefix="ivmix-cluster-"))
     dash, gcs = free_port(), free_port()
     start = [os.path.join(BIN, "ray"), "start", "--head", "--block", "--num-cpus", "2", "--port", str(gcs),
              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard", "true",
-             "--temp-dir", str(temp), "--disable-usage-stats"]
+             "--temp-dir", str(temp), "--disable-usage-stats", *own_ports()]
     log = open(temp / "ray-start.log", "w")
     proc = subprocess.Popen(start, env=cluster_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_http(f"http://127.0.0.1:{dash}/api/version", timeout=120)
+        wait_http(f"http://127.0.0.1:{dash}/api/version", timeout=120, proc=proc)
         _wait_for_job_agent(f"http://127.0.0.1:{dash}", cluster_env)
         yield f"http://127.0.0.1:{dash}"
     finally:
@@ -65,6 +69,7 @@ def ray_cluster(tmp_path_factory, cluster_env):
             except subprocess.TimeoutExpired:
                 continue
         log.close()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_job_submitted_to_a_ray_cluster(ray_cluster, cluster_env, tmp_path, tiny_ad_dir):

@@ -12,7 +12,7 @@ from operators.metadata import read_latest, read_parts
 from operators.storage import filesystem
 from pipelines.video import read_mp4
 
-from .jobutil import ROOT, kill_job_when, mlflow_store, parent_runs, run_job, sha256_file, tiny_config
+from .jobutil import ROOT, job_env, kill_job_when, mlflow_store, parent_runs, run_job, sha256_file, tiny_config
 
 
 @pytest.mark.integration
@@ -39,11 +39,12 @@ def test_job_end_to_end(tmp_path, tiny_cache):
     # (docs/job.md "Resume")
     (out / "videos").mkdir(parents=True)
     (out / "videos" / "r1.mp4").write_bytes(b"stale upload from a killed run")
-    # two actors share the run (one row per actor call, so that both get rows): 2 x 0.5 CPU + the read task's 1 CPU
+    # two actors share the run (one row per actor call, so that both get rows): 2 x 0.5 CPU + the read task's 1 CPU;
+    # Ray Data hands out rows once both actors are up (its own setting), or the first one up could take all 7
     cfg = tiny_config(tmp_path / "job.yaml", tiny_cache,
                       compute={"num_actors": 2, "cpus_per_actor": 0.5, "batch_size": 1})
     r = run_job("--config", cfg, "--manifest", str(manifest), "--output", str(out), "--mlflow-uri", f"sqlite:///{db}",
-                "--experiment", "e2e")
+                "--experiment", "e2e", env=job_env(RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S="300"))
     assert r.returncode == 0, r.stderr[-4000:]
     assert "progress: 7/7 rows (4 ok, 3 failed)" in r.stderr
 
