@@ -21,7 +21,7 @@ from jobs.config import ComputeConfig
 from jobs.setup import Recorded, Run
 from operators import storage
 from operators.compute import ErroredBlocks, actor_pool
-from operators.kinds import KINDS, of_kind
+from operators.kinds import KINDS, bivdiff_rows, of_kind
 from operators.layout import Layout
 from operators.metadata import WORKER_DIED
 from operators.resolve import resolve_rows
@@ -30,10 +30,12 @@ from pipelines.params import BIVDIFF, GENERATION
 
 logger = logging.getLogger("jobs.generate")
 READ_CPUS = 0.25  # per read / resolve task
-# rows left (of a manifest the driver holds) that the driver resolves itself, at about 70 µs a row on one core: such a
-# run starts no resolve, filter or repartition tasks (each a fresh Ray worker that imports the library); larger ones
-# are resolved by Ray Data tasks across the cluster
+# rows left (of a manifest the driver holds) that the driver resolves itself, at about 70 µs a generation row on one
+# core: such a run starts no resolve, filter or repartition tasks (each a fresh Ray worker that imports the library).
+# A BIVDiff row also looks its input videos up in storage (up to 3 requests, tens of ms each on S3), so only a few of
+# those are resolved one after the other here. Larger runs are resolved by Ray Data tasks across the cluster.
 RESOLVE_IN_DRIVER_ROWS = 10_000
+RESOLVE_IN_DRIVER_BIVDIFF_ROWS = 100
 RESERVED_CPUS = 1.0  # Ray's internal ListFiles task of read_parquet takes one whole CPU (not configurable in 2.60)
 
 
@@ -142,6 +144,8 @@ def run_passes(ray, run: Run, recorded: Recorded, consume) -> None:
                 BIVDIFF: {"stage1_batch": cfg.bivdiff.stage1_batch}}
 
     planned = run.planned  # a manifest the driver holds: its rows left (Ray's Parquet read starts tasks and actors)
+    in_driver = (planned is not None and planned.num_rows <= RESOLVE_IN_DRIVER_ROWS
+                 and bivdiff_rows(planned) <= RESOLVE_IN_DRIVER_BIVDIFF_ROWS)
 
     def resolved(kind: str, block_rows: int | None = None):
         """The rows of `kind` left to run, resolved; `block_rows`: in blocks of that many rows (one actor call each, so
@@ -149,7 +153,7 @@ def run_passes(ray, run: Run, recorded: Recorded, consume) -> None:
         # the plan dropped the rows whose manifest id is done; `done` is needed only for ids known once resolved
         known = {"done": run.done if run.plan.resolve_done else None, "duplicate_ids": run.manifest.duplicate_ids,
                  "poisoned": run.committed.poisoned, "seen": recorded.ids}
-        if planned is not None and planned.num_rows <= RESOLVE_IN_DRIVER_ROWS:
+        if in_driver:
             rows = of_kind(resolve_rows(planned, run.resolver, **known), kind)
             step = block_rows or max(rows.num_rows, 1)
             # `take` copies each block's rows: a pickled slice would carry the whole table's buffers

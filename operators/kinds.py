@@ -35,11 +35,16 @@ def of_kind(batch: pa.Table, kind: str) -> pa.Table:
     return batch.filter(pc.equal(batch["_kind"], kind))
 
 
+def bivdiff_rows(table) -> int:
+    """How many of a manifest table's rows are BIVDiff rows (a `task`, as `kind_of` decides), counted on the column."""
+    return table.num_rows - table.column("task").null_count if "task" in table.column_names else 0
+
+
 def kinds_present(table) -> tuple[str, ...]:
     """The kinds among a manifest table's rows, as `kind_of` decides them, counted on the column (no Python rows)."""
-    task = table.column("task") if "task" in table.column_names else None
-    found = {GENERATION} if task is None or task.null_count else set()
-    if task is not None and task.null_count < len(task):
+    bivdiff = bivdiff_rows(table)
+    found = {GENERATION} if "task" not in table.column_names or bivdiff < table.num_rows else set()
+    if bivdiff:
         found.add(BIVDIFF)
     return tuple(k for k in (GENERATION, BIVDIFF) if k in found)
 

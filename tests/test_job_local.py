@@ -39,8 +39,9 @@ def test_job_end_to_end(tmp_path, tiny_cache):
     # (docs/job.md "Resume")
     (out / "videos").mkdir(parents=True)
     (out / "videos" / "r1.mp4").write_bytes(b"stale upload from a killed run")
-    # two actors share the run (one row per actor call, so that both get rows): 2 x 0.5 CPU + the read task's 1 CPU;
-    # Ray Data hands out rows once both actors are up (its own setting), or the first one up could take all 7
+    # two actors share the run (one row per actor call, so that both get rows): 2 x 0.5 CPU + the 1 CPU the capacity
+    # check keeps for read tasks; Ray Data hands out rows once both actors are up (its own setting), or the first one
+    # up could take all 7
     cfg = tiny_config(tmp_path / "job.yaml", tiny_cache,
                       compute={"num_actors": 2, "cpus_per_actor": 0.5, "batch_size": 1})
     r = run_job("--config", cfg, "--manifest", str(manifest), "--output", str(out), "--mlflow-uri", f"sqlite:///{db}",

@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from operators.kinds import bivdiff_rows, kinds_present
 from operators.manifest import ManifestError, read_schema
 from operators.metadata import latest, to_table
 from operators.resolve import Resolver, check_id, resolve_row, resolve_rows
@@ -174,6 +175,12 @@ def test_bivdiff_rows_in_manifests(tmp_path):
     e1 = json.loads(out.column("_params").to_pylist()[0])
     assert out.column("_kind").to_pylist() == ["bivdiff", "bivdiff", "generation", "generation", "bivdiff"]
     assert e1["steps"] == 10 and e1["stride"] == 1 and e1["alpha"] == 1.0
+    # the column counts (what the driver plans with) agree with the row-by-row kinds above: 3 BIVDiff manifest rows
+    assert bivdiff_rows(batch) == 3 and kinds_present(batch) == ("generation", "bivdiff")
+    only = batch.filter(pa.array([True, True, False, True]))
+    assert bivdiff_rows(only) == 3 and kinds_present(only) == ("bivdiff",)
+    assert bivdiff_rows(batch.drop_columns(["task"])) == 0 and kinds_present(batch.drop_columns(["task"])) == (
+        "generation",)
     a = resolve_row({"task": "external", "source_video": "x.npy"}, RESOLVER)
     b = resolve_row({"task": "external", "source_video": "x.npy"}, Resolver.build(SPEC, BivdiffSpec(vdm="modelscope")))
     assert a["id"].startswith("h") and a["id"] != b["id"]  # the model set is part of a derived id
