@@ -45,16 +45,19 @@ lint: $(STAMP)
 
 # test-unit: no Ray, server, browser or model run (under a minute); test: all but the slow checks; test-all: everything.
 # test and test-all run TEST_WORKERS test processes (pytest-xdist; each has its own session Ray): a job test waits on
-# its actors much of the time, and the other process uses that core. TEST_WORKERS=0: one process.
+# its actors much of the time, and the other process uses that core. TEST_WORKERS=0: one process. Tests marked `alone`
+# (they compare rates measured within the test) run afterwards, by themselves.
 TEST_WORKERS ?= 2
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow and not integration and not heavy" -q -rs
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow" -q -rs --durations=40 -n $(TEST_WORKERS) --dist worksteal
+	$(BIN)/python -m pytest -m "not slow and not alone" -q -rs --durations=40 -n $(TEST_WORKERS) --dist worksteal
+	$(BIN)/python -m pytest -m "not slow and alone" -q -rs --durations=5
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q -rs -n $(TEST_WORKERS) --dist worksteal
+	$(BIN)/python -m pytest -m "not alone" -q -rs -n $(TEST_WORKERS) --dist worksteal
+	$(BIN)/python -m pytest -m "alone" -q -rs
 
 # the wheels a bare, offline GPU image lacks for the GPU check (infra/gpu-check/wheels.txt; README "GPU check")
 DEVICE_WHEELS ?= .device/wheels

@@ -33,6 +33,7 @@ def steady_rate(rows: list[dict]) -> float:
 
 
 @pytest.mark.integration
+@pytest.mark.alone
 @pytest.mark.usefixtures("shared_ray")
 def test_a_store_as_slow_as_sampling_costs_the_actor_under_a_tenth_of_its_rows(tmp_path, tiny_cache):
     manifest = tmp_path / "m.parquet"
